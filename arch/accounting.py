@@ -1,0 +1,131 @@
+"""Size and cost of a model from its resolved config, with nothing allocated.
+
+Conventions (those of ../shared/reference/models.md):
+- embedding = the input embedding; an untied head is counted apart ("head");
+  non-embedding = total - embedding - untied head.
+- active = what one token touches: everything but the experts it was not routed to
+  (embedding and head included, as Qwen counts "activated").
+- training FLOPs per token = 6 x active matmul parameters (the head included, the
+  embedding gather and norms not) + causal attention: 12 x heads x head_dim x the mean
+  number of keys a query sees (a sliding window caps it at its window).
+- KV cache: 2 (k and v) x kv_heads x head_dim x bytes per layer per token; a
+  sliding-window layer holds at most `window` tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from .config import ModelConfig
+from .ffn import ffn_params
+from .resolve import layer_specs
+
+BLOCK_NORMS = {"pre": 2, "sandwich": 4, "post": 2}
+
+
+def mean_keys(seq_len: int, window: Optional[int]) -> float:
+    """Mean over queries 0..T-1 of the number of keys each sees (causal, windowed)."""
+    T = seq_len
+    if window is None or window >= T:
+        return (T + 1) / 2
+    W = window  # queries 0..W-1 see i+1 keys, the rest see W
+    return (W * (W + 1) / 2 + (T - W) * W) / T
+
+
+@dataclass
+class Accounting:
+    params_total: int
+    params_active: int
+    params_embedding: int
+    params_head: int  # 0 when tied
+    params_non_embedding: int
+    params_attention: int
+    params_ffn_dense: int
+    params_experts: int  # all routed experts of all layers
+    params_shared_experts: int
+    params_router: int
+    params_norms: int
+    matmul_params_active: int
+    flops_per_token: float  # training (fwd + bwd) at seq_len
+    flops_per_token_forward: float
+    attention_flops_per_token: float  # training, included in flops_per_token
+    seq_len: int
+    kv_bytes_per_token: int  # every layer holding the token, at `kv_bytes_per_element`
+    kv_bytes_at_context: int  # one sequence of `context` tokens, windows applied
+    context: int
+    kv_bytes_per_element: int
+    n_layers: int
+    n_moe_layers: int
+    layer_kinds: List[str] = field(default_factory=list)
+    layer_moe: List[bool] = field(default_factory=list)
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int] = None,
+          kv_bytes_per_element: int = 2) -> Accounting:
+    """`cfg` must be resolved (arch.resolve.resolve_model)."""
+    seq_len = seq_len or cfg.max_seq_len
+    context = context or cfg.max_seq_len
+    a, m, d = cfg.attention, cfg.moe, cfg.d_model
+    specs = layer_specs(cfg)
+
+    q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    attn_mm = d * q_out + 2 * d * kv_out + q_out * d
+    attn = attn_mm + (q_out + 2 * kv_out + d if a.bias else 0)
+    qk_norm = 2 * a.head_dim if a.qk_norm else 0
+    block_norms = BLOCK_NORMS[cfg.norm_placement] * d
+    dense_ffn = ffn_params(d, cfg.ffn.d_ff, cfg.ffn.kind, cfg.ffn.bias) if cfg.ffn.d_ff else 0
+    dense_ffn_mm = ffn_params(d, cfg.ffn.d_ff, cfg.ffn.kind) if cfg.ffn.d_ff else 0
+    expert = ffn_params(d, m.d_expert, m.expert_ffn) if m.n_experts else 0
+    shared = m.n_shared_experts * ffn_params(d, m.d_shared, m.expert_ffn) if m.n_experts else 0
+    shared_gate = d if (m.n_shared_experts and m.shared_gate) else 0
+    router_mm = d * m.n_experts
+    router = router_mm + (m.n_experts if m.router.bias else 0)
+
+    n_moe = sum(s.moe for s in specs)
+    n_dense = len(specs) - n_moe
+    embedding = cfg.vocab_size * d
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    p_experts = n_moe * m.n_experts * expert
+    p_shared = n_moe * (shared + shared_gate)
+    p_router = n_moe * router
+    p_norms = len(specs) * (block_norms + qk_norm) + d
+    total = (embedding + head + len(specs) * attn + n_dense * dense_ffn + p_experts + p_shared
+             + p_router + p_norms)
+    inactive = n_moe * (m.n_experts - m.top_k) * expert
+    active = total - inactive
+
+    matmul_active = (cfg.vocab_size * d + len(specs) * attn_mm + n_dense * dense_ffn_mm
+                     + n_moe * (m.top_k * expert + shared + shared_gate + router_mm))
+    attn_flops = sum(12 * a.n_heads * a.head_dim * mean_keys(seq_len, s.window) for s in specs)
+    flops = 6 * matmul_active + attn_flops
+
+    kv_layer = 2 * a.n_kv_heads * a.head_dim * kv_bytes_per_element
+    return Accounting(
+        params_total=total,
+        params_active=active,
+        params_embedding=embedding,
+        params_head=head,
+        params_non_embedding=total - embedding - head,
+        params_attention=len(specs) * attn,
+        params_ffn_dense=n_dense * dense_ffn,
+        params_experts=p_experts,
+        params_shared_experts=p_shared,
+        params_router=p_router,
+        params_norms=p_norms,
+        matmul_params_active=matmul_active,
+        flops_per_token=flops,
+        flops_per_token_forward=flops / 3,
+        attention_flops_per_token=attn_flops,
+        seq_len=seq_len,
+        kv_bytes_per_token=kv_layer * len(specs),
+        kv_bytes_at_context=sum(kv_layer * min(context, s.window or context) for s in specs),
+        context=context,
+        kv_bytes_per_element=kv_bytes_per_element,
+        n_layers=len(specs),
+        n_moe_layers=n_moe,
+        layer_kinds=[s.kind for s in specs],
+        layer_moe=[s.moe for s in specs],
+    )

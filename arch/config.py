@@ -1,0 +1,238 @@
+"""The recipe schema: one small dataclass per component, plain types only.
+
+A recipe YAML is merged into `Recipe` by OmegaConf (see arch/recipe.py), so every
+key and type here is checked at load time. Derived values (head_dim, kv heads, the
+per-layer table) are filled by `arch.resolve.resolve_model`, never stored by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class NormConfig:
+    """RMSNorm flavour, shared by the block norms, the final norm and QK-norm."""
+
+    kind: str = "rmsnorm"
+    eps: float = 1e-6
+    # Gemma: weight initialised at 0 and applied as (1 + w).
+    zero_centered: bool = False
+    # Gemma multiplies by the weight in float32 and casts once at the end; Qwen/Llama
+    # cast the normalised activations back to the input dtype and then multiply.
+    weight_in_float32: bool = False
+
+
+@dataclass
+class RopeConfig:
+    theta: float = 10_000.0
+    # none | linear (positional interpolation: positions / factor). YaRN would be a
+    # third value with its own fields here.
+    scaling: str = "none"
+    factor: float = 1.0
+
+
+@dataclass
+class LayerKindConfig:
+    """What differs between the named kinds of layer in `model.layer_pattern`."""
+
+    window: Optional[int] = None  # sliding window in tokens; null = global attention
+    rope: RopeConfig = field(default_factory=RopeConfig)
+
+
+@dataclass
+class AttentionConfig:
+    kind: str = "gqa"
+    n_heads: int = MISSING
+    n_kv_heads: Optional[int] = None  # null: n_heads (MHA); 1: MQA
+    head_dim: Optional[int] = None  # null: d_model // n_heads
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k, before RoPE
+    bias: bool = False
+    # softmax scale = query_pre_attn_scalar ** -0.5 (null: head_dim)
+    query_pre_attn_scalar: Optional[float] = None
+    softcap: Optional[float] = None  # tanh soft-capping of attention logits
+    impl: str = "sdpa"  # sdpa | eager (reference)
+
+
+@dataclass
+class FFNConfig:
+    kind: str = "swiglu"  # swiglu | geglu | gelu
+    d_ff: int = MISSING
+    bias: bool = False
+
+
+@dataclass
+class RouterConfig:
+    kind: str = "softmax_topk"  # softmax_topk | sigmoid_topk
+    renormalize: bool = True  # renormalise the kept top-k weights to sum to 1
+    jitter: float = 0.0  # multiplicative input jitter (training only), 0 = off
+    bias: bool = False  # a learned bias in the router's linear layer
+    # auxiliary-loss-free balancing: per-expert selection bias, updated outside
+    # forward by `update_bias()` with this rate; 0 = off
+    bias_update_rate: float = 0.0
+    scale: float = 1.0  # routed weights are multiplied by this (DeepSeek-V3: 2.5)
+
+
+@dataclass
+class BalanceConfig:
+    """Load-balancing losses; each weighted and logged separately."""
+
+    aux_coef: float = 0.0  # Switch-style f*p loss
+    # micro: per layer, per micro-batch; pooled: all layers pooled as HF Qwen3-MoE
+    # does; global: Qwen's global-batch loss (frequencies reduced over DP ranks and
+    # gradient-accumulation steps)
+    aux_scope: str = "micro"
+    z_coef: float = 0.0  # router z-loss
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts layers. n_experts = 0 means the model has none."""
+
+    kind: str = "moe"
+    n_experts: int = 0
+    top_k: int = 1
+    d_expert: int = 0
+    expert_ffn: str = "swiglu"  # the experts' own FFN kind
+    router: RouterConfig = field(default_factory=RouterConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    n_shared_experts: int = 0
+    d_shared: Optional[int] = None  # null: d_expert
+    shared_gate: bool = False  # sigmoid gate on the shared experts' output
+    backend: str = "grouped_mm"  # loop | grouped_mm
+    capacity_factor: Optional[float] = None  # null: dropless
+    # placement: layer i is MoE iff i >= first_k_dense and (i - first_k_dense) % every == 0
+    every: int = 1
+    first_k_dense: int = 0
+
+
+@dataclass
+class LayerOverride:
+    kind: Optional[str] = None  # a key of model.layer_kinds
+    moe: Optional[bool] = None  # force this layer MoE (true) or dense (false)
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = MISSING
+    n_layers: int = MISSING
+    vocab_size: int = MISSING
+    max_seq_len: int = 4096  # native context length
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    ffn: FFNConfig = field(default_factory=FFNConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    # pre: x + f(norm(x)); sandwich: x + norm(f(norm(x))) (Gemma 2/3); post: x + norm(f(x))
+    norm_placement: str = "pre"
+    layer_kinds: Dict[str, LayerKindConfig] = field(
+        default_factory=lambda: {"global": LayerKindConfig()}
+    )
+    layer_pattern: List[str] = field(default_factory=lambda: ["global"])  # cycled
+    # layer index -> override, e.g. {0: {moe: false}} (keys may be ints or digit strings)
+    layer_overrides: Dict[Any, LayerOverride] = field(default_factory=dict)
+    tie_embeddings: bool = False
+    scale_embeddings: bool = False  # x * sqrt(d_model), the scale cast to the weight dtype
+    final_softcap: Optional[float] = None
+    init_std: float = 0.02
+    # output projections get init_std / sqrt(2 * n_layers) (GPT-2); false: init_std
+    init_scale_residual: bool = True
+
+
+@dataclass
+class ProxyConfig:
+    """Shrink a reference recipe while keeping its structure (see arch/proxy.py).
+
+    Every field is optional; set at least one to derive a proxy. Fields not given are
+    derived from the ones that are, keeping the ratios of the reference.
+    """
+
+    d_model: Optional[int] = None
+    n_layers: Optional[int] = None
+    n_experts: Optional[int] = None
+    n_heads: Optional[int] = None
+    n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    vocab_size: Optional[int] = None
+    max_seq_len: Optional[int] = None
+    multiple_of: int = 64  # FFN / expert widths are rounded to this
+
+
+# ------------------------------------------------------------------ training, data
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # WSD: share of steps spent decaying
+    fused: Optional[bool] = None  # fused AdamW; null: on when on CUDA
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    seq_len: int = 2048
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 1000
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    compile: bool = False
+    activation_checkpointing: bool = False
+    val_every: int = 200
+    val_batches: int = 20
+    log_every: int = 10
+    ckpt_every: int = 500
+    expert_image_every: int = 100
+    run_dir: str = "runs"
+    run_name: Optional[str] = None
+    resume: Optional[str] = None  # a checkpoint path, or "auto" (the run dir's last)
+    peak_tflops: Optional[float] = None  # MFU denominator; null: looked up for the device
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"  # auto | ddp | fsdp | model_parallel
+    expert_parallel: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class DataConfig:
+    # "stdlib" (the embedded corpus: this Python's standard library), or paths/globs of
+    # .txt / .jsonl files
+    source: Any = "stdlib"
+    text_field: str = "text"  # JSONL key holding the text
+    val_fraction: float = 0.02
+    tokenizer: Optional[str] = None  # a tokenizer.json path; null: train a BPE
+    cache_dir: str = ".cache/moelab"
+    max_chars: Optional[int] = None  # cap on corpus size (characters), null = all
+    num_workers: int = 0
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One resolved layer: what `layer_pattern` + overrides + MoE placement give it."""
+
+    index: int
+    kind: str
+    window: Optional[int]
+    rope: RopeConfig
+    moe: bool

@@ -1,0 +1,84 @@
+"""The decoder-only language model assembled from a resolved ModelConfig."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .block import Block
+from .config import ModelConfig
+from .norm import RMSNorm, build_norm
+from .resolve import layer_specs
+from .rope import RoPE
+
+
+@dataclass
+class LMOutput:
+    logits: Optional[torch.Tensor]  # (B, T, V); may be None when only the loss is asked
+    loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy (ignore_index -100)
+    aux: Dict[str, torch.Tensor] = field(default_factory=dict)  # weighted balancing losses
+
+
+class Transformer(nn.Module):
+    """Embedding -> blocks (one RoPE table per layer kind) -> final norm -> head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.specs = layer_specs(cfg)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.ropes = nn.ModuleDict(
+            {kind: RoPE(cfg.attention.head_dim, cfg.layer_kinds[kind].rope)
+             for kind in dict.fromkeys(s.kind for s in self.specs)}
+        )
+        self.layers = nn.ModuleList(Block(cfg, spec) for spec in self.specs)
+        self.norm = build_norm(cfg.d_model, cfg.norm)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    @property
+    def moe_layers(self) -> List[nn.Module]:
+        return [b.ffn for b in self.layers if b.spec.moe]
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None) -> LMOutput:
+        x = self.embed(input_ids)
+        if self.cfg.scale_embeddings:  # Gemma: the scale is rounded to the weight dtype
+            x = x * torch.tensor(math.sqrt(self.cfg.d_model), dtype=self.embed.weight.dtype)
+        T = input_ids.shape[1]
+        ropes = {kind: rope(T, input_ids.device) for kind, rope in self.ropes.items()}
+        for block in self.layers:
+            x = block(x, ropes[block.spec.kind])
+        logits = F.linear(self.norm(x), self.head_weight())
+        if self.cfg.final_softcap is not None:
+            cap = self.cfg.final_softcap
+            logits = cap * torch.tanh(logits / cap)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        moe = self.moe_layers
+        aux = type(moe[0]).gather_aux(moe) if moe else {}
+        return LMOutput(logits=logits, loss=loss, aux=aux)
+
+    # ------------------------------------------------------------------ init
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter; call after materialising a meta model."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.init_scale_residual else std
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                is_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif hasattr(module, "init_weights") and module is not self:
+                module.init_weights(std, out_std)  # MoE layers own their stacked weights

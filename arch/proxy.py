@@ -1,0 +1,88 @@
+"""Shrink a reference recipe into a proxy that keeps its structure.
+
+Give any of `proxy.d_model`, `proxy.n_layers`, `proxy.n_experts` (and optionally
+heads, head_dim, vocab, context); everything else follows from the reference:
+
+- width: head_dim is kept (unless given); n_heads scales with d_model and is rounded
+  to a multiple of the GQA group size, so n_heads / n_kv_heads is unchanged;
+- FFN, expert and shared-expert widths keep their ratio to d_model (rounded to
+  `multiple_of`); query_pre_attn_scalar keeps its ratio to head_dim;
+- depth: rounded to a whole number of `layer_pattern` periods (Gemma 3 keeps its 5:1
+  local/global cycle); first_k_dense scales with depth; per-layer overrides are kept
+  only where the layer still exists;
+- experts: top_k is kept (clamped to the expert count);
+- windows keep their fraction of the context (`proxy.max_seq_len`).
+
+    moelab inspect qwen3/30b_a3b proxy.d_model=768 proxy.n_layers=8 proxy.n_experts=32
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from .config import ModelConfig, ProxyConfig
+from .registry import RecipeError
+
+
+def is_active(proxy: ProxyConfig) -> bool:
+    return any(
+        getattr(proxy, f.name) is not None for f in dataclasses.fields(proxy) if f.name != "multiple_of"
+    )
+
+
+def _round_to(x: float, multiple: int) -> int:
+    return max(multiple, int(round(x / multiple)) * multiple)
+
+
+def derive_proxy(ref: ModelConfig, proxy: ProxyConfig) -> ModelConfig:
+    """`ref` must be resolved (head_dim and n_kv_heads filled)."""
+    if proxy.multiple_of <= 0:
+        raise RecipeError(f"proxy.multiple_of must be positive, got {proxy.multiple_of}.")
+    for f in dataclasses.fields(proxy):
+        v = getattr(proxy, f.name)
+        if v is not None and v <= 0:
+            raise RecipeError(f"proxy.{f.name} must be positive, got {v}.")
+    cfg = copy.deepcopy(ref)
+    a, m = cfg.attention, cfg.moe
+    width = (proxy.d_model or ref.d_model) / ref.d_model
+    cfg.d_model = proxy.d_model or ref.d_model
+
+    group = ref.attention.n_heads // ref.attention.n_kv_heads
+    a.head_dim = proxy.head_dim or ref.attention.head_dim
+    if proxy.n_heads is not None:
+        a.n_heads = proxy.n_heads
+    elif proxy.d_model is not None or proxy.head_dim is not None:
+        # keep the ratio (n_heads * head_dim) / d_model of the reference
+        q_width = ref.attention.n_heads * ref.attention.head_dim / ref.d_model
+        a.n_heads = _round_to(q_width * cfg.d_model / a.head_dim, group)
+    a.n_kv_heads = proxy.n_kv_heads or max(1, a.n_heads // group)
+    if ref.attention.query_pre_attn_scalar is not None:
+        a.query_pre_attn_scalar = ref.attention.query_pre_attn_scalar * a.head_dim / ref.attention.head_dim
+
+    mult = proxy.multiple_of
+    if ref.ffn.d_ff and ref.ffn.d_ff > 0:
+        cfg.ffn.d_ff = _round_to(ref.ffn.d_ff * width, mult)
+    if m.n_experts > 0:
+        m.d_expert = _round_to(ref.moe.d_expert * width, mult)
+        if ref.moe.d_shared:
+            m.d_shared = _round_to(ref.moe.d_shared * width, mult)
+        if proxy.n_experts is not None:
+            m.n_experts = proxy.n_experts
+            m.top_k = min(ref.moe.top_k, m.n_experts)
+
+    if proxy.n_layers is not None:
+        period = len(ref.layer_pattern)
+        cfg.n_layers = max(period, int(round(proxy.n_layers / period)) * period) if period > 1 else proxy.n_layers
+        depth = cfg.n_layers / ref.n_layers
+        m.first_k_dense = int(round(ref.moe.first_k_dense * depth))
+        cfg.layer_overrides = {i: o for i, o in ref.layer_overrides.items() if i < cfg.n_layers}
+
+    if proxy.vocab_size is not None:
+        cfg.vocab_size = proxy.vocab_size
+    if proxy.max_seq_len is not None:
+        ctx = proxy.max_seq_len / ref.max_seq_len
+        cfg.max_seq_len = proxy.max_seq_len
+        for lk in cfg.layer_kinds.values():
+            if lk.window is not None:
+                lk.window = max(1, int(round(lk.window * ctx)))
+    return cfg

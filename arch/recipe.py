@@ -1,0 +1,135 @@
+"""Load a recipe: YAML files (with `base:` inheritance) + CLI dotlist -> Recipe.
+
+    base yamls -> recipe yaml -> a.b=c overrides -> structured merge -> resolve/validate
+
+A recipe is named by a path to a .yaml file or by a name under recipes/
+(`qwen3/30b_a3b`). `base:` takes one such name or a list, resolved relative to the
+file first and then under recipes/; later entries override earlier ones, and the
+file's own keys override all of its bases.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from .config import ProxyConfig, Recipe
+from .proxy import derive_proxy, is_active
+from .registry import RecipeError, nearest
+from .resolve import resolve_model
+
+
+def recipes_root() -> Path:
+    """recipes/ beside the packages (editable or installed), or $MOELAB_RECIPES."""
+    env = os.environ.get("MOELAB_RECIPES")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "recipes"
+
+
+def available_recipes() -> List[str]:
+    root = recipes_root()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def find_recipe(name: Union[str, Path], relative_to: Optional[Path] = None) -> Path:
+    name = str(name)
+    candidates = []
+    for base in ([relative_to] if relative_to else []) + [Path.cwd(), recipes_root()]:
+        p = Path(name) if Path(name).is_absolute() else base / name
+        candidates += [p, p.with_name(p.name + ".yaml")]
+    for p in candidates:
+        if p.is_file():
+            return p
+    raise RecipeError(
+        f"recipe '{name}' is neither a file nor a name under {recipes_root()}"
+        f"{nearest(name, available_recipes())}; `moelab recipes` lists them."
+    )
+
+
+def _load_chain(path: Path, stack: tuple = ()) -> DictConfig:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(p.name for p in stack + (path,))
+        raise RecipeError(f"recipe {path} inherits from itself through base: ({chain}); remove the cycle.")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax errors come with a line number
+        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, DictConfig):
+        raise RecipeError(f"recipe {path} must be a mapping of keys (model:, train:, ...), not a {type(raw).__name__}.")
+    bases = raw.pop("base", None)
+    if isinstance(bases, str):
+        bases = [bases]
+    merged = OmegaConf.create()
+    for b in bases or []:
+        merged = OmegaConf.merge(merged, _load_chain(find_recipe(b, path.parent), stack + (path,)))
+    return OmegaConf.merge(merged, raw)
+
+
+def _explain(e: OmegaConfBaseException, source: str) -> RecipeError:
+    """One sentence for OmegaConf's multi-line errors."""
+    key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and "not in" in str(e):
+        obj = getattr(e, "object_type", None)
+        valid = [f.name for f in dataclasses.fields(obj)] if obj and dataclasses.is_dataclass(obj) else []
+        leaf = str(key).split(".")[-1]
+        return RecipeError(
+            f"{source}: unknown key '{key}'{nearest(leaf, valid)}; valid keys here are {', '.join(valid)}."
+        )
+    if isinstance(e, MissingMandatoryValue):
+        return RecipeError(f"{source}: '{key}' is required but not set; add it to the recipe or pass {key}=VALUE.")
+    if isinstance(e, ValidationError):
+        msg = str(e).splitlines()[0]
+        return RecipeError(f"{source}: wrong type for '{key}': {msg}.")
+    return RecipeError(f"{source}: {str(e).splitlines()[0]} (at '{key}').")
+
+
+def load_recipe(name: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe:
+    """Load, merge, resolve and validate a recipe. Raises RecipeError, allocates nothing."""
+    path = find_recipe(name)
+    raw = _load_chain(path)
+    for o in overrides:
+        if "=" not in o:
+            raise RecipeError(f"override '{o}' is not of the form key.path=value (e.g. model.moe.top_k=4).")
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except Exception as e:
+        raise RecipeError(f"overrides {list(overrides)} could not be parsed: {e}") from None
+    schema = OmegaConf.structured(Recipe)
+    source = str(path)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        source = "command-line override"
+        merged = OmegaConf.merge(merged, cli)
+        source = str(path)
+        recipe: Recipe = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _explain(e, source) from None
+    if not recipe.name:
+        try:
+            recipe.name = str(path.resolve().relative_to(recipes_root().resolve()).with_suffix(""))
+        except ValueError:
+            recipe.name = path.stem
+    return resolve_recipe(recipe)
+
+
+def resolve_recipe(recipe: Recipe) -> Recipe:
+    recipe.model = resolve_model(recipe.model)
+    if is_active(recipe.proxy):
+        recipe.model = resolve_model(derive_proxy(recipe.model, recipe.proxy))
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (written into every run directory). The proxy is
+    already applied to `model`, so the section is cleared rather than applied twice."""
+    return OmegaConf.to_yaml(OmegaConf.structured(dataclasses.replace(recipe, proxy=ProxyConfig())))

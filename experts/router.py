@@ -1,0 +1,85 @@
+"""Routers: tokens -> (weights, expert ids, full scores), in float32 whatever the
+autocast dtype. Shapes follow experts/__init__.py (T tokens, E experts, K top-k)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arch.config import RouterConfig
+from arch.registry import ROUTER
+
+
+class Routing(NamedTuple):
+    weights_TK: torch.Tensor  # float32 combine weights of the chosen experts
+    ids_TK: torch.Tensor  # int64 expert ids
+    scores_TE: torch.Tensor  # float32 scores over all experts (softmax or sigmoid)
+    logits_TE: torch.Tensor  # float32 raw router logits (for the z-loss)
+
+
+class TopKRouter(nn.Module):
+    """Linear scores -> top-k. Subclasses define `score` (logits -> scores).
+
+    With `bias_update_rate > 0` a per-expert bias (a buffer, not a parameter) is added
+    to the scores for *selection only* (auxiliary-loss-free balancing, DeepSeek-V3);
+    the combine weights come from the unbiased scores.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, cfg: RouterConfig):
+        super().__init__()
+        self.top_k = top_k
+        self.renormalize = cfg.renormalize
+        self.jitter = cfg.jitter
+        self.route_scale = cfg.scale
+        self.bias_update_rate = cfg.bias_update_rate
+        self.gate = nn.Linear(d_model, n_experts, bias=cfg.bias)
+        self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
+
+    def score(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        with torch.autocast(x_TD.device.type, enabled=False):
+            x = x_TD.float()
+            if self.training and self.jitter > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            bias = None if self.gate.bias is None else self.gate.bias.float()
+            logits_TE = F.linear(x, self.gate.weight.float(), bias)
+            scores_TE = self.score(logits_TE)
+            select_TE = scores_TE + self.expert_bias if self.bias_update_rate > 0 else scores_TE
+            ids_TK = select_TE.topk(self.top_k, dim=-1).indices
+            weights_TK = scores_TE.gather(-1, ids_TK)
+            if self.renormalize:
+                weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+            if self.route_scale != 1.0:
+                weights_TK = weights_TK * self.route_scale
+        return Routing(weights_TK, ids_TK, scores_TE, logits_TE)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """Aux-loss-free step: raise the bias of under-loaded experts, lower the
+        over-loaded ones, by `bias_update_rate * sign(mean load - load)`. Called by
+        the training loop outside forward, before the optimizer step, with loads
+        already summed over the data-parallel group (so every rank agrees)."""
+        if self.bias_update_rate <= 0:
+            return
+        load = tokens_per_expert_E.float()
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+
+
+@ROUTER.register("softmax_topk")
+class SoftmaxTopKRouter(TopKRouter):
+    """Softmax over all experts, then top-k (Qwen3-MoE, Mixtral, Switch)."""
+
+    def score(self, logits_TE):
+        return logits_TE.softmax(dim=-1)
+
+
+@ROUTER.register("sigmoid_topk")
+class SigmoidTopKRouter(TopKRouter):
+    """Independent sigmoid per expert, then top-k (DeepSeek-V3)."""
+
+    def score(self, logits_TE):
+        return logits_TE.sigmoid()

@@ -1,0 +1,1 @@
+"""Lightning glue: modules, data, callbacks, strategies, checkpoint interop, the CLI."""

@@ -1,0 +1,64 @@
+"""The `moelab` command. Each subcommand lives in a module with `add_parser(sub)`
+and a `run(args)`; heavy imports (lightning, transformers) stay inside `run`, so
+`moelab inspect` answers at once.
+
+    moelab recipes
+    moelab inspect RECIPE [a.b=c ...] [--json] [--seq-len N] [--context N]
+    moelab train   RECIPE [a.b=c ...]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from typing import List, Optional
+
+from arch.registry import RecipeError
+
+# subcommand name -> module providing add_parser(subparsers) and run(args)
+SUBCOMMANDS = {
+    "recipes": "lit_modules.commands.inspect_cmd",
+    "inspect": "lit_modules.commands.inspect_cmd",
+}
+
+
+def optional_subcommands() -> None:
+    """Subcommands whose modules exist in this checkout (added by later features)."""
+    for name, module in {
+        "train": "lit_modules.commands.train_cmd",
+        "bench": "lit_modules.commands.bench_cmd",
+        "import-hf": "lit_modules.commands.convert_cmd",
+        "export-hf": "lit_modules.commands.convert_cmd",
+        "eval": "lit_modules.commands.eval_cmd",
+    }.items():
+        if importlib.util.find_spec(module) is not None:
+            SUBCOMMANDS.setdefault(name, module)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    optional_subcommands()
+    parser = argparse.ArgumentParser(
+        prog="moelab", description="MoE architecture playground: recipes -> models -> training."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in dict.fromkeys(SUBCOMMANDS.values()):  # each module once, in order
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RecipeError as e:
+        print(f"moelab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moelab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

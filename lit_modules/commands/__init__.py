@@ -1,0 +1,1 @@
+"""One module per `moelab` subcommand (see lit_modules/cli.py)."""

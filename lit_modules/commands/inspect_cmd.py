@@ -1,0 +1,117 @@
+"""`moelab inspect` and `moelab recipes`: size and cost of a recipe, nothing allocated."""
+from __future__ import annotations
+
+import json
+from itertools import groupby
+
+from arch import available_recipes, count, load_recipe
+from arch.accounting import Accounting
+from arch.config import Recipe
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="parameters, FLOPs/token, KV cache and layer pattern of a recipe")
+    p.add_argument("recipe", help="a recipe path or a name under recipes/ (e.g. qwen3/30b_a3b)")
+    p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. proxy.d_model=768")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length for FLOPs/token (default: the recipe's train.seq_len)")
+    p.add_argument("--context", type=int, default=None,
+                   help="context length for the KV cache total (default: model.max_seq_len)")
+    p.set_defaults(func=run_inspect)
+    r = sub.add_parser("recipes", help="list the recipes under recipes/")
+    r.set_defaults(func=run_recipes)
+
+
+def run_recipes(args) -> int:
+    for name in available_recipes():
+        if not name.split("/")[-1].startswith("_"):
+            print(name)
+    return 0
+
+
+def human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.3f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def human_bytes(n: float) -> str:
+    for div, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= div:
+            return f"{n / div:.2f} {suffix}"
+    return f"{n:.0f} B"
+
+
+def pattern_summary(kinds, moe) -> str:
+    """The shortest cycle of (kind, MoE?) that generates the layers, run-length coded,
+    plus the count of each kind: '[local x5, global] cycled: 52 local, 10 global'."""
+    tags = [k + ("+moe" if m else "") for k, m in zip(kinds, moe)]
+    n = len(tags)
+    period = next(p for p in range(1, n + 1) if all(tags[i] == tags[i % p] for i in range(n)))
+    cycle = ", ".join(f"{k} x{len(list(g))}" if len(tags) > 1 else k for k, g in groupby(tags[:period]))
+    counts = ", ".join(f"{sum(t == k for t in tags)} {k}" for k in dict.fromkeys(tags))
+    if period == n and n > 12:  # no short cycle (overrides): just the counts
+        return counts
+    return f"[{cycle}] cycled: {counts}"
+
+
+def inspect_dict(recipe: Recipe, acc: Accounting) -> dict:
+    m = recipe.model
+    out = {"recipe": recipe.name}
+    out.update(acc.to_dict())
+    out.update({
+        "d_model": m.d_model, "n_heads": m.attention.n_heads, "n_kv_heads": m.attention.n_kv_heads,
+        "head_dim": m.attention.head_dim, "vocab_size": m.vocab_size, "d_ff": m.ffn.d_ff,
+        "n_experts": m.moe.n_experts, "top_k": m.moe.top_k, "d_expert": m.moe.d_expert,
+        "n_shared_experts": m.moe.n_shared_experts, "tie_embeddings": m.tie_embeddings,
+        "windows": {k: v.window for k, v in m.layer_kinds.items()},
+    })
+    return out
+
+
+def format_table(recipe: Recipe, acc: Accounting) -> str:
+    m, a = recipe.model, recipe.model.attention
+    rows = [
+        ("recipe", recipe.name),
+        ("width", f"d_model {m.d_model}, heads {a.n_heads} q / {a.n_kv_heads} kv x head_dim {a.head_dim}, "
+                  f"vocab {m.vocab_size}"),
+    ]
+    if m.moe.n_experts:
+        shared = f", {m.moe.n_shared_experts} shared x {m.moe.d_shared}" if m.moe.n_shared_experts else ""
+        rows.append(("experts", f"{m.moe.n_experts} x d_expert {m.moe.d_expert}, top-{m.moe.top_k}{shared}, "
+                                f"{acc.n_moe_layers} of {acc.n_layers} layers MoE"))
+    if acc.n_moe_layers < acc.n_layers:
+        rows.append(("dense FFN", f"{m.ffn.kind}, d_ff {m.ffn.d_ff}"))
+    windows = ", ".join(f"{k}: {'window ' + str(v.window) if v.window else 'global'} "
+                        f"(rope {v.rope.theta:g}{', x' + format(v.rope.factor, 'g') if v.rope.scaling != 'none' else ''})"
+                        for k, v in m.layer_kinds.items() if k in acc.layer_kinds)
+    rows += [
+        ("layers", f"{acc.n_layers}: {pattern_summary(acc.layer_kinds, acc.layer_moe)}"),
+        ("layer kinds", windows),
+        ("params total", f"{human(acc.params_total)} ({acc.params_total:,})"),
+        ("  embedding", f"{human(acc.params_embedding)}" + ("" if acc.params_head else " (tied head)")),
+    ]
+    if acc.params_head:
+        rows.append(("  head", human(acc.params_head)))
+    rows += [
+        ("  non-embedding", human(acc.params_non_embedding)),
+        ("params active", f"{human(acc.params_active)} ({acc.params_active:,})"),
+        ("FLOPs/token", f"{human(acc.flops_per_token)} train (6 x {human(acc.matmul_params_active)} matmul params "
+                        f"+ {human(acc.attention_flops_per_token)} attention at seq {acc.seq_len})"),
+        ("KV cache", f"{human_bytes(acc.kv_bytes_per_token)}/token (bf16), "
+                     f"{human_bytes(acc.kv_bytes_at_context)} for one {acc.context}-token sequence"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run_inspect(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    acc = count(recipe.model, seq_len=args.seq_len or recipe.train.seq_len, context=args.context)
+    if args.json:
+        print(json.dumps(inspect_dict(recipe, acc), indent=2))
+    else:
+        print(format_table(recipe, acc))
+    return 0

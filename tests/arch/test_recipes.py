@@ -1,0 +1,108 @@
+"""Every shipped recipe loads, validates, builds on the meta device, and its
+accounting equals both sum(p.numel()) and the published sizes."""
+from __future__ import annotations
+
+import pytest
+
+from arch import available_recipes, build_model, count, load_recipe
+
+RECIPES = [r for r in available_recipes() if not r.split("/")[-1].startswith("_")]
+
+# ../shared/reference/models.md, "computed from the numbers above": within 0.5%
+COMPUTED = [
+    ("qwen3/0.6b", "params_total", 596.05e6), ("qwen3/0.6b", "params_non_embedding", 440.47e6),
+    ("qwen3/1.7b", "params_total", 1.721e9), ("qwen3/1.7b", "params_non_embedding", 1.409e9),
+    ("qwen3/4b", "params_total", 4.022e9), ("qwen3/4b", "params_non_embedding", 3.634e9),
+    ("qwen3/8b", "params_total", 8.191e9), ("qwen3/8b", "params_non_embedding", 6.946e9),
+    ("qwen3/14b", "params_total", 14.768e9), ("qwen3/14b", "params_non_embedding", 13.212e9),
+    ("qwen3/32b", "params_total", 32.762e9), ("qwen3/32b", "params_non_embedding", 31.206e9),
+    ("qwen3/30b_a3b", "params_total", 30.532e9), ("qwen3/30b_a3b", "params_active", 3.353e9),
+    ("qwen3/235b_a22b", "params_total", 235.094e9), ("qwen3/235b_a22b", "params_active", 22.191e9),
+    ("gemma3/270m", "params_embedding", 167.77e6), ("gemma3/270m", "params_non_embedding", 100.33e6),
+    ("gemma3/1b", "params_embedding", 301.99e6), ("gemma3/1b", "params_non_embedding", 697.90e6),
+    ("gemma3/4b", "params_non_embedding", 3208.9e6), ("gemma3/12b", "params_non_embedding", 10759.2e6),
+    ("gemma3/27b", "params_non_embedding", 25599.0e6),
+]
+# the published figures themselves, where they are given to 3 significant digits
+PUBLISHED = [
+    ("qwen3/8b", "params_total", 8.2e9), ("qwen3/14b", "params_total", 14.8e9),
+    ("qwen3/32b", "params_total", 32.8e9), ("qwen3/30b_a3b", "params_total", 30.5e9),
+    ("qwen3/235b_a22b", "params_total", 235e9), ("qwen3/8b", "params_non_embedding", 6.95e9),
+    ("qwen3/14b", "params_non_embedding", 13.2e9), ("qwen3/32b", "params_non_embedding", 31.2e9),
+    ("gemma3/1b", "params_non_embedding", 698e6), ("gemma3/4b", "params_non_embedding", 3209e6),
+    ("gemma3/12b", "params_non_embedding", 10759e6), ("gemma3/27b", "params_non_embedding", 25600e6),
+    ("gemma3/270m", "params_non_embedding", 100e6),
+]
+
+
+def test_all_reference_recipes_present():
+    for family, sizes in {"qwen3": ["0.6b", "1.7b", "4b", "8b", "14b", "32b", "30b_a3b", "235b_a22b"],
+                          "gemma3": ["270m", "1b", "4b", "12b", "27b"]}.items():
+        for size in sizes:
+            assert f"{family}/{size}" in RECIPES
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_builds_on_meta_and_counts_match(name):
+    recipe = load_recipe(name)
+    model = build_model(recipe.model, device="meta")
+    acc = count(recipe.model)
+    assert sum(p.numel() for p in model.parameters()) == acc.params_total
+    assert all(p.is_meta for p in model.parameters())
+    moe_layers = model.moe_layers
+    if moe_layers:  # active = total minus the experts a token is not routed to
+        per_expert = sum(p[0].numel() for p in (moe_layers[0].w_in, moe_layers[0].w_out))
+        idle = sum(len(moe_layers) * 0 + (m.n_experts - m.top_k) * per_expert for m in moe_layers)
+        assert acc.params_total - acc.params_active == idle
+    else:
+        assert acc.params_active == acc.params_total
+    assert acc.n_layers == len(model.layers) == recipe.model.n_layers
+
+
+@pytest.mark.parametrize("name,field,published", COMPUTED + PUBLISHED)
+def test_parameter_counts(name, field, published):
+    value = getattr(count(load_recipe(name).model), field)
+    assert abs(value - published) / published < 0.005, f"{name} {field}: {value:,} vs {published:,.0f}"
+
+
+@pytest.mark.parametrize("name,kib", [("qwen3/0.6b", 112), ("qwen3/1.7b", 112), ("qwen3/4b", 144),
+                                      ("qwen3/8b", 144), ("qwen3/14b", 160), ("qwen3/32b", 256),
+                                      ("qwen3/30b_a3b", 96), ("qwen3/235b_a22b", 188)])
+def test_kv_cache_per_token(name, kib):
+    assert count(load_recipe(name).model).kv_bytes_per_token == kib * 1024
+
+
+def test_gemma3_27b_kv_cache_with_windows():
+    acc = count(load_recipe("gemma3/27b").model, context=32768)
+    assert abs(acc.kv_bytes_at_context / 1e9 - 3.12) < 0.01  # "about 3.12 GB per sequence"
+
+
+def test_gemma3_layer_pattern_and_rope():
+    m = load_recipe("gemma3/27b").model
+    acc = count(m)
+    assert [k == "global" for k in acc.layer_kinds] == [(i + 1) % 6 == 0 for i in range(62)]
+    assert m.layer_kinds["local"].window == 1024 and m.layer_kinds["global"].window is None
+    assert m.layer_kinds["local"].rope.theta == 10_000 and m.layer_kinds["local"].rope.scaling == "none"
+    assert m.layer_kinds["global"].rope.theta == 1e6 and m.layer_kinds["global"].rope.factor == 8
+    assert m.attention.query_pre_attn_scalar == 168 and m.attention.head_dim == 128
+    assert load_recipe("gemma3/1b").model.layer_kinds["global"].rope.scaling == "none"
+
+
+def test_qwen3_head_dim_is_not_width_over_heads():
+    for size in ["0.6b", "4b", "32b", "30b_a3b", "235b_a22b"]:
+        m = load_recipe(f"qwen3/{size}").model
+        assert m.attention.head_dim == 128 != m.d_model // m.attention.n_heads
+
+
+def test_flops_count_windows_at_their_window():
+    # gemma3/1b: 26 layers, 4 global ((i+1) % 6 == 0) and 22 local with window 512
+    acc = count(load_recipe("gemma3/1b").model, seq_len=4096)
+    per_key = 12 * 4 * 256  # 12 x heads x head_dim
+    local_keys = (512 * 513 / 2 + (4096 - 512) * 512) / 4096  # queries < 512 see fewer keys
+    assert acc.attention_flops_per_token == pytest.approx(per_key * (4 * 4097 / 2 + 22 * local_keys))
+    assert acc.flops_per_token == pytest.approx(6 * acc.matmul_params_active + acc.attention_flops_per_token)
+    # plain causal attention: 6 x matmul params + 12 x L x H x hd x (T + 1) / 2
+    acc = count(load_recipe("qwen3/0.6b").model, seq_len=1024)
+    assert acc.flops_per_token == 6 * acc.matmul_params_active + 28 * 12 * 16 * 128 * (1024 + 1) / 2
+    # matmul params: everything but the embedding gather and the norms (tied head counted)
+    assert acc.matmul_params_active == acc.params_total - acc.params_norms

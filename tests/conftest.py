@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny versions of the reference recipes, built on CPU in float32.
+
+Tiny configs are made by overriding the real recipes from the command-line dotlist,
+so the tests go through the same recipe path users do."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arch import build_model, load_recipe
+
+TINY_WIDTH = [
+    "model.d_model=64", "model.attention.n_heads=4", "model.attention.head_dim=16",
+    "model.vocab_size=256", "model.max_seq_len=128",
+]
+TINY = {
+    # Qwen3 dense: GQA 4:2, QK-norm, head_dim 16 != 64 / 4 ... (kept explicit), tied head
+    "qwen3": ("qwen3/0.6b", TINY_WIDTH + ["model.n_layers=2", "model.attention.n_kv_heads=2",
+                                          "model.ffn.d_ff=128"]),
+    # Qwen3-MoE: 8 experts top-2, untied head
+    "qwen3_moe": ("qwen3/30b_a3b", TINY_WIDTH + ["model.n_layers=2", "model.attention.n_kv_heads=1",
+                                                 "model.ffn.d_ff=128", "model.moe.n_experts=8",
+                                                 "model.moe.top_k=2", "model.moe.d_expert=32"]),
+    # Gemma 3: sandwich norms, (1+w) norms, 5 local : 1 global, window 8, scaled embeddings,
+    # query_pre_attn_scalar != head_dim
+    "gemma3": ("gemma3/1b", TINY_WIDTH + ["model.n_layers=7", "model.attention.n_kv_heads=2",
+                                          "model.ffn.d_ff=128", "model.layer_kinds.local.window=8",
+                                          "model.attention.query_pre_attn_scalar=24"]),
+}
+
+
+def tiny_recipe(name: str, *extra: str):
+    recipe, overrides = TINY[name]
+    return load_recipe(recipe, list(overrides) + list(extra))
+
+
+def tiny_model(name: str, *extra: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(tiny_recipe(name, *extra).model, device="cpu")
+    with torch.no_grad():  # zero-centred norms start at 0: perturb so they matter
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY))
+def tiny_name(request):
+    return request.param

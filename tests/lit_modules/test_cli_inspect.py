@@ -1,0 +1,49 @@
+"""`moelab inspect` end to end, as a user runs it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def moelab(*args):
+    return subprocess.run([sys.executable, "-m", "lit_modules.cli", *args], capture_output=True, text=True)
+
+
+def test_inspect_json_qwen3_moe():
+    r = moelab("inspect", "qwen3/30b_a3b", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert abs(d["params_total"] / 30.532e9 - 1) < 0.005
+    assert abs(d["params_active"] / 3.353e9 - 1) < 0.005
+    for key in ("params_embedding", "params_non_embedding", "flops_per_token", "kv_bytes_per_token",
+                "n_layers", "layer_kinds"):
+        assert key in d
+    assert d["n_layers"] == 48 == len(d["layer_kinds"])
+
+
+def test_inspect_table_gemma_and_proxy():
+    r = moelab("inspect", "gemma3/27b", "--context", "32768")
+    assert r.returncode == 0, r.stderr
+    assert "[local x5, global x1] cycled: 52 local, 10 global" in r.stdout
+    assert "25.600B" in r.stdout  # non-embedding
+    r = moelab("inspect", "qwen3/30b_a3b", "proxy.d_model=768", "proxy.n_layers=8",
+               "proxy.n_experts=32", "proxy.vocab_size=32768", "--json")
+    d = json.loads(r.stdout)
+    assert 80e6 < d["params_active"] < 130e6  # a ~100M-active proxy
+    assert d["top_k"] == 8 and d["n_heads"] // d["n_kv_heads"] == 8 and d["head_dim"] == 128
+
+
+def test_inspect_bad_input_is_one_line_exit_2():
+    r = moelab("inspect", "qwen3/30b_a3b", "model.moe.top_k=200")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "model.moe.top_k (200)" in r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["recipes"], ["--help"]])
+def test_other_commands(args):
+    r = moelab(*args)
+    assert r.returncode == 0 and r.stdout
