@@ -14,11 +14,13 @@ A sliding-window layer with window W lets query i see keys j with i - W < j <= i
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .config import AttentionConfig, NormConfig
 from .norm import build_norm
@@ -57,6 +59,32 @@ def sdpa_attention(q, k, v, scale: float, window: Optional[int]):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
+@functools.lru_cache(maxsize=32)
+def _block_mask(T: int, window: Optional[int], device: str):
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = kv_idx <= q_idx
+        return allowed & (q_idx - kv_idx < window) if window is not None else allowed
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attn(q, k, v, scale: float, window: Optional[int], softcap: Optional[float]):
+    """flex_attention with a block-sparse causal/window mask: a local layer costs what
+    its window costs (SDPA with a dense boolean mask pays for the whole square)."""
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return softcap * torch.tanh(score / softcap)
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    return fn(q, k, v, score_mod=score_mod, block_mask=_block_mask(q.shape[2], window, str(q.device)),
+              scale=scale, enable_gqa=True)
+
+
 @ATTENTION.register("gqa")
 class Attention(nn.Module):
     """Head counts are read from tensor shapes in forward, so sharding the projections
@@ -68,6 +96,8 @@ class Attention(nn.Module):
         self.head_dim = hd
         self.window = window
         self.softcap = cfg.softcap
+        # auto: SDPA (flash) for plain causal layers; on CUDA flex_attention for windowed
+        # or soft-capped layers; on CPU the SDPA mask / eager reference for those.
         self.impl = cfg.impl
         self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
         self.q_proj = nn.Linear(d_model, cfg.n_heads * hd, bias=cfg.bias)
@@ -83,11 +113,21 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.impl == "eager" or self.softcap is not None:
-            y = eager_attention(q, k, v, self.scale, self.window, self.softcap)
-        else:
-            y = sdpa_attention(q, k, v, self.scale, self.window)
+        y = self._attend(q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend(self, q, k, v):
+        impl, windowed = self.impl, self.window is not None and self.window < q.shape[2]
+        if impl == "auto":
+            if q.is_cuda and (windowed or self.softcap is not None):
+                impl = "flex"
+            else:
+                impl = "eager" if self.softcap is not None else "sdpa"
+        if impl == "flex":
+            return flex_attn(q, k, v, self.scale, self.window, self.softcap)
+        if impl == "eager" or self.softcap is not None:
+            return eager_attention(q, k, v, self.scale, self.window, self.softcap)
+        return sdpa_attention(q, k, v, self.scale, self.window)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, window={self.window}, scale={self.scale:.5g}"

@@ -56,7 +56,7 @@ class AttentionConfig:
     # softmax scale = query_pre_attn_scalar ** -0.5 (null: head_dim)
     query_pre_attn_scalar: Optional[float] = None
     softcap: Optional[float] = None  # tanh soft-capping of attention logits
-    impl: str = "sdpa"  # sdpa | eager (reference)
+    impl: str = "auto"  # auto | sdpa | flex | eager (the reference); see arch/attention.py
 
 
 @dataclass

@@ -16,7 +16,7 @@ from .registry import ATTENTION, EXPERT_BACKEND, FFN, MOE, NORM, ROUTER, RecipeE
 NORM_PLACEMENTS = ("pre", "sandwich", "post")
 ROPE_SCALINGS = ("none", "linear")
 AUX_SCOPES = ("micro", "pooled", "global")
-ATTENTION_IMPLS = ("sdpa", "eager")
+ATTENTION_IMPLS = ("auto", "sdpa", "flex", "eager")
 
 
 def is_moe_layer(cfg: ModelConfig, i: int) -> bool:

@@ -40,7 +40,8 @@ def _attention(window, impl="sdpa", softcap=None, n_kv=2):
     return Attention(32, cfg, NormConfig(), window).eval()
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "flex", "eager"])
+@torch.no_grad()  # flex_attention has no CPU backward; gradients are compared elsewhere
 def test_local_layer_ignores_keys_beyond_window(impl):
     W, T = 4, 16
     attn = _attention(W, impl)
@@ -62,13 +63,38 @@ def test_window_mask_drawing():
     assert m.tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "flex"])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("n_kv", [1, 2, 4])
-def test_sdpa_matches_eager(window, n_kv):
-    a, b = _attention(window, "sdpa", n_kv=n_kv), _attention(window, "eager", n_kv=n_kv)
+def test_fast_attention_matches_eager(impl, window, n_kv, device="cpu"):
+    a, b = _attention(window, impl, n_kv=n_kv).to(device), _attention(window, "eager", n_kv=n_kv).to(device)
+    rope = RoPE(8, RopeConfig())(12, torch.device(device))
+    x = torch.randn(2, 12, 32, device=device, requires_grad=True)
+    if impl == "flex" and device == "cpu":  # flex_attention has no CPU backward
+        with torch.no_grad():
+            torch.testing.assert_close(a(x, rope), b(x, rope), rtol=1e-5, atol=1e-6)
+        return
+    ya, yb = a(x, rope), b(x, rope)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    ga = torch.autograd.grad(ya.square().sum(), [x, *a.parameters()])
+    gb = torch.autograd.grad(yb.square().sum(), [x, *b.parameters()])
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("window", [None, 5])
+def test_flex_matches_eager_on_cuda(window):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    test_fast_attention_matches_eager("flex", window, 2, device="cuda")
+
+
+def test_flex_softcap_matches_eager():
+    a, b = _attention(5, "flex", softcap=3.0), _attention(5, "eager", softcap=3.0)
     rope = RoPE(8, RopeConfig())(12, torch.device("cpu"))
-    x = torch.randn(2, 12, 32)
-    torch.testing.assert_close(a(x, rope), b(x, rope), rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 12, 32) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(a(x, rope), b(x, rope), rtol=1e-5, atol=1e-6)
 
 
 def test_softcap_matches_formula():
