@@ -138,6 +138,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     scale_embeddings: bool = False  # x * sqrt(d_model), the scale cast to the weight dtype
     final_softcap: Optional[float] = None
+    # rows per chunk of the fused head + cross-entropy used by training (arch/loss.py);
+    # 0 = plain F.linear + F.cross_entropy on the full logits
+    fused_ce_chunk: int = 0
     init_std: float = 0.02
     # output projections get init_std / sqrt(2 * n_layers) (GPT-2); false: init_std
     init_scale_residual: bool = True

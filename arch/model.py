@@ -11,6 +11,7 @@ from torch import nn
 
 from .block import Block
 from .config import ModelConfig
+from .loss import fused_linear_cross_entropy
 from .norm import RMSNorm, build_norm
 from .resolve import layer_specs
 from .rope import RoPE
@@ -46,7 +47,12 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.head is None else self.head.weight
 
-    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None) -> LMOutput:
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                return_logits: bool = True) -> LMOutput:
+        """Logits, and the mean next-token loss when `targets` is given.
+
+        With `return_logits=False` and `model.fused_ce_chunk > 0` the head and the loss
+        are fused (arch/loss.py) and `logits` is None: the training path."""
         x = self.embed(input_ids)
         if self.cfg.scale_embeddings:  # Gemma: the scale is rounded to the weight dtype
             x = x * torch.tensor(math.sqrt(self.cfg.d_model), dtype=self.embed.weight.dtype)
@@ -54,13 +60,18 @@ class Transformer(nn.Module):
         ropes = {kind: rope(T, input_ids.device) for kind, rope in self.ropes.items()}
         for block in self.layers:
             x = block(x, ropes[block.spec.kind])
-        logits = F.linear(self.norm(x), self.head_weight())
-        if self.cfg.final_softcap is not None:
-            cap = self.cfg.final_softcap
-            logits = cap * torch.tanh(logits / cap)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        h = self.norm(x)
+        cap = self.cfg.final_softcap
+        logits = loss = None
+        if targets is not None and not return_logits and self.cfg.fused_ce_chunk > 0:
+            loss = fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight(), targets.flatten(),
+                                              self.cfg.fused_ce_chunk, cap)
+        else:
+            logits = F.linear(h, self.head_weight())
+            if cap is not None:
+                logits = cap * torch.tanh(logits / cap)
+            if targets is not None:
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         moe = self.moe_layers
         aux = type(moe[0]).gather_aux(moe) if moe else {}
         return LMOutput(logits=logits, loss=loss, aux=aux)

@@ -101,6 +101,8 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
     if cfg.norm.eps <= 0:
         errors.append(f"model.norm.eps must be positive, got {cfg.norm.eps}.")
     _check_choice(errors, cfg.norm_placement, NORM_PLACEMENTS, "model.norm_placement")
+    if cfg.fused_ce_chunk < 0:
+        errors.append(f"model.fused_ce_chunk must be >= 0 (0 = off), got {cfg.fused_ce_chunk}.")
     if cfg.init_std <= 0:
         errors.append(f"model.init_std must be positive, got {cfg.init_std}.")
 
