@@ -1,0 +1,161 @@
+"""`moelab bench` on CPU with tiny recipes: the figures are consistent with each other
+and with an independent computation, the errors are one sentence."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from arch import build_model, count, materialize
+from conftest import TINY, tiny_recipe
+from lit_modules import bench
+from lit_modules.cli import main
+
+SHAPE = ["train.seq_len=16", "train.micro_batch_size=2"]
+CPU = torch.device("cpu")
+
+
+def tiny_args(name, *extra):
+    recipe, overrides = TINY[name]
+    return [recipe, *overrides, *SHAPE, *extra]
+
+
+def run_json(capsys, *argv):
+    assert main(["bench", *argv, "--json", "--device", "cpu"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_model_json_figures_agree(capsys):
+    d = run_json(capsys, *tiny_args("qwen3_moe"), "--steps", "2", "--warmup", "1", "--peak-tflops", "0.5")
+    assert d["mode"] == "model" and d["data"] == "random tokens" and d["precision"] == "fp32"
+    recipe = tiny_recipe("qwen3_moe", *SHAPE)
+    assert d["flops_per_token"] == count(recipe.model, seq_len=16).flops_per_token
+    assert d["tokens_per_step"] == 32 and d["peak_tflops"] == 0.5
+    (r,) = d["results"]
+    assert len(r["ms_all"]) == 2 and len(r["losses"]) == 3  # warm-up losses are kept too
+    assert r["ms_per_step"] == pytest.approx(sorted(r["ms_all"])[0] / 2 + sorted(r["ms_all"])[1] / 2)
+    assert r["tokens_per_s"] == pytest.approx(32 / (r["ms_per_step"] / 1e3))
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * d["flops_per_token"] / 0.5e12)
+    assert r["peak_memory_bytes"] is None and r["host_syncs_per_step"] is None  # CUDA-only figures
+
+    # the first-step loss is the training loss of the freshly initialised model on the
+    # first batch, recomputed here independently of the benchmark
+    torch.manual_seed(recipe.train.seed)
+    model = materialize(build_model(recipe.model, device="meta"), "cpu")
+    tokens = torch.randint(0, 256, (1, 2, 17), generator=torch.Generator().manual_seed(recipe.train.seed))[0]
+    out = model(tokens[:, :-1], targets=tokens[:, 1:])
+    assert out.aux, "the tiny MoE recipe should carry a balancing loss"
+    expected = out.loss + sum(out.aux.values())
+    assert r["first_step_loss"] == pytest.approx(expected.item(), abs=1e-5)
+    assert r["first_step_ce"] == pytest.approx(out.loss.item(), abs=1e-5)
+    assert abs(r["first_step_ce"] - math.log(256)) < 0.3  # near-uniform predictions at init
+
+
+def test_steps_update_the_weights_and_use_one_batch_each():
+    recipe = tiny_recipe("gemma3", *SHAPE)
+    torch.manual_seed(0)
+    model = materialize(build_model(recipe.model, device="meta"), "cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = bench.make_batches(256, 2, 16, 4, seed=1, device=CPU)
+    assert torch.equal(batches[0][0][:, 1:], batches[0][1][:, :-1])  # targets are the next tokens
+    assert not torch.equal(batches[0][0], batches[1][0])
+    res = bench.run_training_steps("moelab", model, bench.moelab_loss, recipe, batches, bench.PRECISIONS["fp32"],
+                                   CPU, warmup=1, steps=2, flops_per_token=1.0, peak_tflops=None)
+    assert len(res.losses) == 3 and res.mfu is None
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    # the same first batch on the untouched weights gives the first recorded loss
+    torch.manual_seed(0)
+    fresh = materialize(build_model(recipe.model, device="meta"), "cpu")
+    assert res.losses[0] == pytest.approx(fresh(*batches[0]).loss.item(), abs=1e-6)
+
+
+def test_time_steps_calls_in_order_and_times_only_the_timed_steps():
+    calls = []
+
+    def step(i):
+        calls.append(i)
+        time.sleep(0.004 if i >= 2 else 0.0)
+        return torch.tensor(float(i))
+
+    ms, outs = bench.time_steps(step, warmup=2, steps=3, device=CPU)
+    assert calls == [0, 1, 2, 3, 4] and [o.item() for o in outs] == [0, 1, 2, 3, 4]
+    assert len(ms) == 3 and min(ms) >= 4.0
+    with pytest.raises(bench.BenchError):
+        bench.time_steps(step, warmup=0, steps=0, device=CPU)
+
+
+def test_layer_mode_json(capsys):
+    d = run_json(capsys, *tiny_args("qwen3_moe"), "--layer", "--with-loop", "--tokens", "48",
+                 "--steps", "2", "--warmup", "1")
+    assert d["mode"] == "layer" and d["tokens"] == 48 and d["dense_d_ff"] == 2 * 32
+    names = [r["name"] for r in d["results"]]
+    assert names == ["MoE, grouped_mm", "MoE, loop", "dense swiglu, d_ff 64"]
+    gm, loop, dense = d["results"]
+    assert dense["x_dense"] == 1.0 and gm["x_dense"] == pytest.approx(gm["ms_per_step"] / dense["ms_per_step"])
+    assert gm["max_abs_diff_vs_loop"] < 1e-5  # same weights, same input, fp32
+    assert gm["losses"][0] == pytest.approx(loop["losses"][0], rel=1e-5)
+    # same active FLOPs: 6 x tokens x (top-2 experts of 3 x 64 x 32 + router 64 x 8) vs 3 x 64 x 64
+    assert d["flops_per_token"] == {"moe": 6 * (2 * 3 * 64 * 32 + 64 * 8), "dense": 6 * 3 * 64 * 64}
+    assert gm["achieved_tflops"] == pytest.approx(48 * d["flops_per_token"]["moe"] / (gm["ms_per_step"] / 1e3) / 1e12)
+
+
+def test_dense_gemma_and_pure_bf16(capsys):
+    d = run_json(capsys, *tiny_args("gemma3"), "--steps", "1", "--warmup", "1", "--dtype", "bf16")
+    assert d["precision"] == "bf16" and math.isfinite(d["results"][0]["first_step_loss"])
+
+
+def test_table_is_printed_last_from_the_console():
+    r = subprocess.run([sys.executable, "-m", "lit_modules.cli", "bench", *tiny_args("qwen3_moe"),
+                        "--steps", "1", "--warmup", "0", "--device", "cpu", "--measure-ceiling",
+                        "--ceiling-n", "64"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("implementation"))
+    assert lines[header + 2].startswith("moelab (experts grouped_mm)")
+    assert "random tokens" in r.stdout and "matmul ceiling" in r.stdout
+
+
+def test_peak_lookup_and_precedence():
+    assert bench.lookup_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert bench.lookup_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.lookup_peak_tflops("NVIDIA H200") == 989.4
+    assert bench.lookup_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.lookup_peak_tflops("cpu") is None
+    assert bench.resolve_peak(100.0, 200.0, CPU) == (100.0, "--peak-tflops")
+    assert bench.resolve_peak(None, 200.0, CPU) == (200.0, "train.peak_tflops")
+    assert bench.resolve_peak(None, None, CPU)[0] is None
+
+
+def test_precision_resolution():
+    cuda = torch.device("cuda")
+    assert bench.resolve_precision("auto", CPU).name == "fp32"
+    assert bench.resolve_precision("auto", cuda).name == "bf16-mixed"
+    assert bench.resolve_precision("auto", cuda, layer=True).name == "bf16"
+    assert bench.resolve_precision("auto", cuda, recipe_precision="32-true").name == "fp32"
+    assert bench.resolve_precision("bf16", CPU, recipe_precision="32-true").name == "bf16"  # --dtype wins
+    with pytest.raises(bench.BenchError, match="train.precision"):
+        bench.resolve_precision("auto", CPU, recipe_precision="16-mixed")
+
+
+def test_matmul_ceiling_on_cpu():
+    c = bench.measure_matmul_ceiling(CPU, n=64, iters=2)
+    assert c["ceiling_tflops"] > 0 and c["ceiling_n"] == 64 and c["ceiling_dtype"] == "fp32"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"], "no CUDA device"),
+    (["--layer", "--device", "cpu"], "model.moe.n_experts = 0"),
+    (["--layer", "--vs-hf", "--device", "cpu"], "--vs-hf compares whole models"),
+    (["--steps", "0", "--device", "cpu"], "--steps must be >= 1"),
+])
+def test_errors_are_one_sentence(capsys, argv, message):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["bench", *tiny_args("qwen3"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err and err.startswith("moelab bench: error:")
