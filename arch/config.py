@@ -196,6 +196,7 @@ class TrainConfig:
     val_batches: int = 20
     log_every: int = 10
     ckpt_every: int = 500
+    keep_checkpoints: int = 3  # periodic checkpoints kept besides last.ckpt; 0 = all
     expert_image_every: int = 100
     run_dir: str = "runs"
     run_name: Optional[str] = None
