@@ -4,16 +4,24 @@ Shape convention (suffixes on tensor names, used in every module here):
     T  tokens in the (flattened) batch        D  d_model
     E  experts                                F  d_expert
     K  top-k                                  I  rows of w_in (2F gated, F plain)
-    S  routed (token, expert) slots, sorted by expert (S = T * K when dropless)
+    S  routed (token, expert) slots, sorted by expert (S = T * K, dropped ones last)
+    L  MoE layers
 
-    MoE.forward:  x_TD -> router -> (weights_TK, ids_TK, scores_TE)
-                  -> permute to x_SD (sorted by expert) -> backend -> y_SD
-                  -> weight, unpermute (index_add) -> y_TD (+ shared experts)
+    MoE.forward:  x_TD -> router -> (weights_TK, ids_TK, scores_TE)     router.py
+                  -> dispatch: permute to x_SD, sorted by expert        dispatch.py
+                  -> backend (loop | grouped_mm) -> y_SD                backends.py
+                  -> combine: weight, unpermute (index_add) -> y_TD     dispatch.py
+                  (+ shared experts)                                    moe.py
+
+Losses: losses.py (formulas), moe.py (scopes); the training-loop side (global
+counts, aux-loss-free bias updates): balance.py; router statistics: stats.py;
+torch.distributed: parallel.py only.
 
 Importing this package registers the `moe` layer, the routers and the backends in
 arch's registries.
 """
 from . import backends, moe, router  # noqa: F401  (registration)
+from . import balance, stats  # noqa: F401
 from .moe import MoE
 
-__all__ = ["MoE"]
+__all__ = ["MoE", "balance", "stats"]

@@ -1,23 +1,47 @@
-"""The MoE layer: router -> permute -> expert backend -> unpermute (+ shared experts)."""
+"""The MoE layer: router -> dispatch (permute) -> expert backend -> combine
+(unpermute) -> + shared experts. Balancing losses and router statistics are
+recorded on the layer at each forward; experts/balance.py drives the parts that
+need the training loop (global counts, bias updates).
+
+Balancing scopes (model.moe.balance.aux_scope), all with the Switch form
+E * sum_i f_i P_i of experts/losses.py, weighted by aux_coef:
+  micro   per layer, f and P over this micro-batch's tokens on this rank; summed
+          over layers.
+  pooled  one loss over the tokens of all layers together (Hugging Face Qwen3-MoE's
+          load_balancing_loss_func); computed in `MoE.gather_aux`.
+  global  per layer, f over the whole optimizer-step batch (all data-parallel ranks
+          and all accumulation micro-batches), P over this micro-batch's tokens
+          (Qwen's global-batch loss). With equal micro-batches, the mean of these
+          losses over ranks and micro-batches (what DDP and gradient accumulation
+          take) is E * sum_i f_i^G P_i^G, so the loss and its gradients do not depend
+          on how the batch is split. f^G comes from an all-reduce in forward
+          (grad_accum = 1) or from experts.balance.precompute_global_counts.
+"""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from arch.config import MoEConfig
 from arch.ffn import GATED
 from arch.registry import EXPERT_BACKEND, FFN, MOE, ROUTER
 
+from .dispatch import Dispatch, combine, dispatch, expert_capacity, permute
+from .losses import router_entropy, switch_loss, z_loss
+from .parallel import all_reduce_sum
+from .router import Routing
+
 
 @MOE.register("moe")
 class MoE(nn.Module):
-    """Top-k routed experts with stacked weights, optional shared experts.
+    """Top-k routed experts with stacked weights (w_in_EID = [gate; up] per expert,
+    w_out_EDF), optional shared experts that every token passes through.
 
-    After each forward `self.aux` holds this layer's weighted balancing losses and
-    `self.last` the routing facts the losses and statistics need.
+    After each forward: `aux` holds this layer's weighted balancing losses (keys
+    "aux_loss", "z_loss", present when their coefficient is > 0) and `stats` its
+    detached router statistics (experts/stats.py reads them).
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig):
@@ -33,73 +57,120 @@ class MoE(nn.Module):
         self.shared = None
         self.shared_gate = None
         if cfg.n_shared_experts > 0:
-            d_shared = cfg.n_shared_experts * cfg.d_shared
-            self.shared = FFN.get(cfg.expert_ffn)(d_model, d_shared)
+            # n shared experts of width d_shared, each with weight 1, are one FFN of
+            # width n * d_shared: same function, same parameter count, one matmul
+            self.shared = FFN.get(cfg.expert_ffn)(d_model, cfg.n_shared_experts * cfg.d_shared)
             if cfg.shared_gate:
                 self.shared_gate = nn.Linear(d_model, 1, bias=False)
+
+        # Not module state (no buffers: DDP would broadcast rank 0's copy over them).
+        self.dp_group = None  # data-parallel group of the global loss and bias loads (None: world)
+        self.track_stats = True
+        self.global_counts_E: Optional[torch.Tensor] = None  # set by precompute_global_counts
+        self.global_tokens: Optional[torch.Tensor] = None
         self.aux: Dict[str, torch.Tensor] = {}
-        self.last: Dict[str, torch.Tensor] = {}
+        self.stats: Dict[str, torch.Tensor] = {}
+        self._pooled = None  # (counts_E, probs_E, T) for the pooled scope
+        self._load_E: Optional[torch.Tensor] = None  # selections since the last bias update
+        self._collect: Optional[List] = None  # [counts_E, T] while precompute counts
         self.init_weights(0.02, 0.02)
+
+    def extra_repr(self) -> str:
+        cap = "dropless" if self.cfg.capacity_factor is None else f"capacity_factor={self.cfg.capacity_factor}"
+        return (f"experts={self.n_experts}, top_k={self.top_k}, d_expert={self.cfg.d_expert}, "
+                f"backend={self.cfg.backend}, {cap}")
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w_in, std=std)
         nn.init.normal_(self.w_out, std=out_std)
         self.router.expert_bias.zero_()
+        self._load_E = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        T, K, E = x_TD.shape[0], self.top_k, self.n_experts
+        T = x_TD.shape[0]
         r = self.router(x_TD)
-
-        # permute: slots sorted by expert; a stable sort keeps token order within an expert
-        ids_S = r.ids_TK.flatten()
-        order_S = ids_S.argsort(stable=True)
-        token_S = order_S // K
-        counts_E = torch.bincount(ids_S, minlength=E)
-        y_SD = self.backend(x_TD[token_S], counts_E, self.w_in, self.w_out, self.cfg.expert_ffn)
-
-        # unpermute: weight each slot and add it back to its token
-        w_S = r.weights_TK.flatten()[order_S].to(y_SD.dtype)
-        y_TD = torch.zeros(T, shape[-1], dtype=y_SD.dtype, device=x.device)
-        y_TD.index_add_(0, token_S, y_SD * w_S[:, None])
-        y_TD = y_TD.to(x.dtype)
-
+        cf = self.cfg.capacity_factor
+        d = dispatch(r.ids_TK, self.n_experts, None if cf is None else expert_capacity(T, self.top_k, self.n_experts, cf))
+        y_SD = self.backend(permute(x_TD, d), d.counts_E, self.w_in, self.w_out, self.cfg.expert_ffn)
+        y_TD = combine(y_SD, r.weights_TK, d, T).to(x.dtype)
         if self.shared is not None:
-            s = self.shared(x_TD)
+            s_TD = self.shared(x_TD)
             if self.shared_gate is not None:
-                s = torch.sigmoid(self.shared_gate(x_TD)) * s
-            y_TD = y_TD + s
-
-        self.last = {"counts_E": counts_E.detach(), "probs_E": r.scores_TE.mean(0), "n_tokens": T}
-        self.aux = self._losses(r, counts_E, T)
+                s_TD = torch.sigmoid(self.shared_gate(x_TD)) * s_TD
+            y_TD = y_TD + s_TD
+        self._record(r, d, T)
         return y_TD.view(shape)
 
-    def _losses(self, r, counts_E: torch.Tensor, T: int) -> Dict[str, torch.Tensor]:
+    # ------------------------------------------------------------ losses, stats
+
+    def _record(self, r: Routing, d: Dispatch, T: int) -> None:
+        """Losses, statistics and load counts of this forward. Reads nothing on the
+        host; the all-reduce of the global scope is asynchronous on GPU."""
+        counts_E = d.tokens_per_expert_E  # selections, before capacity: what f counts
+        if self._collect is not None:  # precompute_global_counts: counts only
+            self._collect[0] = self._collect[0] + counts_E
+            self._collect[1] += T
+            self.aux, self._pooled = {}, None
+            return
+        if self.training:
+            self._load_E = counts_E if self._load_E is None else self._load_E + counts_E
+
         b = self.cfg.balance
-        aux = {}
-        if b.aux_coef > 0 and b.aux_scope == "micro":
-            # Switch / HF convention: f_i = share of tokens choosing i (sums to K), so a
-            # perfectly uniform router gives loss = K.
-            f_E = counts_E.float() / T
-            aux["aux_loss"] = b.aux_coef * self.n_experts * (f_E * r.scores_TE.mean(0)).sum()
+        probs_E = r.probs_TE.mean(0)
+        aux: Dict[str, torch.Tensor] = {}
+        self._pooled = None
+        if b.aux_coef > 0:
+            if b.aux_scope == "micro":
+                aux["aux_loss"] = b.aux_coef * switch_loss(counts_E, T, probs_E)
+            elif b.aux_scope == "global":
+                aux["aux_loss"] = b.aux_coef * switch_loss(*self._global_counts(counts_E, T), probs_E)
+            else:  # pooled: gather_aux forms the loss over all layers
+                self._pooled = (counts_E, probs_E, T)
+        z = None
         if b.z_coef > 0:
-            aux["z_loss"] = b.z_coef * torch.logsumexp(r.logits_TE, dim=-1).pow(2).mean()
-        return aux
+            z = z_loss(r.logits_TE)
+            aux["z_loss"] = b.z_coef * z
+        self.aux = aux
+
+        if self.track_stats:
+            with torch.no_grad():
+                self.stats = {
+                    "tokens_per_expert": counts_E,
+                    "load_max_over_mean": counts_E.max() / counts_E.float().mean(),
+                    "dropped_tokens": d.n_dropped,
+                    "entropy": router_entropy(r.probs_TE),
+                    "aux_loss": switch_loss(counts_E, T, probs_E.detach()),
+                    "z_loss": z.detach() if z is not None else z_loss(r.logits_TE),
+                    "bias_norm": self.router.expert_bias.float().norm(),
+                }
+
+    def _global_counts(self, counts_E: torch.Tensor, T: int):
+        """(selection counts, tokens) over the optimizer-step batch, for f^G."""
+        if self.global_counts_E is not None:
+            return self.global_counts_E, self.global_tokens
+        if self.training and torch.is_grad_enabled():
+            # torch.full, not a tensor from a Python list: no host-to-device copy
+            n = torch.full((1,), T, dtype=counts_E.dtype, device=counts_E.device)
+            both = all_reduce_sum(torch.cat([counts_E, n]), self.dp_group)
+            return both[:-1], both[-1]
+        # evaluation: local counts, and no collective that other ranks may not join
+        return counts_E, T
 
     @staticmethod
     def gather_aux(layers: List["MoE"]) -> Dict[str, torch.Tensor]:
-        """Sum each named loss over layers; the pooled scope is computed here, over
-        the router outputs of all layers together (Hugging Face Qwen3-MoE)."""
+        """Sum each named loss over layers; the pooled scope is formed here, over the
+        router outputs of all layers together (Hugging Face Qwen3-MoE)."""
         out: Dict[str, torch.Tensor] = {}
         for layer in layers:
             for name, value in layer.aux.items():
                 out[name] = out[name] + value if name in out else value
-        b = layers[0].cfg.balance
-        if b.aux_coef > 0 and b.aux_scope == "pooled":
-            n_tok = sum(layer.last["n_tokens"] for layer in layers)
-            f_E = sum(layer.last["counts_E"].float() for layer in layers) / n_tok
-            p_E = sum(layer.last["probs_E"] * layer.last["n_tokens"] for layer in layers) / n_tok
-            out["aux_loss"] = b.aux_coef * layers[0].n_experts * (f_E * p_E).sum()
+        pooled = [layer._pooled for layer in layers if layer._pooled is not None]
+        if pooled:
+            n = sum(T for _, _, T in pooled)
+            counts_E = sum(c for c, _, _ in pooled)
+            probs_E = sum(p * T for _, p, T in pooled) / n
+            out["aux_loss"] = layers[0].cfg.balance.aux_coef * switch_loss(counts_E, n, probs_E)
         return out

@@ -1,5 +1,9 @@
 """Routers: tokens -> (weights, expert ids, full scores), in float32 whatever the
-autocast dtype. Shapes follow experts/__init__.py (T tokens, E experts, K top-k)."""
+autocast dtype. Shapes follow experts/__init__.py (T tokens, E experts, K top-k).
+
+A new router is one subclass that defines `score` (and `probs` if its scores are not
+already a distribution over experts) plus one registry line.
+"""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -14,8 +18,9 @@ from arch.registry import ROUTER
 
 class Routing(NamedTuple):
     weights_TK: torch.Tensor  # float32 combine weights of the chosen experts
-    ids_TK: torch.Tensor  # int64 expert ids
+    ids_TK: torch.Tensor  # int64 expert ids, chosen with the balancing bias if any
     scores_TE: torch.Tensor  # float32 scores over all experts (softmax or sigmoid)
+    probs_TE: torch.Tensor  # float32 scores as a distribution over experts (rows sum to 1)
     logits_TE: torch.Tensor  # float32 raw router logits (for the z-loss)
 
 
@@ -29,44 +34,57 @@ class TopKRouter(nn.Module):
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, cfg: RouterConfig):
         super().__init__()
+        self.n_experts = n_experts
         self.top_k = top_k
         self.renormalize = cfg.renormalize
         self.jitter = cfg.jitter
         self.route_scale = cfg.scale
         self.bias_update_rate = cfg.bias_update_rate
         self.gate = nn.Linear(d_model, n_experts, bias=cfg.bias)
+        # persistent: a resumed run must select experts exactly as before the checkpoint
         self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
 
     def score(self, logits_TE: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def probs(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """Scores as a distribution over experts, for balancing losses and entropy."""
+        return scores_TE
+
     def forward(self, x_TD: torch.Tensor) -> Routing:
+        # Router math in float32 explicitly: top-k on bf16 scores ties and flips often.
         with torch.autocast(x_TD.device.type, enabled=False):
             x = x_TD.float()
-            if self.training and self.jitter > 0:
+            if self.training and self.jitter > 0:  # Switch: multiplicative input noise
                 x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             bias = None if self.gate.bias is None else self.gate.bias.float()
             logits_TE = F.linear(x, self.gate.weight.float(), bias)
             scores_TE = self.score(logits_TE)
-            select_TE = scores_TE + self.expert_bias if self.bias_update_rate > 0 else scores_TE
+            select_TE = scores_TE
+            if self.bias_update_rate > 0:
+                select_TE = scores_TE.detach() + self.expert_bias.float()
             ids_TK = select_TE.topk(self.top_k, dim=-1).indices
             weights_TK = scores_TE.gather(-1, ids_TK)
             if self.renormalize:
                 weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
             if self.route_scale != 1.0:
                 weights_TK = weights_TK * self.route_scale
-        return Routing(weights_TK, ids_TK, scores_TE, logits_TE)
+        return Routing(weights_TK, ids_TK, scores_TE, self.probs(scores_TE), logits_TE)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
         """Aux-loss-free step: raise the bias of under-loaded experts, lower the
-        over-loaded ones, by `bias_update_rate * sign(mean load - load)`. Called by
-        the training loop outside forward, before the optimizer step, with loads
-        already summed over the data-parallel group (so every rank agrees)."""
+        over-loaded ones, by `bias_update_rate * sign(mean load - load)`.
+
+        Called outside forward (experts.balance.update_router_biases, before the
+        optimizer step) with loads already summed over the data-parallel group, so every
+        rank applies the same update. Computed in float32; keep this buffer float32
+        (bf16 cannot resolve small steps on a bias of order 1)."""
         if self.bias_update_rate <= 0:
             return
-        load = tokens_per_expert_E.float()
-        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        load = tokens_per_expert_E.to(device=self.expert_bias.device, dtype=torch.float32)
+        step = self.bias_update_rate * torch.sign(load.mean() - load)
+        self.expert_bias.copy_(self.expert_bias.float() + step)
 
 
 @ROUTER.register("softmax_topk")
@@ -79,7 +97,12 @@ class SoftmaxTopKRouter(TopKRouter):
 
 @ROUTER.register("sigmoid_topk")
 class SigmoidTopKRouter(TopKRouter):
-    """Independent sigmoid per expert, then top-k (DeepSeek-V3)."""
+    """Independent sigmoid per expert, then top-k (DeepSeek-V3). The balancing
+    losses see the scores normalised over experts, as DeepSeek-V3's sequence-wise
+    loss does, so a uniform router gives the same loss as a uniform softmax."""
 
     def score(self, logits_TE):
         return logits_TE.sigmoid()
+
+    def probs(self, scores_TE):
+        return scores_TE / scores_TE.sum(-1, keepdim=True)

@@ -1,0 +1,83 @@
+"""Dispatch: (token, expert) slots -> rows sorted by expert, and back.
+
+Every slot s = t * K + k (token t's k-th choice) becomes one row. A stable sort by
+expert keeps token order within each expert, so "the first C slots of an expert" are
+its earliest tokens. With a capacity C, slots past the C-th of their expert are
+dropped: they move to the end, past every expert's rows, where no backend computes
+them (their rows are unspecified) and the combine step ignores them.
+
+    slots     t0:(e1,e0) t1:(e1,e2) t2:(e1,e0)          K = 2, E = 3, C = 2
+    sorted    [e0: t0 t2][e1: t0 t1 t2][e2: t1]          dropless: counts_E = 2 3 1
+    capacity  [e0: t0 t2][e1: t0 t1][e2: t1] | t2(e1)    counts_E = 2 2 1, 1 dropped
+
+Shapes are static (S = T * K rows either way) and nothing here reads a device value
+on the host, so the grouped path stays free of host synchronisation.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class Dispatch(NamedTuple):
+    order_S: torch.Tensor  # flat slot index (t * K + k) of each row
+    token_S: torch.Tensor  # token of each row
+    counts_E: torch.Tensor  # int64 rows each expert computes (after capacity)
+    tokens_per_expert_E: torch.Tensor  # int64 slots routed to each expert (before capacity)
+    keep_S: Optional[torch.Tensor]  # bool, row kept; None when dropless (all kept)
+    n_dropped: torch.Tensor  # int64 0-dim: slots dropped by capacity
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
+    """C = ceil(factor * T * K / E): a factor of 1 fits a perfectly balanced router."""
+    return math.ceil(factor * n_tokens * top_k / n_experts)
+
+
+def dispatch(ids_TK: torch.Tensor, n_experts: int, capacity: Optional[int] = None) -> Dispatch:
+    """Sort the routed slots by expert; with `capacity`, drop each expert's slots past
+    the first `capacity` (in token order) to the end."""
+    K = ids_TK.shape[-1]
+    ids_S = ids_TK.reshape(-1)
+    # scatter_add, not bincount: CUDA bincount reads the max id on the host.
+    tokens_per_expert_E = torch.zeros(n_experts, dtype=torch.long, device=ids_S.device)
+    tokens_per_expert_E.scatter_add_(0, ids_S, torch.ones_like(ids_S))
+    order_S = ids_S.argsort(stable=True)
+    if capacity is None:
+        n_dropped = torch.zeros((), dtype=torch.long, device=ids_S.device)
+        return Dispatch(order_S, order_S // K, tokens_per_expert_E, tokens_per_expert_E, None, n_dropped)
+
+    ids_sorted_S = ids_S[order_S]
+    first_row_E = tokens_per_expert_E.cumsum(0) - tokens_per_expert_E
+    rank_S = torch.arange(ids_S.numel(), device=ids_S.device) - first_row_E[ids_sorted_S]
+    # dropped slots go to a virtual expert E, sorted last; the stable sort keeps the
+    # kept ones by expert, then token
+    key_S = torch.where(rank_S < capacity, ids_sorted_S, n_experts)
+    order_S = order_S[key_S.argsort(stable=True)]
+    counts_E = tokens_per_expert_E.clamp(max=capacity)
+    n_kept = counts_E.sum()
+    keep_S = torch.arange(ids_S.numel(), device=ids_S.device) < n_kept
+    return Dispatch(order_S, order_S // K, counts_E, tokens_per_expert_E, keep_S, ids_S.numel() - n_kept)
+
+
+def permute(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """Token rows -> expert-sorted rows. Dropped rows are zeroed so that whatever a
+    backend leaves in them (grouped_mm leaves uninitialised memory) sends no gradient
+    back to the tokens."""
+    x_SD = x_TD[d.token_S]
+    if d.keep_S is not None:
+        x_SD = torch.where(d.keep_S[:, None], x_SD, 0.0)
+    return x_SD
+
+
+def combine(y_SD: torch.Tensor, weights_TK: torch.Tensor, d: Dispatch, n_tokens: int) -> torch.Tensor:
+    """Weight each row by its slot's routing weight and add it back to its token.
+
+    Accumulates in the rows' dtype (the autocast dtype under autocast), like the
+    reference implementations do."""
+    if d.keep_S is not None:  # where, not a multiply: dropped rows may hold NaN
+        y_SD = torch.where(d.keep_S[:, None], y_SD, 0.0)
+    w_S = weights_TK.reshape(-1)[d.order_S].to(y_SD.dtype)
+    y_TD = y_SD.new_zeros(n_tokens, y_SD.shape[-1])
+    return y_TD.index_add_(0, d.token_S, y_SD * w_S[:, None])

@@ -1,0 +1,48 @@
+"""Router statistics per MoE layer, from each layer's last forward.
+
+The layers store detached device tensors during forward (no host sync there); the
+consumer pays the sync when it converts them to log them. Per layer:
+
+    tokens_per_expert   (E,) int64  slots routed to each expert, before capacity
+    load_max_over_mean  max / mean of tokens_per_expert (1 = perfectly balanced)
+    dropped_tokens      slots dropped by capacity (a token losing 2 experts counts 2)
+    entropy             mean routing entropy per token, nats (log E = uniform)
+    aux_loss            unweighted Switch loss of this layer's micro-batch (K = balanced)
+    z_loss              unweighted router z-loss
+    bias_norm           L2 norm of the aux-loss-free selection bias (its drift)
+
+The weighted losses that reach the optimizer are in LMOutput.aux, not here.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Union
+
+import torch
+from torch import nn
+
+from .moe import MoE
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def router_stats(model: nn.Module) -> Dict[Union[int, str], Dict[str, torch.Tensor]]:
+    """{layer: {stat name: detached tensor}} for every MoE layer that has run a forward
+    with `track_stats` on. The key is the block index (the `layers.<i>.` in the module
+    path), or the module path when there is none (a bare MoE layer: "moe")."""
+    out = {}
+    for path, module in model.named_modules():
+        if isinstance(module, MoE) and module.stats:
+            hit = _LAYER_INDEX.search(path + ".")
+            out[int(hit.group(1)) if hit else (path or "moe")] = dict(module.stats)
+    return out
+
+
+def expert_load(model: nn.Module) -> torch.Tensor:
+    """(MoE layers, E) float32: tokens per expert over the mean, one row per layer
+    with stats (1 = balanced): the expert-load image."""
+    rows = [s["tokens_per_expert"].float() for s in router_stats(model).values()]
+    if not rows:
+        return torch.zeros(0, 0)
+    load = torch.stack(rows)
+    return load / load.mean(-1, keepdim=True).clamp_min(1e-20)
