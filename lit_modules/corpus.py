@@ -1,0 +1,345 @@
+"""Text corpora for training: where the documents come from and how they split.
+
+A corpus is an ordered stream of documents `(name, text)` named by `data.source`:
+
+    "stdlib"            this Python's standard library (*.py, tests and generated
+                        tables left out) plus the pydoc_data documentation topics
+    "notes/*.txt"       plain-text files (a glob, a file or a folder; .gz works)
+    "dump.jsonl"        JSON Lines, one document per line under `data.text_field`
+    [a, b, ...]         several of the above, in order
+
+The order is fixed (sorted paths; for the standard library a hash of each path, so a
+`data.max_chars` cap samples the whole library instead of its first letters), and
+`data.max_chars` cuts the stream after that many characters. Documents go to the
+validation split by a hash of their name (the relative path, `path:line` for JSONL),
+so the split is the same on every machine and does not move when files are added.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from glob import glob, has_magic
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+from arch.config import DataConfig
+from arch.registry import RecipeError
+
+CORPUS_VERSION = 1  # bump when the document stream for the same inputs changes
+
+# Folders of the standard library that are not the library itself: test suites,
+# installed packages, build configuration, and codec tables generated from Unicode
+# mapping files (encodings/: ~4 MB of hex literals that would dominate a BPE).
+STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages",
+                    "__pycache__", "encodings"}
+# pydoc_data/topics.py is added as its separate topics; _sysconfigdata_* holds this
+# machine's build paths, which would make the corpus differ between machines.
+STDLIB_SKIP_FILES = ("pydoc_data/topics.py",)
+STDLIB_SKIP_PREFIXES = ("_sysconfigdata_",)
+# a folder given as a source contributes these files (recursively)
+FOLDER_SUFFIXES = (".txt", ".md", ".jsonl", ".txt.gz", ".md.gz", ".jsonl.gz")
+
+
+class DataError(RecipeError):
+    """Bad data input (paths, corpus, tokenizer); the message says what to change.
+
+    A RecipeError, so `moelab` prints it as one line and exits 2."""
+
+
+def name_hash(name: str) -> float:
+    """A uniform number in [0, 1) from a document's name, the same on every machine."""
+    return int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.name.endswith((".jsonl", ".jsonl.gz"))
+
+
+def _open_text(path: Path):
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, "r", encoding="utf-8", errors="replace")
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files() -> List[Tuple[str, Path]]:
+    """(relative posix path, path) of the standard library's own sources, sorted."""
+    root = stdlib_root()
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_SKIP_DIRS and not d.startswith("config-"))
+        for f in filenames:
+            rel = f if rel_dir == "." else f"{rel_dir}/{f}"
+            if f.endswith(".py") and rel not in STDLIB_SKIP_FILES and not f.startswith(STDLIB_SKIP_PREFIXES):
+                out.append((rel, Path(dirpath) / f))
+    return sorted(out)
+
+
+def _topics() -> dict:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data
+        return {}
+    return topics
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of data.source, expanded to files."""
+
+    spec: str  # as written in the recipe
+    files: Tuple[Tuple[str, Path], ...]  # (document-name prefix, path)
+    stdlib: bool = False
+
+
+def _expand(spec: str, where: str) -> List[Path]:
+    path = Path(os.path.expanduser(spec))
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    if has_magic(str(path)):
+        found = [Path(p) for p in glob(str(path), recursive=True)]
+        found = [p for p in found if p.is_file()]
+    elif path.is_dir():
+        found = [p for p in path.rglob("*") if p.is_file() and p.name.endswith(FOLDER_SUFFIXES)]
+        if not found:
+            raise DataError(
+                f"{where} '{spec}' is a folder with no {', '.join(FOLDER_SUFFIXES[:3])} files in it; "
+                f"name the files with a glob such as '{spec}/**/*.log'."
+            )
+    elif path.is_file():
+        found = [path]
+    else:
+        found = []
+    if not found:
+        raise DataError(
+            f"{where} '{spec}' matches no file (relative paths are taken from {Path.cwd()}); "
+            f"check the path or glob."
+        )
+    return sorted(set(found))
+
+
+def _as_list(source) -> List[str]:
+    if source is None:
+        return []
+    if isinstance(source, (str, os.PathLike)):
+        return [str(source)]
+    return [str(s) for s in source]
+
+
+class Corpus:
+    """The documents that a DataConfig names, in a fixed order, capped at max_chars."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        specs = _as_list(cfg.source)
+        if not specs:
+            raise DataError("data.source is empty; set it to 'stdlib' or to paths/globs of .txt or .jsonl files.")
+        if not 0.0 <= float(cfg.val_fraction) < 1.0:
+            raise DataError(f"data.val_fraction = {cfg.val_fraction} must be in [0, 1); 0.02 keeps 2% of the documents for validation.")
+        if cfg.max_chars is not None and cfg.max_chars <= 0:
+            raise DataError(f"data.max_chars = {cfg.max_chars} must be positive, or null for the whole corpus.")
+        self.sources: List[Source] = []
+        user_files: List[Path] = []
+        for i, spec in enumerate(specs):
+            where = "data.source" if len(specs) == 1 else f"data.source[{i}]"
+            if spec == "stdlib":
+                files = tuple((f"stdlib/{rel}", p) for rel, p in stdlib_files())
+                self.sources.append(Source(spec, files, stdlib=True))
+            else:
+                found = _expand(spec, where)
+                user_files += found
+                self.sources.append(Source(spec, tuple(("", p) for p in found)))
+        # user files are named relative to their common folder, so the split does not
+        # change when the data moves to another machine or folder
+        if user_files:
+            common = Path(os.path.commonpath([str(p.parent) for p in user_files]))
+            self.sources = [
+                s if s.stdlib else Source(s.spec, tuple((p.relative_to(common).as_posix(), p) for _, p in s.files))
+                for s in self.sources
+            ]
+
+    # ------------------------------------------------------------------ identity
+
+    def describe(self) -> str:
+        parts = []
+        for s in self.sources:
+            if s.stdlib:
+                v = sys.version_info
+                parts.append(f"the Python {v.major}.{v.minor}.{v.micro} standard library "
+                             f"({len(s.files)} files + {len(_topics())} doc topics)")
+            else:
+                parts.append(f"{s.spec} ({len(s.files)} file{'s' * (len(s.files) != 1)})")
+        cap = f", first {self.cfg.max_chars:,} chars" if self.cfg.max_chars else ""
+        return " + ".join(parts) + cap
+
+    def fingerprint(self) -> dict:
+        """What the document stream depends on (JSON-able): files with their size and
+        modification time, the Python for the standard library, the cap and split."""
+        sources = []
+        for s in self.sources:
+            entry = {"spec": s.spec, "files": []}
+            for name, p in s.files:
+                st = p.stat()
+                entry["files"].append([name or str(p), st.st_size, st.st_mtime_ns])
+            if s.stdlib:
+                entry["python"] = sys.version
+                topics_py = stdlib_root() / "pydoc_data" / "topics.py"
+                entry["topics"] = [topics_py.stat().st_size, topics_py.stat().st_mtime_ns] if topics_py.exists() else None
+            sources.append(entry)
+        return {
+            "version": CORPUS_VERSION, "sources": sources, "max_chars": self.cfg.max_chars,
+            "val_fraction": float(self.cfg.val_fraction), "text_field": self.cfg.text_field,
+        }
+
+    def key(self) -> str:
+        blob = json.dumps(self.fingerprint(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    # ----------------------------------------------------------------- documents
+
+    def _raw_documents(self) -> Iterator[Tuple[str, str]]:
+        for s in self.sources:
+            if s.stdlib:
+                docs = [(name, p) for name, p in s.files]
+                docs += [(f"pydoc_data.topics/{k}", k) for k in sorted(_topics())]
+                # hash order: a capped corpus is a sample of the whole library. The
+                # order hash is salted: ordered by the split hash itself, the first
+                # documents of a capped stream would all be validation ones.
+                docs.sort(key=lambda d: (name_hash("order/" + d[0]), d[0]))
+                topics = _topics()
+                for name, what in docs:
+                    if isinstance(what, Path):
+                        with _open_text(what) as f:
+                            yield name, f.read()
+                    else:
+                        yield name, topics[what]
+                continue
+            for name, p in s.files:
+                if _is_jsonl(p):
+                    yield from self._jsonl(name, p)
+                else:
+                    with _open_text(p) as f:
+                        yield name, f.read()
+
+    def _jsonl(self, name: str, path: Path) -> Iterator[Tuple[str, str]]:
+        field = self.cfg.text_field
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON object.") from None
+                if not isinstance(obj, dict) or field not in obj:
+                    keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+                    raise DataError(f"{path}:{lineno} has no '{field}' field (it has: {keys}); set data.text_field to the key that holds the text.")
+                text = obj[field]
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise DataError(f"{path}:{lineno} field '{field}' is a {type(text).__name__}, not a string; point data.text_field at the text.")
+                yield f"{name}:{lineno}", text
+
+    def documents(self) -> Iterator[Tuple[str, str]]:
+        """Non-blank documents in corpus order; the stream stops at max_chars (the last
+        document cut to fit)."""
+        left = self.cfg.max_chars
+        for name, text in self._raw_documents():
+            if not text.strip():
+                continue
+            if left is not None:
+                text = text[:left]
+                left -= len(text)
+            yield name, text
+            if left is not None and left <= 0:
+                return
+
+    def plan(self, progress=None) -> "SplitPlan":
+        """One pass over the corpus: counts and the train/validation assignment. Raises
+        DataError for an empty corpus, before anything is tokenized."""
+        f = float(self.cfg.val_fraction)
+        n = chars = 0
+        lo = hi = None  # (hash, name) of the documents nearest to each end of [0, 1)
+        n_val = 0
+        for name, text in self.documents():
+            u = name_hash(name)
+            n += 1
+            chars += len(text)
+            n_val += u < f
+            lo = min(lo, (u, name)) if lo else (u, name)
+            hi = max(hi, (u, name)) if hi else (u, name)
+            if progress is not None:
+                progress(len(text))
+        if n == 0:
+            specs = ", ".join(s.spec for s in self.sources)
+            raise DataError(f"the corpus is empty: data.source ({specs}) holds no text; point it at files with text in them.")
+        forced_val = forced_train = None
+        if f > 0 and n >= 2:
+            # every split needs at least one document, whatever the fraction
+            if n_val == 0:
+                forced_val = lo[1]
+            elif n_val == n:
+                forced_train = hi[1]
+        return SplitPlan(f, n, chars, single=(n == 1 and f > 0), forced_val=forced_val, forced_train=forced_train)
+
+    def split(self, plan: "SplitPlan", which: str) -> Iterator[str]:
+        """The texts of one split ('train' or 'val'), in corpus order."""
+        assert which in ("train", "val")
+        for name, text in self.documents():
+            if plan.single:
+                cut = plan.single_cut(text)
+                part = text[:cut] if which == "train" else text[cut:]
+                if part.strip():
+                    yield part
+            elif plan.assign(name) == which:
+                yield text
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which documents are validation: those whose name hashes below val_fraction,
+    at least one and never all. A corpus of one document is cut at a line boundary."""
+
+    val_fraction: float
+    n_docs: int
+    chars: int
+    single: bool = False
+    forced_val: Optional[str] = None
+    forced_train: Optional[str] = None
+
+    def assign(self, name: str) -> str:
+        if name == self.forced_val:
+            return "val"
+        if name == self.forced_train:
+            return "train"
+        return "val" if name_hash(name) < self.val_fraction else "train"
+
+    def single_cut(self, text: str) -> int:
+        """Where one document splits: the line start nearest the (1 - val_fraction) point."""
+        target = int(len(text) * (1.0 - self.val_fraction))
+        nl = text.rfind("\n", 0, target)
+        cut = nl + 1 if nl > 0 else target
+        return max(1, min(cut, len(text) - 1))
+
+
+def chunks(text: str, size: int) -> Iterator[str]:
+    """Pieces of at most ~size characters, cut after a newline where there is one, so
+    a huge document is encoded piece by piece in bounded memory."""
+    start = 0
+    while len(text) - start > size:
+        end = text.rfind("\n", start + size // 2, start + size)
+        end = end + 1 if end > 0 else start + size
+        yield text[start:end]
+        start = end
+    if start < len(text):
+        yield text[start:]
