@@ -257,7 +257,7 @@ class Result:
             "first_step_loss": self.losses[0] if self.losses else None,
             "first_step_ce": self.ce[0] if self.ce else None,
             "last_step_loss": self.losses[-1] if self.losses else None,
-            "losses": self.losses, "host_syncs_per_step": self.host_syncs_per_step,
+            "losses": self.losses, "ce": self.ce, "host_syncs_per_step": self.host_syncs_per_step,
         }
 
 
@@ -274,8 +274,9 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, t
 
 
 def moelab_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """(loss that is backpropagated, its cross-entropy part); the same loss as training."""
-    out = model(x, targets=y)
+    """(loss that is backpropagated, its cross-entropy part); the same call and loss as
+    training (no logits kept: the fused head + loss when model.fused_ce_chunk > 0)."""
+    out = model(x, targets=y, return_logits=False)
     total = out.loss
     for value in out.aux.values():
         total = total + value
@@ -340,42 +341,50 @@ def run_training_steps(name: str, model: nn.Module, loss_fn: LossFn, recipe: Rec
 # -------------------------------------------------------------------- the HF twin
 
 
-def hf_twin(model: nn.Module, recipe: Recipe, experts_implementation: Optional[str] = "grouped_mm"):
-    """The Hugging Face model with `model`'s weights, on the CPU in float32, built by
-    lit_modules.convert: sdpa attention, grouped_mm experts where the installed
-    transformers lets one choose, router logits on so its aux loss counts like ours.
+def hf_twin(model: nn.Module, recipe: Recipe) -> Tuple[nn.Module, List[str]]:
+    """The Hugging Face twin of `model` with its current weights, on the CPU in
+    float32, and the converter's notes. The config and the tensor names come from
+    lit_modules.convert (hf_config_for, ours_to_hf); transformers' own loader turns the
+    per-expert tensors into its fused expert weights. sdpa attention; for MoE models
+    grouped_mm experts where the installed transformers lets one choose, and router
+    logits on so its auxiliary loss is part of the step as ours is.
     Raises BenchError for anything that stops the comparison."""
     try:
-        import transformers  # noqa: F401
+        import transformers
     except ImportError:
         raise BenchError("--vs-hf needs the transformers package; pip install 'moelab[hf]'.") from None
     try:
         from lit_modules import convert
     except ImportError:
         raise BenchError("--vs-hf needs lit_modules.convert (the Hugging Face converter), "
-                         "which this checkout does not have yet.") from None
-    make = getattr(convert, "to_hf_model", None)
-    if make is None:
-        raise BenchError("--vs-hf needs lit_modules.convert.to_hf_model, which this checkout's "
-                         "converter does not provide.")
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    kwargs = {"attn_implementation": "sdpa"}
-    if any(getattr(b, "spec", None) is not None and b.spec.moe for b in getattr(model, "layers", [])):
-        kwargs["experts_implementation"] = experts_implementation
-        kwargs["output_router_logits"] = True
+                         "which this checkout does not have.") from None
     try:
-        twin = make(recipe.model, state, **kwargs)
-    except RecipeError as e:
+        arch, cfg, notes = convert.hf_config_for(recipe.model)
+        state = {}
+        for name, tensor in model.state_dict().items():
+            for hf_name, t in convert.ours_to_hf(arch, name, tensor.detach().to("cpu", torch.float32, copy=True)):
+                state[hf_name] = t
+    except RecipeError as e:  # ConvertError: one sentence naming what HF cannot express
         raise BenchError(f"--vs-hf: {e}") from None
-    return twin
+    kwargs = {"attn_implementation": "sdpa"}
+    cfg.use_cache = False
+    if getattr(cfg, "num_experts", 0):
+        cfg.output_router_logits = True
+        if hasattr(cfg, "_experts_implementation"):  # transformers 5.x
+            kwargs["experts_implementation"] = "grouped_mm"
+        else:
+            notes.append("the installed transformers has no experts_implementation: HF runs its default experts")
+    transformers.utils.logging.disable_progress_bar()
+    twin = getattr(transformers, arch).from_pretrained(None, config=cfg, state_dict=state,
+                                                       dtype=torch.float32, **kwargs)
+    return twin, notes
 
 
 def hf_detail(twin: nn.Module) -> str:
     cfg = twin.config
-    parts = [type(twin).__name__, f"attn {cfg._attn_implementation}"]
-    experts = getattr(cfg, "_experts_implementation", None)
-    if getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None):
-        parts.append(f"experts {experts}")
+    parts = [f"{type(twin).__name__}, attn {cfg._attn_implementation}"]
+    if getattr(cfg, "num_experts", 0):
+        parts.append(f"experts {getattr(cfg, '_experts_implementation', 'default')}")
     return ", ".join(parts)
 
 
@@ -399,7 +408,7 @@ def bench_model(recipe: Recipe, *, device: torch.device, precision: Precision, w
     model = materialize(build_model(m, device="meta"), device).to(precision.param_dtype)
     # build the twin from the freshly initialised weights, before any step changes them;
     # it waits on the CPU so it takes no device memory while moelab is timed
-    twin = hf_twin(model, recipe) if vs_hf else None
+    twin, hf_notes = hf_twin(model, recipe) if vs_hf else (None, [])
     args = dict(recipe=recipe, batches=batches, precision=precision, device=device, warmup=warmup,
                 steps=steps, flops_per_token=acc.flops_per_token, peak_tflops=peak_tflops)
     results = [run_training_steps("moelab", model, moelab_loss, detail=f"experts {m.moe.backend}"
@@ -421,6 +430,7 @@ def bench_model(recipe: Recipe, *, device: torch.device, precision: Precision, w
         "params_total": acc.params_total, "params_active": acc.params_active,
         "flops_per_token": acc.flops_per_token, "peak_tflops": peak_tflops, "peak_source": peak_source,
         "notes": model_notes(recipe, vs_hf),
+        "convert_notes": hf_notes,  # the converter's own remarks (what HF has no field for)
         "results": [r.to_dict() for r in results],
     }
     if len(results) == 2:
@@ -429,6 +439,9 @@ def bench_model(recipe: Recipe, *, device: torch.device, precision: Precision, w
             "speedup": hf.ms_per_step / ours.ms_per_step,  # moelab tokens/s over HF tokens/s
             "first_step_loss_diff": ours.losses[0] - hf.losses[0],
             "first_step_ce_diff": ours.ce[0] - hf.ce[0],
+            # same optimizer on the same batches: the curves stay together only if the
+            # gradients agree too (up to rounding, which bf16 lets grow step by step)
+            "max_ce_diff_all_steps": max(abs(a - b) for a, b in zip(ours.ce, hf.ce)),
         }
     return report
 
@@ -579,7 +592,8 @@ def format_report(report: Dict) -> str:
         if "vs_hf" in report:
             v = report["vs_hf"]
             lines.append(f"moelab / HF speed: {v['speedup']:.2f}x; first-step loss difference "
-                         f"{v['first_step_loss_diff']:+.2e} (cross-entropy alone {v['first_step_ce_diff']:+.2e})")
+                         f"{v['first_step_loss_diff']:+.2e} (cross-entropy alone {v['first_step_ce_diff']:+.2e}; "
+                         f"largest over all {len(report['results'][0]['ce'])} steps {v['max_ce_diff_all_steps']:.2e})")
         lines += [f"note: {n}" for n in report["notes"]]
     else:
         lines.append(f"moelab bench {report['recipe']} --layer on {report['device']}: one MoE layer, "

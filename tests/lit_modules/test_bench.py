@@ -159,3 +159,44 @@ def test_errors_are_one_sentence(capsys, argv, message):
     assert main(["bench", *tiny_args("qwen3"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err and err.startswith("moelab bench: error:")
+
+
+# ------------------------------------------------------------------ --vs-hf
+
+def _needs_converter():
+    pytest.importorskip("transformers")
+    convert = pytest.importorskip("lit_modules.convert")
+    if not hasattr(convert, "hf_config_for") or not hasattr(convert, "ours_to_hf"):
+        pytest.skip("lit_modules.convert lacks hf_config_for / ours_to_hf")
+
+
+@pytest.mark.parametrize("name, extra, detail", [
+    # pooled: the HF loss function, so even the total losses must agree
+    ("qwen3_moe", ["model.moe.balance.aux_scope=pooled"], "Qwen3MoeForCausalLM, attn sdpa, experts grouped_mm"),
+    ("gemma3", [], "Gemma3ForCausalLM, attn sdpa"),
+])
+def test_vs_hf_same_weights_same_losses(capsys, name, extra, detail):
+    _needs_converter()
+    d = run_json(capsys, *tiny_args(name, *extra), "--steps", "2", "--warmup", "1", "--vs-hf")
+    ours, hf = d["results"]
+    assert (ours["name"], hf["name"], hf["detail"]) == ("moelab", "HF transformers", detail)
+    assert abs(d["vs_hf"]["first_step_loss_diff"]) < 1e-5 and abs(d["vs_hf"]["first_step_ce_diff"]) < 1e-5
+    # three AdamW steps later the two still agree: the gradients matched as well
+    assert d["vs_hf"]["max_ce_diff_all_steps"] < 1e-4
+    assert hf["losses"][0] != hf["losses"][-1]  # and the HF side did train
+    assert d["vs_hf"]["speedup"] == pytest.approx(hf["ms_per_step"] / ours["ms_per_step"])
+
+
+def test_vs_hf_global_scope_compares_cross_entropy(capsys):
+    _needs_converter()
+    d = run_json(capsys, *tiny_args("qwen3_moe"), "--steps", "1", "--warmup", "0", "--vs-hf")
+    assert abs(d["vs_hf"]["first_step_ce_diff"]) < 1e-5
+    assert any("compare the cross-entropy" in n for n in d["notes"])
+
+
+def test_vs_hf_unconvertible_model_is_one_sentence(capsys):
+    _needs_converter()
+    argv = tiny_args("qwen3_moe", "model.moe.n_shared_experts=1", "model.moe.d_shared=32")
+    assert main(["bench", *argv, "--vs-hf", "--device", "cpu", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("moelab bench: error: --vs-hf:") and "n_shared_experts" in err
