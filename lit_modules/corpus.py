@@ -268,36 +268,43 @@ class Corpus:
         """One pass over the corpus: counts and the train/validation assignment. Raises
         DataError for an empty corpus, before anything is tokenized."""
         f = float(self.cfg.val_fraction)
-        n = chars = 0
-        lo = hi = None  # (hash, name) of the documents nearest to each end of [0, 1)
-        n_val = 0
+        n = chars = n_val = val_chars = 0
+        lo = hi = None  # (hash, name, chars) of the documents nearest each end of [0, 1)
+        first_val_chars = 0  # the validation share of a lone document
         for name, text in self.documents():
             u = name_hash(name)
             n += 1
             chars += len(text)
-            n_val += u < f
-            lo = min(lo, (u, name)) if lo else (u, name)
-            hi = max(hi, (u, name)) if hi else (u, name)
+            if u < f:
+                n_val += 1
+                val_chars += len(text)
+            lo = min(lo, (u, name, len(text))) if lo else (u, name, len(text))
+            hi = max(hi, (u, name, len(text))) if hi else (u, name, len(text))
+            if n == 1 and f > 0:
+                first_val_chars = len(text) - single_cut(text, f)
             if progress is not None:
                 progress(len(text))
         if n == 0:
             specs = ", ".join(s.spec for s in self.sources)
             raise DataError(f"the corpus is empty: data.source ({specs}) holds no text; point it at files with text in them.")
         forced_val = forced_train = None
-        if f > 0 and n >= 2:
+        if n == 1:
+            val_chars = first_val_chars
+        elif f > 0:
             # every split needs at least one document, whatever the fraction
             if n_val == 0:
-                forced_val = lo[1]
+                forced_val, val_chars = lo[1], lo[2]
             elif n_val == n:
-                forced_train = hi[1]
-        return SplitPlan(f, n, chars, single=(n == 1 and f > 0), forced_val=forced_val, forced_train=forced_train)
+                forced_train, val_chars = hi[1], val_chars - hi[2]
+        return SplitPlan(f, n, chars, val_chars, single=(n == 1 and f > 0),
+                         forced_val=forced_val, forced_train=forced_train)
 
     def split(self, plan: "SplitPlan", which: str) -> Iterator[str]:
         """The texts of one split ('train' or 'val'), in corpus order."""
         assert which in ("train", "val")
         for name, text in self.documents():
             if plan.single:
-                cut = plan.single_cut(text)
+                cut = single_cut(text, plan.val_fraction)
                 part = text[:cut] if which == "train" else text[cut:]
                 if part.strip():
                     yield part
@@ -313,9 +320,14 @@ class SplitPlan:
     val_fraction: float
     n_docs: int
     chars: int
+    val_chars: int
     single: bool = False
     forced_val: Optional[str] = None
     forced_train: Optional[str] = None
+
+    @property
+    def train_chars(self) -> int:
+        return self.chars - self.val_chars
 
     def assign(self, name: str) -> str:
         if name == self.forced_val:
@@ -324,12 +336,14 @@ class SplitPlan:
             return "train"
         return "val" if name_hash(name) < self.val_fraction else "train"
 
-    def single_cut(self, text: str) -> int:
-        """Where one document splits: the line start nearest the (1 - val_fraction) point."""
-        target = int(len(text) * (1.0 - self.val_fraction))
-        nl = text.rfind("\n", 0, target)
-        cut = nl + 1 if nl > 0 else target
-        return max(1, min(cut, len(text) - 1))
+
+def single_cut(text: str, val_fraction: float) -> int:
+    """Where a lone document splits: the line start nearest before the
+    (1 - val_fraction) point, so both parts are whole lines."""
+    target = int(len(text) * (1.0 - val_fraction))
+    nl = text.rfind("\n", 0, target)
+    cut = nl + 1 if nl > 0 else target
+    return max(1, min(cut, len(text) - 1))
 
 
 def chunks(text: str, size: int) -> Iterator[str]:

@@ -14,7 +14,9 @@ Cache (data.cache_dir, default .cache/moelab under the working directory):
         meta.json           written last: a folder without it is unfinished and rebuilt
 
 Every file is written under a temporary name and renamed into place, so a killed
-process never leaves a cache that looks complete.
+process never leaves a cache that looks complete; a lock file (.<entry>.lock) makes
+processes that prepare the same entry at once wait for the first instead of
+repeating its work. Deleting the cache folder is always safe.
 
 Batches. Documents are packed into one stream, each followed by the tokenizer's
 end-of-text token; the training stream is cut into non-overlapping windows of
@@ -35,6 +37,7 @@ next batch, whatever restarted the loader.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -91,6 +94,24 @@ def _remove_stale_tmp(folder: Path) -> None:
                 p.unlink()
         except OSError:
             pass
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Serialise builders of one cache entry (ranks launched together, two runs):
+    the second waits, then finds the entry complete. No-op where flock is missing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class _NoBar:
@@ -255,13 +276,24 @@ class TokenDataModule(pl.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
+    def _is_rank0(self) -> bool:
+        """For printing: before a trainer or process group exists (torchrun runs the
+        preparation in every process), the launcher's RANK says who speaks."""
+        if self._world is not None or getattr(self, "trainer", None) is not None or (
+                torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self._dist()[0] == 0
+        return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
     def _log(self, msg: str) -> None:
-        if self._dist()[0] == 0:
+        if self._is_rank0():
             default_log(self._verbose)(msg)
 
-    def _bar(self, total: int, desc: str):
+    def _show_progress(self) -> bool:
         show = self._progress if self._progress is not None else sys.stderr.isatty()
-        if not (self._verbose and show and self._dist()[0] == 0):
+        return bool(self._verbose and show and self._is_rank0())
+
+    def _bar(self, total: Optional[int], desc: str):
+        if not self._show_progress():
             return _NoBar()
         try:
             from tqdm import tqdm
@@ -277,11 +309,12 @@ class TokenDataModule(pl.LightningDataModule):
 
     def _get_plan(self) -> SplitPlan:
         if self._plan is None:
-            bar = self._bar(self.cfg.max_chars or 0, "reading corpus")
+            bar = self._bar(self.cfg.max_chars, "reading corpus")
             self._plan = self.corpus.plan(progress=bar.update)  # raises on an empty corpus
             bar.close()
-            self._log(f"corpus: {self.corpus.describe()}: {self._plan.n_docs:,} documents, "
-                      f"{self._plan.chars:,} chars")
+            p = self._plan
+            self._log(f"corpus: {self.corpus.describe()}: {p.n_docs:,} documents, {p.chars:,} chars "
+                      f"({p.train_chars:,} train, {p.val_chars:,} validation)")
         return self._plan
 
     # ------------------------------------------------------------- preparation
@@ -301,20 +334,23 @@ class TokenDataModule(pl.LightningDataModule):
         else:
             what = "trained on the corpus"
             path = self.cache_dir / f"bpe-{_hash(corpus.key(), model_vocab, BPE_VERSION, BPE_MAX_CHARS)}.json"
-            tok = None
-            if path.is_file():
-                try:
-                    tok = Tokenizer.from_file(str(path))
-                except Exception:  # unreadable: train again
-                    tok = None
+            tok = self._cached_bpe(path)
             if tok is None:
-                tok = self._train_bpe(path, model_vocab)
+                with _file_lock(path.with_name(f".{path.name}.lock")):
+                    tok = self._cached_bpe(path) or self._train_bpe(path, model_vocab)
             else:
                 self._log(f"tokenizer: cached BPE, {vocab_size(tok):,} tokens ({path})")
             check_vocab(tok, model_vocab, what)
         eos_id(tok, what)  # fails now, not at the first document
         self._tok, self._tok_path, self._tok_what = tok, path, what
         return tok
+
+    @staticmethod
+    def _cached_bpe(path: Path) -> Optional[Tokenizer]:
+        try:
+            return Tokenizer.from_file(str(path)) if path.is_file() else None
+        except Exception:  # unreadable: train again
+            return None
 
     def _train_bpe(self, path: Path, model_vocab: int) -> Tokenizer:
         plan = self._get_plan()
@@ -330,8 +366,7 @@ class TokenDataModule(pl.LightningDataModule):
                 if left <= 0:
                     return
 
-        show = self._progress if self._progress is not None else sys.stderr.isatty()
-        tok = train_bpe(texts(), model_vocab, show_progress=bool(self._verbose and show and self._dist()[0] == 0))
+        tok = train_bpe(texts(), model_vocab, show_progress=self._show_progress())
         save_atomic(tok, path)
         tok = Tokenizer.from_file(str(path))  # hash and use exactly what was saved
         self._log(f"tokenizer: {vocab_size(tok):,} tokens in {time.time() - t0:.1f}s, saved to {path}")
@@ -346,7 +381,8 @@ class TokenDataModule(pl.LightningDataModule):
         folder = self.cache_dir / f"tokens-{_hash(self.corpus.key(), tokenizer_sha(tok), CACHE_VERSION)}"
         meta = self._read_cache(folder)
         if meta is None:
-            meta = self._tokenize(folder, tok)
+            with _file_lock(folder.with_name(f".{folder.name}.lock")):
+                meta = self._read_cache(folder) or self._tokenize(folder, tok)
         else:
             self._log(f"tokens: cached, {meta['train_tokens']:,} train + {meta['val_tokens']:,} validation ({folder})")
         self._tokens_dir, self._meta = folder, meta
@@ -377,7 +413,7 @@ class TokenDataModule(pl.LightningDataModule):
         for split in ("train", "val"):
             final = folder / f"{split}.bin"
             tmp = _tmp_name(final)
-            bar = self._bar(plan.chars, f"tokenizing {split}")
+            bar = self._bar(plan.train_chars if split == "train" else plan.val_chars, f"tokenizing {split}")
             counts[split], chars[split] = self._encode(tok, self.corpus.split(plan, split), eos, dtype, tmp, bar)
             bar.close()
             os.replace(tmp, final)
@@ -512,6 +548,9 @@ class TokenDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------- dataloaders
 
     def _loader_kwargs(self) -> Dict:
+        if self.cfg.num_workers > 0:
+            # workers never tokenize; this silences tokenizers' warning at each fork
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         return {"num_workers": self.cfg.num_workers, "pin_memory": torch.cuda.is_available()}
 
     def train_dataloader(self) -> DataLoader:

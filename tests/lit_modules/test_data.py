@@ -418,6 +418,21 @@ def test_cache_is_reused_and_keyed_by_inputs(cache, stdlib_dm):
     assert other._tokens_dir != dm._tokens_dir and other.tokenizer_path != dm.tokenizer_path
 
 
+def test_concurrent_preparation_builds_once(tmp_path, capsys):
+    import threading
+
+    r = make_recipe(tmp_path / "c", "data.max_chars=100000")
+    dms = [TokenDataModule(r, verbose=True) for _ in range(3)]
+    threads = [threading.Thread(target=dm.prepare_data) for dm in dms]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = capsys.readouterr().out
+    assert out.count("training a byte-level BPE") == 1 and out.count("cached in") == 1
+    assert len({dm._tokens_dir for dm in dms}) == 1 and all(dm._meta == dms[0]._meta for dm in dms)
+
+
 def test_quiet_when_not_verbose(tmp_path, capsys):
     make_dm(make_recipe(tmp_path / "c", "data.max_chars=50000"))
     out = capsys.readouterr()
