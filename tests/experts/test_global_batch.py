@@ -1,0 +1,134 @@
+"""The global-batch loss and its gradients do not depend on how one optimizer
+step's batch of 8 sequences is split: one micro-batch, 4 accumulation steps, or 2
+gloo processes (with and without accumulation; gradients averaged over ranks as
+DDP does). The aux-loss-free bias update lands on the same biases in every case."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import tiny_model
+from experts.balance import clear_global_counts, precompute_global_counts, update_router_biases
+
+OVERRIDES = ("model.moe.balance.aux_scope=global", "model.moe.balance.aux_coef=0.1",
+             "model.moe.router.bias_update_rate=0.01", "model.n_layers=2")
+N_SEQ, SEQ = 8, 12
+
+
+def make_model():
+    model = tiny_model("qwen3_moe", *OVERRIDES).train()
+    with torch.no_grad():  # routers far from uniform, so the aux gradient is not tiny
+        for m in model.moe_layers:
+            m.router.gate.weight.normal_(std=0.5)
+    return model
+
+
+def step_loss(model, ids):
+    out = model(ids, targets=ids.roll(-1, dims=1))
+    return out.loss + sum(out.aux.values()), out.aux["aux_loss"]
+
+
+def run_accumulated(model, micro_batches):
+    """Gradient accumulation as a training loop does it: precompute the counts, then
+    backward the mean of the micro-batch losses. Returns the mean loss and aux loss."""
+    n = len(micro_batches)
+    precompute_global_counts(model, micro_batches)
+    loss_sum = aux_sum = 0.0
+    for ids in micro_batches:
+        loss, aux = step_loss(model, ids)
+        (loss / n).backward()
+        loss_sum, aux_sum = loss_sum + loss.detach() / n, aux_sum + aux.detach() / n
+    clear_global_counts(model)
+    return loss_sum, aux_sum
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def biases(model):
+    return [m.router.expert_bias.clone() for m in model.moe_layers]
+
+
+def assert_same(got, ref, what):
+    for name in ref:
+        err = ((got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-30)).item()
+        assert err < 1e-5, f"{what}: {name} differs (relative error {err:.2e})"
+
+
+def _worker(rank, world, port, path):
+    torch.set_num_threads(1)  # two processes on a shared CPU: no thread oversubscription
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ref = torch.load(path)
+        local = ref["ids"].chunk(world)[rank]
+        for accum in (1, 2):
+            model = make_model()
+            model.load_state_dict(ref["state"])
+            if accum == 1:  # counts all-reduced inside forward
+                loss, aux = step_loss(model, local)
+                loss.backward()
+            else:  # each rank: 2 micro-batches of 2 sequences, counts precomputed
+                loss, aux = run_accumulated(model, list(local.chunk(accum)))
+            # what DDP does: average gradients (and here the logged losses) over ranks
+            for t in [loss, aux] + [p.grad for p in model.parameters()]:
+                dist.all_reduce(t)
+                t /= world
+            assert abs(loss.item() - ref["loss"]) < 1e-5 * abs(ref["loss"]), (rank, accum, loss.item(), ref["loss"])
+            assert abs(aux.item() - ref["aux"]) < 1e-5 * abs(ref["aux"]), (rank, accum, aux.item(), ref["aux"])
+            assert_same(grads(model), ref["grads"], f"rank {rank}, {world} ranks x {accum} micro-batches")
+            update_router_biases(model)
+            for b, b_ref in zip(biases(model), ref["biases"]):
+                assert torch.equal(b, b_ref), f"rank {rank}: biases differ from the single-process update"
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_global_batch_loss_is_split_invariant(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (N_SEQ, SEQ))
+
+    # reference: the whole batch as one micro-batch, in one process
+    model = make_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, aux = step_loss(model, ids)
+    loss.backward()
+    ref = {"ids": ids, "state": state, "loss": loss.item(), "aux": aux.item(), "grads": grads(model)}
+    update_router_biases(model)
+    ref["biases"] = biases(model)
+    assert all(b.abs().sum() > 0 for b in ref["biases"])  # the update did something
+
+    # 4 accumulation steps of 2 sequences, counts precomputed
+    model = make_model()
+    model.load_state_dict(state)
+    loss4, aux4 = run_accumulated(model, list(ids.chunk(4)))
+    assert loss4.item() == pytest.approx(ref["loss"], rel=1e-5)
+    assert aux4.item() == pytest.approx(ref["aux"], rel=1e-5)
+    assert_same(grads(model), ref["grads"], "4 accumulation steps")
+    update_router_biases(model)
+    assert all(torch.equal(b, r) for b, r in zip(biases(model), ref["biases"]))
+
+    # without the precompute each micro-batch would use its own counts: the test
+    # above must be able to tell the difference
+    model = make_model()
+    model.load_state_dict(state)
+    naive = sum(step_loss(model, mb)[1].item() for mb in ids.chunk(4)) / 4
+    assert abs(naive - ref["aux"]) > 1e-4 * ref["aux"]
+
+    # 2 gloo processes, each 4 sequences (1 micro-batch, then 2 of 2)
+    path = tmp_path / "ref.pt"
+    torch.save(ref, path)
+    mp.spawn(_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
