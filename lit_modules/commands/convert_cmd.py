@@ -1,0 +1,56 @@
+"""`moelab import-hf` and `moelab export-hf`: Hugging Face checkpoints <-> moelab.
+
+    moelab import-hf HF_DIR OUT_DIR       config.json + *.safetensors (+ tokenizer.json)
+                                          -> recipe.yaml + model*.safetensors (+ tokenizer.json)
+    moelab export-hf CHECKPOINT OUT_DIR   a model directory, .ckpt or run directory
+                                          -> a directory transformers' from_pretrained loads
+"""
+from __future__ import annotations
+
+import sys
+
+
+def _common(p) -> None:
+    p.add_argument("--dtype", choices=["keep", "float32", "bfloat16", "float16"], default="keep",
+                   help="cast floating-point weights (default: keep each tensor's stored dtype)")
+    p.add_argument("--max-shard-size", default=None,
+                   help="largest output shard, e.g. 2GB or 500MB (default 2GiB); also bounds the memory "
+                        "the conversion holds beyond the tensors being assembled")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("import-hf", help="convert a Hugging Face Qwen3 / Qwen3-MoE / Gemma 3 model to moelab")
+    p.add_argument("hf_dir", help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("out_dir", help="new moelab model directory (must not exist or be empty)")
+    _common(p)
+    p.set_defaults(func=run_import)
+    e = sub.add_parser("export-hf", help="convert a moelab checkpoint to a Hugging Face model directory")
+    e.add_argument("checkpoint", help="moelab model directory, Lightning .ckpt, or run directory")
+    e.add_argument("out_dir", help="new Hugging Face model directory (must not exist or be empty)")
+    _common(e)
+    e.set_defaults(func=run_export)
+
+
+def run_import(args) -> int:
+    from lit_modules.commands.inspect_cmd import human
+    from lit_modules.convert import DTYPES, import_hf, parse_size
+
+    info = import_hf(args.hf_dir, args.out_dir, dtype=DTYPES[args.dtype],
+                     max_shard_bytes=parse_size(args.max_shard_size))
+    tok = " + tokenizer.json" if info["tokenizer"] else ""
+    print(f"imported {info['architecture']} ({human(info['params'])} parameters) from {args.hf_dir} -> "
+          f"{args.out_dir}: recipe.yaml + {len(info['files'])} safetensors file(s){tok}")
+    return 0
+
+
+def run_export(args) -> int:
+    from lit_modules.convert import DTYPES, export_hf, parse_size
+
+    info = export_hf(args.checkpoint, args.out_dir, dtype=DTYPES[args.dtype],
+                     max_shard_bytes=parse_size(args.max_shard_size))
+    for note in info["notes"]:
+        print(f"moelab export-hf: note: {note}", file=sys.stderr)
+    tok = " + tokenizer.json" if info["tokenizer"] else ""
+    print(f"exported {args.checkpoint} as {info['architecture']} -> {args.out_dir}: config.json + "
+          f"{len(info['files'])} safetensors file(s){tok}")
+    return 0

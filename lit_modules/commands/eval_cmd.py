@@ -1,0 +1,116 @@
+"""`moelab eval SOURCE --data PATH`: token-level loss and perplexity on a text file.
+
+SOURCE is a moelab model directory, a Lightning .ckpt, a run directory, or a Hugging
+Face directory (converted in memory, nothing written). The text is tokenized once,
+whole, with the source's tokenizer.json (its post-processor included, as
+`tokenizer(text)` in transformers does), then cut into non-overlapping windows of
+--seq-len tokens; each window is scored on its own, predicting its tokens 2..n from
+the ones before. The loss is the mean over all predicted tokens of all windows (a
+last, shorter window included), and perplexity = exp(loss).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import List, Optional
+
+from arch.registry import RecipeError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="token-level loss and perplexity of a model on a text file")
+    p.add_argument("source", help="moelab model directory, .ckpt, run directory, or Hugging Face directory")
+    p.add_argument("--data", required=True, help="a UTF-8 text file")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="window length in tokens (default: the recipe's train.seq_len, at most model.max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the source's")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_eval)
+
+
+def load_source(source, device="cpu", dtype=None):
+    """(recipe, model, tokenizer.json path or None) for any SOURCE `moelab eval` takes."""
+    from arch import build_model
+    from lit_modules.checkpoint import TOKENIZER_FILE, check_tensors, load_into, open_checkpoint
+    from lit_modules.convert import is_hf_dir, load_hf
+
+    if is_hf_dir(source):
+        recipe, model = load_hf(source, device, dtype)
+        tok = Path(source) / TOKENIZER_FILE
+        return recipe, model, tok if tok.is_file() else None
+    recipe, src, tok = open_checkpoint(source)
+    check_tensors(recipe, src.shapes(), source)
+    model = load_into(build_model(recipe.model, device="meta"), src.tensors(), device, dtype)
+    return recipe, model.eval(), tok
+
+
+def window_loss(model, ids: List[int], seq_len: int, batch_size: int, device) -> dict:
+    """Sum of next-token cross-entropy over non-overlapping windows of `seq_len` tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    windows = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+    windows = [w for w in windows if len(w) >= 2]  # a 1-token window predicts nothing
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        i = 0
+        while i < len(windows):
+            # equal-length windows batch together; the short last one goes alone
+            batch = [windows[i]]
+            while len(batch) < batch_size and i + len(batch) < len(windows) \
+                    and len(windows[i + len(batch)]) == len(batch[0]):
+                batch.append(windows[i + len(batch)])
+            i += len(batch)
+            x = torch.tensor(batch, dtype=torch.long, device=device)
+            logits = model(x).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
+            total += loss.item()
+            count += x[:, 1:].numel()
+    mean = total / count
+    return {"loss": mean, "perplexity": math.exp(mean), "tokens_predicted": count, "windows": len(windows)}
+
+
+def run_eval(args) -> int:
+    import torch
+    from tokenizers import Tokenizer
+
+    data = Path(args.data)
+    if not data.is_file():
+        raise RecipeError(f"--data {args.data} is not a file; give a UTF-8 text file.")
+    text = data.read_text(encoding="utf-8")
+    if not text.strip():
+        raise RecipeError(f"--data {args.data} is empty; give a file with text to score.")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+    recipe, model, tok_path = load_source(args.source, device, dtype)
+    tok_path = Path(args.tokenizer) if args.tokenizer else tok_path
+    if tok_path is None or not Path(tok_path).is_file():
+        raise RecipeError(f"{args.source} comes with no tokenizer.json; pass --tokenizer PATH.")
+    ids = Tokenizer.from_file(str(tok_path)).encode(text).ids
+    m = recipe.model
+    if ids and max(ids) >= m.vocab_size:
+        raise RecipeError(f"tokenizer {tok_path} produces token id {max(ids)} but the model's vocabulary has "
+                          f"{m.vocab_size} entries; use the tokenizer the model was trained with.")
+    seq_len = args.seq_len or min(recipe.train.seq_len, m.max_seq_len)
+    if seq_len < 2 or seq_len > m.max_seq_len:
+        raise RecipeError(f"--seq-len {seq_len} must be between 2 and the model's max_seq_len ({m.max_seq_len}).")
+    if len(ids) < 2:
+        raise RecipeError(f"--data {args.data} gives {len(ids)} token(s); at least 2 are needed to score anything.")
+    out = window_loss(model, ids, seq_len, max(1, args.batch_size), device)
+    out.update({"source": str(args.source), "data": str(data), "tokenizer": str(tok_path), "seq_len": seq_len,
+                "tokens": len(ids), "device": str(device), "dtype": str(dtype).removeprefix("torch.")})
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{args.source} on {data}: loss {out['loss']:.4f} nats/token, perplexity {out['perplexity']:.3f} "
+              f"({out['tokens_predicted']} predicted tokens in {out['windows']} windows of <= {seq_len}; "
+              f"{device}, {out['dtype']})")
+    return 0
