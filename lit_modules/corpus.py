@@ -144,7 +144,8 @@ class Corpus:
         if not specs:
             raise DataError("data.source is empty; set it to 'stdlib' or to paths/globs of .txt or .jsonl files.")
         if not 0.0 <= float(cfg.val_fraction) < 1.0:
-            raise DataError(f"data.val_fraction = {cfg.val_fraction} must be in [0, 1); 0.02 keeps 2% of the documents for validation.")
+            raise DataError(f"data.val_fraction = {cfg.val_fraction} must be in [0, 1); "
+                            f"0.02 keeps 2% of the documents for validation.")
         if cfg.max_chars is not None and cfg.max_chars <= 0:
             raise DataError(f"data.max_chars = {cfg.max_chars} must be positive, or null for the whole corpus.")
         self.sources: List[Source] = []
@@ -239,15 +240,18 @@ class Corpus:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON object.") from None
+                    raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); "
+                                    f"each line of a .jsonl file must be one JSON object.") from None
                 if not isinstance(obj, dict) or field not in obj:
                     keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-                    raise DataError(f"{path}:{lineno} has no '{field}' field (it has: {keys}); set data.text_field to the key that holds the text.")
+                    raise DataError(f"{path}:{lineno} has no '{field}' field (it has: {keys}); "
+                                    f"set data.text_field to the key that holds the text.")
                 text = obj[field]
                 if text is None:
                     continue
                 if not isinstance(text, str):
-                    raise DataError(f"{path}:{lineno} field '{field}' is a {type(text).__name__}, not a string; point data.text_field at the text.")
+                    raise DataError(f"{path}:{lineno} field '{field}' is a {type(text).__name__}, "
+                                    f"not a string; point data.text_field at the text.")
                 yield f"{name}:{lineno}", text
 
     def documents(self) -> Iterator[Tuple[str, str]]:
@@ -286,7 +290,8 @@ class Corpus:
                 progress(len(text))
         if n == 0:
             specs = ", ".join(s.spec for s in self.sources)
-            raise DataError(f"the corpus is empty: data.source ({specs}) holds no text; point it at files with text in them.")
+            raise DataError(f"the corpus is empty: data.source ({specs}) holds no text; "
+                            f"point it at files with text in them.")
         forced_val = forced_train = None
         if n == 1:
             val_chars = first_val_chars

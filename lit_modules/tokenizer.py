@@ -19,7 +19,7 @@ from .corpus import DataError
 
 EOS = "<|endoftext|>"
 EOS_CANDIDATES = (EOS, "<eos>", "</s>", "<|end_of_text|>")
-BPE_VERSION = 1  # bump when train_bpe changes what it produces for the same input
+BPE_VERSION = 2  # bump when train_bpe changes what it produces for the same input
 # The BPE learns its merges from at most this many characters of the training split:
 # merges settle long before that, and training time grows with the text.
 BPE_MAX_CHARS = 200_000_000
@@ -28,14 +28,18 @@ BPE_MAX_CHARS = 200_000_000
 def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
     """A byte-level BPE (GPT-2 style: any byte sequence encodes, nothing is unknown)
     with `<|endoftext|>` as its only special token. vocab_size counts the 256 byte
-    symbols and the special token; a small corpus may stop short of it."""
+    symbols and the special token; a small corpus may stop short of it (it runs out
+    of pairs seen twice)."""
     if vocab_size < 258:
-        raise DataError(f"model.vocab_size = {vocab_size} is too small for a byte-level BPE, which needs 256 byte symbols plus {EOS}; use at least 258.")
+        raise DataError(f"model.vocab_size = {vocab_size} is too small for a byte-level BPE, which needs "
+                        f"256 byte symbols plus {EOS}; use at least 258.")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # min_frequency 2: a pair seen once is not a pattern; without it a small corpus
+    # fills a large vocabulary with whole lines of itself
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], show_progress=show_progress,
+        vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=show_progress,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
@@ -52,11 +56,13 @@ def tokenizer_file(path) -> Path:
 def load_tokenizer_file(path) -> Tokenizer:
     p = tokenizer_file(path)
     if not p.is_file():
-        raise DataError(f"data.tokenizer '{path}' is not a file; give the path of a tokenizer.json (or of the folder holding one), or null to train a BPE.")
+        raise DataError(f"data.tokenizer '{path}' is not a file; give the path of a tokenizer.json "
+                        f"(or of the folder holding one), or null to train a BPE.")
     try:
         return Tokenizer.from_file(str(p))
     except Exception as e:  # the tokenizers error is a one-line serde message
-        raise DataError(f"data.tokenizer '{path}' could not be read as a tokenizers JSON file ({str(e).splitlines()[0]}); give a Hugging Face tokenizer.json.") from None
+        raise DataError(f"data.tokenizer '{path}' could not be read as a tokenizers JSON file "
+                        f"({str(e).splitlines()[0]}); give a Hugging Face tokenizer.json.") from None
 
 
 def vocab_size(tok: Tokenizer) -> int:
@@ -80,7 +86,8 @@ def eos_id(tok: Tokenizer, what: str) -> int:
         i = tok.token_to_id(t)
         if i is not None:
             return i
-    raise DataError(f"the tokenizer {what} defines none of {', '.join(EOS_CANDIDATES)} to separate documents; add one as a special token.")
+    raise DataError(f"the tokenizer {what} defines none of {', '.join(EOS_CANDIDATES)} to separate "
+                    f"documents; add one as a special token.")
 
 
 def tokenizer_sha(tok: Tokenizer) -> str:
