@@ -1,0 +1,95 @@
+"""AdamW with decay / no-decay groups, and the learning-rate schedules.
+
+Weight-decay rule: every matrix decays (parameters with ndim >= 2: attention and
+FFN projections, the stacked expert weights, routers, the embedding and an untied
+head); vectors do not (ndim < 2: norm weights and biases). Decaying a norm weight
+pulls it towards 0 (or, for Gemma's zero-centred norms, towards a scale of 1) for no
+benefit, and biases are too few to matter. The router's per-expert selection bias is
+a buffer, so no optimizer ever sees it.
+
+Schedules give a multiplier of train.optim.lr for the s-th optimizer update
+(s = 0, 1, ..., max_steps - 1), W = warmup_steps, N = max_steps, r = min_lr_ratio:
+
+    warmup    s < W:  (s + 1) / W                          (reaches 1 at s = W - 1)
+    cosine    s >= W: r + (1 - r) * (1 + cos(pi * p)) / 2, p = (s - W) / (N - W)
+    wsd       s >= W: 1 until D = N - round(decay_fraction * N), then linear to r:
+                      1 - (1 - r) * (s - D) / (N - D)
+    constant  s >= W: 1
+
+Cosine and WSD both reach r at s = N, one step past the last update, as the usual
+definitions do.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from arch.config import OptimConfig
+from arch.registry import RecipeError, nearest
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
+    """Two AdamW groups by the rule in this module's docstring (trainable parameters only)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, max_steps: int,
+                  min_lr_ratio: float, decay_fraction: float) -> float:
+    """The factor applied to the peak learning rate at optimizer update `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    r = min_lr_ratio
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        p = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p))
+    if schedule == "wsd":
+        decay_start = max(warmup_steps, max_steps - round(decay_fraction * max_steps))
+        if step < decay_start:
+            return 1.0
+        p = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+        return 1.0 - (1.0 - r) * p
+    raise RecipeError(f"train.optim.schedule = '{schedule}' is not a schedule{nearest(schedule, SCHEDULES)}; "
+                      f"choose one of {', '.join(SCHEDULES)}.")
+
+
+def check_optim(cfg: OptimConfig, max_steps: int) -> None:
+    """Fail before any tensor exists on a schedule or optimizer setting that cannot work."""
+    lr_multiplier(max_steps, schedule=cfg.schedule, warmup_steps=0, max_steps=max_steps,
+                  min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)  # checks the name
+    if cfg.lr <= 0:
+        raise RecipeError(f"train.optim.lr = {cfg.lr} must be positive.")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise RecipeError(f"train.optim.min_lr_ratio = {cfg.min_lr_ratio} must lie in [0, 1].")
+    if not 0.0 <= cfg.decay_fraction <= 1.0:
+        raise RecipeError(f"train.optim.decay_fraction = {cfg.decay_fraction} must lie in [0, 1].")
+    if cfg.warmup_steps < 0:
+        raise RecipeError(f"train.optim.warmup_steps = {cfg.warmup_steps} must be >= 0.")
+    if len(cfg.betas) != 2:
+        raise RecipeError(f"train.optim.betas = {list(cfg.betas)} must hold two numbers, e.g. [0.9, 0.95].")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int, device_type: str
+                    ) -> Tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over `param_groups` plus a LambdaLR stepped once per optimizer update."""
+    check_optim(cfg, max_steps)
+    fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                            eps=cfg.eps, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
+        lr_multiplier, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, max_steps=max_steps,
+        min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction))
+    return opt, sched
