@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -226,50 +227,73 @@ def load_model_dir(path, device="cpu", dtype: Optional[torch.dtype] = None):
 # -------------------------------------------------------------------- writing
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
 class ShardWriter:
-    """Collect tensors into safetensors shards of at most `max_shard_bytes`, writing each
-    shard as soon as it is full; `close` names them as Hugging Face does (one file:
-    model.safetensors; more: model-0000i-of-0000N.safetensors plus the index)."""
+    """Write tensors into safetensors shards of at most `max_shard_bytes`, straight to
+    disk as they arrive: nothing is buffered, so writing a model costs one tensor of
+    memory (safetensors' own save_file serialises a whole shard in memory first).
+
+    Each shard's tensor bytes go to a scratch file; when the shard is full its header is
+    written and the bytes are copied behind it. `close` names the shards as Hugging
+    Face does (one: model.safetensors; more: model-0000i-of-0000N.safetensors plus
+    model.safetensors.index.json)."""
 
     def __init__(self, folder, max_shard_bytes: Optional[int] = None, prefix: str = "model"):
         self.folder = Path(folder)
         self.max_bytes = max_shard_bytes or DEFAULT_SHARD_BYTES
         self.prefix = prefix
-        self.buf: Dict[str, torch.Tensor] = {}
-        self.buf_bytes = 0
-        self.peak_buffered_bytes = 0
         self.shards: List[Tuple[Path, List[str]]] = []
         self.total = 0
+        self.seen = set()
+        self._data = None  # scratch file of the open shard
+        self._entries: Dict[str, dict] = {}
+        self._offset = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.buf or any(name in names for _, names in self.shards):
+        if name in self.seen:
             raise CheckpointError(f"tensor {name} was written twice.")
+        self.seen.add(name)
         t = tensor.detach()
         if hasattr(t, "full_tensor"):  # a DTensor from a sharded model
             t = t.full_tensor()
-        t = t.cpu()
-        # safetensors refuses views that share storage with another saved tensor
-        if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.contiguous().clone()
+        t = t.cpu().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store.")
         size = t.numel() * t.element_size()
-        if self.buf and self.buf_bytes + size > self.max_bytes:
-            self._flush()
-        self.buf[name] = t
-        self.buf_bytes += size
+        if self._data is not None and self._offset and self._offset + size > self.max_bytes:
+            self._close_shard()
+        if self._data is None:
+            self._data = open(self.folder / f".{self.prefix}-{len(self.shards):05d}.data", "wb")
+        if size:
+            self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                               "data_offsets": [self._offset, self._offset + size]}
+        self._offset += size
         self.total += size
-        self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buf_bytes)
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
+    def _close_shard(self) -> None:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # keep the tensor bytes 8-byte aligned
+        data_path = Path(self._data.name)
+        self._data.close()
         path = self.folder / f".{self.prefix}-part-{len(self.shards):05d}.safetensors"
-        save_file(self.buf, str(path), metadata={"format": "pt"})
-        self.shards.append((path, list(self.buf)))
-        self.buf, self.buf_bytes = {}, 0
+        with open(path, "wb") as out, open(data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, 64 * 1024**2)
+        data_path.unlink()
+        self.shards.append((path, list(self._entries)))
+        self._data, self._entries, self._offset = None, {}, 0
 
     def close(self) -> List[str]:
-        if self.buf or not self.shards:
-            self._flush()
+        if self._data is not None or not self.shards:
+            if self._data is None:  # a model without tensors still gets its (empty) file
+                self._data = open(self.folder / f".{self.prefix}-{len(self.shards):05d}.data", "wb")
+            self._close_shard()
         n = len(self.shards)
         if n == 1:
             final = self.folder / f"{self.prefix}.safetensors"

@@ -498,8 +498,9 @@ def iter_hf_as_ours(hf_dir, dtype: Optional[torch.dtype] = None
 
 def import_hf(hf_dir, out_dir, dtype: Optional[torch.dtype] = None, max_shard_bytes: Optional[int] = None) -> dict:
     """Write a moelab model directory (recipe.yaml, safetensors shards, tokenizer.json)
-    from a Hugging Face one, streaming: peak memory is one output shard plus the expert
-    tensors still being stacked, never the whole model twice."""
+    from a Hugging Face one, streaming: tensors are read one at a time and written to
+    disk at once, so the memory held is the expert tensors still being stacked (a
+    layer's at most) plus one tensor, never the model."""
     hf_dir = Path(hf_dir)
     arch, recipe, stream, stats = iter_hf_as_ours(hf_dir, dtype)
     tok = hf_dir / "tokenizer.json"
@@ -519,8 +520,7 @@ def import_hf(hf_dir, out_dir, dtype: Optional[torch.dtype] = None, max_shard_by
         raise
     n_params = sum(p.numel() for p in build_model(recipe.model, device="meta").parameters())
     return {"architecture": arch, "recipe": recipe, "files": files, "params": n_params,
-            "tokenizer": tok.is_file(), "peak_pending_bytes": stats["peak_pending_bytes"],
-            "peak_buffered_bytes": writer.peak_buffered_bytes}
+            "tokenizer": tok.is_file(), "peak_pending_bytes": stats["peak_pending_bytes"]}
 
 
 def load_hf(hf_dir, device="cpu", dtype: Optional[torch.dtype] = None):

@@ -83,21 +83,17 @@ def test_fused_expert_layout_imports(tmp_path):
 
 
 def test_streaming_import_holds_a_fraction_of_the_model(tmp_path):
-    """Sharded input and output: the converter never holds more than the expert tensors
-    of a layer being stacked plus one output shard, far below the model's size."""
+    """Sharded input and output: tensors go to disk as they are read, so the converter
+    holds at most the expert tensors of the layer being stacked, far below the model."""
     hf = hf_model("qwen3_moe", num_hidden_layers=8, norm_topk_prob=True)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
     assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 3
     total = sum(p.numel() * p.element_size() for p in hf.parameters())
-    shard = 24_000
-    info = import_hf(tmp_path / "hf", tmp_path / "m", max_shard_bytes=shard)
+    info = import_hf(tmp_path / "hf", tmp_path / "m", max_shard_bytes=24_000)
     assert len(info["files"]) > 3 and (tmp_path / "m" / "model.safetensors.index.json").is_file()
     layer_experts = sum(p.numel() * p.element_size() for n, p in hf.named_parameters()
                         if n.startswith("model.layers.0.mlp.experts"))
-    largest = max(p.numel() * p.element_size() for p in hf.parameters())
-    assert info["peak_pending_bytes"] <= layer_experts
-    assert info["peak_buffered_bytes"] <= shard + largest
-    assert info["peak_pending_bytes"] + info["peak_buffered_bytes"] < total / 3
+    assert 0 < info["peak_pending_bytes"] <= layer_experts < total / 6
     _, ours = load_model_dir(tmp_path / "m")
     ids = tokens()
     with torch.no_grad():
@@ -215,3 +211,44 @@ def test_cli_import_then_export(tmp_path, capsys):
     assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "m")]) == 2  # OUT_DIR exists
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "already exists" in err
+
+
+def test_legacy_hub_config_fields(tmp_path):
+    """config.json as the hub ships Gemma 3 (transformers 4 era): rope_theta,
+    rope_local_base_freq, rope_scaling and sliding_window_pattern instead of
+    rope_parameters / layer_types. transformers' reading of them is what we map."""
+    from lit_modules.convert import recipe_from_hf
+
+    raw = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 96, "hidden_size": 64,
+           "intermediate_size": 96, "num_hidden_layers": 13, "num_attention_heads": 4, "num_key_value_heads": 1,
+           "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 6, "sliding_window_pattern": 6,
+           "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+           "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "max_position_embeddings": 128,
+           "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": None,
+           "attn_logit_softcapping": None}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(raw))
+    _, recipe, tied = recipe_from_hf(tmp_path / "hf")
+    m = recipe.model
+    assert tied and m.layer_pattern == ["local"] * 5 + ["global"]
+    local, glob = m.layer_kinds["local"], m.layer_kinds["global"]
+    assert (local.window, local.rope.theta, local.rope.scaling) == (6, 10_000.0, "none")
+    assert (glob.window, glob.rope.theta, glob.rope.scaling, glob.rope.factor) == (None, 1e6, "linear", 8.0)
+
+
+def test_export_from_a_training_run_directory(tmp_path):
+    """export-hf takes a run directory (its checkpoints/last.ckpt) as written by training."""
+    from conftest import tiny_model, tiny_recipe
+    from transformers import AutoModelForCausalLM
+
+    from arch import recipe_to_yaml
+
+    recipe, model = tiny_recipe("qwen3_moe"), tiny_model("qwen3_moe")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "moelab_recipe": recipe_to_yaml(recipe)}, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, recipe.model.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert max_diff(model(ids).logits, hf(ids).logits) <= 1e-4

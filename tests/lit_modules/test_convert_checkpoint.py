@@ -11,7 +11,7 @@ pytest.importorskip("safetensors")
 from conftest import tiny_model, tiny_recipe  # noqa: E402
 
 from arch import recipe_to_yaml  # noqa: E402
-from lit_modules.checkpoint import CheckpointError, load_model_dir, save_model_dir  # noqa: E402
+from lit_modules.checkpoint import CheckpointError, ShardWriter, load_model_dir, save_model_dir  # noqa: E402
 
 
 def logits(model, vocab, seed=0):
@@ -86,3 +86,28 @@ def test_refuses_non_empty_out_dir_and_leaves_nothing_half_written(tmp_path):
         save_model_dir(model, recipe, tmp_path / "m")
     assert [p.name for p in (tmp_path / "m").iterdir()] == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_shard_writer_files_are_plain_safetensors(tmp_path):
+    """The streaming writer's files read back with safetensors itself, every dtype and
+    odd shape included, split where the size limit says."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.f32": torch.randn(7, 5, generator=g), "b.bf16": torch.randn(33, generator=g).to(torch.bfloat16),
+        "c.f16": torch.randn(2, 3, 4, generator=g).half(), "d.i64": torch.arange(9), "e.bool": torch.tensor([True, False]),
+        "f.scalar": torch.tensor(2.5), "g.empty": torch.zeros(0, 4), "h.view": torch.randn(6, 6, generator=g)[:, 1:3],
+    }
+    w = ShardWriter(tmp_path, max_shard_bytes=100)
+    for k, v in tensors.items():
+        w.add(k, v)
+    files = w.close()
+    assert len(files) > 2 and (tmp_path / "model.safetensors.index.json").is_file()
+    back = {}
+    for f in files:
+        back.update(load_file(str(tmp_path / f)))
+    assert back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    assert not list(tmp_path.glob(".*"))  # no scratch files left
