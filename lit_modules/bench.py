@@ -22,8 +22,9 @@ the same steps on the same batches in the same process, one side after the other
 the first side freed before the second is built on the device.
 
 Layer (`bench_layer`, workload W1): one MoE layer of the recipe's shape, fwd + bwd of
-loss = mean(y^2), router included, against a dense FFN of the same active FLOPs
-(d_ff = top_k x d_expert, plus the shared experts).
+loss = mean(y^2) (+ the layer's balancing losses), router included, against a dense
+FFN of the same active FLOPs (d_ff = top_k x d_expert, plus the shared experts), with
+optional variants of the MoE settings and the `loop` reference on the same weights.
 """
 from __future__ import annotations
 
@@ -462,12 +463,31 @@ def model_notes(recipe: Recipe, vs_hf: bool) -> List[str]:
 # ------------------------------------------------------------------------ layer (W1)
 
 
+def layer_loss(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """mean(y^2), plus the layer's own weighted balancing losses when it has any (the
+    router's backward then runs as it does in training)."""
+    loss = y.float().pow(2).mean()
+    if hasattr(layer, "gather_aux"):
+        for value in layer.gather_aux([layer]).values():
+            loss = loss + value
+    return loss
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
 def bench_layer(recipe: Recipe, *, device: torch.device, precision: Precision, tokens: Optional[int] = None,
                 warmup: int = 3, steps: int = 20, with_loop: bool = False,
-                peak_tflops: Optional[float] = None, peak_source: str = "", seed: int = 0) -> Dict:
-    """One MoE layer of the recipe's shape, fwd + bwd (loss = mean(y^2), router
-    included), for the recipe's backend (and `loop`), against a dense FFN of the same
-    active FLOPs. The input gets a gradient too, as inside a model."""
+                variants: Sequence[Tuple[str, Recipe]] = (), peak_tflops: Optional[float] = None,
+                peak_source: str = "", seed: int = 0) -> Dict:
+    """One MoE layer of the recipe's shape, fwd + bwd of mean(y^2) (+ its balancing
+    losses), router included, against a dense FFN of the same active FLOPs. Rows: the
+    recipe's layer; each of `variants` (label, recipe differing in the MoE settings
+    only: backend, capacity factor, losses ...; same weights); `loop` if asked; dense.
+    The input gets a gradient too, as inside a model. With `loop` in the run, every
+    MoE row that differs from it only in the backend reports its relative error
+    against it (output and input gradient)."""
     m = recipe.model
     moe = m.moe
     if moe.n_experts <= 0:
@@ -483,32 +503,44 @@ def bench_layer(recipe: Recipe, *, device: torch.device, precision: Precision, t
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, D, generator=g).to(device=device, dtype=precision.param_dtype).requires_grad_()
 
-    # every MoE variant copies one reference layer's weights (kept on the CPU so they
-    # take no device memory while the variants are timed)
+    # every MoE row copies one reference layer's weights (kept on the CPU so they take
+    # no device memory while the rows are timed)
     torch.manual_seed(seed)
     with torch.device(device):
         reference = MOE.get(moe.kind, "model.moe.kind")(D, moe)
     ref_state = {k: v.to("cpu") for k, v in reference.state_dict().items()}
     del reference
 
-    def make_moe(backend: str) -> nn.Module:
+    def make_moe(cfg, label: str) -> nn.Module:
         with torch.device("meta"):  # no second random init; the weights are copied in
-            layer = MOE.get(moe.kind)(D, dataclasses.replace(moe, backend=backend))
+            layer = MOE.get(cfg.kind, "model.moe.kind")(D, cfg)
+        shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+        if shapes != {k: tuple(v.shape) for k, v in ref_state.items()}:
+            raise BenchError(f"layer variant '{label}' changes the layer's weights; a variant may change "
+                             "MoE settings (backend, capacity_factor, balance, router) but not its shape.")
         layer = layer.to_empty(device=device)
         layer.load_state_dict(ref_state)
         return layer
 
-    def make_dense() -> nn.Module:
-        with torch.device(device):
-            return FFN.get(moe.expert_ffn, "model.moe.expert_ffn")(D, d_ff)
+    # (name, kind, MoE settings or None, constructor)
+    rows_spec: List[Tuple[str, str, Optional[object], Callable[[], nn.Module]]] = [
+        (f"MoE, {moe.backend}", "moe", moe, lambda: make_moe(moe, recipe.name))]
+    for label, v in variants:
+        if v.model.d_model != D:
+            raise BenchError(f"layer variant '{label}' changes model.d_model; a variant may change MoE settings only.")
+        rows_spec.append((f"MoE, {v.model.moe.backend}, {label}", "moe", v.model.moe,
+                          lambda v=v, label=label: make_moe(v.model.moe, label)))
+    loop_name, loop_cfg = "MoE, loop", dataclasses.replace(moe, backend="loop")
+    if with_loop and moe.backend != "loop":
+        rows_spec.append((loop_name, "moe", loop_cfg, lambda: make_moe(loop_cfg, "loop")))
+    rows_spec.append((f"dense {moe.expert_ffn}, d_ff {d_ff}", "dense", None,
+                      lambda: FFN.get(moe.expert_ffn, "model.moe.expert_ffn")(D, d_ff).to(device)))
+    # rows that compute the same function as the loop row (only the backend differs)
+    same_as_loop = {name for name, _, cfg, _ in rows_spec
+                    if cfg is not None and name != loop_name and dataclasses.replace(cfg, backend="loop") == loop_cfg}
 
-    backends = [moe.backend] + (["loop"] if with_loop and moe.backend != "loop" else [])
-    variants: List[Tuple[str, str, Callable[[], nn.Module]]] = [
-        (f"MoE, {b}", "moe", lambda b=b: make_moe(b)) for b in backends]
-    variants.append((f"dense {moe.expert_ffn}, d_ff {d_ff}", "dense", make_dense))
-
-    results, outputs = [], {}
-    for name, kind, make in variants:
+    results, checks = [], {}
+    for name, kind, _cfg, make in rows_spec:
         layer = make().to(dtype=precision.param_dtype).train()
 
         def step(_=0):
@@ -516,7 +548,7 @@ def bench_layer(recipe: Recipe, *, device: torch.device, precision: Precision, t
             x.grad = None
             with precision.autocast(device):
                 y = layer(x)
-            loss = y.float().pow(2).mean()
+            loss = layer_loss(layer, y)
             loss.backward()
             return loss.detach()
 
@@ -526,30 +558,36 @@ def bench_layer(recipe: Recipe, *, device: torch.device, precision: Precision, t
         ms, outs = time_steps(step, warmup, steps, device)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         syncs = count_host_syncs(step, device)
-        if kind == "moe":
-            with torch.no_grad(), precision.autocast(device):
-                outputs[name] = layer(x).float()
+        if name in same_as_loop or name == loop_name:  # output and input gradient, for the check
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            with precision.autocast(device):
+                y = layer(x)
+            layer_loss(layer, y).backward()
+            checks[name] = (y.detach(), x.grad.detach().clone())
         results.append(Result(name=name, ms=ms, tokens_per_step=T, flops_per_step=6 * T * per_token[kind],
                               peak_tflops=peak_tflops, peak_bytes=peak, detail=kind,
                               losses=torch.stack(outs).float().cpu().tolist(), host_syncs_per_step=syncs))
         del layer
+        x.grad = None
         _free(device)
 
     dense = results[-1]
     rows = []
-    loop_name = "MoE, loop"
     for r in results:
         row = r.to_dict()
         row["x_dense"] = r.ms_per_step / dense.ms_per_step
-        if r.name in outputs and loop_name in outputs and r.name != loop_name:
-            row["max_abs_diff_vs_loop"] = (outputs[r.name] - outputs[loop_name]).abs().max().item()
+        if r.name in same_as_loop and loop_name in checks:
+            (y, dx), (y_ref, dx_ref) = checks[r.name], checks[loop_name]
+            row["rel_err_vs_loop"] = {"output": rel_err(y, y_ref), "input_grad": rel_err(dx, dx_ref)}
         rows.append(row)
     return {
         "mode": "layer", "recipe": recipe.name, "device": device_name(device),
         "precision": precision.name, "precision_detail": precision.describe(),
         "tokens": T, "d_model": D, "n_experts": moe.n_experts, "top_k": moe.top_k,
         "d_expert": moe.d_expert, "n_shared_experts": moe.n_shared_experts, "dense_d_ff": d_ff,
-        "warmup": warmup, "steps": steps, "loss": "mean(y^2), input gradient included",
+        "warmup": warmup, "steps": steps,
+        "loss": "mean(y^2) + the layer's balancing losses, input gradient included",
         "timing": "CUDA events, median" if device.type == "cuda" else "perf_counter, median",
         "flops_per_token": {"moe": 6 * per_token["moe"], "dense": 6 * per_token["dense"]},
         "peak_tflops": peak_tflops, "peak_source": peak_source,
@@ -605,9 +643,11 @@ def format_report(report: Dict) -> str:
                      f"({report['timing']}); {peak}")
         rows = []
         for r in report["results"]:
+            err = r.get("rel_err_vs_loop")
+            err = f"{err['output']:.1e} / {err['input_grad']:.1e}" if err else "-"
             rows.append([r["name"], f"{r['ms_per_step']:.2f}", f"{r['x_dense']:.2f}", f"{r['achieved_tflops']:.1f}",
-                         _fmt(r["mfu"], ".1%"), _fmt(r["peak_memory_gib"], ".2f"),
-                         _fmt(r.get("max_abs_diff_vs_loop"), ".2e", "-"), _fmt(r["host_syncs_per_step"], "d")])
+                         _fmt(r["mfu"], ".1%"), _fmt(r["peak_memory_gib"], ".2f"), err,
+                         _fmt(r["host_syncs_per_step"], "d")])
         lines.append(table(["implementation", "ms", "x dense", "TFLOP/s", "MFU", "peak GiB",
-                            "max |dy| vs loop", "syncs/step"], rows))
+                            "rel. err vs loop (y / dx)", "syncs/step"], rows))
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 (optionally against its Hugging Face twin), or one MoE layer against a dense FFN.
 
     moelab bench RECIPE [a.b=c ...] [--vs-hf] [--json] [--steps N] [--warmup N]
-    moelab bench RECIPE [a.b=c ...] --layer [--tokens N] [--with-loop]
+    moelab bench RECIPE [a.b=c ...] --layer [--tokens N] [--with-loop] [--variant 'a.b=c ...']
 """
 from __future__ import annotations
 
@@ -26,7 +26,11 @@ def add_parser(sub) -> None:
                         "same active FLOPs (workload W1)")
     p.add_argument("--tokens", type=int, default=None,
                    help="--layer: tokens per step (default: micro_batch_size x seq_len)")
-    p.add_argument("--with-loop", action="store_true", help="--layer: also time the slow `loop` backend")
+    p.add_argument("--with-loop", action="store_true",
+                   help="--layer: also time the slow `loop` backend; the other rows report their error against it")
+    p.add_argument("--variant", action="append", default=[], metavar="'a.b=c ...'",
+                   help="--layer: one more row with these overrides on top (same weights), e.g. "
+                        "--variant model.moe.capacity_factor=1.25; repeatable")
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20); the median is reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
@@ -56,8 +60,11 @@ def run_bench(args) -> int:
     peak, source = bench.resolve_peak(args.peak_tflops, recipe.train.peak_tflops, device)
     common = dict(device=device, precision=precision, warmup=args.warmup, steps=args.steps,
                   peak_tflops=peak, peak_source=source)
+    if args.variant and not args.layer:
+        raise bench.BenchError("--variant adds rows to --layer; add --layer or drop --variant.")
     if args.layer:
-        report = bench.bench_layer(recipe, tokens=args.tokens, with_loop=args.with_loop,
+        variants = [(v, load_recipe(args.recipe, list(args.overrides) + v.split())) for v in args.variant]
+        report = bench.bench_layer(recipe, tokens=args.tokens, with_loop=args.with_loop, variants=variants,
                                    seed=recipe.train.seed, **common)
     else:
         report = bench.bench_model(recipe, vs_hf=args.vs_hf, **common)

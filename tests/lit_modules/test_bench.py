@@ -91,14 +91,18 @@ def test_time_steps_calls_in_order_and_times_only_the_timed_steps():
 
 def test_layer_mode_json(capsys):
     d = run_json(capsys, *tiny_args("qwen3_moe"), "--layer", "--with-loop", "--tokens", "48",
-                 "--steps", "2", "--warmup", "1")
+                 "--steps", "2", "--warmup", "1", "--variant", "model.moe.capacity_factor=1.0")
     assert d["mode"] == "layer" and d["tokens"] == 48 and d["dense_d_ff"] == 2 * 32
     names = [r["name"] for r in d["results"]]
-    assert names == ["MoE, grouped_mm", "MoE, loop", "dense swiglu, d_ff 64"]
-    gm, loop, dense = d["results"]
+    assert names == ["MoE, grouped_mm", "MoE, grouped_mm, model.moe.capacity_factor=1.0", "MoE, loop",
+                     "dense swiglu, d_ff 64"]
+    gm, capped, loop, dense = d["results"]
     assert dense["x_dense"] == 1.0 and gm["x_dense"] == pytest.approx(gm["ms_per_step"] / dense["ms_per_step"])
-    assert gm["max_abs_diff_vs_loop"] < 1e-5  # same weights, same input, fp32
+    # same weights, same input, fp32: grouped_mm computes what loop computes ...
+    assert gm["rel_err_vs_loop"]["output"] < 1e-5 and gm["rel_err_vs_loop"]["input_grad"] < 1e-5
     assert gm["losses"][0] == pytest.approx(loop["losses"][0], rel=1e-5)
+    # ... while a capacity factor makes another function (tokens may drop): not compared
+    assert "rel_err_vs_loop" not in capped and len(capped["ms_all"]) == 2
     # same active FLOPs: 6 x tokens x (top-2 experts of 3 x 64 x 32 + router 64 x 8) vs 3 x 64 x 64
     assert d["flops_per_token"] == {"moe": 6 * (2 * 3 * 64 * 32 + 64 * 8), "dense": 6 * 3 * 64 * 64}
     assert gm["achieved_tflops"] == pytest.approx(48 * d["flops_per_token"]["moe"] / (gm["ms_per_step"] / 1e3) / 1e12)
@@ -147,8 +151,15 @@ def test_matmul_ceiling_on_cpu():
     assert c["ceiling_tflops"] > 0 and c["ceiling_n"] == 64 and c["ceiling_dtype"] == "fp32"
 
 
+def test_layer_variant_must_keep_the_weights(capsys):
+    argv = tiny_args("qwen3_moe", "--layer", "--variant", "model.moe.d_expert=64", "--device", "cpu")
+    assert main(["bench", *argv]) == 2
+    assert "changes the layer's weights" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--device", "cuda"], "no CUDA device"),
+    (["--variant", "model.moe.top_k=1", "--device", "cpu"], "--variant adds rows to --layer"),
     (["--layer", "--device", "cpu"], "model.moe.n_experts = 0"),
     (["--layer", "--vs-hf", "--device", "cpu"], "--vs-hf compares whole models"),
     (["--steps", "0", "--device", "cpu"], "--steps must be >= 1"),
