@@ -115,7 +115,7 @@ class MoE(nn.Module):
             self._collect[1] += T
             self.aux, self._pooled = {}, None
             return
-        if self.training:
+        if self.training and self.router.bias_update_rate > 0:
             self._load_E = counts_E if self._load_E is None else self._load_E + counts_E
 
         b = self.cfg.balance
