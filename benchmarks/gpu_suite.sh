@@ -30,7 +30,10 @@ run() {  # run NAME ARGS...: one `moelab bench`, its JSON saved as $OUT/NAME.jso
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader 2>/dev/null
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 
-run W1 qwen3/30b_a3b --layer --tokens 16384 --with-loop --steps 30 --measure-ceiling
+# rows: the recipe's layer (grouped_mm, global balancing loss), no balancing loss,
+# capacity factor 1.25 (token dropping), the loop reference, the dense floor
+run W1 qwen3/30b_a3b --layer --tokens 16384 --with-loop --steps 30 --measure-ceiling \
+    --variant model.moe.balance.aux_coef=0 --variant model.moe.capacity_factor=1.25
 # whole models twice: bf16-mixed (fp32 master weights, how `moelab train` runs on a
 # GPU) and pure bf16 (the condition of the reference HF figures)
 run W2 proxies/qwen3_moe_w2 --vs-hf
