@@ -53,6 +53,7 @@ def transformers_perplexity(hf, tokenizer_file, text, seq_len):
 
 @pytest.mark.parametrize("kind", ["gemma3", "qwen3_moe"])
 def test_eval_hf_dir_matches_transformers(kind, tmp_path, text_and_tokenizer):
+    # --device cpu: float32 like the reference (on a CUDA machine, auto means bf16)
     from transformers import PreTrainedTokenizerFast
 
     d, text, vocab = text_and_tokenizer
@@ -71,7 +72,7 @@ def test_eval_hf_dir_matches_transformers(kind, tmp_path, text_and_tokenizer):
     out = io.StringIO()
     with redirect_stdout(out):
         assert main(["eval", str(tmp_path / "hf"), "--data", str(d / "text.txt"),
-                     "--seq-len", str(seq_len), "--json"]) == 0
+                     "--seq-len", str(seq_len), "--json", "--device", "cpu"]) == 0
     got = json.loads(out.getvalue())
     assert got["tokens_predicted"] == n
     assert abs(got["perplexity"] / want - 1) < 1e-5, (got["perplexity"], want)
@@ -83,7 +84,7 @@ def test_eval_hf_dir_matches_transformers(kind, tmp_path, text_and_tokenizer):
     out = io.StringIO()
     with redirect_stdout(out):
         assert main(["eval", str(tmp_path / "m"), "--data", str(d / "text.txt"),
-                     "--seq-len", str(seq_len), "--json", "--batch-size", "3"]) == 0
+                     "--seq-len", str(seq_len), "--json", "--batch-size", "3", "--device", "cpu"]) == 0
     assert abs(json.loads(out.getvalue())["perplexity"] / want - 1) < 1e-5
 
 
