@@ -151,12 +151,12 @@ def open_checkpoint(path) -> Tuple[Recipe, TensorSource, Optional[Path]]:
     """(recipe, tensor source, tokenizer.json or None) for a model directory, a
     Lightning .ckpt or a run directory."""
     path = Path(path)
-    if path.is_dir() and (path / RECIPE_FILE).is_file():
+    run_dir = None
+    if path.is_dir() and (path / "checkpoints").is_dir():  # a run directory (it has a recipe.yaml too)
+        run_dir, path = path, run_checkpoint(path)
+    elif path.is_dir() and (path / RECIPE_FILE).is_file():
         tok = path / TOKENIZER_FILE
         return load_recipe(path / RECIPE_FILE), safetensors_source(path), tok if tok.is_file() else None
-    run_dir = None
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        run_dir, path = path, run_checkpoint(path)
     if path.is_file() and path.suffix == ".ckpt":
         ckpt = _lightning_state(path)
         if not isinstance(ckpt, dict) or "moelab_recipe" not in ckpt or "state_dict" not in ckpt:

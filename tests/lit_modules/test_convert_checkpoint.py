@@ -44,6 +44,7 @@ def _lightning_ckpt(path, recipe, model):
 def test_lightning_checkpoint_and_run_dir(tmp_path):
     recipe, model = tiny_recipe("qwen3_moe"), tiny_model("qwen3_moe")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "recipe.yaml").write_text(recipe_to_yaml(recipe))  # as `moelab train` leaves it
     _lightning_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt", recipe, model)
     want = logits(model, recipe.model.vocab_size)
     for source in (tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "run"):
