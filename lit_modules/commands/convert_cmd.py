@@ -14,8 +14,8 @@ def _common(p) -> None:
     p.add_argument("--dtype", choices=["keep", "float32", "bfloat16", "float16"], default="keep",
                    help="cast floating-point weights (default: keep each tensor's stored dtype)")
     p.add_argument("--max-shard-size", default=None,
-                   help="largest output shard, e.g. 2GB or 500MB (default 2GiB); also bounds the memory "
-                        "the conversion holds beyond the tensors being assembled")
+                   help="largest output shard, e.g. 2GB or 500MB (default 2GiB); shards are written "
+                        "straight to disk, so this does not change the memory needed")
 
 
 def add_parser(sub) -> None:
