@@ -169,6 +169,11 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
         _check_key(errors, ROUTER, m.router.kind, "model.moe.router.kind")
         _check_key(errors, EXPERT_BACKEND, m.backend, "model.moe.backend")
         _check_choice(errors, m.balance.aux_scope, AUX_SCOPES, "model.moe.balance.aux_scope")
+        if m.backend == "grouped_mm":  # its kernels need rows of a multiple of 16 bytes (8 bf16)
+            for path, width in (("model.d_model", cfg.d_model), ("model.moe.d_expert", m.d_expert)):
+                if width > 0 and width % 8:
+                    errors.append(f"{path} ({width}) must be a multiple of 8 for model.moe.backend = "
+                                  "'grouped_mm' (16-byte rows in bf16); round it or use the 'loop' backend.")
     elif m.d_shared is None:
         m.d_shared = m.d_expert
 

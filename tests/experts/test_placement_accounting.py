@@ -60,3 +60,11 @@ def test_shared_experts_are_one_ffn_of_the_summed_width():
     cfg = tiny_recipe("qwen3_moe", "model.moe.n_shared_experts=3", "model.moe.d_shared=16").model
     layer = build_model(cfg, device="meta").moe_layers[0]
     assert layer.shared.gate_proj.weight.shape == torch.Size([3 * 16, cfg.d_model])
+
+
+def test_grouped_mm_widths_are_checked_at_load():
+    from arch.registry import RecipeError
+
+    with pytest.raises(RecipeError, match=r"model.moe.d_expert \(30\) must be a multiple of 8.*'loop'"):
+        tiny_recipe("qwen3_moe", "model.moe.d_expert=30")
+    assert tiny_recipe("qwen3_moe", "model.moe.d_expert=30", "model.moe.backend=loop").model.moe.d_expert == 30
