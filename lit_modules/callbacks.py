@@ -305,6 +305,11 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         pass  # one bar for the whole run
 
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        for bar in (self._train_progress_bar, self._val_progress_bar):
+            if bar is not None:
+                bar.close()  # so the error message starts on a line of its own
+
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)

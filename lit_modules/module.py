@@ -168,7 +168,11 @@ class CausalLM(L.LightningModule):
         self.log("loss", sums["loss"], prog_bar=True, logger=False)
         step = self.global_step  # updates done, this one included
         if step % self.cfg.log_every == 0 or step >= self.cfg.max_steps:
-            metrics = {f"train/{k}": float(v) for k, v in sums.items()}
+            # the mean over ranks: the loss of the global batch (a collective, at the same
+            # steps on every rank)
+            names = list(sums)
+            values = self.trainer.strategy.reduce(torch.stack([sums[k].float() for k in names]), reduce_op="mean")
+            metrics = {f"train/{k}": float(v) for k, v in zip(names, values)}
             metrics.update({"train/lr": lr, "train/grad_norm": float(grad_norm)})
             self.log_scalars(metrics)
             self.last_train = {"step": step, **{k[len("train/"):]: v for k, v in metrics.items()}}
