@@ -473,6 +473,18 @@ def layer_loss(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+def output_and_input_grad(layer: nn.Module, x: torch.Tensor, precision: Precision,
+                          device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, dL/dx) of one more step, detached. A function of its own so that no live
+    output outlasts it: its autograd graph would keep the layer's weights alive."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    with precision.autocast(device):
+        y = layer(x)
+    layer_loss(layer, y).backward()
+    return y.detach(), x.grad.detach().clone()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
@@ -559,16 +571,13 @@ def bench_layer(recipe: Recipe, *, device: torch.device, precision: Precision, t
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         syncs = count_host_syncs(step, device)
         if name in same_as_loop or name == loop_name:  # output and input gradient, for the check
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-            with precision.autocast(device):
-                y = layer(x)
-            layer_loss(layer, y).backward()
-            checks[name] = (y.detach(), x.grad.detach().clone())
+            checks[name] = output_and_input_grad(layer, x, precision, device)
         results.append(Result(name=name, ms=ms, tokens_per_step=T, flops_per_step=6 * T * per_token[kind],
                               peak_tflops=peak_tflops, peak_bytes=peak, detail=kind,
                               losses=torch.stack(outs).float().cpu().tolist(), host_syncs_per_step=syncs))
-        del layer
+        # `step` holds the layer too: drop both, and the gradients, before the next row
+        layer.zero_grad(set_to_none=True)
+        del layer, step
         x.grad = None
         _free(device)
 

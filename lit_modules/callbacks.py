@@ -163,6 +163,9 @@ class Throughput(Callback):
         self.intervals: List[tuple] = []  # (tokens, seconds) per logging interval
         self.last_tps: Optional[float] = None
         self.last_mfu: Optional[float] = None
+        self._val_seconds = 0.0
+        self._val_t0 = time.perf_counter()
+        self._world = 1
 
     def _now(self, trainer) -> float:
         if trainer.strategy.root_device.type == "cuda":

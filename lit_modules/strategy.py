@@ -42,6 +42,15 @@ def resolve_precision(train: TrainConfig, accelerator: str) -> str:
     return train.precision
 
 
+def resolve_devices(train: TrainConfig) -> Any:
+    """`auto` devices with the `auto` strategy is one device: Lightning's own `auto`
+    would take every visible GPU and switch to DDP unasked. With a parallel strategy,
+    `auto` means all of them."""
+    if train.devices == "auto" and train.strategy == "auto":
+        return 1
+    return train.devices
+
+
 def _auto(train: TrainConfig) -> Any:
     return "auto"
 

@@ -192,7 +192,7 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
                                        Throughput, peak_flops_per_device)
     from lit_modules.data import TokenDataModule
     from lit_modules.module import CausalLM, NonFiniteLoss, TrainingFailed
-    from lit_modules.strategy import build_strategy, resolve_accelerator, resolve_precision
+    from lit_modules.strategy import build_strategy, resolve_accelerator, resolve_devices, resolve_precision
 
     accelerator = resolve_accelerator(t)
     precision = resolve_precision(t, accelerator)
@@ -232,7 +232,7 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
         validate = t.val_every > 0 and t.val_batches > 0
         tb_kwargs = {"purge_step": resume_step + 1} if resume else {}
         trainer = L.Trainer(
-            accelerator=accelerator, devices=t.devices, strategy=strategy, precision=precision,
+            accelerator=accelerator, devices=resolve_devices(t), strategy=strategy, precision=precision,
             max_steps=t.max_steps, max_epochs=-1,
             val_check_interval=t.val_every if validate else None, check_val_every_n_epoch=None,
             limit_val_batches=t.val_batches if validate else 0,
@@ -301,7 +301,8 @@ def _summary(recipe, run_dir, module, trainer, throughput, ckpt, resume, wall) -
         "initial_val_ppl": first.get("ppl") if first.get("step") == 0 else None,
         "tokens_per_s": perf["tokens_per_s"],
         "mfu": perf["mfu"],
-        "checkpoint": str(ckpt.saved_path) if ckpt.saved_path else None,
+        # the step file written last; a run resumed at its end writes none
+        "checkpoint": str(ckpt.saved_path or ckpt.last_path or resume or "") or None,
         "last_checkpoint": str(ckpt.last_path) if ckpt.last_path else None,
         "resumed_from": str(resume) if resume else None,
         "params_total": acc.params_total,

@@ -103,3 +103,14 @@ def test_model_mismatch_names_the_first_field():
     assert model_mismatch(saved, load_recipe(RECIPE, TINY + ["model.moe.backend=loop"])) is None
     diff = model_mismatch(saved, load_recipe(RECIPE, TINY + ["model.moe.top_k=4"]))
     assert diff == "model.moe.top_k: checkpoint 2, recipe 4"
+
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager(cache, tmp_path):
+    """train.compile compiles each block (regional compilation: one graph, reused by
+    every block). Dense, to keep CPU compile time short."""
+    dense = ["model.moe.n_experts=0", "model.n_layers=2"]
+    eager = first_gradients(cache, tmp_path / "eager", *dense)
+    compiled = first_gradients(cache, tmp_path / "compiled", *dense, "train.compile=true")
+    assert max_rel_diff(compiled, eager) < 1e-4
