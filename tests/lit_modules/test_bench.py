@@ -151,6 +151,26 @@ def test_matmul_ceiling_on_cpu():
     assert c["ceiling_tflops"] > 0 and c["ceiling_n"] == 64 and c["ceiling_dtype"] == "fp32"
 
 
+def test_layer_rows_do_not_keep_earlier_rows_alive(monkeypatch):
+    """Each row's peak memory must be its own: when a row starts, no earlier row's layer
+    (weights, gradients) may still be referenced."""
+    import gc
+
+    live, time_steps = [], bench.time_steps
+
+    def spy(step, warmup, steps, device):
+        gc.collect()  # parameters still reachable (from a module, a closure, an autograd graph)
+        live.append(sum(isinstance(o, torch.nn.Parameter) for o in gc.get_objects()))
+        return time_steps(step, warmup, steps, device)
+
+    monkeypatch.setattr(bench, "time_steps", spy)
+    recipe = tiny_recipe("qwen3_moe", *SHAPE)
+    bench.bench_layer(recipe, device=CPU, precision=bench.PRECISIONS["fp32"],
+                      tokens=32, with_loop=True, warmup=1, steps=1)
+    n_moe = len(list(bench.MOE.get("moe")(64, recipe.model.moe).parameters()))
+    assert live == [n_moe, n_moe, 3]  # the dense SwiGLU: gate, up, down
+
+
 def test_layer_variant_must_keep_the_weights(capsys):
     argv = tiny_args("qwen3_moe", "--layer", "--variant", "model.moe.d_expert=64", "--device", "cpu")
     assert main(["bench", *argv]) == 2
