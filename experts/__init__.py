@@ -10,7 +10,7 @@ Shape convention (suffixes on tensor names, used in every module here):
     MoE.forward:  x_TD -> router -> (weights_TK, ids_TK, scores_TE)     router.py
                   -> dispatch: permute to x_SD, sorted by expert        dispatch.py
                   -> backend (loop | grouped_mm) -> y_SD                backends.py
-                  -> combine: weight, unpermute (index_add) -> y_TD     dispatch.py
+                  -> combine: unpermute, weight, sum over k -> y_TD     dispatch.py
                   (+ shared experts)                                    moe.py
 
 Losses: losses.py (formulas), moe.py (scopes); the training-loop side (global
