@@ -30,7 +30,7 @@ from arch.registry import EXPERT_BACKEND, FFN, MOE, ROUTER
 
 from .dispatch import Dispatch, combine, dispatch, expert_capacity, permute
 from .losses import router_entropy, switch_loss, z_loss
-from .parallel import all_reduce_sum
+from .parallel import all_reduce_sum, expert_parallel
 from .router import Routing
 
 
@@ -65,6 +65,7 @@ class MoE(nn.Module):
 
         # Not module state (no buffers: DDP would broadcast rank 0's copy over them).
         self.dp_group = None  # data-parallel group of the global loss and bias loads (None: world)
+        self.ep_group = None  # expert-parallel group; set by experts.parallel.shard_experts
         self.track_stats = True
         self.global_counts_E: Optional[torch.Tensor] = None  # set by precompute_global_counts
         self.global_tokens: Optional[torch.Tensor] = None
@@ -94,7 +95,11 @@ class MoE(nn.Module):
         r = self.router(x_TD)
         cf = self.cfg.capacity_factor
         d = dispatch(r.ids_TK, self.n_experts, None if cf is None else expert_capacity(T, self.top_k, self.n_experts, cf))
-        y_SD = self.backend(permute(x_TD, d), d.counts_E, self.w_in, self.w_out, self.cfg.expert_ffn)
+        if self.ep_group is None:
+            y_SD = self.backend(permute(x_TD, d), d.counts_E, self.w_in, self.w_out, self.cfg.expert_ffn)
+        else:  # w_in / w_out hold this rank's slice of the experts
+            y_SD = expert_parallel(self.backend, permute(x_TD, d), d.counts_E, self.w_in, self.w_out,
+                                   self.cfg.expert_ffn, self.ep_group)
         y_TD = combine(y_SD, r.weights_TK, d, T).to(x.dtype)
         if self.shared is not None:
             s_TD = self.shared(x_TD)

@@ -1,15 +1,30 @@
 """Distributed helpers for the MoE layers; the only experts/ module that touches
-torch.distributed. Expert parallelism (all-to-all dispatch) will live here too.
+torch.distributed. Holds the count reductions and expert parallelism (EP).
 
 Everything here is a no-op in a single process, so the model math never branches on
 whether a process group exists.
+
+Expert parallelism over a group of EP ranks (each with its own tokens):
+
+    rank r holds experts [r * E_local, (r + 1) * E_local) of the stacked w_in / w_out
+    (E_local = E / EP, a contiguous slice), routers and everything else whole.
+
+    local tokens -> router -> dispatch (rows sorted by global expert: the rows for
+    rank q are one contiguous block) -> all-to-all (uneven splits) -> rows from
+    every source, re-sorted by local expert -> backend -> back to source order ->
+    all-to-all back (the splits reversed) -> combine on the token's own rank.
+
+The backward of each all-to-all is the all-to-all with the splits swapped
+(`_AllToAll`). The gradient of a local expert collects the contributions of every
+rank's tokens; `reduce_expert_grads` turns it into the data-parallel mean.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def is_distributed() -> bool:
@@ -27,3 +42,136 @@ def all_reduce_sum(t: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -
     t = t.detach().clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
+
+
+# ------------------------------------------------------------------ expert parallel
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows of `x` split by `in_splits` go to the ranks of `group` in order; the result
+    holds `out_splits[s]` rows from each source s. Backward: the same exchange with
+    the splits swapped (each row's gradient goes back to where the row came from)."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: List[int], in_splits: List[int], group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        grad_x = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(grad_x, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad_x, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group=None) -> torch.Tensor:
+    """Differentiable all-to-all of rows with uneven splits in both directions."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def expert_parallel(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tensor, w_in_LID: torch.Tensor,
+                    w_out_LDF: torch.Tensor, kind: str, group) -> torch.Tensor:
+    """The expert backend, with the experts spread over `group`: same contract as a
+    backend (rows sorted by global expert, counts_E over all E experts, rows past
+    counts_E.sum() dropped and unspecified in the result), but w_in / w_out hold only
+    this rank's E_local = E / EP experts.
+
+    Host syncs: the split sizes (Python ints that all_to_all_single needs), one per
+    call; nothing else reads a device value on the host."""
+    ep = dist.get_world_size(group)
+    E_local = w_in_LID.shape[0]
+    send_RL = counts_E.view(ep, E_local)  # rows for (destination rank, its local expert)
+    recv_RL = torch.empty_like(send_RL)  # rows from (source rank, my local expert)
+    dist.all_to_all_single(recv_RL, send_RL.contiguous(), group=group)
+    # the one host sync of the layer: split sizes must be Python ints
+    send = send_RL.sum(1).tolist()
+    recv_table = recv_RL.tolist()
+    recv = [sum(row) for row in recv_table]
+    n_kept = sum(send)
+
+    x_recv = all_to_all(x_SD[:n_kept], recv, send, group)  # source-major, expert-minor
+    # re-sort to expert-major (stable: source order within an expert)
+    block = torch.arange(ep * E_local, device=x_SD.device)
+    block_of_row = torch.repeat_interleave(block, recv_RL.reshape(-1), output_size=sum(recv))
+    key = (block_of_row % E_local) * ep + block_of_row // E_local
+    order = key.argsort(stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    y_local = backend(x_recv[order], recv_RL.sum(0), w_in_LID, w_out_LDF, kind)
+    y_kept = all_to_all(y_local[inverse], send, recv, group)
+    if n_kept == x_SD.shape[0]:
+        return y_kept
+    # dropped rows (capacity): zeros, which the combine step ignores anyway
+    return torch.cat([y_kept, y_kept.new_zeros(x_SD.shape[0] - n_kept, y_kept.shape[1])])
+
+
+def _moe_layers(model: nn.Module) -> list:
+    from .moe import MoE  # moe.py imports this module
+
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def check_expert_parallel(n_experts: int, ep: int) -> None:
+    if ep < 1 or n_experts % ep != 0:
+        raise ValueError(f"model.moe.n_experts = {n_experts} is not divisible by train.expert_parallel = {ep}; "
+                         f"choose an expert_parallel size that divides the number of experts.")
+
+
+@torch.no_grad()
+def shard_experts(model: nn.Module, group) -> List[str]:
+    """Keep only this rank's contiguous slice of every MoE layer's w_in / w_out (the
+    full weights must already hold their values: every rank slices the same
+    initialisation, so EP starts from the single-process model) and route the
+    layers' expert compute through `expert_parallel` over `group`.
+    Returns the names (relative to `model`) of the sharded parameters."""
+    group = group if group is not None else dist.group.WORLD  # a layer's None means no EP
+    ep, rank = dist.get_world_size(group), dist.get_rank(group)
+    names = []
+    for layer in _moe_layers(model):
+        check_expert_parallel(layer.n_experts, ep)
+        n = layer.n_experts // ep
+        layer.w_in = nn.Parameter(layer.w_in[rank * n:(rank + 1) * n].clone())
+        layer.w_out = nn.Parameter(layer.w_out[rank * n:(rank + 1) * n].clone())
+        layer.ep_group = group
+    for name, p in model.named_parameters():
+        if is_expert_shard(model, name):
+            names.append(name)
+    return names
+
+
+def is_expert_shard(model: nn.Module, name: str) -> bool:
+    """Whether parameter `name` of `model` is an expert-parallel shard."""
+    module_name, _, leaf = name.rpartition(".")
+    if leaf not in ("w_in", "w_out"):
+        return False
+    return getattr(model.get_submodule(module_name), "ep_group", None) is not None
+
+
+def expert_shards(model: nn.Module) -> List[nn.Parameter]:
+    return [p for layer in _moe_layers(model) if layer.ep_group is not None for p in (layer.w_in, layer.w_out)]
+
+
+@torch.no_grad()
+def reduce_expert_grads(model: nn.Module, world_size: int, group=None) -> None:
+    """Turn each expert shard's gradient into the data-parallel mean, as DDP does for
+    the replicated weights: the all-to-all backward already summed the contributions
+    of the EP group's tokens; `group` (expert-data-parallel: ranks holding the same
+    shard, None when EP covers the world) sums the rest, and the result is divided
+    by the number of ranks with their own data (`world_size`)."""
+    for p in expert_shards(model):
+        if p.grad is None:
+            continue
+        if group is not None:
+            dist.all_reduce(p.grad, group=group)
+        p.grad.div_(world_size)
+
+
+@torch.no_grad()
+def gather_expert_shard(t: torch.Tensor, group) -> torch.Tensor:
+    """All-gather a tensor sharded along dim 0 over `group` (ranks in order)."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
