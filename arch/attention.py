@@ -80,7 +80,9 @@ def flex_attn(q, k, v, scale: float, window: Optional[int], softcap: Optional[fl
     if softcap is not None:
         def score_mod(score, b, h, q_idx, kv_idx):
             return softcap * torch.tanh(score / softcap)
-    fn = _compiled_flex() if q.is_cuda else flex_attention
+    # flex_attention must be compiled to be fast on CUDA; inside a compiled block the
+    # outer compile already traces it, and CPU flex runs eagerly
+    fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
     return fn(q, k, v, score_mod=score_mod, block_mask=_block_mask(q.shape[2], window, str(q.device)),
               scale=scale, enable_gqa=True)
 

@@ -1,27 +1,44 @@
 #!/usr/bin/env bash
 # The reference workloads of ../shared/reference/performance.md on one GPU, through
-# `moelab bench` (python -m lit_modules.cli: this runs from the source tree):
-#   W1  one MoE layer at Qwen3-30B-A3B shape vs a dense SwiGLU of the same active FLOPs
+# `moelab bench` (python -m lit_modules.cli: this runs from the source tree), with the
+# recipes' performance switches (train.compile, model.fused_ce_chunk) as they stand:
+#   W1  one MoE layer at Qwen3-30B-A3B shape vs a dense SwiGLU of the same active
+#       FLOPs, both compiled (train.compile=true), with the eager loop reference
 #   W2  whole-model training step, Qwen3-MoE proxy, moelab vs HF transformers
 #   W3  whole-model training step, Gemma 3 proxy, moelab vs HF transformers
 #   W2_dense  the dense twin of W2 (same active parameters), moelab only
-# About 4 minutes on one H100. Tables go to stdout; one JSON file per workload goes
-# to $OUT (default bench_out/). A workload that fails is reported and the rest still run.
+# W2 and W3 run in pure bf16 (the condition of the reference HF figures) and in
+# bf16-mixed (fp32 master weights, how `moelab train` runs on a GPU).
+#
+# First, untimed and in parallel, one step of each compiled configuration fills
+# torch.compile's on-disk caches (FX graphs, Triton kernels), so that the timed runs,
+# one after the other, load their graphs instead of compiling each in turn. Then the
+# timed runs, most important first; each has a time limit, and one that fails is
+# reported while the rest still run. About 4-5 minutes on one H100.
+# Tables go to stdout; JSON per workload, and a kernel profile of W2, go to $OUT.
 #
 #   PYTHONPATH=/path/to/omegaconf:$PYTHONPATH bash benchmarks/gpu_suite.sh
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
 OUT=${OUT:-bench_out}
+WARM_LOG=${WARM_LOG:-/tmp/moelab_warm.log}
+STEPS=${STEPS:-10}    # timed steps per run (the median is reported)
+WARMUP=${WARMUP:-3}
 mkdir -p "$OUT"
 failed=()
 
-run() {  # run NAME ARGS...: one `moelab bench`, its JSON saved as $OUT/NAME.json
-    local name=$1; shift
+W1=(qwen3/30b_a3b train.compile=true --layer --tokens 16384)
+W2=(proxies/qwen3_moe_w2)
+W3=(proxies/gemma3_w3)
+
+run() {  # run NAME LIMIT_S ARGS...: one timed `moelab bench`, its JSON in $OUT/NAME.json
+    local name=$1 limit=$2; shift 2
     echo
     echo "=== $name: moelab bench $*"
     local t0=$SECONDS
-    if ! "$PY" -m lit_modules.cli bench "$@" --save "$OUT/$name.json"; then
+    if ! timeout "$limit" "$PY" -m lit_modules.cli bench "$@" --warmup "$WARMUP" --steps "$STEPS" \
+            --save "$OUT/$name.json"; then
         failed+=("$name")
     fi
     echo "($name took $((SECONDS - t0)) s)"
@@ -30,17 +47,44 @@ run() {  # run NAME ARGS...: one `moelab bench`, its JSON saved as $OUT/NAME.jso
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader 2>/dev/null
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 
-# rows: the recipe's layer (grouped_mm, global balancing loss), no balancing loss,
-# capacity factor 1.25 (token dropping), the loop reference, the dense floor
-run W1 qwen3/30b_a3b --layer --tokens 16384 --with-loop --steps 30 --measure-ceiling \
-    --variant model.moe.balance.aux_coef=0 --variant model.moe.capacity_factor=1.25
-# whole models twice: bf16-mixed (fp32 master weights, how `moelab train` runs on a
-# GPU) and pure bf16 (the condition of the reference HF figures)
-run W2 proxies/qwen3_moe_w2 --vs-hf
-run W2_bf16 proxies/qwen3_moe_w2 --vs-hf --dtype bf16
-run W2_dense proxies/dense_w2
-run W3 proxies/gemma3_w3 --vs-hf
-run W3_bf16 proxies/gemma3_w3 --vs-hf --dtype bf16
+echo "=== warming the compile caches (untimed, in parallel)"
+t0=$SECONDS
+for args in "${W1[*]}" "${W2[*]} --dtype bf16" "${W2[*]} --dtype bf16-mixed" \
+            "${W3[*]} --dtype bf16" "${W3[*]} --dtype bf16-mixed"; do
+    # shellcheck disable=SC2086  # word splitting of $args is wanted
+    timeout "${WARM_LIMIT:-150}" "$PY" -m lit_modules.cli bench $args --warmup 1 --steps 1 \
+        >/dev/null 2>>"$WARM_LOG" &
+done
+wait
+echo "(warming took $((SECONDS - t0)) s; its stderr, last lines:)"
+tail -n 3 "$WARM_LOG"
+
+run W2_bf16 90 "${W2[@]}" --vs-hf --dtype bf16
+run W3_bf16 90 "${W3[@]}" --vs-hf --dtype bf16
+# rows: the recipe's layer (grouped_mm, global balancing loss), the loop reference
+# (eager), the dense floor; all on the same weights
+run W1 90 "${W1[@]}" --with-loop --measure-ceiling
+run W2 90 "${W2[@]}" --vs-hf --dtype bf16-mixed
+run W3 90 "${W3[@]}" --vs-hf --dtype bf16-mixed
+echo
+echo "=== W2 kernel profile (pure bf16)"
+timeout 60 "$PY" benchmarks/profile_step.py "${W2[@]}" --dtype bf16 >"$OUT/profile.txt" 2>&1 || failed+=(profile)
+head -40 "$OUT/profile.txt"
+echo "=== SDPA flash backend with enable_gqa (W2's attention shape)"
+timeout 30 "$PY" - <<'EOF' || failed+=(sdpa_gqa)
+import torch, torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+q = torch.randn(8, 16, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+k, v = (torch.randn(8, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+    try:
+        with sdpa_kernel(backend):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+        print(backend.name, "takes enable_gqa: yes")
+    except RuntimeError as e:
+        print(backend.name, "takes enable_gqa: no", str(e).splitlines()[0][:120])
+EOF
+run W2_dense 60 proxies/dense_w2 --dtype bf16-mixed
 
 echo
 if [ ${#failed[@]} -gt 0 ]; then

@@ -77,7 +77,7 @@ class _GatherRows(torch.autograd.Function):
     Autograd's backward of an index is a scatter-add into src (index_put with
     accumulate). Knowing the layout, the backward is a gather and a sum over the
     copies instead: deterministic and cheaper. With the bmm combine below it took
-    W1 (benchmarks/w1_moe_layer.py, H100) from 15.7 to 13.4 ms, against index +
+    W1 (`moelab bench qwen3/30b_a3b --layer`, H100) from 15.7 to 13.4 ms, against index +
     index_add."""
 
     @staticmethod

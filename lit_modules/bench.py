@@ -45,6 +45,8 @@ from arch.config import Recipe
 from arch.ffn import ffn_params
 from arch.registry import FFN, MOE, RecipeError
 
+from .strategy import parallelize
+
 GiB = 2**30
 
 
@@ -408,14 +410,13 @@ def bench_model(recipe: Recipe, *, device: torch.device, precision: Precision, w
     batches = make_batches(m.vocab_size, B, T, warmup + steps + 1, recipe.train.seed, device)
 
     torch.manual_seed(recipe.train.seed)
-    model = materialize(build_model(m, device="meta"), device).to(precision.param_dtype)
+    model = prepare_model(recipe, device, precision)
     # build the twin from the freshly initialised weights, before any step changes them;
     # it waits on the CPU so it takes no device memory while moelab is timed
     twin, hf_notes = hf_twin(model, recipe) if vs_hf else (None, [])
     args = dict(recipe=recipe, batches=batches, precision=precision, device=device, warmup=warmup,
                 steps=steps, flops_per_token=acc.flops_per_token, peak_tflops=peak_tflops)
-    results = [run_training_steps("moelab", model, moelab_loss, detail=f"experts {m.moe.backend}"
-                                  if m.moe.n_experts else "", **args)]
+    results = [run_training_steps("moelab", model, moelab_loss, detail=model_detail(recipe), **args)]
     del model
     _free(device)
     if twin is not None:
@@ -447,6 +448,29 @@ def bench_model(recipe: Recipe, *, device: torch.device, precision: Precision, w
             "max_ce_diff_all_steps": max(abs(a - b) for a, b in zip(ours.ce, hf.ce)),
         }
     return report
+
+
+def prepare_model(recipe: Recipe, device: torch.device, precision: Precision) -> nn.Module:
+    """The recipe's model as `moelab train` prepares it (LightningModule.configure_model):
+    built on the meta device, then lit_modules.strategy.parallelize (activation
+    checkpointing, regional compile, as train.* asks), then materialised. One place, so
+    what the benchmark times is what training runs."""
+    model = build_model(recipe.model, device="meta")
+    parallelize(model, recipe.train)
+    return materialize(model, device).to(precision.param_dtype)
+
+
+def model_detail(recipe: Recipe) -> str:
+    """The performance switches in force, for the table's moelab row."""
+    m, t = recipe.model, recipe.train
+    parts = [f"experts {m.moe.backend}"] if m.moe.n_experts else []
+    parts.append("compiled blocks" if t.compile else "eager")
+    if t.activation_checkpointing:
+        parts.append("act. checkpointing")
+    parts.append(f"fused CE chunk {m.fused_ce_chunk}" if m.fused_ce_chunk > 0 else "plain CE")
+    if m.attention.impl != "auto":
+        parts.append(f"attention {m.attention.impl}")
+    return ", ".join(parts)
 
 
 def model_notes(recipe: Recipe, vs_hf: bool) -> List[str]:
@@ -551,9 +575,14 @@ def bench_layer(recipe: Recipe, *, device: torch.device, precision: Precision, t
     same_as_loop = {name for name, _, cfg, _ in rows_spec
                     if cfg is not None and name != loop_name and dataclasses.replace(cfg, backend="loop") == loop_cfg}
 
+    # train.compile compiles every row but the loop reference, the dense floor too, so
+    # that the ratio compares like with like (the loop reads counts on the host anyway)
+    compiled = recipe.train.compile
     results, checks = [], {}
     for name, kind, _cfg, make in rows_spec:
         layer = make().to(dtype=precision.param_dtype).train()
+        if compiled and name != loop_name:
+            layer.compile()
 
         def step(_=0):
             layer.zero_grad(set_to_none=True)
@@ -572,8 +601,9 @@ def bench_layer(recipe: Recipe, *, device: torch.device, precision: Precision, t
         syncs = count_host_syncs(step, device)
         if name in same_as_loop or name == loop_name:  # output and input gradient, for the check
             checks[name] = output_and_input_grad(layer, x, precision, device)
+        detail = kind + (", compiled" if compiled and name != loop_name else "")
         results.append(Result(name=name, ms=ms, tokens_per_step=T, flops_per_step=6 * T * per_token[kind],
-                              peak_tflops=peak_tflops, peak_bytes=peak, detail=kind,
+                              peak_tflops=peak_tflops, peak_bytes=peak, detail=detail,
                               losses=torch.stack(outs).float().cpu().tolist(), host_syncs_per_step=syncs))
         # `step` holds the layer too: drop both, and the gradients, before the next row
         layer.zero_grad(set_to_none=True)
@@ -595,7 +625,7 @@ def bench_layer(recipe: Recipe, *, device: torch.device, precision: Precision, t
         "precision": precision.name, "precision_detail": precision.describe(),
         "tokens": T, "d_model": D, "n_experts": moe.n_experts, "top_k": moe.top_k,
         "d_expert": moe.d_expert, "n_shared_experts": moe.n_shared_experts, "dense_d_ff": d_ff,
-        "warmup": warmup, "steps": steps,
+        "warmup": warmup, "steps": steps, "compiled": compiled,
         "loss": "mean(y^2) + the layer's balancing losses, input gradient included",
         "timing": "CUDA events, median" if device.type == "cuda" else "perf_counter, median",
         "flops_per_token": {"moe": 6 * per_token["moe"], "dense": 6 * per_token["dense"]},
@@ -648,6 +678,7 @@ def format_report(report: Dict) -> str:
         lines.append(f"moelab bench {report['recipe']} --layer on {report['device']}: one MoE layer, "
                      f"{report['tokens']} tokens x d_model {report['d_model']}, {report['n_experts']} experts "
                      f"top-{report['top_k']} x d_expert {report['d_expert']}, {report['precision_detail']}, "
+                     f"{'compiled (train.compile; loop eager)' if report.get('compiled') else 'eager'}, "
                      f"fwd + bwd of {report['loss']}, {report['warmup']} warm-up + {report['steps']} timed "
                      f"({report['timing']}); {peak}")
         rows = []

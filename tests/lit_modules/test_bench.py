@@ -120,7 +120,7 @@ def test_table_is_printed_last_from_the_console():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("implementation"))
-    assert lines[header + 2].startswith("moelab (experts grouped_mm)")
+    assert lines[header + 2].startswith("moelab (experts grouped_mm, eager, plain CE)")
     assert "random tokens" in r.stdout and "matmul ceiling" in r.stdout
 
 
@@ -231,3 +231,37 @@ def test_vs_hf_unconvertible_model_is_one_sentence(capsys):
     assert main(["bench", *argv, "--vs-hf", "--device", "cpu", "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("moelab bench: error: --vs-hf:") and "n_shared_experts" in err
+
+
+def test_bench_prepares_the_model_as_training_does(monkeypatch):
+    """The benchmark times what `moelab train` runs: the model goes through
+    strategy.parallelize (train.compile, train.activation_checkpointing) before it is
+    materialised, and the table names the switches in force."""
+    calls = []
+    parallelize = bench.parallelize
+    monkeypatch.setattr(bench, "parallelize", lambda model, train: calls.append(model.embed.weight.device.type)
+                        or parallelize(model, train))
+    recipe = tiny_recipe("qwen3_moe", *SHAPE, "train.compile=true", "model.fused_ce_chunk=8")
+    model = bench.prepare_model(recipe, CPU, bench.PRECISIONS["fp32"])
+    assert calls == ["meta"]  # before materialisation, as LightningModule.configure_model does
+    assert all(block._compiled_call_impl is not None for block in model.layers)  # compiled lazily
+    eager = tiny_recipe("qwen3_moe", *SHAPE)
+    assert list(model.state_dict()) == list(bench.prepare_model(eager, CPU, bench.PRECISIONS["fp32"]).state_dict())
+    assert bench.model_detail(recipe) == "experts grouped_mm, compiled blocks, fused CE chunk 8"
+    assert bench.model_detail(eager) == "experts grouped_mm, eager, plain CE"
+
+
+@pytest.mark.slow
+def test_compiled_layer_rows_match_loop():
+    """train.compile compiles the layer benchmark's rows (not the loop reference): the
+    compiled grouped_mm row still computes what loop computes. bf16, because the
+    grouped_mm kernel (and its compile-time shape check) takes bf16 only."""
+    recipe = tiny_recipe("qwen3_moe", *SHAPE, "train.compile=true")
+    d = bench.bench_layer(recipe, device=CPU, precision=bench.PRECISIONS["bf16"], tokens=64,
+                          with_loop=True, warmup=1, steps=1)
+    assert d["compiled"] is True
+    rows = {r["name"]: r for r in d["results"]}
+    assert rows["MoE, grouped_mm"]["detail"] == "moe, compiled" and rows["MoE, loop"]["detail"] == "moe"
+    assert "compiled" in d["results"][-1]["detail"]  # the dense floor is compiled too
+    err = rows["MoE, grouped_mm"]["rel_err_vs_loop"]
+    assert err["output"] < 2e-2 and err["input_grad"] < 2e-2
