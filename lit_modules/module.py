@@ -31,7 +31,7 @@ from arch.config import Recipe
 from arch.registry import RecipeError
 
 from .optim import build_optimizer
-from .strategy import parallelize
+from .strategy import ScalePlan, parallelize, shard_model
 
 log = logging.getLogger("moelab.train")
 
@@ -85,6 +85,7 @@ class CausalLM(L.LightningModule):
         self.cfg = recipe.train
         self.automatic_optimization = False
         self.model = None  # built in configure_model
+        self.scale = ScalePlan()  # expert parallel / FSDP layout (lit_modules/strategy.py)
         self.accounting = count(recipe.model, seq_len=recipe.train.seq_len)
         self.val_loss = MeanMetric()
         self.val_acc = MulticlassAccuracy(num_classes=recipe.model.vocab_size, average="micro",
@@ -99,9 +100,13 @@ class CausalLM(L.LightningModule):
         if self.model is not None:  # Lightning may call this hook more than once
             return
         model = build_model(self.recipe.model, "meta")
-        parallelize(model, self.cfg, getattr(self, "device_mesh", None))
+        parallelize(model, self.cfg)
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        self.model = materialize(model, device)
+        model = materialize(model, device)
+        self.scale = shard_model(model, self.cfg, device)
+        # expert shards differ between ranks: DDP must neither broadcast nor average them
+        self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.scale.expert_names]
+        self.model = model
 
     def configure_optimizers(self):
         opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.max_steps, self.device.type)
@@ -153,6 +158,7 @@ class CausalLM(L.LightningModule):
                 from experts.balance import clear_global_counts
                 clear_global_counts(self.model)
 
+        self.scale.finish_grads(self.model)
         grad_norm = self._clip_gradients()
         # One host sync per step: never apply an update computed from a non-finite loss.
         if not bool(torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)):
@@ -181,11 +187,7 @@ class CausalLM(L.LightningModule):
     def _clip_gradients(self) -> torch.Tensor:
         """Total gradient norm before clipping (gradients already reduced over ranks);
         clips to train.grad_clip when it is > 0."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.parameters(), self.cfg.grad_clip, norm)
-        return norm
+        return self.scale.clip(self.model, self.cfg.grad_clip)
 
     def log_scalars(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
         """Write scalars to every logger at `step` (default: the optimizer step)."""
@@ -220,9 +222,17 @@ class CausalLM(L.LightningModule):
         # the interop code reads the architecture from here, and resume checks it
         checkpoint["moelab_recipe"] = recipe_to_yaml(self.recipe)
         checkpoint["moelab_records"] = {"last_train": self.last_train, "val_history": self.val_history}
+        if self.scale.ep > 1:  # whole experts in the file: loadable at any EP size
+            from .scale_checkpoint import gather_experts
+
+            gather_experts(checkpoint, self.model, self.scale)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_recipe(checkpoint, self.recipe, "the checkpoint being resumed")
+        if self.scale.ep > 1:
+            from .scale_checkpoint import slice_experts
+
+            slice_experts(checkpoint, self.model, self.scale)
         records = checkpoint.get("moelab_records", {})
         self.last_train = dict(records.get("last_train", {}))
         self.val_history = list(records.get("val_history", []))

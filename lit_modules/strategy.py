@@ -1,18 +1,38 @@
 """Accelerator, precision and strategy from the recipe, and how a model is prepared.
 
-Two seams for the parallel work that comes later:
-- `STRATEGIES` maps `train.strategy` to a factory returning what `Trainer(strategy=)`
-  takes. `fsdp` and `model_parallel` (FSDP2 + expert parallel) are one entry each.
-- `parallelize(model, train, device_mesh)` is called by the LightningModule's
-  `configure_model` on the meta-device model, before materialisation, in the order
-  STYLE.md fixes: expert parallel, activation checkpointing, compile, FSDP. Only the
-  middle two exist today.
+Strategies (`train.strategy`; `STRATEGIES` maps each to what `Trainer(strategy=)` takes):
+  auto            one device.
+  ddp             Lightning's DDPStrategy: weights replicated, gradients all-reduced.
+  fsdp            FSDP2 (`fully_shard`) through Lightning's ModelParallelStrategy: every
+                  block, then the root, sharded over all ranks.
+  model_parallel  the same strategy as fsdp (the name Lightning uses).
+`train.expert_parallel = EP > 1` works with ddp and fsdp: the ranks form a
+(data_parallel = world / EP) x (expert = EP) mesh; each MoE layer keeps E / EP
+experts (experts/parallel.py), exchanged by all-to-all inside each expert group.
+Expert shards differ between ranks, so neither DDP nor FSDP may average them: they are
+left out of both (DDP's ignore list, fully_shard's ignored_params) and
+`ScalePlan.finish_grads` averages them over the ranks that hold the same shard.
+Every rank reads its own data (the DataModule shards by global rank), so the
+global-batch counts and the router-bias loads are summed over the whole world.
+
+How a model is prepared (LightningModule.configure_model):
+  1. `parallelize(model, train)` on the meta-device model: activation checkpointing,
+     regional compile (also what `moelab bench` uses; no process group needed);
+  2. materialise on the device: every rank initialises the whole model from the same
+     seed, so any layout starts from the single-process weights (cost: one full
+     float32 copy per rank for a moment; fine for the proxies, not for a model that
+     does not fit one device);
+  3. `shard_model(model, train)`: expert parallel (slice the experts), then FSDP2 per
+     block and the root. STYLE.md's order (EP, AC, compile, FSDP) holds per module:
+     AC and compile wrap forwards, which slicing and sharding leave in place.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -63,18 +83,22 @@ def _ddp(train: TrainConfig) -> Any:
     return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
 
 
-def _not_yet(name: str) -> Callable[[TrainConfig], Any]:
-    def factory(train: TrainConfig) -> Any:
-        raise RecipeError(f"train.strategy = '{name}' is not implemented yet; use auto (one device) or ddp.")
-    return factory
+def _fsdp(train: TrainConfig) -> Any:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    # Lightning's own (data_parallel x tensor_parallel) mesh is not used: shard_model
+    # builds the (data_parallel x expert) one. Checkpoints are full (unsharded) state
+    # dicts written by rank 0, which any world size or EP size can load
+    # (CausalLM.on_save_checkpoint gathers the expert shards).
+    return ModelParallelStrategy(save_distributed_checkpoint=False)
 
 
 # train.strategy -> factory(train) returning a Lightning strategy (or its name)
 STRATEGIES: Dict[str, Callable[[TrainConfig], Any]] = {
     "auto": _auto,
     "ddp": _ddp,
-    "fsdp": _not_yet("fsdp"),
-    "model_parallel": _not_yet("model_parallel"),
+    "fsdp": _fsdp,
+    "model_parallel": _fsdp,
 }
 
 
@@ -82,10 +106,28 @@ def build_strategy(train: TrainConfig) -> Any:
     if train.strategy not in STRATEGIES:
         raise RecipeError(f"train.strategy = '{train.strategy}' is unknown{nearest(train.strategy, STRATEGIES)}; "
                           f"choose one of {', '.join(STRATEGIES)}.")
-    if train.expert_parallel != 1:
-        raise RecipeError(f"train.expert_parallel = {train.expert_parallel} needs the model_parallel strategy, "
-                          f"which is not implemented yet; set train.expert_parallel=1.")
+    if not isinstance(train.expert_parallel, int) or train.expert_parallel < 1:
+        raise RecipeError(f"train.expert_parallel = {train.expert_parallel} must be a whole number of at least 1.")
+    if train.expert_parallel > 1 and train.strategy == "auto":
+        raise RecipeError(f"train.expert_parallel = {train.expert_parallel} needs several processes; set "
+                          f"train.strategy to ddp or fsdp (and train.devices), or train.expert_parallel=1.")
     return STRATEGIES[train.strategy](train)
+
+
+def check_scale(recipe) -> None:
+    """Recipe-level checks of expert parallelism, before any process starts."""
+    ep = recipe.train.expert_parallel
+    if ep == 1:
+        return
+    from arch.resolve import layer_specs
+
+    moe = recipe.model.moe
+    if not any(spec.moe for spec in layer_specs(recipe.model)):
+        raise RecipeError(f"train.expert_parallel = {ep} but the model has no MoE layers; set "
+                          f"train.expert_parallel=1 for a dense model.")
+    if moe.n_experts % ep != 0:
+        raise RecipeError(f"model.moe.n_experts = {moe.n_experts} is not divisible by train.expert_parallel = "
+                          f"{ep}; choose an expert_parallel size that divides the number of experts.")
 
 
 # ------------------------------------------------------------- model preparation
@@ -120,3 +162,83 @@ def parallelize(model: nn.Module, train: TrainConfig, device_mesh=None) -> nn.Mo
             block.compile()
     # 4. FSDP2 fully_shard per block, then the root (fsdp / model_parallel strategies)
     return model
+
+
+# ------------------------------------------------------------- sharding (after materialisation)
+
+
+@dataclass
+class ScalePlan:
+    """What `shard_model` did, and the steps of a training step that depend on it."""
+
+    world: int = 1
+    ep: int = 1
+    ep_group: Any = None  # the ranks that split one set of experts between them
+    edp_group: Any = None  # the ranks that hold the same expert shard (None: only this one)
+    expert_names: List[str] = field(default_factory=list)  # sharded parameters, relative to the model
+    fsdp: bool = False
+
+    def finish_grads(self, model: nn.Module) -> None:
+        """After the last backward of a step: average the expert shards' gradients (DDP
+        and FSDP average everything else)."""
+        if self.ep > 1:
+            from experts.parallel import reduce_expert_grads
+
+            reduce_expert_grads(model, self.world, self.edp_group)
+
+    def clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """The global gradient norm (every rank gets the same value) and, with
+        max_norm > 0, clipping to it. Expert shards add their squared norms over the
+        expert group; FSDP's sharded gradients (DTensors) are reduced by DTensor."""
+        names = set(self.expert_names)
+        params = [p for n, p in model.named_parameters() if p.grad is not None and n not in names]
+        experts = [p for n, p in model.named_parameters() if p.grad is not None and n in names]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # DTensor
+            norm = norm.full_tensor()
+        if experts:
+            sq = torch.nn.utils.get_total_norm([p.grad for p in experts]).float() ** 2
+            dist.all_reduce(sq, group=self.ep_group)
+            norm = (norm.float() ** 2 + sq).sqrt()
+        if max_norm > 0:
+            for group in (params, experts):
+                if group:
+                    torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+        return norm
+
+
+def _mesh(device_type: str, world: int, ep: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("data_parallel", "expert"))
+
+
+def shard_model(model: nn.Module, train: TrainConfig, device: torch.device) -> ScalePlan:
+    """Expert parallel and FSDP2 for a materialised model, in place (module docstring).
+    Without a process group (strategy auto) it does nothing."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ScalePlan()
+    world, ep = dist.get_world_size(), train.expert_parallel
+    plan = ScalePlan(world=world, ep=ep, fsdp=train.strategy in ("fsdp", "model_parallel"))
+    if ep > 1:
+        if world % ep != 0:
+            raise RecipeError(f"train.expert_parallel = {ep} does not divide the {world} processes; choose "
+                              f"an expert_parallel size that divides the number of devices.")
+        from experts.parallel import shard_experts
+
+        mesh = _mesh(device.type, world, ep)
+        plan.ep_group = mesh["expert"].get_group()
+        plan.edp_group = mesh["data_parallel"].get_group() if world > ep else None
+        plan.expert_names = shard_experts(model, plan.ep_group)
+    if plan.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        # non-expert weights: sharded over every rank; expert shards stay whole on
+        # their rank (ignored), their gradients averaged by finish_grads
+        world_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
+        ignored = {p for n, p in model.named_parameters() if n in set(plan.expert_names)}
+        for block in model.layers:
+            fully_shard(block, mesh=world_mesh, ignored_params=ignored or None)
+        fully_shard(model, mesh=world_mesh, ignored_params=ignored or None)
+    return plan

@@ -192,11 +192,13 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
                                        Throughput, peak_flops_per_device)
     from lit_modules.data import TokenDataModule
     from lit_modules.module import CausalLM, NonFiniteLoss, TrainingFailed
-    from lit_modules.strategy import build_strategy, resolve_accelerator, resolve_devices, resolve_precision
+    from lit_modules.strategy import (build_strategy, check_scale, resolve_accelerator, resolve_devices,
+                                      resolve_precision)
 
     accelerator = resolve_accelerator(t)
     precision = resolve_precision(t, accelerator)
     strategy = build_strategy(t)
+    check_scale(recipe)
     run_dir, resume = resolve_run(recipe)
     resume_step = check_resume(resume, recipe) if resume else 0
     rank0 = rank_zero_only.rank == 0

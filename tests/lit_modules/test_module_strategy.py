@@ -21,8 +21,6 @@ def test_strategies():
     assert isinstance(build_strategy(TrainConfig(strategy="ddp")), DDPStrategy)
     with pytest.raises(RecipeError, match="did you mean 'ddp'"):
         build_strategy(TrainConfig(strategy="dpp"))
-    with pytest.raises(RecipeError, match="not implemented yet"):
-        build_strategy(TrainConfig(strategy="fsdp"))
     with pytest.raises(RecipeError, match="expert_parallel"):
         build_strategy(TrainConfig(expert_parallel=2))
 
