@@ -141,6 +141,9 @@ class ModelConfig:
     # rows per chunk of the fused head + cross-entropy used by training (arch/loss.py);
     # 0 = plain F.linear + F.cross_entropy on the full logits
     fused_ce_chunk: int = 0
+    # torch.compile each chunk's loss-and-gradient math (one fused kernel in place of
+    # the softmax, exp and elementwise passes over the chunk's float32 logits)
+    fused_ce_compile: bool = False
     init_std: float = 0.02
     # output projections get init_std / sqrt(2 * n_layers) (GPT-2); false: init_std
     init_scale_residual: bool = True

@@ -65,7 +65,7 @@ class Transformer(nn.Module):
         logits = loss = None
         if targets is not None and not return_logits and self.cfg.fused_ce_chunk > 0:
             loss = fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight(), targets.flatten(),
-                                              self.cfg.fused_ce_chunk, cap)
+                                              self.cfg.fused_ce_chunk, cap, compiled=self.cfg.fused_ce_compile)
         else:
             logits = F.linear(h, self.head_weight())
             if cap is not None:

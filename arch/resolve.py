@@ -103,6 +103,9 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
     _check_choice(errors, cfg.norm_placement, NORM_PLACEMENTS, "model.norm_placement")
     if cfg.fused_ce_chunk < 0:
         errors.append(f"model.fused_ce_chunk must be >= 0 (0 = off), got {cfg.fused_ce_chunk}.")
+    if cfg.fused_ce_compile and cfg.fused_ce_chunk <= 0:
+        errors.append("model.fused_ce_compile compiles the fused cross-entropy, which is off; "
+                      "set model.fused_ce_chunk > 0 (e.g. 4096) or model.fused_ce_compile=false.")
     if cfg.init_std <= 0:
         errors.append(f"model.init_std must be positive, got {cfg.init_std}.")
 

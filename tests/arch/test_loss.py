@@ -38,3 +38,40 @@ def test_fused_in_model_matches_plain(tiny_name):
     for a, b in zip(g_fused, g_plain):
         if a is not None or b is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_chunks_match_plain():
+    """model.fused_ce_compile: each chunk's math through torch.compile, with a last
+    chunk of another size (a second graph) and soft-capping, still equals the plain
+    loss and its gradients."""
+    torch.manual_seed(0)
+    h = torch.randn(50, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    y = torch.randint(0, 40, (50,))
+    y[[3, 17, 49]] = -100
+    ref = plain_cross_entropy(h, w, y, 4.0)
+    got = fused_linear_cross_entropy(h, w, y, chunk=16, softcap=4.0, compiled=True)
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(torch.autograd.grad(got * 3.0, [h, w]), torch.autograd.grad(ref * 3.0, [h, w])):
+        torch.testing.assert_close(a, b)
+
+
+def test_model_passes_the_compile_switch(monkeypatch):
+    import arch.loss as loss_mod
+
+    calls = []
+    monkeypatch.setattr(loss_mod, "_compiled_chunk", lambda: lambda *a: calls.append(1) or
+                        loss_mod._chunk_loss_and_grads(*a))
+    model = tiny_model("qwen3", "model.fused_ce_chunk=16", "model.fused_ce_compile=true")
+    ids = torch.randint(0, 256, (2, 20))
+    model(ids, targets=ids, return_logits=False).loss.backward()
+    assert len(calls) == 3  # 40 rows in chunks of 16
+
+
+def test_compile_switch_needs_the_fused_loss():
+    from arch.registry import RecipeError
+    from conftest import tiny_recipe
+
+    with pytest.raises(RecipeError, match="model.fused_ce_compile compiles the fused cross-entropy, which is off"):
+        tiny_recipe("qwen3", "model.fused_ce_compile=true")
