@@ -37,7 +37,8 @@ log = logging.getLogger("moelab.train")
 
 # Model fields that choose an implementation, not an architecture: a checkpoint may be
 # resumed with another value (the weights are the same).
-IMPLEMENTATION_FIELDS = {"attention.impl", "moe.backend", "fused_ce_chunk", "init_std", "init_scale_residual"}
+IMPLEMENTATION_FIELDS = {"attention.impl", "moe.backend", "fused_ce_chunk", "fused_ce_compile", "init_std",
+                         "init_scale_residual"}
 
 
 class TrainingFailed(RecipeError):

@@ -101,6 +101,8 @@ def test_model_mismatch_names_the_first_field():
     assert model_mismatch(saved, base) is None
     # implementation choices may change on resume
     assert model_mismatch(saved, load_recipe(RECIPE, TINY + ["model.moe.backend=loop"])) is None
+    fused = load_recipe(RECIPE, TINY + ["model.fused_ce_chunk=8", "model.fused_ce_compile=true"])
+    assert model_mismatch(saved, fused) is None
     diff = model_mismatch(saved, load_recipe(RECIPE, TINY + ["model.moe.top_k=4"]))
     assert diff == "model.moe.top_k: checkpoint 2, recipe 4"
 
