@@ -1,0 +1,30 @@
+"""Regional compilation (train.compile) is fast only if a block is one graph: a host
+read (`.item()`, `.tolist()`) or an untraceable call in a block splits it and costs a
+round trip per layer. Checked with torch._dynamo.explain, which traces without
+compiling (seconds on a CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+
+
+@pytest.mark.parametrize("name, extra, dtype", [
+    # grouped_mm's compile-time check accepts bf16 only (what CUDA runs anyway)
+    ("qwen3_moe", [], torch.bfloat16),
+    # a sliding-window layer through flex_attention, as on CUDA (forward only: CPU flex
+    # has no backward)
+    ("gemma3", ["model.attention.impl=flex"], torch.float32),
+])
+def test_a_block_is_one_graph(name, extra, dtype):
+    model = tiny_model(name, *extra).to(dtype)
+    torch._dynamo.reset()
+    T = 32
+    for block in {b.spec.kind: b for b in model.layers}.values():  # one of each kind
+        x = torch.randn(2, T, model.cfg.d_model, dtype=dtype)
+        rope = model.ropes[block.spec.kind](T, "cpu")
+        with torch.no_grad():
+            explained = torch._dynamo.explain(block)(x, rope)
+        assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+        assert explained.graph_count == 1
