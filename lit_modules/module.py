@@ -226,7 +226,8 @@ class CausalLM(L.LightningModule):
         if self.scale.ep > 1:  # whole experts in the file: loadable at any EP size
             from .scale_checkpoint import gather_experts
 
-            gather_experts(checkpoint, self.model, self.scale)
+            opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
+            gather_experts(checkpoint, self.model, self.scale, opt if isinstance(opt, torch.optim.Optimizer) else None)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_recipe(checkpoint, self.recipe, "the checkpoint being resumed")

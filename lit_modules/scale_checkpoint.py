@@ -32,35 +32,50 @@ def optimizer_param_names(model: nn.Module) -> List[str]:
     return [name_of[id(p)] for g in param_groups(model, 0.0) for p in g["params"]]
 
 
-def _optimizer_expert_states(checkpoint: Dict, model: nn.Module, names) -> List[Dict]:
-    """The per-parameter state dicts of the expert shards, in expert_names order."""
+def _expert_states(checkpoint: Dict, model: nn.Module, names) -> List[tuple]:
+    """(parameter name, its per-parameter state) for each expert shard in the
+    checkpoint's optimizer states. The integer keys are labels whose meaning is their
+    position in param_groups (DDP numbers by optimizer order, FSDP's full state dict
+    by model order), so they are matched to names by position, as
+    Optimizer.load_state_dict does."""
     order = optimizer_param_names(model)
     out = []
     for opt_state in checkpoint.get("optimizer_states", []):
         state = opt_state.get("state", {})
-        for i, n in enumerate(order):
-            if n in names and i in state:
-                out.append(state[i])
+        saved = [i for g in opt_state.get("param_groups", []) for i in g["params"]]
+        if not state or len(saved) != len(order):
+            continue
+        for key, n in zip(saved, order):
+            if n in names and key in state:
+                out.append((n, state[key]))
     return out
 
 
 def _moment_keys(state: Dict) -> List[str]:
-    return [k for k, v in state.items() if torch.is_tensor(v) and v.ndim >= 1]
+    return sorted(k for k, v in state.items() if torch.is_tensor(v) and v.ndim >= 1)
 
 
-def gather_experts(checkpoint: Dict, model: nn.Module, plan) -> None:
+def gather_experts(checkpoint: Dict, model: nn.Module, plan, optimizer=None) -> None:
     """Replace the expert shards in `checkpoint` (model and optimizer state) by the
-    whole experts. Collective: call on every rank, in the same order."""
+    whole experts. Collective: call on every rank. The gathers read the live
+    parameters and optimizer state, which every rank has (the checkpoint dict may be
+    empty off rank 0), so every rank joins the same collectives."""
     names = set(plan.expert_names)
-    sd = checkpoint.get("state_dict", {})
     params = dict(model.named_parameters())
-    for n in plan.expert_names:  # from the live parameters: every rank has them
-        full = gather_expert_shard(params[n].detach(), plan.ep_group)
+    full = {n: gather_expert_shard(params[n].detach(), plan.ep_group) for n in plan.expert_names}
+    moments = {}
+    if optimizer is not None:
+        for n in plan.expert_names:
+            state = optimizer.state.get(params[n], {})
+            for k in _moment_keys(state):
+                moments[n, k] = gather_expert_shard(state[k], plan.ep_group)
+    sd = checkpoint.get("state_dict", {})
+    for n, t in full.items():
         if f"model.{n}" in sd:
-            sd[f"model.{n}"] = full.to(sd[f"model.{n}"].device)
-    for state in _optimizer_expert_states(checkpoint, model, names):
+            sd[f"model.{n}"] = t.to(sd[f"model.{n}"].device)
+    for n, state in _expert_states(checkpoint, model, names):
         for k in _moment_keys(state):
-            state[k] = gather_expert_shard(state[k], plan.ep_group)
+            state[k] = moments[n, k].to(state[k].device)
     checkpoint["moelab_expert_parallel"] = plan.ep
 
 
@@ -70,18 +85,53 @@ def slice_experts(checkpoint: Dict, model: nn.Module, plan) -> None:
     names = set(plan.expert_names)
     sd = checkpoint.get("state_dict", {})
     params = dict(model.named_parameters())
+    n_local = params[plan.expert_names[0]].shape[0]
 
-    def local(t: torch.Tensor, n_local: int) -> torch.Tensor:
-        if t.shape[0] == n_local:  # already a shard (not a file written by gather_experts)
-            raise ValueError("the checkpoint holds expert shards, not whole experts; it was not written by "
-                             "moelab train's expert-parallel checkpointing.")
+    def local(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] != n_local * plan.ep:
+            raise ValueError(f"the checkpoint's experts have {t.shape[0]} rows, not {n_local * plan.ep}; it holds "
+                             f"expert shards, not whole experts, so it cannot be resumed at another layout.")
         return t[rank * n_local:(rank + 1) * n_local].clone()
 
     for n in plan.expert_names:
-        key = f"model.{n}"
-        if key in sd:
-            sd[key] = local(sd[key], params[n].shape[0])
-    n_local = next(iter(params[n] for n in plan.expert_names)).shape[0]
-    for state in _optimizer_expert_states(checkpoint, model, names):
+        if f"model.{n}" in sd:
+            sd[f"model.{n}"] = local(sd[f"model.{n}"])
+    for _, state in _expert_states(checkpoint, model, names):
         for k in _moment_keys(state):
-            state[k] = local(state[k], n_local)
+            state[k] = local(state[k])
+
+
+def optimizer_state_by_name(opt_state: Dict, model: nn.Module, prefix: str = "model.") -> Dict:
+    """An optimizer state dict with integer keys -> the same keyed by parameter name
+    (what torch.distributed.checkpoint's set_optimizer_state_dict takes), matching
+    keys to parameters by position in param_groups (see `_expert_states`)."""
+    order = [prefix + n for n in optimizer_param_names(model)]
+    saved = [i for g in opt_state["param_groups"] for i in g["params"]]
+    if len(saved) != len(order):
+        raise ValueError(f"the checkpoint's optimizer has {len(saved)} parameters, the model {len(order)}; "
+                         f"resume it with the recipe it was trained with.")
+    name_of = dict(zip(saved, order))
+    groups = [{**g, "params": [name_of[i] for i in g["params"]]} for g in opt_state["param_groups"]]
+    return {"state": {name_of[k]: v for k, v in opt_state["state"].items()}, "param_groups": groups}
+
+
+def load_full_checkpoint(strategy, path) -> Dict:
+    """Load a full (single-file) checkpoint into an FSDP2 / expert-parallel model:
+    every rank reads the file (memory-mapped), keeps its expert slice, and lets
+    torch.distributed.checkpoint shard the rest. Unlike Lightning's own loader it
+    neither broadcasts rank 0's state (expert shards differ per rank) nor assumes
+    that the optimizer numbered its parameters in model order (ours groups them)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    module = strategy.lightning_module
+    checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=False)
+    if module.scale.ep > 1:
+        slice_experts(checkpoint, module.model, module.scale)
+    options = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(strategy.model, checkpoint.pop("state_dict"), options=options)
+    for optimizer, opt_state in zip(strategy.optimizers, checkpoint.get("optimizer_states", [])):
+        set_optimizer_state_dict(strategy.model, optimizer, optimizer_state_by_name(opt_state, module.model),
+                                 options=options)
+    checkpoint.pop("optimizer_states", None)
+    return checkpoint

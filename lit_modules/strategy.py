@@ -86,11 +86,23 @@ def _ddp(train: TrainConfig) -> Any:
 def _fsdp(train: TrainConfig) -> Any:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
+    class FSDP2Strategy(ModelParallelStrategy):
+        """Full (single-file) checkpoints load through lit_modules.scale_checkpoint."""
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None):
+            from pathlib import Path
+
+            if not Path(checkpoint_path).is_file():
+                return super().load_checkpoint(checkpoint_path, weights_only)
+            from .scale_checkpoint import load_full_checkpoint
+
+            return load_full_checkpoint(self, checkpoint_path)
+
     # Lightning's own (data_parallel x tensor_parallel) mesh is not used: shard_model
     # builds the (data_parallel x expert) one. Checkpoints are full (unsharded) state
     # dicts written by rank 0, which any world size or EP size can load
     # (CausalLM.on_save_checkpoint gathers the expert shards).
-    return ModelParallelStrategy(save_distributed_checkpoint=False)
+    return FSDP2Strategy(save_distributed_checkpoint=False)
 
 
 # train.strategy -> factory(train) returning a Lightning strategy (or its name)

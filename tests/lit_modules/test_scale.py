@@ -1,7 +1,7 @@
 """Scale-out with `moelab train` on two gloo processes (CPU): expert parallel
-(EP=2 under DDP) gives the single-process losses for the same global batch of 8
+(EP=2 under DDP, and under FSDP2) gives the single-process losses for the same global batch of 8
 sequences (1 x 8 against 2 ranks x 2 micro-batches x 2), and a checkpoint written at
-EP=2 resumes at EP=1 (and one written at EP=1 at EP=2) with the same next-step loss
+EP=2 resumes at EP=1 (and one written at EP=1 at FSDP2 + EP=2) with the same next-step loss
 as the uninterrupted single-process run. Strategy errors are one sentence."""
 import subprocess
 import sys
@@ -54,9 +54,11 @@ def test_ddp_and_ep2_match_one_process_and_resume_across_ep(tmp_path):
     one = losses(one_dir)
     ep2_dir = run(tmp_path, "ep2", 3, *TWO, "train.strategy=ddp", "train.expert_parallel=2")
     ep2 = losses(ep2_dir)
-    assert sorted(one) == [1, 2, 3, 4] and sorted(ep2) == [1, 2, 3]
+    fsdp_ep2 = losses(run(tmp_path, "fsdp_ep2", 3, *TWO, "train.strategy=fsdp", "train.expert_parallel=2"))
+    assert sorted(one) == [1, 2, 3, 4] and sorted(ep2) == sorted(fsdp_ep2) == [1, 2, 3]
     for step in (1, 2, 3):
         assert ep2[step] == pytest.approx(one[step], abs=1e-5), (step, ep2, one)
+        assert fsdp_ep2[step] == pytest.approx(one[step], abs=1e-5), (step, fsdp_ep2, one)
     assert len({round(v, 4) for v in one.values()}) > 1  # the steps differ: the comparison can fail
 
     # the EP=2 checkpoint holds whole experts (and whole AdamW moments)
@@ -67,8 +69,9 @@ def test_ddp_and_ep2_match_one_process_and_resume_across_ep(tmp_path):
     # EP=2 -> EP=1 (one process); step 4 is the uninterrupted run's step 4
     resumed = losses(run(tmp_path, "ep2_to_ep1", 4, *ONE, f"resume={ep2_dir / 'checkpoints' / 'last.ckpt'}"))
     assert resumed[4] == pytest.approx(one[4], abs=1e-5), (resumed, one)
-    # and the other way: the single-process checkpoint of step 3 resumed at EP=2
-    back = losses(run(tmp_path, "ep1_to_ep2", 4, *TWO, "train.strategy=ddp", "train.expert_parallel=2",
+    # and the other way: the single-process checkpoint of step 3 resumed at EP=2 under
+    # FSDP2 (its own loader: expert slices, optimizer keys matched by position)
+    back = losses(run(tmp_path, "ep1_to_fsdp_ep2", 4, *TWO, "train.strategy=fsdp", "train.expert_parallel=2",
                       f"resume={one_dir / 'checkpoints' / 'step00000003.ckpt'}"))
     assert back[4] == pytest.approx(one[4], abs=1e-5), (back, one)
 
