@@ -209,6 +209,7 @@ class TrainConfig:
     devices: Any = "auto"
     strategy: str = "auto"  # auto | ddp | fsdp | model_parallel
     expert_parallel: int = 1
+    num_nodes: int = 1  # hosts in a multi-node launch (torchrun / SLURM); devices is per host
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

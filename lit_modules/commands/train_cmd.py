@@ -234,7 +234,8 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
         validate = t.val_every > 0 and t.val_batches > 0
         tb_kwargs = {"purge_step": resume_step + 1} if resume else {}
         trainer = L.Trainer(
-            accelerator=accelerator, devices=resolve_devices(t), strategy=strategy, precision=precision,
+            accelerator=accelerator, devices=resolve_devices(t), num_nodes=t.num_nodes, strategy=strategy,
+            precision=precision,
             max_steps=t.max_steps, max_epochs=-1,
             val_check_interval=t.val_every if validate else None, check_val_every_n_epoch=None,
             limit_val_batches=t.val_batches if validate else 0,
