@@ -65,6 +65,10 @@ def test_ddp_and_ep2_match_one_process_and_resume_across_ep(tmp_path):
     ckpt = torch.load(ep2_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["moelab_expert_parallel"] == 2
     assert ckpt["state_dict"]["model.layers.0.ffn.w_in"].shape[0] == 8
+    from lit_modules.checkpoint import load_model_dir  # what export-hf and eval read
+
+    _, model = load_model_dir(ep2_dir / "checkpoints" / "last.ckpt")
+    assert torch.equal(model.layers[0].ffn.w_in, ckpt["state_dict"]["model.layers.0.ffn.w_in"])
 
     # EP=2 -> EP=1 (one process); step 4 is the uninterrupted run's step 4
     resumed = losses(run(tmp_path, "ep2_to_ep1", 4, *ONE, f"resume={ep2_dir / 'checkpoints' / 'last.ckpt'}"))
