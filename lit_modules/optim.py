@@ -45,6 +45,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     return [g for g in groups if g["params"]]
 
 
+def mixed_tensor_types(model: nn.Module) -> bool:
+    """True when some trainable parameters are DTensors and others plain tensors."""
+    from torch.distributed.tensor import DTensor
+
+    kinds = {isinstance(p, DTensor) for p in model.parameters() if p.requires_grad}
+    return len(kinds) > 1
+
+
 def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, max_steps: int,
                   min_lr_ratio: float, decay_fraction: float) -> float:
     """The factor applied to the peak learning rate at optimizer update `step` (0-based)."""
@@ -87,8 +95,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int, device_t
     """AdamW over `param_groups` plus a LambdaLR stepped once per optimizer update."""
     check_optim(cfg, max_steps)
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
+    foreach = None
+    if mixed_tensor_types(model):
+        # FSDP2 + expert parallel: sharded weights are DTensors, the expert shards plain
+        # tensors, and the fused / foreach kernels take one type per group (seen on 2 x
+        # H200: "got mixed torch.Tensor and DTensor"). The per-tensor loop handles both;
+        # splitting the groups instead would change the group layout that checkpoints
+        # are matched by when resuming across strategies.
+        fused, foreach = False, False
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                            eps=cfg.eps, fused=fused)
+                            eps=cfg.eps, fused=fused, foreach=foreach)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
         lr_multiplier, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, max_steps=max_steps,
         min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction))
