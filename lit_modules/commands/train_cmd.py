@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -214,6 +215,10 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
                               f"{dm.vocab_size} or use a smaller tokenizer.")
         run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        # the run carries its tokenizer, so `moelab eval` / `export-hf` of the run need no
+        # --tokenizer and the run's tokens can be reproduced on another machine
+        if dm.tokenizer_path and Path(dm.tokenizer_path).is_file():
+            shutil.copyfile(dm.tokenizer_path, run_dir / "tokenizer.json")
     runlog = _RunLog(run_dir / "train.log" if rank0 else None)
     try:
         if rank0:

@@ -61,7 +61,7 @@ def test_run_directory_and_summary(short_run):
     run_dir, summary = short_run
     assert run_dir.name == "short"
     names = {p.name for p in run_dir.iterdir()}
-    assert {"recipe.yaml", "train.log", "tb", "checkpoints", "summary.json"} <= names
+    assert {"recipe.yaml", "tokenizer.json", "train.log", "tb", "checkpoints", "summary.json"} <= names
     on_disk = json.loads((run_dir / "summary.json").read_text())
     for key in ("steps", "tokens", "train_loss", "val_loss", "val_ppl", "tokens_per_s", "checkpoint"):
         assert on_disk[key] is not None, key
@@ -77,6 +77,20 @@ def test_run_directory_and_summary(short_run):
     assert "model.layers.0.ffn.router.expert_bias" in ckpt["state_dict"]
     log = (run_dir / "train.log").read_text()
     assert "step 12" in log and "val loss" in log
+
+
+def test_run_directory_evaluates_without_a_tokenizer_argument(short_run, tmp_path):
+    """The run carries its tokenizer: `moelab eval RUN_DIR` needs nothing else."""
+    import subprocess
+    import sys
+
+    run_dir, _ = short_run
+    text = tmp_path / "text.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 20)
+    r = subprocess.run([sys.executable, "-m", "lit_modules.cli", "eval", str(run_dir), "--data", str(text),
+                        "--seq-len", "32", "--device", "cpu", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["perplexity"] > 1
 
 
 def test_tensorboard_tags(short_run):
