@@ -4,6 +4,8 @@ Tiny configs are made by overriding the real recipes from the command-line dotli
 so the tests go through the same recipe path users do."""
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 
@@ -42,6 +44,23 @@ def tiny_model(name: str, *extra: str, seed: int = 0):
             if "norm" in n:
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
+
+
+# a tiny MoE for `moelab train` tests (applied to recipes/proxies/qwen3_moe_tiny)
+TINY_MOE_TRAIN = [
+    "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.attention.n_heads=4",
+    "model.attention.n_kv_heads=2", "model.attention.head_dim=16", "model.moe.n_experts=8",
+    "model.moe.top_k=2", "model.moe.d_expert=32", "model.ffn.d_ff=128",
+    "train.seq_len=64", "train.log_every=1", "train.optim.warmup_steps=5", "train.optim.lr=3e-3",
+    "data.max_chars=300000",
+]
+
+
+def free_port() -> int:
+    """A free localhost port for a process group of spawned test processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(params=sorted(TINY))

@@ -5,14 +5,13 @@ DDP does). The aux-loss-free bias update lands on the same biases in every case.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import tiny_model
+from conftest import free_port, tiny_model
 from experts.balance import clear_global_counts, precompute_global_counts, update_router_biases
 
 OVERRIDES = ("model.moe.balance.aux_scope=global", "model.moe.balance.aux_coef=0.1",
@@ -90,11 +89,6 @@ def _worker(rank, world, port, path):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_global_batch_loss_is_split_invariant(tmp_path):
@@ -131,4 +125,4 @@ def test_global_batch_loss_is_split_invariant(tmp_path):
     # 2 gloo processes, each 4 sequences (1 micro-batch, then 2 of 2)
     path = tmp_path / "ref.pt"
     torch.save(ref, path)
-    mp.spawn(_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(path)), nprocs=2, join=True)

@@ -7,14 +7,13 @@ biases once gradients are averaged as the training loop does."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import tiny_model
+from conftest import free_port, tiny_model
 from experts.balance import update_router_biases
 from experts.parallel import check_expert_parallel, reduce_expert_grads, shard_experts
 
@@ -104,11 +103,6 @@ def _worker(rank, port, path):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_ep2_matches_single_process(tmp_path):
@@ -132,7 +126,7 @@ def test_ep2_matches_single_process(tmp_path):
            "model_grads": grads, "biases": [m.router.expert_bias.clone() for m in model.moe_layers]}
     path = tmp_path / "ref.pt"
     torch.save(ref, path)
-    mp.spawn(_worker, args=(_free_port(), str(path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(path)), nprocs=WORLD, join=True)
 
 
 def test_expert_parallel_must_divide_experts():

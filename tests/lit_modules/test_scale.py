@@ -14,14 +14,12 @@ from arch import RecipeError, load_recipe
 from arch.config import TrainConfig
 from lit_modules.strategy import build_strategy, check_scale
 
+from conftest import TINY_MOE_TRAIN
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "proxies/qwen3_moe_tiny"
-TINY = [
-    "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.attention.n_heads=4",
-    "model.attention.n_kv_heads=2", "model.attention.head_dim=16", "model.moe.n_experts=8",
-    "model.moe.top_k=2", "model.moe.d_expert=32", "model.ffn.d_ff=128",
-    "train.seq_len=64", "train.log_every=1", "train.val_every=0", "train.optim.warmup_steps=5",
-    "train.optim.lr=3e-3", "train.optim.schedule=constant", "data.max_chars=300000",
+TINY = TINY_MOE_TRAIN + [
+    "train.val_every=0", "train.optim.schedule=constant",
     # the global-batch balancing loss and the bias update: both must survive the split
     "model.moe.balance.aux_coef=0.5", "model.moe.router.bias_update_rate=0.01",
 ]

@@ -18,14 +18,12 @@ import torch
 from arch import RecipeError
 from lit_modules.commands.train_cmd import train
 
+from conftest import TINY_MOE_TRAIN
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "proxies/qwen3_moe_tiny"
-TINY = [
-    "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.attention.n_heads=4",
-    "model.attention.n_kv_heads=2", "model.attention.head_dim=16", "model.moe.n_experts=8",
-    "model.moe.top_k=2", "model.moe.d_expert=32", "model.ffn.d_ff=128",
-    "train.seq_len=64", "train.micro_batch_size=8", "train.val_batches=4", "train.log_every=1",
-    "train.optim.warmup_steps=5", "train.optim.lr=3e-3", "data.max_chars=300000",
+TINY = TINY_MOE_TRAIN + [
+    "train.micro_batch_size=8", "train.val_batches=4",
 ]
 
 
