@@ -71,6 +71,17 @@ class TopKRouter(nn.Module):
                 weights_TK = weights_TK * self.route_scale
         return Routing(weights_TK, ids_TK, scores_TE, self.probs(scores_TE), logits_TE)
 
+    def _apply(self, fn, recurse=True):
+        # Keep the selection bias in float32 whatever the module is cast to: its steps
+        # (bias_update_rate, e.g. 1e-3) vanish in bf16 once |bias| > ~0.25. Device moves
+        # still apply.
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        moved = self._buffers["expert_bias"]
+        if moved.dtype != torch.float32 and bias.dtype == torch.float32:
+            self._buffers["expert_bias"] = bias.to(device=moved.device)
+        return self
+
     @torch.no_grad()
     def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
         """Aux-loss-free step: raise the bias of under-loaded experts, lower the

@@ -46,6 +46,7 @@ from arch.ffn import ffn_params
 from arch.registry import FFN, MOE, RecipeError
 
 from .strategy import parallelize
+from .callbacks import lookup_peak_tflops  # one datasheet table, shared with training's MFU
 
 GiB = 2**30
 
@@ -57,21 +58,6 @@ class BenchError(RecipeError):
 
 # ----------------------------------------------------------------- device, dtype, peak
 
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
-# The first entry whose key occurs in the device name wins: the PCIe H100 comes first.
-PEAK_BF16_TFLOPS: Tuple[Tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.4),
-    ("H200", 989.4),
-    ("A100", 312.0),
-)
-
-
-def lookup_peak_tflops(device_name: str) -> Optional[float]:
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
-            return tflops
-    return None
 
 
 def device_name(device: torch.device) -> str:

@@ -24,12 +24,20 @@ log = logging.getLogger("moelab.train")
 # order against torch.cuda.get_device_name(). Other devices: set train.peak_tflops.
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM / HBM3
-    ("H200", 989.0),
-    ("H800", 989.0),
+    ("H100", 989.4),  # SXM / HBM3
+    ("H200", 989.4),
+    ("H800", 989.4),
     ("A100", 312.0),
     ("A800", 312.0),
 )
+
+
+def lookup_peak_tflops(device_name: str) -> Optional[float]:
+    """The table entry for a device name (case-insensitive), or None."""
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops
+    return None
 
 
 def peak_flops_per_device(peak_tflops: Optional[float], precision: str) -> Optional[float]:
@@ -39,11 +47,8 @@ def peak_flops_per_device(peak_tflops: Optional[float], precision: str) -> Optio
         return peak_tflops * 1e12
     if not torch.cuda.is_available() or not precision.startswith("bf16"):
         return None
-    name = torch.cuda.get_device_name()
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    return None
+    tflops = lookup_peak_tflops(torch.cuda.get_device_name())
+    return tflops * 1e12 if tflops else None
 
 
 # ------------------------------------------------------------------ checkpoints

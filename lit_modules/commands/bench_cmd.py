@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                     "CPU), tokens/s, MFU and peak memory. Change the shape with overrides such as "
                     "train.micro_batch_size=4 train.seq_len=1024.")
     p.add_argument("recipe", help="a recipe path or a name under recipes/ (e.g. proxies/qwen3_moe_w2)")
-    p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. model.moe.backend=loop")
+    p.add_argument("overrides", nargs="*", default=[], help="a.b=c overrides, e.g. model.moe.backend=loop")
     p.add_argument("--vs-hf", action="store_true",
                    help="also time the Hugging Face transformers twin with the same weights and batches")
     p.add_argument("--layer", action="store_true",

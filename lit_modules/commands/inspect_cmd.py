@@ -7,12 +7,13 @@ from itertools import groupby
 from arch import available_recipes, count, load_recipe
 from arch.accounting import Accounting
 from arch.config import Recipe
+from arch.registry import RecipeError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="parameters, FLOPs/token, KV cache and layer pattern of a recipe")
     p.add_argument("recipe", help="a recipe path or a name under recipes/ (e.g. qwen3/30b_a3b)")
-    p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. proxy.d_model=768")
+    p.add_argument("overrides", nargs="*", default=[], help="a.b=c overrides, e.g. proxy.d_model=768")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--seq-len", type=int, default=None,
                    help="sequence length for FLOPs/token (default: the recipe's train.seq_len)")
@@ -108,8 +109,12 @@ def format_table(recipe: Recipe, acc: Accounting) -> str:
 
 
 def run_inspect(args) -> int:
+    for flag, value in (("--seq-len", args.seq_len), ("--context", args.context)):
+        if value is not None and value < 1:
+            raise RecipeError(f"{flag} must be a positive number of tokens, got {value}.")
     recipe = load_recipe(args.recipe, args.overrides)
-    acc = count(recipe.model, seq_len=args.seq_len or recipe.train.seq_len, context=args.context)
+    seq_len = args.seq_len if args.seq_len is not None else recipe.train.seq_len
+    acc = count(recipe.model, seq_len=seq_len, context=args.context)
     if args.json:
         print(json.dumps(inspect_dict(recipe, acc), indent=2))
     else:

@@ -36,7 +36,7 @@ LAUNCH_ENV = "MOELAB_TRAIN_LAUNCH"
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a recipe's model: TensorBoard logs, checkpoints, resume")
     p.add_argument("recipe", help="a recipe path or a name under recipes/ (e.g. proxies/qwen3_moe_tiny)")
-    p.add_argument("overrides", nargs="*",
+    p.add_argument("overrides", nargs="*", default=[],
                    help="a.b=c overrides (e.g. train.max_steps=100); resume=PATH is short for train.resume=PATH")
     p.set_defaults(func=run_train)
 

@@ -82,3 +82,18 @@ def test_stats_and_expert_load_image():
     assert load.shape == (1, 8)
     assert load.max().item() == pytest.approx(stats["load_max_over_mean"].item())
     assert all(not v.requires_grad for v in stats.values())
+
+
+def test_selection_bias_stays_float32_when_the_model_is_cast():
+    """bf16-true training casts the module; the bias must keep taking small steps."""
+    from arch.config import RouterConfig
+    from experts.router import SoftmaxTopKRouter
+
+    router = SoftmaxTopKRouter(16, 4, 2, RouterConfig(bias_update_rate=1e-3))
+    with torch.no_grad():
+        router.expert_bias.fill_(0.6)
+    router = router.to(torch.bfloat16)
+    assert router.gate.weight.dtype == torch.bfloat16 and router.expert_bias.dtype == torch.float32
+    before = router.expert_bias.clone()
+    router.update_bias(torch.tensor([10.0, 0.0, 0.0, 0.0]))
+    assert (router.expert_bias - before).abs().max().item() == pytest.approx(1e-3, rel=1e-4)

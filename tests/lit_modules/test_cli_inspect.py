@@ -47,3 +47,10 @@ def test_inspect_bad_input_is_one_line_exit_2():
 def test_other_commands(args):
     r = moelab(*args)
     assert r.returncode == 0 and r.stdout
+
+
+def test_inspect_rejects_non_positive_lengths_and_names_only_the_recipe_as_required():
+    r = moelab("inspect", "qwen3/30b_a3b", "--seq-len", "0")
+    assert r.returncode == 2 and "--seq-len must be a positive number of tokens" in r.stderr
+    r = moelab("inspect")
+    assert r.returncode == 2 and r.stderr.strip().endswith("the following arguments are required: recipe")
