@@ -203,7 +203,9 @@ class TrainConfig:
     expert_image_every: int = 100
     run_dir: str = "runs"
     run_name: Optional[str] = None
-    resume: Optional[str] = None  # a checkpoint path, or "auto" (the run dir's last)
+    # a checkpoint path or run directory; "auto": the newest run of this recipe under
+    # run_dir with a checkpoint (or of run_name, which resumes by itself anyway)
+    resume: Optional[str] = None
     peak_tflops: Optional[float] = None  # MFU denominator; null: looked up for the device
     accelerator: str = "auto"
     devices: Any = "auto"

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from arch.registry import RecipeError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -116,7 +118,7 @@ def _moe_layers(model: nn.Module) -> list:
 
 def check_expert_parallel(n_experts: int, ep: int) -> None:
     if ep < 1 or n_experts % ep != 0:
-        raise ValueError(f"model.moe.n_experts = {n_experts} is not divisible by train.expert_parallel = {ep}; "
+        raise RecipeError(f"model.moe.n_experts = {n_experts} is not divisible by train.expert_parallel = {ep}; "
                          f"choose an expert_parallel size that divides the number of experts.")
 
 

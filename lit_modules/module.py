@@ -35,10 +35,17 @@ from .strategy import ScalePlan, parallelize, shard_model
 
 log = logging.getLogger("moelab.train")
 
-# Model fields that choose an implementation, not an architecture: a checkpoint may be
-# resumed with another value (the weights are the same).
+# Model fields that leave the weights' names, shapes and meaning alone: how they are
+# computed (impl, backend, fused CE, init) or trained (balancing losses, jitter, bias
+# rate, capacity, context length). A checkpoint may be resumed with other values, e.g.
+# a higher aux_coef after an expert collapse. A key ending in "." matches a prefix.
 IMPLEMENTATION_FIELDS = {"attention.impl", "moe.backend", "fused_ce_chunk", "fused_ce_compile", "init_std",
-                         "init_scale_residual"}
+                         "init_scale_residual", "moe.balance.", "moe.router.jitter",
+                         "moe.router.bias_update_rate", "moe.capacity_factor", "max_seq_len"}
+
+
+def _may_change(key: str) -> bool:
+    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in IMPLEMENTATION_FIELDS)
 
 
 class TrainingFailed(RecipeError):
@@ -66,7 +73,7 @@ def model_mismatch(checkpoint_recipe_yaml: str, recipe: Recipe) -> Optional[str]
     ours = OmegaConf.to_container(OmegaConf.create(recipe_to_yaml(recipe)))["model"]
     a, b = dict(_flat(ckpt)), dict(_flat(ours))
     for key in list(dict.fromkeys(list(b) + list(a))):
-        if key in IMPLEMENTATION_FIELDS:
+        if _may_change(key):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             return f"model.{key}: checkpoint {a.get(key, '<absent>')}, recipe {b.get(key, '<absent>')}"

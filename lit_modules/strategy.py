@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from arch.config import TrainConfig
 from arch.registry import RecipeError, nearest
+from experts.parallel import check_expert_parallel
 
 # 16-mixed is left out: its loss scaling would need unscaling before clipping and
 # skipped steps on overflow, which the manual training step does not do
@@ -139,9 +140,7 @@ def check_scale(recipe) -> None:
     if not any(spec.moe for spec in layer_specs(recipe.model)):
         raise RecipeError(f"train.expert_parallel = {ep} but the model has no MoE layers; set "
                           f"train.expert_parallel=1 for a dense model.")
-    if moe.n_experts % ep != 0:
-        raise RecipeError(f"model.moe.n_experts = {moe.n_experts} is not divisible by train.expert_parallel = "
-                          f"{ep}; choose an expert_parallel size that divides the number of experts.")
+    check_expert_parallel(moe.n_experts, ep)
 
 
 # ------------------------------------------------------------- model preparation

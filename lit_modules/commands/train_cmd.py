@@ -62,9 +62,23 @@ def check_train(recipe: Recipe) -> None:
     if t.seq_len > recipe.model.max_seq_len:
         raise RecipeError(f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}; "
                           f"lower train.seq_len or raise model.max_seq_len.")
+    if t.num_nodes < 1:
+        raise RecipeError(f"train.num_nodes = {t.num_nodes} must be at least 1.")
+    devices = t.devices
+    if not (devices == "auto" or (isinstance(devices, int) and devices >= 1)
+            or (isinstance(devices, list) and devices and all(isinstance(d, int) and d >= 0 for d in devices))):
+        raise RecipeError(f"train.devices = {devices!r} must be 'auto', a positive number of devices or a list "
+                          f"of device indices such as [0, 1].")
     from lit_modules.optim import check_optim
 
     check_optim(t.optim, t.max_steps)
+
+
+def check_on_accelerator(recipe: Recipe, accelerator: str) -> None:
+    """Checks that depend on where the run goes, still before any data work."""
+    if accelerator == "cpu" and recipe.model.attention.impl == "flex":
+        raise RecipeError("model.attention.impl = flex has no backward pass on CPU; use auto (SDPA on CPU, "
+                          "flex on CUDA for windowed layers), sdpa or eager.")
 
 
 def _new_run_dir(recipe: Recipe) -> Path:
@@ -97,6 +111,11 @@ def resolve_run(recipe: Recipe) -> Tuple[Path, Optional[Path]]:
     if named is not None:
         last = named / "checkpoints" / "last.ckpt"
         return named, last if last.is_file() else None
+    if t.resume == "auto":  # the newest run of this recipe that has a checkpoint
+        runs = sorted(Path(t.run_dir).glob(f"{Path(recipe.name).name}-*/checkpoints/last.ckpt"),
+                      key=lambda p: p.stat().st_mtime)
+        if runs:
+            return runs[-1].parent.parent, runs[-1]
     return _new_run_dir(recipe), None
 
 
@@ -197,6 +216,7 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
                                       resolve_precision)
 
     accelerator = resolve_accelerator(t)
+    check_on_accelerator(recipe, accelerator)
     precision = resolve_precision(t, accelerator)
     strategy = build_strategy(t)
     check_scale(recipe)

@@ -105,6 +105,13 @@ def test_model_mismatch_names_the_first_field():
     assert model_mismatch(saved, fused) is None
     diff = model_mismatch(saved, load_recipe(RECIPE, TINY + ["model.moe.top_k=4"]))
     assert diff == "model.moe.top_k: checkpoint 2, recipe 4"
+    # so may training-only settings (a higher aux_coef after an expert collapse, ...)
+    trained = load_recipe(RECIPE, TINY + ["model.moe.balance.aux_coef=0.5", "model.moe.balance.z_coef=1e-3",
+                                          "model.moe.router.jitter=0.01", "model.moe.capacity_factor=1.5",
+                                          "model.moe.router.bias_update_rate=1e-3", "model.max_seq_len=1024"])
+    assert model_mismatch(saved, trained) is None
+    assert model_mismatch(saved, load_recipe(RECIPE, TINY + ["model.moe.d_expert=48"])).startswith(
+        "model.moe.d_expert")
 
 
 
