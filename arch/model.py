@@ -52,7 +52,8 @@ class Transformer(nn.Module):
         """Logits, and the mean next-token loss when `targets` is given.
 
         With `return_logits=False` and `model.fused_ce_chunk > 0` the head and the loss
-        are fused (arch/loss.py) and `logits` is None: the training path."""
+        are fused (arch/loss.py) and `logits` is None: the training path. With
+        `return_logits=False` and no targets the head is skipped altogether."""
         x = self.embed(input_ids)
         if self.cfg.scale_embeddings:  # Gemma: the scale is rounded to the weight dtype
             x = x * torch.tensor(math.sqrt(self.cfg.d_model), dtype=self.embed.weight.dtype)
@@ -63,7 +64,9 @@ class Transformer(nn.Module):
         h = self.norm(x)
         cap = self.cfg.final_softcap
         logits = loss = None
-        if targets is not None and not return_logits and self.cfg.fused_ce_chunk > 0:
+        if targets is None and not return_logits:
+            pass  # the body only (e.g. to count expert selections): no head, no logits
+        elif targets is not None and not return_logits and self.cfg.fused_ce_chunk > 0:
             loss = fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight(), targets.flatten(),
                                               self.cfg.fused_ce_chunk, cap, compiled=self.cfg.fused_ce_compile)
         else:

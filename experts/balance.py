@@ -59,7 +59,7 @@ def precompute_global_counts(model: nn.Module, micro_batches: Iterable[torch.Ten
         layer._collect = [torch.zeros(layer.n_experts, dtype=torch.long, device=layer.w_in.device), 0]
     try:
         for ids in micro_batches:
-            model(ids)
+            model(ids, return_logits=False)  # the head is not needed to count experts
         collected = [layer._collect for layer in layers]
     finally:
         for layer in layers:

@@ -75,3 +75,9 @@ def test_compile_switch_needs_the_fused_loss():
 
     with pytest.raises(RecipeError, match="model.fused_ce_compile compiles the fused cross-entropy, which is off"):
         tiny_recipe("qwen3", "model.fused_ce_compile=true")
+
+
+def test_body_only_forward_skips_the_head():
+    model = tiny_model("qwen3_moe")
+    out = model(torch.randint(0, 256, (1, 8)), return_logits=False)
+    assert out.logits is None and out.loss is None
