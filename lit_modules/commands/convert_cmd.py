@@ -4,6 +4,8 @@
                                           -> recipe.yaml + model*.safetensors (+ tokenizer.json)
     moelab export-hf CHECKPOINT OUT_DIR   a model directory, .ckpt or run directory
                                           -> a directory transformers' from_pretrained loads
+    moelab convert SOURCE OUT_DIR         either one, the direction read off SOURCE (the
+                                          `moelab convert` of DESIGN.md)
 """
 from __future__ import annotations
 
@@ -29,6 +31,22 @@ def add_parser(sub) -> None:
     e.add_argument("out_dir", help="new Hugging Face model directory (must not exist or be empty)")
     _common(e)
     e.set_defaults(func=run_export)
+    c = sub.add_parser("convert", help="Hugging Face <-> moelab: import-hf or export-hf, chosen by SOURCE")
+    c.add_argument("source", help="a Hugging Face model directory (imported), or a moelab model directory, "
+                                  ".ckpt or run directory (exported)")
+    c.add_argument("out_dir", help="new output directory (must not exist or be empty)")
+    _common(c)
+    c.set_defaults(func=run_convert)
+
+
+def run_convert(args) -> int:
+    from lit_modules.convert import is_hf_dir
+
+    if is_hf_dir(args.source):
+        args.hf_dir = args.source
+        return run_import(args)
+    args.checkpoint = args.source
+    return run_export(args)
 
 
 def run_import(args) -> int:

@@ -213,6 +213,16 @@ def test_cli_import_then_export(tmp_path, capsys):
     assert err.strip().count("\n") == 0 and "already exists" in err
 
 
+def test_cli_convert_picks_the_direction(tmp_path):
+    """`moelab convert` (DESIGN.md's name): an HF dir is imported, a moelab dir exported."""
+    hf_model("qwen3").save_pretrained(tmp_path / "hf")
+    r = moelab("convert", str(tmp_path / "hf"), str(tmp_path / "m"))
+    assert r.returncode == 0 and "imported" in r.stdout, r.stderr
+    r = moelab("convert", str(tmp_path / "m"), str(tmp_path / "back"))
+    assert r.returncode == 0 and "exported" in r.stdout, r.stderr
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+
+
 def test_legacy_hub_config_fields(tmp_path):
     """config.json as the hub ships Gemma 3 (transformers 4 era): rope_theta,
     rope_local_base_freq, rope_scaling and sliding_window_pattern instead of
