@@ -74,3 +74,13 @@ def tokens(seed: int = 1, batch: int = 2, seq: int = SEQ) -> torch.Tensor:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def save_hf_state(hf, state, folder) -> None:
+    """Write `hf`'s config and a hand-made state dict as a Hugging Face directory
+    (for layouts save_pretrained would not write, e.g. fused experts in memory)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    hf.config.save_pretrained(folder)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from _hf_tiny import gemma3_multimodal, hf_model, max_diff, tokens  # noqa: E402
+from _hf_tiny import gemma3_multimodal, hf_model, max_diff, save_hf_state, tokens  # noqa: E402
 
 from lit_modules.checkpoint import load_model_dir  # noqa: E402
 from lit_modules.convert import import_hf  # noqa: E402
@@ -99,14 +99,10 @@ def test_gemma3_multimodal_text_part(tmp_path):
 def test_gemma3_multimodal_transformers5_names(tmp_path):
     """The same model stored with transformers 5's in-memory names
     (model.language_model.*, model.vision_tower.*), as a hand-made directory."""
-    from safetensors.torch import save_file
-
     hf = gemma3_multimodal(seed=3)
     state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied
     assert any(k.startswith("model.language_model.") for k in state)
-    (tmp_path / "hf").mkdir()
-    hf.config.save_pretrained(tmp_path / "hf")
-    save_file(state, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    save_hf_state(hf, state, tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "moelab")
     _, ours = load_model_dir(tmp_path / "moelab")
     ids = tokens()
