@@ -29,6 +29,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--by-op", action="store_true",
+                   help="also list the operators (with their input shapes) by the CUDA time of their kernels")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_step.py needs a CUDA device.")
@@ -52,13 +54,20 @@ def main(argv=None) -> None:
     for i in range(args.warmup):
         step(i)
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    if args.by_op:
+        activities.append(torch.profiler.ProfilerActivity.CPU)
+    with torch.profiler.profile(activities=activities, record_shapes=args.by_op) as prof:
         for i in range(args.steps):
             step(i)
         torch.cuda.synchronize()
     print(f"{recipe.name} ({bench.model_detail(recipe)}, {precision.describe()}), {args.steps} steps, "
           f"{torch.cuda.get_device_name()}: kernels by self CUDA time")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=70))
+    if args.by_op:
+        print("operators and their input shapes, by the CUDA time of their kernels")
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="device_time_total", row_limit=2 * args.top, max_name_column_width=50, max_shapes_column_width=70))
 
 
 if __name__ == "__main__":

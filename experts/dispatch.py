@@ -89,10 +89,17 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        grad_src = grad[inverse]
-        if ctx.copies > 1:
-            grad_src = grad_src.view(ctx.n_src, ctx.copies, -1).sum(1)
-        return grad_src, None, None, None
+        if ctx.copies == 1:
+            return grad[inverse], None, None, None
+        # sum of the copies as `copies` gathered row reads per output row, accumulated
+        # in float32: compiled, one pointwise kernel that reads each row once (a gather
+        # followed by .sum(1) compiles to a slower reduction over a dimension of `copies`)
+        inverse_NC = inverse.view(ctx.n_src, ctx.copies)
+        acc_dtype = torch.promote_types(grad.dtype, torch.float32)
+        acc = grad[inverse_NC[:, 0]].to(acc_dtype)
+        for j in range(1, ctx.copies):
+            acc = acc + grad[inverse_NC[:, j]].to(acc_dtype)
+        return acc.to(grad.dtype), None, None, None
 
 
 def permute(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
@@ -105,10 +112,52 @@ def permute(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
     return x_SD
 
 
+def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when an input is float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+class _WeightedCombine(torch.autograd.Function):
+    """y_t = sum_k w_tk * rows[slot_row[t, k]], accumulated in float32.
+
+    Written as K gathered row reads per output row rather than a gather into a
+    (T, K, D) tensor and a batched matmul: compiled, forward is one kernel that never
+    materialises (T, K, D) (nor keeps it for backward), and the rows' gradient is one
+    gather: d rows[r] = w[slot(r)] * d y[token(r)]."""
+
+    @staticmethod
+    def forward(ctx, rows_SD, weights_TK, slot_row_TK, row_slot_S):
+        ctx.save_for_backward(rows_SD, weights_TK, slot_row_TK, row_slot_S)
+        acc_dtype = _accumulation_dtype(rows_SD, weights_TK)
+        w = weights_TK.to(acc_dtype)
+        acc = w[:, :1] * rows_SD[slot_row_TK[:, 0]].to(acc_dtype)
+        for k in range(1, slot_row_TK.shape[1]):
+            acc = acc + w[:, k:k + 1] * rows_SD[slot_row_TK[:, k]].to(acc_dtype)
+        return acc.to(rows_SD.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        rows_SD, weights_TK, slot_row_TK, row_slot_S = ctx.saved_tensors
+        K = slot_row_TK.shape[1]
+        acc_dtype = _accumulation_dtype(rows_SD, weights_TK)
+        grad_rows = None
+        if ctx.needs_input_grad[0]:
+            w_S = weights_TK.reshape(-1).to(acc_dtype)[row_slot_S]
+            grad_rows = (w_S[:, None] * grad_TD[row_slot_S // K].to(acc_dtype)).to(rows_SD.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            g = grad_TD.to(acc_dtype)
+            grad_w = torch.stack([(g * rows_SD[slot_row_TK[:, k]].to(acc_dtype)).sum(-1) for k in range(K)], dim=1)
+            grad_w = grad_w.to(weights_TK.dtype)
+        return grad_rows, grad_w, None, None
+
+
 def combine(y_SD: torch.Tensor, weights_TK: torch.Tensor, d: Dispatch, n_tokens: int) -> torch.Tensor:
-    """y_t = sum_k w_tk * y_(t,k): rows back to slot order, then one (1 x K) @ (K x D)
-    product per token, accumulated in float32 by the matmul even for bf16 rows."""
+    """y_t = sum_k w_tk * y_(t,k): each token's K rows weighted and summed in float32,
+    returned in the rows' dtype."""
     if d.keep_S is not None:  # where, not a multiply: dropped rows may hold NaN
         y_SD = torch.where(d.keep_S[:, None], y_SD, 0.0)
-    y_TKD = _GatherRows.apply(y_SD, d.inverse_S, d.order_S, 1).view(n_tokens, -1, y_SD.shape[-1])
-    return torch.bmm(weights_TK.to(y_SD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+    return _WeightedCombine.apply(y_SD, weights_TK, d.inverse_S.view(n_tokens, -1), d.order_S)

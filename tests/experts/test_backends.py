@@ -128,6 +128,31 @@ def test_gather_rows_gradient():
     torch.autograd.gradcheck(lambda t: _GatherRows.apply(t, d.inverse_S, d.order_S, 1), (y,))
 
 
+@pytest.mark.parametrize("capacity", [None, 4])
+def test_weighted_combine_gradient_and_value(capacity):
+    """combine = sum_k w_tk * rows[row of slot (t, k)]: value from the definition,
+    gradients of the rows and of the weights by gradcheck (float64), dropped slots
+    contributing nothing."""
+    from experts.dispatch import _WeightedCombine, combine
+
+    torch.manual_seed(0)
+    T_, K, E = 7, 3, 5
+    ids = torch.rand(T_, E).argsort(-1)[:, :K]  # K distinct experts per token
+    d = dispatch(ids, E, capacity)
+    rows = torch.randn(T_ * K, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(T_, K, dtype=torch.float64, requires_grad=True)
+    y = combine(rows, w, d, T_)
+    slot_row = d.inverse_S.view(T_, K)
+    n_kept = T_ * K if d.keep_S is None else int(d.keep_S.sum())
+    expected = torch.stack([sum((w[t, k] * rows[slot_row[t, k]] for k in range(K) if slot_row[t, k] < n_kept),
+                                 torch.zeros(4, dtype=torch.float64))
+                            for t in range(T_)])
+    assert torch.allclose(y, expected)
+    if capacity is not None:
+        assert n_kept < T_ * K  # something really was dropped
+    torch.autograd.gradcheck(lambda r, ww: _WeightedCombine.apply(r, ww, slot_row, d.order_S), (rows, w))
+
+
 def test_dispatch_layout_by_hand():
     # the sketch in experts/dispatch.py: t0:(e1,e0) t1:(e1,e2) t2:(e1,e0), E = 3, C = 2
     ids = torch.tensor([[1, 0], [1, 2], [1, 0]])
