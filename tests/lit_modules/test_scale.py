@@ -2,7 +2,10 @@
 (EP=2 under DDP, and under FSDP2) gives the single-process losses for the same global batch of 8
 sequences (1 x 8 against 2 ranks x 2 micro-batches x 2), and a checkpoint written at
 EP=2 resumes at EP=1 (and one written at EP=1 at FSDP2 + EP=2) with the same next-step loss
-as the uninterrupted single-process run. Strategy errors are one sentence."""
+as the uninterrupted single-process run. EP=2 inside a world of 4 (a 2 data x 2 expert
+mesh: each expert shard on two ranks) gives the same losses, weights and router biases.
+Strategy errors are one sentence."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +28,7 @@ TINY = TINY_MOE_TRAIN + [
 ]
 ONE = ["train.micro_batch_size=8"]
 TWO = ["train.micro_batch_size=2", "train.grad_accum=2", "train.devices=2", "train.accelerator=cpu"]
+FOUR = ["train.micro_batch_size=1", "train.grad_accum=2", "train.devices=4", "train.accelerator=cpu"]
 
 
 def run(tmp_path, name, steps, *extra):
@@ -78,6 +82,33 @@ def test_ddp_and_ep2_match_one_process_and_resume_across_ep(tmp_path):
     back = losses(run(tmp_path, "ep1_to_fsdp_ep2", 4, *TWO, "train.strategy=fsdp", "train.expert_parallel=2",
                       f"resume={one_dir / 'checkpoints' / 'step00000003.ckpt'}"))
     assert back[4] == pytest.approx(one[4], abs=1e-5), (back, one)
+
+
+@pytest.mark.slow
+def test_ddp_ep2_in_world_of_4_matches_one_process(tmp_path):
+    """Expert-data-parallel groups: each EP group of 2 exchanges its own tokens, the
+    ranks holding the same shard average its gradients, counts and loads are summed
+    over all 4 ranks (tests/experts/test_parallel_world4.py checks one step exactly)."""
+    one_dir = run(tmp_path, "one", 3, *ONE)
+    four_dir = run(tmp_path, "four", 3, *FOUR, "train.strategy=ddp", "train.expert_parallel=2")
+    one, four = losses(one_dir), losses(four_dir)
+    assert sorted(one) == sorted(four) == [1, 2, 3] and len({round(v, 4) for v in one.values()}) > 1
+    for step in (1, 2, 3):
+        assert four[step] == pytest.approx(one[step], abs=1e-5), (step, four, one)
+    # same global batch: 4 ranks x 1 sequence x 2 micro-batches = 1 x 8
+    summary = [json.loads((d / "summary.json").read_text()) for d in (one_dir, four_dir)]
+    assert summary[0]["tokens"] == summary[1]["tokens"]
+    # the checkpoint holds whole experts gathered from the EP groups; after 3 AdamW
+    # steps every weight is the one-process weight (an update of the wrong sign would
+    # be off by about the learning rate) and the router biases are bit-identical
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=False) for d in (one_dir, four_dir))
+    assert b["moelab_expert_parallel"] == 2 and b["state_dict"]["model.layers.0.ffn.w_in"].shape[0] == 8
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k, v in a["state_dict"].items():
+        if k.endswith("expert_bias"):
+            assert v.ne(0).any() and torch.equal(b["state_dict"][k], v), k
+        else:
+            assert torch.allclose(b["state_dict"][k], v, rtol=0, atol=1e-4), k
 
 
 def test_strategy_choices():
