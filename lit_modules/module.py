@@ -41,7 +41,8 @@ log = logging.getLogger("moelab.train")
 # a higher aux_coef after an expert collapse. A key ending in "." matches a prefix.
 IMPLEMENTATION_FIELDS = {"attention.impl", "moe.backend", "fused_ce_chunk", "fused_ce_compile", "init_std",
                          "init_scale_residual", "moe.balance.", "moe.router.jitter",
-                         "moe.router.bias_update_rate", "moe.capacity_factor", "max_seq_len"}
+                         "moe.router.bias_update_rate", "moe.router.fast_logits", "moe.capacity_factor",
+                         "max_seq_len"}
 
 
 def _may_change(key: str) -> bool:
