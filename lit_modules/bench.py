@@ -453,7 +453,10 @@ def model_detail(recipe: Recipe) -> str:
     parts.append("compiled blocks" if t.compile else "eager")
     if t.activation_checkpointing:
         parts.append("act. checkpointing")
-    parts.append(f"fused CE chunk {m.fused_ce_chunk}" if m.fused_ce_chunk > 0 else "plain CE")
+    if m.fused_ce_chunk > 0:
+        parts.append(f"fused CE chunk {m.fused_ce_chunk}" + (" compiled" if m.fused_ce_compile else ""))
+    else:
+        parts.append("plain CE")
     if m.attention.impl != "auto":
         parts.append(f"attention {m.attention.impl}")
     return ", ".join(parts)
