@@ -91,11 +91,17 @@ def _per_token_reference(layer, x_TD):
     return torch.stack(out), seen, C
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["eager_form", "compiled_form"])
 @pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.0, 2.0])
-def test_layer_matches_per_token_reference(backend, capacity_factor):
+def test_layer_matches_per_token_reference(backend, capacity_factor, fused, monkeypatch):
     """Forward and every gradient: the dispatch/combine code is shared by all
-    backends, so this, not the backend comparison, is what checks it."""
+    backends, so this, not the backend comparison, is what checks it; in both forms
+    of the permute backward and the combine (the one used when compiled is forced
+    here, in eager mode)."""
+    import experts.dispatch
+
+    monkeypatch.setattr(experts.dispatch, "_fused_form", lambda: fused)
     layer = make_moe(seed=4, backend=backend, capacity_factor=capacity_factor, n_shared=1, shared_gate=True).eval()
     x = torch.randn(T, D_MODEL)
     g = torch.randn(T, D_MODEL)
@@ -128,12 +134,16 @@ def test_gather_rows_gradient():
     torch.autograd.gradcheck(lambda t: _GatherRows.apply(t, d.inverse_S, d.order_S, 1), (y,))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["eager_form", "compiled_form"])
 @pytest.mark.parametrize("capacity", [None, 4])
-def test_weighted_combine_gradient_and_value(capacity):
+def test_weighted_combine_gradient_and_value(capacity, fused, monkeypatch):
     """combine = sum_k w_tk * rows[row of slot (t, k)]: value from the definition,
     gradients of the rows and of the weights by gradcheck (float64), dropped slots
     contributing nothing."""
-    from experts.dispatch import _WeightedCombine, combine
+    import experts.dispatch
+    from experts.dispatch import _GatherRows, _WeightedCombine, combine
+
+    monkeypatch.setattr(experts.dispatch, "_fused_form", lambda: fused)
 
     torch.manual_seed(0)
     T_, K, E = 7, 3, 5
@@ -150,7 +160,11 @@ def test_weighted_combine_gradient_and_value(capacity):
     assert torch.allclose(y, expected)
     if capacity is not None:
         assert n_kept < T_ * K  # something really was dropped
-    torch.autograd.gradcheck(lambda r, ww: _WeightedCombine.apply(r, ww, slot_row, d.order_S), (rows, w))
+    torch.autograd.gradcheck(lambda r, ww: combine(r, ww, d, T_), (rows, w))
+    if fused:
+        torch.autograd.gradcheck(lambda r, ww: _WeightedCombine.apply(r, ww, slot_row, d.order_S), (rows, w))
+    x = torch.randn(T_, 4, dtype=torch.float64, requires_grad=True)  # the permute, both forms
+    torch.autograd.gradcheck(lambda t: _GatherRows.apply(t, d.token_S, d.inverse_S, K), (x,))
 
 
 def test_dispatch_layout_by_hand():
@@ -253,3 +267,28 @@ def test_grouped_mm_casts_to_autocast_dtype_and_router_stays_float32():
     assert r.scores_TE.dtype == r.weights_TK.dtype == r.logits_TE.dtype == torch.float32
     assert y.dtype == x.dtype
     assert rel_err(y, layer(x).detach()) < 3e-2  # bf16 experts, float32 routing: same choices
+
+
+def test_compile_takes_the_fused_form_and_matches_eager():
+    """Under torch.compile the permute backward and the combine take their K-read
+    form (_fused_form is True while tracing); the traced layer (aot_eager: the graphs
+    autograd would hand to Inductor) gives the eager layer's output and gradients."""
+    import experts.dispatch
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def which(x):
+        return x + 1 if experts.dispatch._fused_form() else x - 1
+
+    assert which(torch.zeros(1)).item() == 1 and not experts.dispatch._fused_form()
+
+    # loop backend: grouped_mm's fake-tensor rule wants bf16, which CPU cannot run
+    layer = make_moe(seed=5, capacity_factor=1.0, backend="loop")
+    x, g = torch.randn(T, D_MODEL), torch.randn(T, D_MODEL)
+    y_e, grads_e = _forward_backward(layer, x, g)
+    torch._dynamo.reset()
+    compiled = clone_with(layer)
+    compiled.compile(backend="aot_eager")
+    y_c, grads_c = _forward_backward(compiled, x, g)
+    assert rel_err(y_c, y_e) < 1e-5
+    for name in grads_e:
+        assert rel_err(grads_c[name], grads_e[name]) < 1e-5, name
