@@ -90,21 +90,44 @@ def check_optim(cfg: OptimConfig, max_steps: int) -> None:
         raise RecipeError(f"train.optim.betas = {list(cfg.betas)} must hold two numbers, e.g. [0.9, 0.95].")
 
 
+class TypeSplitAdamW(torch.optim.AdamW):
+    """AdamW whose groups may mix DTensors and plain tensors (FSDP2 + expert parallel:
+    FSDP's shards are DTensors, the expert shards plain tensors). The fused and
+    foreach kernels take one tensor type per call (on 2 x H200: "got mixed
+    torch.Tensor and DTensor"), so each step updates a group's DTensors, then its
+    plain tensors, each subset with the group's own kernel and hyper-parameters.
+    Every parameter is updated once per step; the groups, their order and the state
+    are AdamW's, so checkpoints match parameters by position as for any AdamW."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.distributed.tensor import DTensor
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        full = [g["params"] for g in self.param_groups]
+        try:
+            for dtensors in (True, False):
+                for group, params in zip(self.param_groups, full):
+                    group["params"] = [p for p in params if isinstance(p, DTensor) == dtensors]
+                super().step()
+        finally:
+            for group, params in zip(self.param_groups, full):
+                group["params"] = params
+        return loss
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int, device_type: str
                     ) -> Tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over `param_groups` plus a LambdaLR stepped once per optimizer update."""
     check_optim(cfg, max_steps)
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
-    foreach = None
-    if mixed_tensor_types(model):
-        # FSDP2 + expert parallel: sharded weights are DTensors, the expert shards plain
-        # tensors, and the fused / foreach kernels take one type per group (seen on 2 x
-        # H200: "got mixed torch.Tensor and DTensor"). The per-tensor loop handles both;
-        # splitting the groups instead would change the group layout that checkpoints
-        # are matched by when resuming across strategies.
-        fused, foreach = False, False
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                            eps=cfg.eps, fused=fused, foreach=foreach)
+    # FSDP2 + expert parallel mixes DTensors and plain tensors in one group; splitting
+    # the groups instead would change the layout checkpoints are matched by
+    cls = TypeSplitAdamW if mixed_tensor_types(model) else torch.optim.AdamW
+    opt = cls(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
         lr_multiplier, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, max_steps=max_steps,
         min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction))
