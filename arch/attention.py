@@ -73,9 +73,14 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_attn(q, k, v, scale: float, window: Optional[int], softcap: Optional[float]):
+def flex_attn(q, k, v, scale: float, window: Optional[int], softcap: Optional[float], block_mask=None):
     """flex_attention with a block-sparse causal/window mask: a local layer costs what
-    its window costs (SDPA with a dense boolean mask pays for the whole square)."""
+    its window costs (SDPA with a dense boolean mask pays for the whole square).
+
+    `block_mask`: the mask for (T, window), built outside any compiled region by
+    `Attention.block_mask` (the model does this once per forward); None builds it
+    here, which inside a compiled block happens on every call (Dynamo does not keep
+    the lru_cache)."""
     score_mod = None
     if softcap is not None:
         def score_mod(score, b, h, q_idx, kv_idx):
@@ -83,8 +88,9 @@ def flex_attn(q, k, v, scale: float, window: Optional[int], softcap: Optional[fl
     # flex_attention must be compiled to be fast on CUDA; inside a compiled block the
     # outer compile already traces it, and CPU flex runs eagerly
     fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
-    return fn(q, k, v, score_mod=score_mod, block_mask=_block_mask(q.shape[2], window, str(q.device)),
-              scale=scale, enable_gqa=True)
+    if block_mask is None:
+        block_mask = _block_mask(q.shape[2], window, str(q.device))
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
 @ATTENTION.register("gqa")
@@ -109,24 +115,37 @@ class Attention(nn.Module):
         self.q_norm = build_norm(hd, norm) if cfg.qk_norm else nn.Identity()
         self.k_norm = build_norm(hd, norm) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], block_mask=None) -> torch.Tensor:
+        """`block_mask`: what `self.block_mask(T, device)` returns, when the caller
+        built it already (flex layers only; None otherwise or to build it here)."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = self._attend(q, k, v)
+        y = self._attend(q, k, v, block_mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def _attend(self, q, k, v):
-        impl, windowed = self.impl, self.window is not None and self.window < q.shape[2]
-        if impl == "auto":
-            if q.is_cuda and (windowed or self.softcap is not None):
-                impl = "flex"
-            else:
-                impl = "eager" if self.softcap is not None else "sdpa"
+    def _impl(self, T: int, is_cuda: bool) -> str:
+        """The path a sequence of length T takes: the configured impl, or auto's pick."""
+        if self.impl != "auto":
+            return self.impl
+        windowed = self.window is not None and self.window < T
+        if is_cuda and (windowed or self.softcap is not None):
+            return "flex"
+        return "eager" if self.softcap is not None else "sdpa"
+
+    def block_mask(self, T: int, device: torch.device):
+        """The flex block mask this layer needs for length T (cached per (T, window,
+        device)), or None when it does not use flex. Call it outside compiled code."""
+        if self._impl(T, torch.device(device).type == "cuda") != "flex":
+            return None
+        return _block_mask(T, self.window, str(device))
+
+    def _attend(self, q, k, v, block_mask=None):
+        impl = self._impl(q.shape[2], q.is_cuda)
         if impl == "flex":
-            return flex_attn(q, k, v, self.scale, self.window, self.softcap)
+            return flex_attn(q, k, v, self.scale, self.window, self.softcap, block_mask)
         if impl == "eager" or self.softcap is not None:
             return eager_attention(q, k, v, self.scale, self.window, self.softcap)
         return sdpa_attention(q, k, v, self.scale, self.window)

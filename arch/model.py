@@ -59,8 +59,15 @@ class Transformer(nn.Module):
             x = x * torch.tensor(math.sqrt(self.cfg.d_model), dtype=self.embed.weight.dtype)
         T = input_ids.shape[1]
         ropes = {kind: rope(T, input_ids.device) for kind, rope in self.ropes.items()}
+        # flex block masks, once per kind and outside the (compiled) blocks: built
+        # inside a compiled block, a mask would be rebuilt on every call
+        masks = {}
         for block in self.layers:
-            x = block(x, ropes[block.spec.kind])
+            if block.spec.kind not in masks:
+                make_mask = getattr(block.attn, "block_mask", None)  # registered kinds may have none
+                masks[block.spec.kind] = make_mask(T, input_ids.device) if make_mask else None
+        for block in self.layers:
+            x = block(x, ropes[block.spec.kind], masks[block.spec.kind])
         h = self.norm(x)
         cap = self.cfg.final_softcap
         logits = loss = None

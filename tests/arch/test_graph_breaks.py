@@ -24,7 +24,9 @@ def test_a_block_is_one_graph(name, extra, dtype):
     for block in {b.spec.kind: b for b in model.layers}.values():  # one of each kind
         x = torch.randn(2, T, model.cfg.d_model, dtype=dtype)
         rope = model.ropes[block.spec.kind](T, "cpu")
+        mask = block.attn.block_mask(T, "cpu")  # built outside, passed in, as the model does
+        assert (mask is not None) == ("flex" in str(extra))
         with torch.no_grad():
-            explained = torch._dynamo.explain(block)(x, rope)
+            explained = torch._dynamo.explain(block)(x, rope, mask)
         assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
         assert explained.graph_count == 1

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from arch.attention import Attention, causal_mask, eager_attention
 from arch.config import AttentionConfig, NormConfig, RopeConfig
@@ -187,3 +188,30 @@ def test_layer_overrides_and_moe_placement():
                     "model.layer_overrides.5.moe=false", "model.layer_overrides.2.moe=true")
     from arch.resolve import layer_specs
     assert [s.moe for s in layer_specs(r.model)] == [False, True, True, True, False, False]
+
+
+def test_flex_block_masks_are_built_once_per_kind_outside_the_blocks(monkeypatch):
+    """The model builds each layer kind's flex block mask once per forward and hands
+    it to the blocks (inside a compiled block it would be rebuilt on every call); the
+    output is the one each layer gets by building its own mask."""
+    import arch.attention
+
+    model = tiny_model("gemma3", "model.attention.impl=flex").eval()
+    kinds = {b.spec.kind for b in model.layers}
+    assert len(model.layers) > len(kinds) > 1  # several layers share a kind
+    built, passed = [], []
+    make, flex = Attention.block_mask, arch.attention.flex_attn
+    monkeypatch.setattr(Attention, "block_mask", lambda self, T, d: built.append(self.window) or make(self, T, d))
+    monkeypatch.setattr(arch.attention, "flex_attn", lambda *a: passed.append(a[-1]) or flex(*a))
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert len(built) == len(kinds) and len(passed) == len(model.layers)
+        assert all(m is not None for m in passed)
+        x = model.embed(ids) * torch.tensor(math.sqrt(model.cfg.d_model), dtype=model.embed.weight.dtype)
+        for block in model.layers:  # each block builds its own mask
+            x = block(x, model.ropes[block.spec.kind](24, "cpu"))
+        reference = F.linear(model.norm(x), model.head_weight())
+    if model.cfg.final_softcap is not None:
+        reference = model.cfg.final_softcap * torch.tanh(reference / model.cfg.final_softcap)
+    torch.testing.assert_close(logits, reference, rtol=0, atol=0)
