@@ -59,6 +59,9 @@ def sdpa_attention(q, k, v, scale: float, window: Optional[int]):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
+FLEX_MIN_HEAD_DIM = 16  # smallest head_dim CUDA flex_attention compiles for
+
+
 @functools.lru_cache(maxsize=32)
 def _block_mask(T: int, window: Optional[int], device: str):
     def mask_mod(b, h, q_idx, kv_idx):
@@ -127,11 +130,17 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _impl(self, T: int, is_cuda: bool) -> str:
-        """The path a sequence of length T takes: the configured impl, or auto's pick."""
+        """The path a sequence of length T takes: the configured impl, or auto's pick.
+        CUDA flex_attention needs head_dim >= 16 (Inductor's kernel): auto falls back
+        below that, an explicit flex says so."""
+        flex_ok = not is_cuda or self.head_dim >= FLEX_MIN_HEAD_DIM
+        if self.impl == "flex" and not flex_ok:
+            raise ValueError(f"model.attention.impl = 'flex' needs head_dim >= {FLEX_MIN_HEAD_DIM} on CUDA "
+                             f"(got {self.head_dim}); use impl 'auto' or 'sdpa'.")
         if self.impl != "auto":
             return self.impl
         windowed = self.window is not None and self.window < T
-        if is_cuda and (windowed or self.softcap is not None):
+        if is_cuda and flex_ok and (windowed or self.softcap is not None):
             return "flex"
         return "eager" if self.softcap is not None else "sdpa"
 

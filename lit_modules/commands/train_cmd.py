@@ -76,9 +76,15 @@ def check_train(recipe: Recipe) -> None:
 
 def check_on_accelerator(recipe: Recipe, accelerator: str) -> None:
     """Checks that depend on where the run goes, still before any data work."""
-    if accelerator == "cpu" and recipe.model.attention.impl == "flex":
+    a = recipe.model.attention
+    if accelerator == "cpu" and a.impl == "flex":
         raise RecipeError("model.attention.impl = flex has no backward pass on CPU; use auto (SDPA on CPU, "
                           "flex on CUDA for windowed layers), sdpa or eager.")
+    from arch.attention import FLEX_MIN_HEAD_DIM
+
+    if accelerator != "cpu" and a.impl == "flex" and a.head_dim < FLEX_MIN_HEAD_DIM:
+        raise RecipeError(f"model.attention.impl = flex needs head_dim >= {FLEX_MIN_HEAD_DIM} on CUDA (got "
+                          f"{a.head_dim}); use auto (which falls back to SDPA there) or sdpa.")
 
 
 def _new_run_dir(recipe: Recipe) -> Path:

@@ -35,8 +35,8 @@ def test_causal_model(tiny_name):
     assert (a[:, 12] - b[:, 12]).abs().max() > 1e-4
 
 
-def _attention(window, impl="sdpa", softcap=None, n_kv=2):
-    cfg = AttentionConfig(n_heads=4, n_kv_heads=n_kv, head_dim=8, qk_norm=True, impl=impl, softcap=softcap)
+def _attention(window, impl="sdpa", softcap=None, n_kv=2, head_dim=8):
+    cfg = AttentionConfig(n_heads=4, n_kv_heads=n_kv, head_dim=head_dim, qk_norm=True, impl=impl, softcap=softcap)
     torch.manual_seed(0)
     return Attention(32, cfg, NormConfig(), window).eval()
 
@@ -67,9 +67,10 @@ def test_window_mask_drawing():
 @pytest.mark.parametrize("impl", ["sdpa", "flex"])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("n_kv", [1, 2, 4])
-def test_fast_attention_matches_eager(impl, window, n_kv, device="cpu"):
-    a, b = _attention(window, impl, n_kv=n_kv).to(device), _attention(window, "eager", n_kv=n_kv).to(device)
-    rope = RoPE(8, RopeConfig())(12, torch.device(device))
+def test_fast_attention_matches_eager(impl, window, n_kv, device="cpu", head_dim=8):
+    a = _attention(window, impl, n_kv=n_kv, head_dim=head_dim).to(device)
+    b = _attention(window, "eager", n_kv=n_kv, head_dim=head_dim).to(device)
+    rope = RoPE(head_dim, RopeConfig())(12, torch.device(device))
     x = torch.randn(2, 12, 32, device=device, requires_grad=True)
     if impl == "flex" and device == "cpu":  # flex_attention has no CPU backward
         with torch.no_grad():
@@ -87,7 +88,19 @@ def test_fast_attention_matches_eager(impl, window, n_kv, device="cpu"):
 @pytest.mark.parametrize("window", [None, 5])
 def test_flex_matches_eager_on_cuda(window):
     torch.backends.cuda.matmul.allow_tf32 = False
-    test_fast_attention_matches_eager("flex", window, 2, device="cuda")
+    # CUDA flex compiles for head_dim >= 16 only
+    test_fast_attention_matches_eager("flex", window, 2, device="cuda", head_dim=16)
+
+
+def test_flex_head_dim_floor_on_cuda():
+    """Below head_dim 16 CUDA flex cannot compile: auto takes SDPA / eager there, an
+    explicit flex fails in one sentence; CPU flex has no such floor."""
+    auto, flex = _attention(5, "auto"), _attention(5, "flex")
+    assert auto._impl(12, is_cuda=True) == "sdpa" and flex._impl(12, is_cuda=False) == "flex"
+    assert _attention(5, "auto", head_dim=16)._impl(12, is_cuda=True) == "flex"
+    assert _attention(5, "auto", softcap=3.0)._impl(12, is_cuda=True) == "eager"
+    with pytest.raises(ValueError, match="needs head_dim >= 16 on CUDA"):
+        flex._impl(12, is_cuda=True)
 
 
 def test_flex_softcap_matches_eager():

@@ -35,6 +35,9 @@ def test_flex_attention_is_refused_on_cpu_only():
     with pytest.raises(RecipeError, match="no backward pass on CPU"):
         check_on_accelerator(recipe, "cpu")
     check_on_accelerator(recipe, "gpu")
+    small = load_recipe(RECIPE, ["model.attention.impl=flex", "model.attention.head_dim=8"])
+    with pytest.raises(RecipeError, match="needs head_dim >= 16 on CUDA"):
+        check_on_accelerator(small, "gpu")
 
 
 def test_resume_auto_takes_the_newest_run_of_the_recipe(tmp_path):
