@@ -8,6 +8,10 @@ from arch.config import BalanceConfig, MoEConfig, RouterConfig
 from experts.moe import MoE
 
 D_MODEL = 16  # grouped_mm on CPU wants rows of a multiple of 16 bytes: 4 float32
+# a tiny model's balancing as the expert-parallel tests use it: the global-batch loss and
+# the aux-loss-free bias, both of which must survive any split of the batch
+GLOBAL_BALANCE = ("model.moe.balance.aux_scope=global", "model.moe.balance.aux_coef=0.1",
+                  "model.moe.router.bias_update_rate=0.01")
 
 
 def moe_config(n_experts=6, top_k=2, d_expert=8, router="softmax_topk", renormalize=True,

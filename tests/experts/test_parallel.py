@@ -14,16 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import free_port, tiny_model
+from moe_helpers import GLOBAL_BALANCE, rel_err
 from experts.balance import update_router_biases
 from experts.parallel import check_expert_parallel, reduce_expert_grads, shard_experts
 
 WORLD, N_TOK, SEQ = 2, 24, 12
-MODEL = ("model.moe.balance.aux_scope=global", "model.moe.balance.aux_coef=0.1",
-         "model.moe.router.bias_update_rate=0.01")
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+MODEL = GLOBAL_BALANCE
 
 
 def make_layer(backend, capacity, skew):
@@ -68,15 +64,15 @@ def _worker(rank, port, path):
             (y * ref["g"].chunk(WORLD)[rank]).sum().backward()
             if case[2]:  # the skewed case really is one-sided
                 assert layer.stats["tokens_per_expert"][4:].sum() == 0
-            assert rel(y, r["y"].chunk(WORLD)[rank]) < 1e-5, case
-            assert rel(x.grad, r["x"].chunk(WORLD)[rank]) < 1e-5, case
+            assert rel_err(y, r["y"].chunk(WORLD)[rank]) < 1e-5, case
+            assert rel_err(x.grad, r["x"].chunk(WORLD)[rank]) < 1e-5, case
             for n, p in layer.named_parameters():
                 want = r[n]
                 if n in names:  # this rank's slice; its gradient already holds both ranks' tokens
                     want = want.chunk(WORLD)[rank]
                 else:  # replicated: sum the ranks' parts (the losses are sums)
                     dist.all_reduce(p.grad)
-                assert rel(p.grad, want) < 1e-5, (case, n, rel(p.grad, want))
+                assert rel_err(p.grad, want) < 1e-5, (case, n, rel_err(p.grad, want))
 
         # whole model: global-batch aux loss, gradients averaged as DDP does
         model = tiny_model("qwen3_moe", *MODEL).train()
@@ -95,7 +91,7 @@ def _worker(rank, port, path):
         assert abs(loss.item() / WORLD - ref["loss"]) < 1e-5 * ref["loss"]
         for n, p in model.named_parameters():
             want = ref["model_grads"][n].chunk(WORLD)[rank] if n in names else ref["model_grads"][n]
-            assert rel(p.grad, want) < 1e-5, (n, rel(p.grad, want))
+            assert rel_err(p.grad, want) < 1e-5, (n, rel_err(p.grad, want))
         update_router_biases(model)
         for m, b in zip(model.moe_layers, ref["biases"]):
             assert torch.equal(m.router.expert_bias, b)

@@ -26,17 +26,13 @@ import torch.multiprocessing as mp
 
 from arch.config import TrainConfig
 from conftest import free_port, tiny_model
+from moe_helpers import GLOBAL_BALANCE, rel_err
 from experts.balance import update_router_biases
 from experts.parallel import gather_expert_shard
 from lit_modules.strategy import shard_model
 
 WORLD, EP, SEQ = 4, 2, 16
-MODEL = ("model.moe.balance.aux_scope=global", "model.moe.balance.aux_coef=0.1",
-         "model.moe.router.bias_update_rate=0.01")
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+MODEL = GLOBAL_BALANCE
 
 
 def _worker(rank, port, path):
@@ -77,7 +73,7 @@ def _worker(rank, port, path):
         assert abs(loss.item() / WORLD - ref["loss"]) < 1e-5 * ref["loss"]
         for n, p in model.named_parameters():
             want = ref["grads"][n].chunk(EP)[shard] if n in names else ref["grads"][n]
-            assert rel(p.grad, want) < 1e-5, (rank, n, rel(p.grad, want))
+            assert rel_err(p.grad, want) < 1e-5, (rank, n, rel_err(p.grad, want))
         assert abs(norm.item() - ref["norm"]) < 1e-5 * ref["norm"]
         update_router_biases(model)  # loads summed over all four ranks
         for layer, b in zip(model.moe_layers, ref["biases"]):
