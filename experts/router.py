@@ -24,11 +24,12 @@ class Routing(NamedTuple):
     logits_TE: torch.Tensor  # float32 raw router logits (for the z-loss)
 
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
+# bf16 only: fp16's narrow range would flush the low half of small logit gradients
+LOW_PRECISION = (torch.bfloat16,)
 
 
 def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for bf16/fp16 operands, accumulated and returned in float32: one
+    """a @ b for bf16 operands, accumulated and returned in float32: one
     tensor-core matmul on CUDA; elsewhere (no such kernel) a float32 matmul of the
     same values, the same arithmetic."""
     if a.is_cuda:
@@ -37,7 +38,7 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _LowPrecisionLogits(torch.autograd.Function):
-    """float32 logits x @ w.T of bf16/fp16 x and w (router.fast_logits).
+    """float32 logits x @ w.T of bf16 x and w (router.fast_logits).
 
     Forward: the products of bf16 values are exact in float32 and the matmul
     accumulates in float32, so this is the float32 matmul of the same values up to

@@ -58,3 +58,13 @@ def test_cuda_matmul_is_used_only_on_cuda():
     a, b = torch.randn(4, 8).bfloat16(), torch.randn(8, 3).bfloat16()
     out = router_mod._mm_float32(a, b)
     assert out.dtype == torch.float32 and torch.equal(out, a.float() @ b.float())
+
+
+def test_fp16_keeps_the_float32_matmul(monkeypatch):
+    """fp16's range would flush the low half of small gradients: no fast path."""
+    calls = []
+    apply = _LowPrecisionLogits.apply
+    monkeypatch.setattr(_LowPrecisionLogits, "apply", lambda *a: calls.append(1) or apply(*a))
+    router = make_moe(seed=0, d_model=64, n_experts=16, top_k=4).router.to(torch.float16)
+    router(torch.randn(8, 64).half())
+    assert calls == []
