@@ -28,6 +28,8 @@ from torch import nn
 
 from arch.registry import RecipeError
 
+from .dispatch import _GatherRows
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -102,8 +104,10 @@ def expert_parallel(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tenso
     order = key.argsort(stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    y_local = backend(x_recv[order], recv_RL.sum(0), w_in_LID, w_out_LDF, kind)
-    y_kept = all_to_all(y_local[inverse], send, recv, group)
+    # permutations both ways; _GatherRows' backward is the gather by the inverse
+    # permutation, not autograd's scatter-add of an index
+    y_local = backend(_GatherRows.apply(x_recv, order, inverse, 1), recv_RL.sum(0), w_in_LID, w_out_LDF, kind)
+    y_kept = all_to_all(_GatherRows.apply(y_local, inverse, order, 1), send, recv, group)
     if n_kept == x_SD.shape[0]:
         return y_kept
     # dropped rows (capacity): zeros, which the combine step ignores anyway
