@@ -70,6 +70,14 @@ def _inverse(order_S: torch.Tensor) -> torch.Tensor:
     return inverse_S
 
 
+def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when an input is float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _fused_form() -> bool:
     """Which form the permute backward and the combine take. Compiled: K gathered row
     reads per token, which Inductor fuses into one kernel each (the layer's W1 time on
@@ -106,7 +114,7 @@ class _GatherRows(torch.autograd.Function):
         # `copies` gathered reads per output row, summed in float32: one pointwise
         # kernel once compiled (gather + .sum(1) compiles to a slower reduction)
         inverse_NC = inverse.view(ctx.n_src, ctx.copies)
-        acc_dtype = torch.promote_types(grad.dtype, torch.float32)
+        acc_dtype = _accumulation_dtype(grad)
         acc = grad[inverse_NC[:, 0]].to(acc_dtype)
         for j in range(1, ctx.copies):
             acc = acc + grad[inverse_NC[:, j]].to(acc_dtype)
@@ -121,14 +129,6 @@ def permute(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
     if d.keep_S is not None:
         x_SD = torch.where(d.keep_S[:, None], x_SD, 0.0)
     return x_SD
-
-
-def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float32, or float64 when an input is float64."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 class _WeightedCombine(torch.autograd.Function):

@@ -24,10 +24,6 @@ class Routing(NamedTuple):
     logits_TE: torch.Tensor  # float32 raw router logits (for the z-loss)
 
 
-# bf16 only: fp16's narrow range would flush the low half of small logit gradients
-LOW_PRECISION = (torch.bfloat16,)
-
-
 def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for bf16 operands, accumulated and returned in float32: one
     tensor-core matmul on CUDA; elsewhere (no such kernel) a float32 matmul of the
@@ -100,8 +96,9 @@ class TopKRouter(nn.Module):
         w = self.gate.weight
         jitter = self.training and self.jitter > 0
         with torch.autocast(x_TD.device.type, enabled=False):
-            if self.fast_logits and not jitter and x_TD.dtype in LOW_PRECISION and w.dtype == x_TD.dtype:
+            if self.fast_logits and not jitter and x_TD.dtype == w.dtype == torch.bfloat16:
                 # pure bf16: the values are bf16 already; float32 sums on tensor cores
+                # (not fp16: its narrow range would flush the low half of small gradients)
                 logits_TE = _LowPrecisionLogits.apply(x_TD, w)
                 if self.gate.bias is not None:
                     logits_TE = logits_TE + self.gate.bias.float()

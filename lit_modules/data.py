@@ -96,6 +96,16 @@ def _remove_stale_tmp(folder: Path) -> None:
             pass
 
 
+def _read_or_build(entry: Path, read, build):
+    """(value, cached): `read()` if the cache entry is complete, else `build()` under
+    the entry's lock, unless another process finished it while this one waited."""
+    value = read()
+    if value is not None:
+        return value, True
+    with _file_lock(entry.with_name(f".{entry.name}.lock")):
+        return read() or build(), False
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path):
     """Serialise builders of one cache entry (ranks launched together, two runs):
@@ -334,11 +344,9 @@ class TokenDataModule(pl.LightningDataModule):
         else:
             what = "trained on the corpus"
             path = self.cache_dir / f"bpe-{_hash(corpus.key(), model_vocab, BPE_VERSION, BPE_MAX_CHARS)}.json"
-            tok = self._cached_bpe(path)
-            if tok is None:
-                with _file_lock(path.with_name(f".{path.name}.lock")):
-                    tok = self._cached_bpe(path) or self._train_bpe(path, model_vocab)
-            else:
+            tok, cached = _read_or_build(path, lambda: self._cached_bpe(path),
+                                         lambda: self._train_bpe(path, model_vocab))
+            if cached:
                 self._log(f"tokenizer: cached BPE, {vocab_size(tok):,} tokens ({path})")
             check_vocab(tok, model_vocab, what)
         eos_id(tok, what)  # fails now, not at the first document
@@ -379,11 +387,8 @@ class TokenDataModule(pl.LightningDataModule):
             return
         tok = self.prepare_tokenizer()
         folder = self.cache_dir / f"tokens-{_hash(self.corpus.key(), tokenizer_sha(tok), CACHE_VERSION)}"
-        meta = self._read_cache(folder)
-        if meta is None:
-            with _file_lock(folder.with_name(f".{folder.name}.lock")):
-                meta = self._read_cache(folder) or self._tokenize(folder, tok)
-        else:
+        meta, cached = _read_or_build(folder, lambda: self._read_cache(folder), lambda: self._tokenize(folder, tok))
+        if cached:
             self._log(f"tokens: cached, {meta['train_tokens']:,} train + {meta['val_tokens']:,} validation ({folder})")
         self._tokens_dir, self._meta = folder, meta
 

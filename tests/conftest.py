@@ -63,6 +63,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Join a CPU (gloo) process group on localhost; one thread per process, as the
+    test processes share a small CPU."""
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
 @pytest.fixture(params=sorted(TINY))
 def tiny_name(request):
     return request.param

@@ -4,14 +4,12 @@ gloo processes (with and without accumulation; gradients averaged over ranks as
 DDP does). The aux-loss-free bias update lands on the same biases in every case."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port, tiny_model
+from conftest import free_port, init_gloo, tiny_model
 from experts.balance import clear_global_counts, precompute_global_counts, update_router_biases
 
 OVERRIDES = ("model.moe.balance.aux_scope=global", "model.moe.balance.aux_coef=0.1",
@@ -61,9 +59,7 @@ def assert_same(got, ref, what):
 
 
 def _worker(rank, world, port, path):
-    torch.set_num_threads(1)  # two processes on a shared CPU: no thread oversubscription
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         ref = torch.load(path)
         local = ref["ids"].chunk(world)[rank]

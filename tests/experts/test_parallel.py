@@ -6,14 +6,12 @@ global-batch loss and the bias update gives the single-process loss, gradients a
 biases once gradients are averaged as the training loop does."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port, tiny_model
+from conftest import free_port, init_gloo, tiny_model
 from moe_helpers import GLOBAL_BALANCE, rel_err
 from experts.balance import update_router_biases
 from experts.parallel import check_expert_parallel, reduce_expert_grads, shard_experts
@@ -50,9 +48,7 @@ def layer_reference(case, x, g):
 
 
 def _worker(rank, port, path):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_gloo(rank, WORLD, port)
     try:
         ref = torch.load(path)
         for case, r in zip(layer_cases(), ref["layers"]):

@@ -17,15 +17,13 @@ rank sends unequal numbers of rows to the two ranks of its EP group, and gatheri
 shard over its EP group gives back the whole expert weights (what checkpoints do)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from arch.config import TrainConfig
-from conftest import free_port, tiny_model
+from conftest import free_port, init_gloo, tiny_model
 from moe_helpers import GLOBAL_BALANCE, rel_err
 from experts.balance import update_router_biases
 from experts.parallel import gather_expert_shard
@@ -36,9 +34,7 @@ MODEL = GLOBAL_BALANCE
 
 
 def _worker(rank, port, path):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_gloo(rank, WORLD, port)
     try:
         ref = torch.load(path)
         model = tiny_model("qwen3_moe", *MODEL).train()

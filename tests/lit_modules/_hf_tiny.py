@@ -84,3 +84,17 @@ def save_hf_state(hf, state, folder) -> None:
     folder.mkdir()
     hf.config.save_pretrained(folder)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def import_and_load(hf, tmp_path, state=None, **kw):
+    """`hf` written as a Hugging Face directory (save_pretrained, or `state` as a
+    hand-made state dict), imported with `moelab import-hf`, loaded back: (recipe, model)."""
+    from lit_modules.checkpoint import load_model_dir
+    from lit_modules.convert import import_hf
+
+    if state is None:
+        hf.save_pretrained(tmp_path / "hf")
+    else:
+        save_hf_state(hf, state, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "moelab", **kw)
+    return load_model_dir(tmp_path / "moelab")

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from _hf_tiny import config, hf_model, max_diff, save_hf_state, tokens  # noqa: E402
+from _hf_tiny import config, hf_model, import_and_load, max_diff, tokens  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -72,9 +72,7 @@ def test_fused_expert_layout_imports(tmp_path):
     hf = hf_model("qwen3_moe", norm_topk_prob=True)
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     assert any(k.endswith("experts.gate_up_proj") for k in state)
-    save_hf_state(hf, state, tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "m")
-    _, ours = load_model_dir(tmp_path / "m")
+    _, ours = import_and_load(hf, tmp_path, state)
     ids = tokens()
     with torch.no_grad():
         assert max_diff(ours(ids).logits, hf(ids).logits) <= 1e-4

@@ -102,17 +102,15 @@ def test_type_split_adamw_matches_per_tensor_adamw(fused):
     fused / foreach kernels refuse the mix; TypeSplitAdamW updates each type with the
     group's kernel and must equal the per-tensor AdamW, step after step, with the
     same state layout."""
-    import os
-
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-    from conftest import free_port
+    from conftest import free_port, init_gloo
     from lit_modules.optim import TypeSplitAdamW
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    threads = torch.get_num_threads()
+    init_gloo(0, 1, free_port())
     try:
         mesh = init_device_mesh("cpu", (1,))
         torch.manual_seed(0)
@@ -152,3 +150,4 @@ def test_type_split_adamw_matches_per_tensor_adamw(fused):
         assert all(int(split.state[p]["step"]) == 3 for g in split.param_groups for p in g["params"])
     finally:
         dist.destroy_process_group()
+        torch.set_num_threads(threads)

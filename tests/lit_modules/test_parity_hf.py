@@ -9,10 +9,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from _hf_tiny import gemma3_multimodal, hf_model, max_diff, save_hf_state, tokens  # noqa: E402
+from _hf_tiny import gemma3_multimodal, hf_model, import_and_load, max_diff, tokens  # noqa: E402
 
-from lit_modules.checkpoint import load_model_dir  # noqa: E402
-from lit_modules.convert import import_hf  # noqa: E402
 
 TOL = 1e-4
 
@@ -39,12 +37,6 @@ CASES = {
                                                               "full_attention": {"rope_type": "default",
                                                                                  "rope_theta": 1e6}})),
 }
-
-
-def import_and_load(hf, tmp_path, **kw):
-    hf.save_pretrained(tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "moelab", **kw)
-    return load_model_dir(tmp_path / "moelab")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -102,9 +94,7 @@ def test_gemma3_multimodal_transformers5_names(tmp_path):
     hf = gemma3_multimodal(seed=3)
     state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied
     assert any(k.startswith("model.language_model.") for k in state)
-    save_hf_state(hf, state, tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "moelab")
-    _, ours = load_model_dir(tmp_path / "moelab")
+    _, ours = import_and_load(hf, tmp_path, state)
     ids = tokens()
     with torch.no_grad():
         assert max_diff(ours(ids).logits, hf(input_ids=ids).logits) <= TOL
