@@ -55,6 +55,22 @@ def find_recipe(name: Union[str, Path], relative_to: Optional[Path] = None) -> P
     )
 
 
+def _find_base(name, recipe: Path) -> Path:
+    """A `base:` named inside a recipe file: a file under the recipe's own folder or a
+    name under recipes/. A path read from a file stays inside the folders it belongs
+    to: no absolute paths, and no `..` that leaves them."""
+    name = str(name)
+    roots = [recipe.parent.resolve(), recipes_root().resolve()]
+    if not Path(name).is_absolute():
+        for root in roots:
+            for p in (root / name, root / (name + ".yaml")):
+                if p.is_file() and any(p.resolve().is_relative_to(r) for r in roots):
+                    return p
+    raise RecipeError(f"recipe {recipe}: base '{name}' is not a file under {recipe.parent} or a name under "
+                      f"{recipes_root()}{nearest(name, available_recipes())}; a base is a relative name that "
+                      f"stays inside those folders.")
+
+
 def _load_chain(path: Path, stack: tuple = ()) -> DictConfig:
     path = path.resolve()
     if path in stack:
@@ -71,7 +87,7 @@ def _load_chain(path: Path, stack: tuple = ()) -> DictConfig:
         bases = [bases]
     merged = OmegaConf.create()
     for b in bases or []:
-        merged = OmegaConf.merge(merged, _load_chain(find_recipe(b, path.parent), stack + (path,)))
+        merged = OmegaConf.merge(merged, _load_chain(_find_base(b, path), stack + (path,)))
     return OmegaConf.merge(merged, raw)
 
 

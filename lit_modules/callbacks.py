@@ -77,6 +77,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        """Resuming reads tensors and plain data only, whatever the caller asks:
+        a checkpoint never runs code (lit_modules.checkpoint.load_torch_file)."""
+        from .checkpoint import load_torch_file
+
+        return load_torch_file(path)
+
+
 def _fsync_dir(d: Path) -> None:
     try:
         fd = os.open(d, os.O_RDONLY)

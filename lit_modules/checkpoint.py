@@ -59,12 +59,34 @@ class TensorSource:
         return self._tensors()
 
 
+def inside(folder, name) -> Path:
+    """`folder / name`, refused unless it resolves (after symlinks) inside `folder`:
+    names read from a file (an index's shard names) must not reach other files."""
+    folder = Path(folder)
+    path = folder / name
+    root = folder.resolve()
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or not path.resolve().is_relative_to(root):
+        raise CheckpointError(f"{folder / INDEX_FILE} names {name!r}, which lies outside {folder}; a model "
+                              f"directory's shards must be files inside it.")
+    return path
+
+
 def safetensors_files(folder) -> List[Path]:
     folder = Path(folder)
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / f for f in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index} is not a safetensors index (JSON with a \"weight_map\" of tensor "
+                                  f"names to shard files); repair or remove it.") from None
+        files = [inside(folder, f) for f in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names {len(missing)} shard(s) that are not in {folder} "
+                                  f"({', '.join(missing[:3])}); the download or copy is incomplete.")
+        return files
     single = folder / "model.safetensors"
     return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
 
@@ -115,17 +137,27 @@ def recipe_from_yaml(text: str, source: str) -> Recipe:
     return resolve_recipe(recipe)
 
 
-def _lightning_state(path: Path):
-    """Load a Lightning checkpoint lazily (mmap). weights_only first; a checkpoint whose
-    hyper-parameters hold arbitrary objects needs the full unpickler, as Lightning's
-    own loader uses for the user's own files."""
+def load_torch_file(path, mmap: bool = True) -> object:
+    """torch.load restricted to tensors and plain data (weights_only=True), memory-mapped.
+
+    Every checkpoint moelab reads goes through here: a pickle is a program, and a
+    checkpoint from someone else must never run code on this machine. moelab's own
+    checkpoints hold only tensors, numbers, strings and containers of them."""
+    import pickle
+
+    path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:
-        try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        except Exception as e:
-            raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint: {str(e).splitlines()[0]}") from None
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).splitlines()[0] if str(e) else "it is not a PyTorch file"
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it holds Python objects other than tensors and plain data, which would run code to load"
+        raise CheckpointError(f"{path} was refused: {reason}; moelab loads only tensors and plain data "
+                              f"(weights_only), so re-save it with plain state dicts.") from None
+    except Exception as e:  # truncated, not a zip archive, unreadable ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint ({reason}); give another "
+                              f"checkpoint.") from None
 
 
 def _strip(key: str) -> Optional[str]:
@@ -158,13 +190,13 @@ def open_checkpoint(path) -> Tuple[Recipe, TensorSource, Optional[Path]]:
         tok = path / TOKENIZER_FILE
         return load_recipe(path / RECIPE_FILE), safetensors_source(path), tok if tok.is_file() else None
     if path.is_file() and path.suffix == ".ckpt":
-        ckpt = _lightning_state(path)
+        ckpt = load_torch_file(path)
         if not isinstance(ckpt, dict) or "moelab_recipe" not in ckpt or "state_dict" not in ckpt:
             raise CheckpointError(f"{path} has no moelab_recipe/state_dict entries; it was not written by "
                                   "`moelab train`.")
         recipe = recipe_from_yaml(ckpt["moelab_recipe"], str(path))
         state = {k2: v for k, v in ckpt["state_dict"].items() if (k2 := _strip(k)) is not None}
-        tok = _find_tokenizer([run_dir, path.parent, path.parent.parent], recipe)
+        tok = _find_tokenizer([run_dir, path.parent, path.parent.parent])
         return recipe, dict_source(state), tok
     if path.is_dir() and (path / "config.json").is_file():
         raise CheckpointError(f"{path} is a Hugging Face directory, not a moelab checkpoint; "
@@ -173,12 +205,13 @@ def open_checkpoint(path) -> Tuple[Recipe, TensorSource, Optional[Path]]:
                           "a .ckpt file or a run directory (with checkpoints/).")
 
 
-def _find_tokenizer(folders, recipe: Recipe) -> Optional[Path]:
+def _find_tokenizer(folders) -> Optional[Path]:
+    """The tokenizer.json beside a checkpoint. The stored recipe's data.tokenizer is
+    not followed: a path read from someone else's file may point anywhere."""
     for folder in folders:
         if folder is not None and (Path(folder) / TOKENIZER_FILE).is_file():
             return Path(folder) / TOKENIZER_FILE
-    tok = recipe.data.tokenizer
-    return Path(tok) if tok and Path(tok).is_file() else None
+    return None
 
 
 def check_tensors(recipe: Recipe, shapes: Dict[str, tuple], source) -> None:

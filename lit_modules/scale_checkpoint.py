@@ -22,6 +22,8 @@ from torch import nn
 
 from experts.parallel import gather_expert_shard
 
+from .checkpoint import load_torch_file
+
 
 def optimizer_param_names(model: nn.Module) -> List[str]:
     """Parameter names in the order the optimizer numbers them (lit_modules/optim.py's
@@ -125,7 +127,7 @@ def load_full_checkpoint(strategy, path) -> Dict:
                                                          set_optimizer_state_dict)
 
     module = strategy.lightning_module
-    checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=False)
+    checkpoint = load_torch_file(path)
     if module.scale.ep > 1:
         slice_experts(checkpoint, module.model, module.scale)
     options = StateDictOptions(full_state_dict=True, strict=True)

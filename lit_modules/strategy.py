@@ -95,9 +95,13 @@ def _fsdp(train: TrainConfig) -> Any:
         def load_checkpoint(self, checkpoint_path, weights_only=None):
             from pathlib import Path
 
-            if not Path(checkpoint_path).is_file():
-                return super().load_checkpoint(checkpoint_path, weights_only)
+            from .checkpoint import CheckpointError
             from .scale_checkpoint import load_full_checkpoint
+
+            if not Path(checkpoint_path).is_file():  # a torch.distributed.checkpoint folder: its
+                # metadata is a pickle, so it is not read (moelab writes single files)
+                raise CheckpointError(f"{checkpoint_path} is not a checkpoint file; resume from a "
+                                      f"checkpoints/*.ckpt written by `moelab train`.")
 
             return load_full_checkpoint(self, checkpoint_path)
 

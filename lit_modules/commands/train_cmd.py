@@ -70,6 +70,9 @@ def check_train(recipe: Recipe) -> None:
         raise RecipeError(f"train.devices = {devices!r} must be 'auto', a positive number of devices or a list "
                           f"of device indices such as [0, 1].")
     from lit_modules.optim import check_optim
+    from lit_modules.rundir import check_run_name
+
+    check_run_name(t.run_name)
 
     check_optim(t.optim, t.max_steps)
 
@@ -128,16 +131,16 @@ def resolve_run(recipe: Recipe) -> Tuple[Path, Optional[Path]]:
 def check_resume(path: Path, recipe: Recipe) -> int:
     """Read a checkpoint's header (tensors memory-mapped, not loaded); refuse an
     unreadable file or another architecture. Returns its optimizer step."""
-    import torch
-
+    from lit_modules.checkpoint import CheckpointError, load_torch_file
     from lit_modules.module import check_checkpoint_recipe
 
     try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # truncated, not a zip archive, ...
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RecipeError(f"checkpoint {path} cannot be read ({reason}); resume from another checkpoint "
-                          f"or start a new run.") from None
+        ckpt = load_torch_file(path)
+    except CheckpointError as e:
+        raise RecipeError(f"cannot resume: {e}") from None
+    if not isinstance(ckpt, dict):
+        raise RecipeError(f"checkpoint {path} is not a Lightning checkpoint (a dict); resume from a "
+                          f"checkpoints/*.ckpt written by `moelab train`.")
     check_checkpoint_recipe(ckpt, recipe, f"checkpoint {path}")
     return int(ckpt.get("global_step", 0))
 
@@ -218,6 +221,7 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
                                        Throughput, peak_flops_per_device)
     from lit_modules.data import TokenDataModule
     from lit_modules.module import CausalLM, NonFiniteLoss, TrainingFailed
+    from lit_modules.rundir import RunLock
     from lit_modules.strategy import (build_strategy, check_scale, resolve_accelerator, resolve_devices,
                                       resolve_precision)
 
@@ -229,6 +233,7 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
     run_dir, resume = resolve_run(recipe)
     resume_step = check_resume(resume, recipe) if resume else 0
     rank0 = rank_zero_only.rank == 0
+    lock = None
 
     if rank0:
         print(f"moelab train: run directory {run_dir}", flush=True)
@@ -240,6 +245,7 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
                               f"{recipe.model.vocab_size}; raise model.vocab_size to at least "
                               f"{dm.vocab_size} or use a smaller tokenizer.")
         run_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
+        lock = RunLock(run_dir).acquire()  # before anything is written into it
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         # the run carries its tokenizer, so `moelab eval` / `export-hf` of the run need no
         # --tokenizer and the run's tokens can be reproduced on another machine
@@ -314,6 +320,8 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
         return summary
     finally:
         runlog.close()
+        if lock is not None:
+            lock.release()
 
 
 def _summary(recipe, run_dir, module, trainer, throughput, ckpt, resume, wall) -> Dict:
