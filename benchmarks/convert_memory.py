@@ -106,7 +106,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     total = write_checkpoint(work / "hf", args.gb)
     base = [sys.executable, "-m", "lit_modules.cli"]
-    baseline = peak_memory_of([sys.executable, "-c", "import torch, transformers, lit_modules.convert"])
+    baseline = peak_memory_of([sys.executable, "-c", "import torch, transformers, lit_modules.checkpoints.hf"])
     imp = peak_memory_of(base + ["import-hf", str(work / "hf"), str(work / "moelab"),
                                  "--max-shard-size", args.max_shard_size])
     exp = peak_memory_of(base + ["export-hf", str(work / "moelab"), str(work / "back"),

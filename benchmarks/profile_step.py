@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes: the kernels of a few `moelab bench` steps.
 
 The model is prepared exactly as `moelab bench` and `moelab train` prepare it
-(lit_modules.bench.prepare_model: regional compile, fused cross-entropy as the recipe
+(lit_modules.tools.bench.prepare_model: regional compile, fused cross-entropy as the recipe
 says); a few untimed steps run first (compilation), then torch.profiler records
 `--steps` steps and the table lists the kernels by self CUDA time. GPU only.
 
@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from arch import load_recipe  # noqa: E402
-from lit_modules import bench  # noqa: E402
+from lit_modules.tools import bench  # noqa: E402
 
 
 def main(argv=None) -> None:

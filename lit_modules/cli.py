@@ -5,12 +5,13 @@ and a `run(args)`; heavy imports (lightning, transformers) stay inside `run`, so
     moelab recipes
     moelab inspect RECIPE [a.b=c ...] [--json] [--seq-len N] [--context N]
     moelab train   RECIPE [a.b=c ...]
+    moelab bench   RECIPE [a.b=c ...]
+    moelab eval | import-hf | export-hf | convert ...
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from typing import List, Optional
 
@@ -20,24 +21,16 @@ from arch.registry import RecipeError
 SUBCOMMANDS = {
     "recipes": "lit_modules.commands.inspect_cmd",
     "inspect": "lit_modules.commands.inspect_cmd",
+    "train": "lit_modules.commands.train_cmd",
+    "bench": "lit_modules.commands.bench_cmd",
+    "import-hf": "lit_modules.commands.convert_cmd",
+    "export-hf": "lit_modules.commands.convert_cmd",
+    "convert": "lit_modules.commands.convert_cmd",
+    "eval": "lit_modules.commands.eval_cmd",
 }
 
 
-def optional_subcommands() -> None:
-    """Subcommands whose modules exist in this checkout (added by later features)."""
-    for name, module in {
-        "train": "lit_modules.commands.train_cmd",
-        "bench": "lit_modules.commands.bench_cmd",
-        "import-hf": "lit_modules.commands.convert_cmd",
-        "export-hf": "lit_modules.commands.convert_cmd",
-        "eval": "lit_modules.commands.eval_cmd",
-    }.items():
-        if importlib.util.find_spec(module) is not None:
-            SUBCOMMANDS.setdefault(name, module)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    optional_subcommands()
     parser = argparse.ArgumentParser(
         prog="moelab", description="MoE architecture playground: recipes -> models -> training."
     )

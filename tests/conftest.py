@@ -56,6 +56,22 @@ TINY_MOE_TRAIN = [
 ]
 
 
+# `moelab train` of the tiny MoE proxy, with one data cache shared by the session
+RECIPE = "proxies/qwen3_moe_tiny"
+TRAIN_TINY = TINY_MOE_TRAIN + [
+    "train.micro_batch_size=8", "train.val_batches=4",
+]
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "moelab_train_cache"
+
+
+def overrides(cache, run_dir, *extra):
+    return TRAIN_TINY + [f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *extra]
+
+
 def free_port() -> int:
     """A free localhost port for a process group of spawned test processes."""
     with socket.socket() as s:

@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 
 
 def run_convert(args) -> int:
-    from lit_modules.convert import is_hf_dir
+    from lit_modules.checkpoints.hf import is_hf_dir
 
     if is_hf_dir(args.source):
         args.hf_dir = args.source
@@ -51,7 +51,7 @@ def run_convert(args) -> int:
 
 def run_import(args) -> int:
     from lit_modules.commands.inspect_cmd import human
-    from lit_modules.convert import DTYPES, import_hf, parse_size
+    from lit_modules.checkpoints.hf import DTYPES, import_hf, parse_size
 
     info = import_hf(args.hf_dir, args.out_dir, dtype=DTYPES[args.dtype],
                      max_shard_bytes=parse_size(args.max_shard_size))
@@ -62,7 +62,7 @@ def run_import(args) -> int:
 
 
 def run_export(args) -> int:
-    from lit_modules.convert import DTYPES, export_hf, parse_size
+    from lit_modules.checkpoints.hf import DTYPES, export_hf, parse_size
 
     info = export_hf(args.checkpoint, args.out_dir, dtype=DTYPES[args.dtype],
                      max_shard_bytes=parse_size(args.max_shard_size))

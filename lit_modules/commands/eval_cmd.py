@@ -35,18 +35,15 @@ def add_parser(sub) -> None:
 
 def load_source(source, device="cpu", dtype=None):
     """(recipe, model, tokenizer.json path or None) for any SOURCE `moelab eval` takes."""
-    from arch import build_model
-    from lit_modules.checkpoint import TOKENIZER_FILE, check_tensors, load_into, open_checkpoint
-    from lit_modules.convert import is_hf_dir, load_hf
+    from lit_modules.checkpoints.hf import is_hf_dir, load_hf
+    from lit_modules.checkpoints.layout import TOKENIZER_FILE
+    from lit_modules.checkpoints.model_dir import load_model
 
     if is_hf_dir(source):
         recipe, model = load_hf(source, device, dtype)
         tok = Path(source) / TOKENIZER_FILE
         return recipe, model, tok if tok.is_file() else None
-    recipe, src, tok = open_checkpoint(source)
-    check_tensors(recipe, src.shapes(), source)
-    model = load_into(build_model(recipe.model, device="meta"), src.tensors(), device, dtype)
-    return recipe, model.eval(), tok
+    return load_model(source, device, dtype)
 
 
 def window_loss(model, ids: List[int], seq_len: int, batch_size: int, device) -> dict:
@@ -75,26 +72,58 @@ def window_loss(model, ids: List[int], seq_len: int, batch_size: int, device) ->
     return {"loss": mean, "perplexity": math.exp(mean), "tokens_predicted": count, "windows": len(windows)}
 
 
-def run_eval(args) -> int:
-    import torch
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's contents, or one sentence saying why not."""
+    if not path.is_file():
+        raise RecipeError(f"{what} {path} is not a file; give a UTF-8 text file.")
+    raw = path.read_bytes()
+    if b"\0" in raw[:65536]:
+        raise RecipeError(f"{what} {path} holds binary data (NUL bytes), not text; give a UTF-8 text file.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{what} {path} is not UTF-8 text (byte {e.start} cannot be decoded); convert it, e.g. "
+                          f"iconv -t utf-8.") from None
+    if not text.strip():
+        raise RecipeError(f"{what} {path} is empty; give a file with text to score.")
+    return text
+
+
+def load_tokenizer(path: Path, what: str):
+    """A tokenizers.Tokenizer from a tokenizer.json, or one sentence saying why not."""
     from tokenizers import Tokenizer
 
+    if not path.is_file():
+        raise RecipeError(f"{what}: tokenizer {path} is not a file; give a tokenizer.json.")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library's parse errors
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RecipeError(f"{what}: {path} is not a readable tokenizer.json ({reason}).") from None
+
+
+def run_eval(args) -> int:
+    import torch
+
+    from lit_modules.runtime import resolve_device
+
+    if args.batch_size < 1:
+        raise RecipeError(f"--batch-size {args.batch_size} must be at least 1.")
     data = Path(args.data)
-    if not data.is_file():
-        raise RecipeError(f"--data {args.data} is not a file; give a UTF-8 text file.")
-    text = data.read_text(encoding="utf-8")
-    if not text.strip():
-        raise RecipeError(f"--data {args.data} is empty; give a file with text to score.")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    text = read_text_file(data, "--data")
+    device = resolve_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = load_tokenizer(Path(args.tokenizer), "--tokenizer") if args.tokenizer else None
 
     recipe, model, tok_path = load_source(args.source, device, dtype)
+    if tokenizer is None:
+        if tok_path is None:
+            raise RecipeError(f"{args.source} comes with no tokenizer.json; pass --tokenizer PATH.")
+        tokenizer = load_tokenizer(Path(tok_path), str(args.source))
     tok_path = Path(args.tokenizer) if args.tokenizer else tok_path
-    if tok_path is None or not Path(tok_path).is_file():
-        raise RecipeError(f"{args.source} comes with no tokenizer.json; pass --tokenizer PATH.")
-    ids = Tokenizer.from_file(str(tok_path)).encode(text).ids
+    ids = tokenizer.encode(text).ids
     m = recipe.model
     if ids and max(ids) >= m.vocab_size:
         raise RecipeError(f"tokenizer {tok_path} produces token id {max(ids)} but the model's vocabulary has "
@@ -104,7 +133,7 @@ def run_eval(args) -> int:
         raise RecipeError(f"--seq-len {seq_len} must be between 2 and the model's max_seq_len ({m.max_seq_len}).")
     if len(ids) < 2:
         raise RecipeError(f"--data {args.data} gives {len(ids)} token(s); at least 2 are needed to score anything.")
-    out = window_loss(model, ids, seq_len, max(1, args.batch_size), device)
+    out = window_loss(model, ids, seq_len, args.batch_size, device)
     out.update({"source": str(args.source), "data": str(data), "tokenizer": str(tok_path), "seq_len": seq_len,
                 "tokens": len(ids), "device": str(device), "dtype": str(dtype).removeprefix("torch.")})
     if args.json:

@@ -1,6 +1,6 @@
 """Expert parallelism smaller than the world, on four gloo processes (float32).
 
-The groups are built as `moelab train` builds them (lit_modules.strategy.shard_model
+The groups are built as `moelab train` builds them (lit_modules.train.strategy.shard_model
 with train.expert_parallel = 2 in a world of 4):
 
                  expert ->
@@ -27,7 +27,7 @@ from conftest import free_port, init_gloo, tiny_model
 from moe_helpers import GLOBAL_BALANCE, rel_err
 from experts.balance import update_router_biases
 from experts.parallel import gather_expert_shard
-from lit_modules.strategy import shard_model
+from lit_modules.train.strategy import shard_model
 
 WORLD, EP, SEQ = 4, 2, 16
 MODEL = GLOBAL_BALANCE

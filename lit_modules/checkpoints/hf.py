@@ -1,0 +1,663 @@
+"""Hugging Face <-> moelab: config mapping, tensor-name mapping, streaming conversion.
+
+    import   config.json ──(transformers' config class: HF defaults, legacy fields)──>
+             model_config_from_hf: every field honoured, or one sentence naming it
+             *.safetensors ──safe_open, one tensor at a time──> rename / stack experts
+             ──> each moelab tensor handed on as soon as it is complete
+
+    export   moelab checkpoint ──> hf_config_from_model ──> mapped back and compared
+             (`signature`), so nothing is dropped silently ──> HF shards, hub layout
+
+Supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM, Gemma3ForCausalLM and the text part
+of Gemma3ForConditionalGeneration. Names on both sides (HF left, moelab right):
+
+    model.embed_tokens / model.norm / lm_head          embed / norm / head
+    layers.i.input_layernorm                           layers.i.attn_norm
+    layers.i.post_attention_layernorm   Qwen3          layers.i.ffn_norm   (pre-FFN)
+                                        Gemma 3        layers.i.attn_post_norm
+    layers.i.pre_feedforward_layernorm  Gemma 3        layers.i.ffn_norm
+    layers.i.post_feedforward_layernorm Gemma 3        layers.i.ffn_post_norm
+    layers.i.self_attn.{q,k,v,o}_proj, {q,k}_norm      layers.i.attn.*
+    layers.i.mlp.{gate,up,down}_proj                   layers.i.ffn.*      (dense)
+    layers.i.mlp.gate                                  layers.i.ffn.router.gate
+    layers.i.mlp.experts.gate_up_proj (E, 2F, D)       layers.i.ffn.w_in   [gate; up]
+    layers.i.mlp.experts.down_proj    (E, D, F)        layers.i.ffn.w_out
+    layers.i.mlp.experts.e.{gate,up,down}_proj         rows of w_in[e] / w_out[e]
+
+Import reads both expert layouts (the hub's per-expert tensors and transformers 5's
+fused 3-D ones); export writes the per-expert layout: what transformers 5's own
+save_pretrained writes, and what its from_pretrained loads with no missing or
+unexpected keys (tested on 5.23 here and 5.17 on the GPU box).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from arch import build_model
+from arch.config import (
+    AttentionConfig, BalanceConfig, FFNConfig, LayerKindConfig, LayerOverride, ModelConfig,
+    MoEConfig, NormConfig, Recipe, RopeConfig, RouterConfig,
+)
+from arch.recipe import resolve_recipe
+from arch.registry import RecipeError
+from arch.resolve import layer_specs
+
+from lit_modules.checkpoints.model_dir import (
+    ShardWriter, TensorSource, check_tensors, finish_dir, load_into, open_checkpoint,
+    partial_dir, safetensors_source,
+)
+
+QWEN3, QWEN3_MOE, GEMMA3, GEMMA3_MM = (
+    "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+SUPPORTED = (QWEN3, QWEN3_MOE, GEMMA3, GEMMA3_MM)
+_BY_MODEL_TYPE = {"qwen3": QWEN3, "qwen3_moe": QWEN3_MOE, "gemma3_text": GEMMA3, "gemma3": GEMMA3_MM}
+SILU, GELU_TANH = "silu", "gelu_pytorch_tanh"
+
+
+class ConvertError(RecipeError):
+    """A checkpoint or config that cannot be converted exactly; one sentence says why."""
+
+
+# ----------------------------------------------------------------------- config
+
+
+def read_hf_config(hf_dir) -> Tuple[str, object, object]:
+    """(architecture, top-level config, text config) of a Hugging Face model directory,
+    parsed by the installed transformers so its defaults and legacy fields apply."""
+    hf_dir = Path(hf_dir)
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ConvertError(f"{hf_dir} has no config.json; give a Hugging Face model directory "
+                           "(config.json + *.safetensors).")
+    raw = json.loads(path.read_text())
+    archs = raw.get("architectures") or [_BY_MODEL_TYPE.get(raw.get("model_type"), f"model_type={raw.get('model_type')}")]
+    arch = archs[0]
+    if arch not in SUPPORTED:
+        raise ConvertError(f"{path} declares architecture {arch}; moelab converts only {', '.join(SUPPORTED)} "
+                           "(the last one: its text model).")
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(hf_dir))
+    except Exception as e:  # transformers' own validation (strict dataclasses)
+        raise ConvertError(f"transformers rejects {path}: {str(e).splitlines()[0]}") from None
+    text = cfg.get_text_config() if arch == GEMMA3_MM else cfg
+    return arch, cfg, text
+
+
+def _cannot(arch: str, field: str, value, why: str) -> ConvertError:
+    return ConvertError(f"{arch} config field {field} = {value!r} cannot be honoured: {why}.")
+
+
+def _rope(arch: str, params: Optional[dict], field: str) -> RopeConfig:
+    params = dict(params or {})
+    rtype = params.get("rope_type", params.get("type", "default"))
+    if rtype not in ("default", "linear"):
+        raise _cannot(arch, f"{field}.rope_type", rtype, "moelab implements plain RoPE and linear scaling "
+                      "(positional interpolation) only; drop the scaling or add that RoPE type to arch/rope.py")
+    if params.get("rope_theta") is None:
+        raise _cannot(arch, f"{field}.rope_theta", None, "a RoPE base is required")
+    partial = params.get("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        raise _cannot(arch, f"{field}.partial_rotary_factor", partial, "moelab rotates the whole head_dim")
+    if rtype == "linear":
+        return RopeConfig(theta=float(params["rope_theta"]), scaling="linear", factor=float(params["factor"]))
+    return RopeConfig(theta=float(params["rope_theta"]))
+
+
+def _layer_ropes(arch: str, text, layer_types: List[str]) -> List[RopeConfig]:
+    """One RopeConfig per layer: transformers 5 keeps one dict, or one per layer type."""
+    rp = getattr(text, "rope_parameters", None) or {}
+    if any(t in rp for t in ("full_attention", "sliding_attention")):
+        missing = sorted(set(layer_types) - set(rp))
+        if missing:
+            raise _cannot(arch, "rope_parameters", rp, f"it has no entry for layer type {missing[0]}")
+        ropes = {t: _rope(arch, rp[t], f"rope_parameters.{t}") for t in set(layer_types)}
+        return [ropes[t] for t in layer_types]
+    rope = _rope(arch, rp, "rope_parameters")
+    return [rope] * len(layer_types)
+
+
+def _pattern(per_layer: List[Tuple[Optional[int], RopeConfig]]):
+    """Name each distinct (window, rope) pair and find the shortest cycle of names."""
+    kinds: Dict[Tuple, str] = {}
+    for window, rope in per_layer:
+        key = (window, rope.theta, rope.scaling, rope.factor)
+        if key not in kinds:
+            base = "global" if window is None else "local"
+            taken = sum(name.split("_")[0] == base for name in kinds.values())
+            kinds[key] = base if taken == 0 else f"{base}_{taken}"
+    names = [kinds[(w, r.theta, r.scaling, r.factor)] for w, r in per_layer]
+    n = len(names)
+    period = next(p for p in range(1, n + 1) if all(names[i] == names[i % p] for i in range(n)))
+    layer_kinds = {name: LayerKindConfig(window=key[0], rope=RopeConfig(theta=key[1], scaling=key[2], factor=key[3]))
+                   for key, name in kinds.items()}
+    return layer_kinds, names[:period]
+
+
+def model_config_from_hf(arch: str, text) -> ModelConfig:
+    """Map a transformers text config onto a moelab ModelConfig, field by field.
+
+    Fields that only concern HF's runtime (use_cache, pad/bos/eos ids, dtype,
+    output_router_logits) are ignored: they do not change the function the weights
+    compute. Everything else is either mapped or refused."""
+    g = lambda name, default=None: getattr(text, name, default)  # noqa: E731
+    n_layers, d = g("num_hidden_layers"), g("hidden_size")
+    heads = g("num_attention_heads")
+    kv = g("num_key_value_heads") or heads
+    head_dim = g("head_dim") or d // heads
+    if g("attention_dropout", 0.0):
+        raise _cannot(arch, "attention_dropout", g("attention_dropout"), "moelab models have no dropout")
+    gemma = arch in (GEMMA3, GEMMA3_MM)
+
+    if gemma:
+        act_field, act = "hidden_activation", g("hidden_activation")
+        if act != GELU_TANH:
+            raise _cannot(arch, act_field, act, f"Gemma 3's FFN is GeGLU with {GELU_TANH}, the only activation "
+                          "moelab's geglu implements")
+        if g("attn_logit_softcapping") is not None:
+            # transformers' Gemma 3 attention never passes it on (Gemma 2's does), so the
+            # checkpoint has been run without it; honouring either reading would be a guess
+            raise _cannot(arch, "attn_logit_softcapping", g("attn_logit_softcapping"),
+                          "transformers' Gemma 3 stores it but does not apply it, so what the checkpoint "
+                          "computes is ambiguous; set it to null (every released Gemma 3 has null)")
+        if g("use_bidirectional_attention"):
+            raise _cannot(arch, "use_bidirectional_attention", True, "moelab language models are causal")
+        layer_types = list(g("layer_types"))
+        window = g("sliding_window")
+        norm = NormConfig(eps=float(g("rms_norm_eps")), zero_centered=True, weight_in_float32=True)
+        attention = AttentionConfig(n_heads=heads, n_kv_heads=kv, head_dim=head_dim, qk_norm=True,
+                                    bias=bool(g("attention_bias")),
+                                    query_pre_attn_scalar=float(g("query_pre_attn_scalar")))
+        ffn = FFNConfig(kind="geglu", d_ff=g("intermediate_size"))
+        final_softcap = _opt_float(g("final_logit_softcapping"))
+        placement, scale_emb = "sandwich", True
+    else:
+        if g("hidden_act") != SILU:
+            raise _cannot(arch, "hidden_act", g("hidden_act"), "Qwen3's FFN and experts are SwiGLU (silu)")
+        if arch == QWEN3_MOE:
+            if g("use_sliding_window"):
+                raise _cannot(arch, "use_sliding_window", True, "no released Qwen3-MoE checkpoint uses a sliding "
+                              "window and moelab does not map it; set it to false")
+            layer_types, window = ["full_attention"] * n_layers, None
+        else:
+            layer_types = list(g("layer_types") or ["full_attention"] * n_layers)
+            window = g("sliding_window")  # transformers sets it to None unless use_sliding_window
+        norm = NormConfig(eps=float(g("rms_norm_eps")))
+        attention = AttentionConfig(n_heads=heads, n_kv_heads=kv, head_dim=head_dim, qk_norm=True,
+                                    bias=bool(g("attention_bias")))
+        ffn = FFNConfig(kind="swiglu", d_ff=g("intermediate_size"))
+        final_softcap, placement, scale_emb = None, "pre", False
+
+    if len(layer_types) != n_layers:
+        raise _cannot(arch, "layer_types", layer_types, f"it has {len(layer_types)} entries for {n_layers} layers")
+    for t in set(layer_types) - {"full_attention", "sliding_attention"}:
+        raise _cannot(arch, "layer_types", t, "moelab maps full_attention and sliding_attention layers only")
+    ropes = _layer_ropes(arch, text, layer_types)
+    per_layer = [(window if t == "sliding_attention" else None, r) for t, r in zip(layer_types, ropes)]
+    layer_kinds, pattern = _pattern(per_layer)
+
+    moe, overrides = MoEConfig(), {}
+    if arch == QWEN3_MOE and g("num_experts", 0) > 0:
+        step = g("decoder_sparse_step", 1)
+        if step < 1:
+            raise _cannot(arch, "decoder_sparse_step", step, "it must be >= 1")
+        # HF: layer i is MoE iff i not in mlp_only_layers and (i + 1) % step == 0
+        moe = MoEConfig(
+            n_experts=g("num_experts"), top_k=g("num_experts_per_tok"), d_expert=g("moe_intermediate_size"),
+            expert_ffn="swiglu", router=RouterConfig(kind="softmax_topk", renormalize=bool(g("norm_topk_prob"))),
+            # HF Qwen3-MoE's loss: Switch loss pooled over all layers, times router_aux_loss_coef
+            balance=BalanceConfig(aux_coef=float(g("router_aux_loss_coef", 0.0)), aux_scope="pooled"),
+            every=step, first_k_dense=step - 1,
+        )
+        overrides = {i: LayerOverride(moe=False) for i in (g("mlp_only_layers") or []) if 0 <= i < n_layers}
+
+    return ModelConfig(
+        d_model=d, n_layers=n_layers, vocab_size=g("vocab_size"), max_seq_len=g("max_position_embeddings"),
+        attention=attention, ffn=ffn, moe=moe, norm=norm, norm_placement=placement,
+        layer_kinds=layer_kinds, layer_pattern=pattern, layer_overrides=overrides,
+        tie_embeddings=bool(g("tie_word_embeddings")), scale_embeddings=scale_emb, final_softcap=final_softcap,
+        init_std=float(g("initializer_range", 0.02)), init_scale_residual=False,
+    )
+
+
+def _opt_float(v) -> Optional[float]:
+    return None if v is None else float(v)
+
+
+def recipe_from_hf(hf_dir) -> Tuple[str, Recipe, bool]:
+    """(architecture, resolved recipe, tied) for a Hugging Face directory."""
+    arch, top, text = read_hf_config(hf_dir)
+    mc = model_config_from_hf(arch, text)
+    if arch == GEMMA3_MM:  # the multimodal wrapper owns the tying flag
+        mc.tie_embeddings = bool(getattr(top, "tie_word_embeddings", mc.tie_embeddings))
+    recipe = Recipe(name=Path(hf_dir).resolve().name, model=mc)
+    recipe.train.seq_len = min(recipe.train.seq_len, mc.max_seq_len)
+    try:
+        recipe = resolve_recipe(recipe)
+    except RecipeError as e:
+        raise ConvertError(f"{arch} config in {hf_dir} maps to an invalid moelab recipe: {e}") from None
+    return arch, recipe, mc.tie_embeddings
+
+
+def signature(m: ModelConfig) -> Dict[str, object]:
+    """Everything about a model config that changes the function its weights compute,
+    keyed by the recipe path a user would edit. Two configs with equal signatures
+    compute the same logits from the same tensors."""
+    a, specs = m.attention, layer_specs(m)
+    sig: Dict[str, object] = {
+        "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.vocab_size": m.vocab_size,
+        "model.attention.kind": a.kind, "model.attention.n_heads": a.n_heads,
+        "model.attention.n_kv_heads": a.n_kv_heads, "model.attention.head_dim": a.head_dim,
+        "model.attention.qk_norm": a.qk_norm, "model.attention.bias": a.bias,
+        "model.attention.query_pre_attn_scalar": float(a.query_pre_attn_scalar or a.head_dim),
+        "model.attention.softcap": a.softcap, "model.norm.kind": m.norm.kind, "model.norm.eps": m.norm.eps,
+        "model.norm.zero_centered": m.norm.zero_centered, "model.norm.weight_in_float32": m.norm.weight_in_float32,
+        "model.norm_placement": m.norm_placement, "model.tie_embeddings": m.tie_embeddings,
+        "model.scale_embeddings": m.scale_embeddings, "model.final_softcap": m.final_softcap,
+    }
+    for s in specs:
+        rope = s.rope
+        # by index, not kind name: the names are free, the per-layer facts are not
+        sig[f"layer {s.index} window"] = s.window
+        sig[f"layer {s.index} rope theta"] = rope.theta
+        sig[f"layer {s.index} rope factor"] = rope.factor if rope.scaling == "linear" else 1.0
+        sig[f"layer {s.index} MoE"] = s.moe
+    if any(not s.moe for s in specs):
+        sig.update({"model.ffn.kind": m.ffn.kind, "model.ffn.d_ff": m.ffn.d_ff, "model.ffn.bias": m.ffn.bias})
+    if any(s.moe for s in specs):
+        mo, r = m.moe, m.moe.router
+        sig.update({
+            "model.moe.kind": mo.kind, "model.moe.n_experts": mo.n_experts, "model.moe.top_k": mo.top_k,
+            "model.moe.d_expert": mo.d_expert, "model.moe.expert_ffn": mo.expert_ffn,
+            "model.moe.router.kind": r.kind, "model.moe.router.renormalize": r.renormalize,
+            "model.moe.router.bias": r.bias, "model.moe.router.scale": r.scale,
+            # a learned selection bias changes which experts run at inference
+            "model.moe.router.bias_update_rate > 0": r.bias_update_rate > 0,
+            "model.moe.n_shared_experts": mo.n_shared_experts, "model.moe.capacity_factor": mo.capacity_factor,
+        })
+    return sig
+
+
+# ------------------------------------------------------------------ tensor names
+
+_SLOTS = {"i": r"\d+", "proj": "q_proj|k_proj|v_proj|o_proj", "wb": "weight|bias", "qk": "q_norm|k_norm",
+          "mlp": "gate_proj|up_proj|down_proj"}
+_COMMON = [
+    ("embed_tokens.weight", "embed.weight"),
+    ("norm.weight", "norm.weight"),
+    ("layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+    ("layers.{i}.self_attn.{proj}.{wb}", "layers.{i}.attn.{proj}.{wb}"),
+    ("layers.{i}.self_attn.{qk}.weight", "layers.{i}.attn.{qk}.weight"),
+    ("layers.{i}.mlp.{mlp}.weight", "layers.{i}.ffn.{mlp}.weight"),
+]
+_QWEN = [("layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight")]
+_MOE = [
+    ("layers.{i}.mlp.gate.weight", "layers.{i}.ffn.router.gate.weight"),
+    ("layers.{i}.mlp.experts.gate_up_proj", "layers.{i}.ffn.w_in"),
+    ("layers.{i}.mlp.experts.down_proj", "layers.{i}.ffn.w_out"),
+]
+_GEMMA = [
+    ("layers.{i}.post_attention_layernorm.weight", "layers.{i}.attn_post_norm.weight"),
+    ("layers.{i}.pre_feedforward_layernorm.weight", "layers.{i}.ffn_norm.weight"),
+    ("layers.{i}.post_feedforward_layernorm.weight", "layers.{i}.ffn_post_norm.weight"),
+]
+RULES = {QWEN3: _COMMON + _QWEN, QWEN3_MOE: _COMMON + _QWEN + _MOE, GEMMA3: _COMMON + _GEMMA,
+         GEMMA3_MM: _COMMON + _GEMMA}
+_PER_EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+# where the text model's tensors live, per architecture (transformers 5 and hub layouts)
+_BODY = {GEMMA3_MM: ("model.language_model.", "language_model.model.")}
+_HEAD = {GEMMA3_MM: ("lm_head.weight", "language_model.lm_head.weight")}
+_IGNORED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _compile(template: str) -> re.Pattern:
+    out = re.escape(template)
+    for slot, alts in _SLOTS.items():
+        out = out.replace(re.escape("{" + slot + "}"), f"(?P<{slot}>{alts})")
+    return re.compile(out + "$")
+
+
+def _rename(rules, name: str, forward: bool) -> Optional[str]:
+    for hf, ours in rules:
+        src, dst = (hf, ours) if forward else (ours, hf)
+        m = _compile(src).match(name)
+        if m:
+            return dst.format(**m.groupdict())
+    return None
+
+
+@dataclass
+class Part:
+    """One HF tensor's place in a moelab tensor: the whole of it, or an index into it."""
+
+    ours: str
+    index: Optional[tuple] = None  # None: the whole tensor
+
+
+def hf_to_ours(arch: str, name: str, d_expert: int) -> Optional[Part]:
+    """Where HF tensor `name` goes in the moelab state dict; None if it belongs to no
+    moelab tensor (the caller decides whether that is an error)."""
+    if name in _HEAD.get(arch, ("lm_head.weight",)):
+        return Part("head.weight")
+    for prefix in _BODY.get(arch, ("model.",)):
+        if name.startswith(prefix):
+            body = name[len(prefix):]
+            break
+    else:
+        return None
+    if arch == QWEN3_MOE:
+        m = _PER_EXPERT.match(body)
+        if m:
+            layer, e, which = m.group(1), int(m.group(2)), m.group(3)
+            if which == "down_proj":
+                return Part(f"layers.{layer}.ffn.w_out", (e,))
+            rows = slice(0, d_expert) if which == "gate_proj" else slice(d_expert, 2 * d_expert)
+            return Part(f"layers.{layer}.ffn.w_in", (e, rows))
+    ours = _rename(RULES[arch], body, forward=True)
+    return None if ours is None else Part(ours)
+
+
+def ours_to_hf(arch: str, name: str, tensor: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs for one moelab tensor, in the per-expert hub layout."""
+    if name == "head.weight":
+        return [("lm_head.weight", tensor)]
+    if name.endswith("ffn.router.expert_bias"):
+        return []  # selection bias: zero unless bias_update_rate > 0, which export refuses
+    prefix = "model."
+    m = re.match(r"layers\.(\d+)\.ffn\.(w_in|w_out)$", name)
+    if m:
+        base = f"{prefix}layers.{m.group(1)}.mlp.experts"
+        out = []
+        for e in range(tensor.shape[0]):
+            if m.group(2) == "w_in":
+                gate, up = tensor[e].chunk(2, dim=0)
+                out += [(f"{base}.{e}.gate_proj.weight", gate), (f"{base}.{e}.up_proj.weight", up)]
+            else:
+                out.append((f"{base}.{e}.down_proj.weight", tensor[e]))
+        return out
+    hf = _rename(RULES[arch], name, forward=False)
+    if hf is None:
+        raise ConvertError(f"moelab tensor {name} has no counterpart in {arch}; the model uses a component "
+                           "Hugging Face cannot express.")
+    return [(prefix + hf, tensor)]
+
+
+# ------------------------------------------------------------------------ import
+
+
+def _ignorable(arch: str, name: str, tied: bool) -> bool:
+    if name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports saved
+        return True
+    if arch == GEMMA3_MM and name.startswith(_IGNORED):
+        return True
+    return tied and name in _HEAD.get(arch, ("lm_head.weight",))  # tied: HF ignores a stored head too
+
+
+def _plan(arch: str, recipe: Recipe, tied: bool, src: TensorSource, hf_dir, meta: dict) -> Dict[str, Part]:
+    """Map every HF tensor, then check names and shapes against `meta` (the moelab
+    model's state_dict on the meta device) before a byte of tensor data is read."""
+    plan: Dict[str, Part] = {}
+    unexpected, bad_shape = [], []
+    parts_of: Dict[str, Dict[object, str]] = {}  # moelab name -> {part index: HF name}
+    covered: Dict[str, int] = {}  # moelab name -> elements supplied
+    for name, shape in src.shapes().items():
+        if _ignorable(arch, name, tied):
+            continue
+        part = hf_to_ours(arch, name, recipe.model.moe.d_expert)
+        if part is None or part.ours not in meta:
+            unexpected.append(name)
+            continue
+        target = meta[part.ours]
+        if part.index is not None:
+            if part.index[0] >= target.shape[0]:  # an expert the config does not have
+                unexpected.append(name)
+                continue
+            target = target[part.index]
+        if tuple(shape) != tuple(target.shape):
+            bad_shape.append(f"{name} {tuple(shape)} (expected {tuple(target.shape)})")
+            continue
+        key = "whole" if part.index is None else repr(part.index)
+        seen = parts_of.setdefault(part.ours, {})
+        if key in seen or (seen and (key == "whole") != ("whole" in seen)):
+            other = seen.get(key) or next(iter(seen.values()))
+            raise ConvertError(f"{hf_dir} supplies {part.ours} twice ({other} and {name}); keep one layout "
+                               "of the expert weights (fused or per-expert), not both.")
+        seen[key] = name
+        covered[part.ours] = covered.get(part.ours, 0) + target.numel()
+        plan[name] = part
+    # parts are disjoint (distinct experts / row halves), so a full count means full coverage
+    missing = [ours for ours, t in meta.items()
+               if not ours.endswith("router.expert_bias") and covered.get(ours, 0) != t.numel()]
+    if unexpected or missing or bad_shape:
+        raise ConvertError(f"the tensors in {hf_dir} do not match its config.json ({arch}): "
+                           + _listing(missing=missing, unexpected=unexpected, shape=bad_shape) + ".")
+    return plan
+
+
+def _listing(**groups: List[str]) -> str:
+    words = {"missing": "missing", "unexpected": "unexpected", "shape": "with another shape"}
+    out = []
+    for kind, names in groups.items():
+        if names:
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            out.append(f"{len(names)} {words[kind]} ({shown})")
+    return "; ".join(out)
+
+
+def iter_hf_as_ours(hf_dir, dtype: Optional[torch.dtype] = None
+                    ) -> Tuple[str, Recipe, Iterator[Tuple[str, torch.Tensor]], Dict[str, int]]:
+    """Stream a Hugging Face checkpoint as complete moelab tensors.
+
+    Returns (architecture, recipe, iterator, stats). HF tensors are read one at a time
+    in file order; a moelab tensor is yielded as soon as all its parts have arrived,
+    so only partly stacked expert tensors wait in memory (stats["peak_pending_bytes"])."""
+    arch, recipe, tied = recipe_from_hf(hf_dir)
+    src = safetensors_source(hf_dir)
+    meta = build_model(recipe.model, device="meta").state_dict()
+    plan = _plan(arch, recipe, tied, src, hf_dir, meta)
+    stats = {"peak_pending_bytes": 0}
+
+    def stream():
+        for ours, t in meta.items():  # HF has no selection bias
+            if ours.endswith("router.expert_bias"):
+                yield ours, torch.zeros(t.shape, dtype=torch.float32)
+        pending: Dict[str, Tuple[torch.Tensor, int]] = {}
+        need = {}
+        for name, part in plan.items():
+            need[part.ours] = need.get(part.ours, 0) + 1
+        for name, tensor in src.tensors():
+            part = plan.get(name)
+            if part is None:
+                continue
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            if part.index is None:
+                yield part.ours, tensor
+                continue
+            buf, n = pending.get(part.ours, (None, 0))
+            if buf is None:
+                buf = torch.empty(meta[part.ours].shape, dtype=tensor.dtype)
+            buf[part.index].copy_(tensor)
+            pending[part.ours] = (buf, n + 1)
+            stats["peak_pending_bytes"] = max(stats["peak_pending_bytes"],
+                                              sum(b.numel() * b.element_size() for b, _ in pending.values()))
+            if n + 1 == need[part.ours]:
+                del pending[part.ours]
+                yield part.ours, buf
+
+    return arch, recipe, stream(), stats
+
+
+def import_hf(hf_dir, out_dir, dtype: Optional[torch.dtype] = None, max_shard_bytes: Optional[int] = None) -> dict:
+    """Write a moelab model directory (recipe.yaml, safetensors shards, tokenizer.json)
+    from a Hugging Face one, streaming: tensors are read one at a time and written to
+    disk at once, so the memory held is the expert tensors still being stacked (a
+    layer's at most) plus one tensor, never the model."""
+    hf_dir = Path(hf_dir)
+    arch, recipe, stream, stats = iter_hf_as_ours(hf_dir, dtype)
+    tok = hf_dir / "tokenizer.json"
+    work = partial_dir(out_dir)
+    try:
+        if tok.is_file():
+            recipe.data.tokenizer = str((Path(out_dir) / "tokenizer.json").resolve())
+        writer = ShardWriter(work, max_shard_bytes=max_shard_bytes)
+        for name, tensor in stream:
+            writer.add(name, tensor)
+        files = writer.close()
+        finish_dir(work, out_dir, recipe, tokenizer_path=tok if tok.is_file() else None)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    n_params = sum(p.numel() for p in build_model(recipe.model, device="meta").parameters())
+    return {"architecture": arch, "recipe": recipe, "files": files, "params": n_params,
+            "tokenizer": tok.is_file(), "peak_pending_bytes": stats["peak_pending_bytes"]}
+
+
+def load_hf(hf_dir, device="cpu", dtype: Optional[torch.dtype] = None):
+    """(recipe, model) straight from a Hugging Face directory, without writing anything."""
+    _, recipe, stream, _ = iter_hf_as_ours(hf_dir, dtype)
+    model = build_model(recipe.model, device="meta")
+    load_into(model, stream, device)
+    return recipe, model.eval()
+
+
+def is_hf_dir(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file() and not (p / "recipe.yaml").is_file()
+
+
+# ------------------------------------------------------------------------ export
+
+
+def export_family(m: ModelConfig) -> str:
+    if any(s.moe for s in layer_specs(m)):
+        return QWEN3_MOE
+    return GEMMA3 if m.norm_placement == "sandwich" else QWEN3
+
+
+def _rope_dict(rope: RopeConfig) -> dict:
+    if rope.scaling == "linear":
+        return {"rope_type": "linear", "rope_theta": rope.theta, "factor": rope.factor}
+    return {"rope_type": "default", "rope_theta": rope.theta}
+
+
+def hf_config_kwargs(arch: str, m: ModelConfig) -> dict:
+    """Keyword arguments of the transformers config class for `arch`. Whatever this
+    cannot carry is caught afterwards by comparing signatures, not here."""
+    a, specs = m.attention, layer_specs(m)
+    windows = [s.window for s in specs if s.window is not None]
+    kw = dict(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn.d_ff,
+              num_hidden_layers=m.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+              head_dim=a.head_dim, max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm.eps,
+              tie_word_embeddings=m.tie_embeddings, attention_bias=a.bias, initializer_range=m.init_std)
+    layer_types = ["sliding_attention" if s.window is not None else "full_attention" for s in specs]
+    if arch == GEMMA3:
+        by_type = {}
+        for s, t in zip(specs, layer_types):
+            by_type.setdefault(t, _rope_dict(s.rope))
+        by_type.setdefault("full_attention", {"rope_type": "default", "rope_theta": 1_000_000.0})
+        by_type.setdefault("sliding_attention", {"rope_type": "default", "rope_theta": 10_000.0})
+        qpas = a.query_pre_attn_scalar or a.head_dim
+        kw.update(hidden_activation=GELU_TANH, rope_parameters=by_type, layer_types=layer_types,
+                  sliding_window=windows[0] if windows else kw["max_position_embeddings"],
+                  # transformers types it as int; a fractional value fails the signature check
+                  query_pre_attn_scalar=int(qpas) if float(qpas).is_integer() else qpas,
+                  final_logit_softcapping=m.final_softcap)
+        return kw
+    kw.update(hidden_act=SILU, rope_parameters=_rope_dict(specs[0].rope))
+    if arch == QWEN3:
+        kw.update(layer_types=layer_types, use_sliding_window=bool(windows),
+                  sliding_window=windows[0] if windows else None,
+                  max_window_layers=layer_types.index("sliding_attention") if windows else m.n_layers)
+        return kw
+    mo = m.moe
+    kw.update(num_experts=mo.n_experts, num_experts_per_tok=mo.top_k, moe_intermediate_size=mo.d_expert,
+              norm_topk_prob=mo.router.renormalize, decoder_sparse_step=1,
+              mlp_only_layers=[s.index for s in specs if not s.moe],
+              router_aux_loss_coef=mo.balance.aux_coef, output_router_logits=False)
+    if kw["intermediate_size"] is None or kw["intermediate_size"] <= 0:
+        kw["intermediate_size"] = mo.d_expert
+    return kw
+
+
+def hf_config_for(m: ModelConfig):
+    """(architecture, transformers config, notes) for a moelab model config; raises
+    ConvertError naming each field Hugging Face would lose."""
+    import transformers
+
+    arch = export_family(m)
+    cls = {QWEN3: transformers.Qwen3Config, QWEN3_MOE: transformers.Qwen3MoeConfig,
+           GEMMA3: transformers.Gemma3TextConfig}[arch]
+    try:
+        cfg = cls(**hf_config_kwargs(arch, m))
+    except Exception as e:
+        raise ConvertError(f"transformers' {cls.__name__} rejects this model: {str(e).splitlines()[0]}") from None
+    cfg.architectures = [arch]
+    try:
+        back = resolve_recipe(Recipe(model=model_config_from_hf(arch, cfg))).model
+    except ConvertError as e:
+        raise ConvertError(f"this model cannot be written as {arch}: {e}") from None
+    ours, theirs = signature(m), signature(back)
+    diffs = [f"{k} is {ours.get(k)!r} here but would be {theirs.get(k)!r}"
+             for k in list(ours) + [k for k in theirs if k not in ours] if ours.get(k) != theirs.get(k)]
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise ConvertError(f"this model cannot be written as {arch} without changing what it computes: {shown}.")
+    notes = []
+    b = m.moe.balance
+    if arch == QWEN3_MOE and (b.aux_scope != "pooled" or b.z_coef > 0 or m.moe.router.jitter > 0):
+        notes.append(f"training-only settings that {arch} has no field for were not written "
+                     f"(aux_scope={b.aux_scope}, z_coef={b.z_coef}, jitter={m.moe.router.jitter}); "
+                     "transformers trains with its pooled auxiliary loss")
+    return arch, cfg, notes
+
+
+def export_hf(source, out_dir, dtype: Optional[torch.dtype] = None, max_shard_bytes: Optional[int] = None) -> dict:
+    """Write a transformers-loadable directory (config.json, safetensors shards,
+    tokenizer.json if the source has one) from a moelab checkpoint, streaming."""
+    recipe, src, tok = open_checkpoint(source)
+    arch, cfg, notes = hf_config_for(recipe.model)
+    check_tensors(recipe, src.shapes(), source)
+    work = partial_dir(out_dir)
+    try:
+        writer = ShardWriter(work, max_shard_bytes=max_shard_bytes)
+        first_dtype = None
+        for name, tensor in src.tensors():
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            if name == "embed.weight":
+                first_dtype = tensor.dtype
+            for hf_name, t in ours_to_hf(arch, name, tensor):
+                writer.add(hf_name, t)
+        files = writer.close()
+        if first_dtype is not None:
+            cfg.dtype = str(first_dtype).removeprefix("torch.")
+        cfg.save_pretrained(str(work))
+        finish_dir(work, out_dir, None, tokenizer_path=tok)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return {"architecture": arch, "files": files, "notes": notes, "tokenizer": tok is not None}
+
+
+def parse_size(text: Optional[str]) -> Optional[int]:
+    """'2GB', '500MB', '1GiB' or a number of bytes -> bytes."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConvertError(f"shard size '{text}' is not a size; write it like 2GB, 500MB or 1000000.")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+
+
+DTYPES: Dict[str, Optional[torch.dtype]] = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                                            "float16": torch.float16}

@@ -1,0 +1,194 @@
+"""Training checkpoints (.ckpt files of a run): written atomically, read as data only,
+and checked against the recipe before a run resumes from one.
+
+Where they live is lit_modules.checkpoints.layout's business; this module writes and
+reads them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import OmegaConf
+
+from arch import recipe_to_yaml
+from arch.config import Recipe
+from arch.registry import RecipeError
+
+from lit_modules.checkpoints import layout
+from lit_modules.checkpoints.layout import CheckpointError
+from lit_modules.checkpoints.safe import load_torch_file
+
+log = logging.getLogger("moelab.train")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temporary file beside the target, fsync, then os.replace.
+
+    Lightning's own writer stages the file through fsspec, whose local transaction
+    writes under $TMPDIR and then moves it; when $TMPDIR is another file system the
+    move is a copy, and a kill during it leaves a truncated checkpoint under the
+    final name. A rename within one directory is atomic on POSIX file systems."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        """Resuming reads tensors and plain data only, whatever the caller asks:
+        a checkpoint never runs code (load_torch_file)."""
+        return load_torch_file(path)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Checkpointing(Callback):
+    """checkpoints/stepNNNNNNNN.ckpt every `every` optimizer steps and at the end of
+    training, and last.ckpt pointing at the newest one. Only complete files are ever
+    named: each step file is written atomically, then last.ckpt is replaced by a hard
+    link to it (a copy where links are not supported) through a rename. The newest
+    `keep` step files are kept (0 = all); last.ckpt keeps its own link alive."""
+
+    def __init__(self, dirpath: Path, every: int, keep: int = 3):
+        self.dirpath = Path(dirpath)
+        self.every = every
+        self.keep = keep
+        self.last_path: Optional[Path] = None  # last.ckpt once it exists
+        self.saved_path: Optional[Path] = None  # the step file written last by this process
+        self.saved_step = -1
+        self.seconds = 0.0  # time spent writing, excluded from throughput
+
+    @property
+    def last(self) -> Path:
+        return self.dirpath / layout.LAST_CHECKPOINT
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if trainer.is_global_zero and self.dirpath.is_dir():  # leftovers of a killed writer
+            for stale in self.dirpath.glob(".*.tmp-*"):
+                stale.unlink(missing_ok=True)
+        if self.last.is_file():
+            self.last_path = self.last
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every > 0 and trainer.global_step % self.every == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self.saved_step:
+            self.save(trainer)
+
+    def save(self, trainer) -> Path:
+        t0 = time.perf_counter()
+        step = trainer.global_step
+        path = self.dirpath / layout.step_name(step)
+        trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; rank 0 writes
+        if trainer.is_global_zero:
+            tmp = self.dirpath / f".{layout.LAST_CHECKPOINT}.tmp-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                import shutil
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, self.last)
+            _fsync_dir(self.dirpath)
+            if self.keep > 0:
+                for old in layout.step_files(self.dirpath)[:-self.keep]:
+                    old.unlink(missing_ok=True)
+        trainer.strategy.barrier("moelab_checkpoint")
+        self.saved_step, self.saved_path, self.last_path = step, path, self.last
+        self.seconds += time.perf_counter() - t0
+        log.info("step %d  checkpoint %s", step, path)
+        return path
+
+
+# ------------------------------------------------------------------ resume checks
+
+
+# Model fields that leave the weights' names, shapes and meaning alone: how they are
+# computed (impl, backend, fused CE, init) or trained (balancing losses, jitter, bias
+# rate, capacity, context length). A checkpoint may be resumed with other values, e.g.
+# a higher aux_coef after an expert collapse. A key ending in "." matches a prefix.
+IMPLEMENTATION_FIELDS = {"attention.impl", "moe.backend", "fused_ce_chunk", "fused_ce_compile", "init_std",
+                         "init_scale_residual", "moe.balance.", "moe.router.jitter",
+                         "moe.router.bias_update_rate", "moe.router.fast_logits", "moe.capacity_factor",
+                         "max_seq_len"}
+
+
+def _may_change(key: str) -> bool:
+    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in IMPLEMENTATION_FIELDS)
+
+
+def _flat(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def model_mismatch(checkpoint_recipe_yaml: str, recipe: Recipe) -> Optional[str]:
+    """The first model field (other than IMPLEMENTATION_FIELDS) whose value differs, as
+    'model.x: checkpoint A, recipe B', or None when the architectures agree."""
+    ckpt = OmegaConf.to_container(OmegaConf.create(checkpoint_recipe_yaml)).get("model", {})
+    ours = OmegaConf.to_container(OmegaConf.create(recipe_to_yaml(recipe)))["model"]
+    a, b = dict(_flat(ckpt)), dict(_flat(ours))
+    for key in list(dict.fromkeys(list(b) + list(a))):
+        if _may_change(key):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            return f"model.{key}: checkpoint {a.get(key, '<absent>')}, recipe {b.get(key, '<absent>')}"
+    return None
+
+
+def check_checkpoint_recipe(checkpoint: dict, recipe: Recipe, where: str) -> None:
+    """Refuse a checkpoint that is not moelab's or holds another architecture."""
+    if "moelab_recipe" not in checkpoint:
+        raise RecipeError(f"{where} is not a moelab training checkpoint (it has no 'moelab_recipe' entry); "
+                          f"resume from a checkpoints/*.ckpt written by `moelab train`.")
+    diff = model_mismatch(checkpoint["moelab_recipe"], recipe)
+    if diff:
+        raise RecipeError(f"{where} holds another architecture ({diff}); resume it with the recipe it was "
+                          f"trained with, or start a new run (another train.run_name).")
+
+
+def check_resume(path: Path, recipe: Recipe) -> int:
+    """Read a checkpoint's header (tensors memory-mapped, not loaded); refuse an
+    unreadable file or another architecture. Returns its optimizer step."""
+    try:
+        ckpt = load_torch_file(path)
+    except CheckpointError as e:
+        raise RecipeError(f"cannot resume: {e}") from None
+    if not isinstance(ckpt, dict):
+        raise RecipeError(f"checkpoint {path} is not a Lightning checkpoint (a dict); resume from a "
+                          f"checkpoints/*.ckpt written by `moelab train`.")
+    check_checkpoint_recipe(ckpt, recipe, f"checkpoint {path}")
+    return int(ckpt.get("global_step", 0))

@@ -1,0 +1,197 @@
+"""Callbacks of `moelab train`: checkpoints, throughput/MFU, router statistics, the
+progress bar; and the checkpoint writer that never leaves a half-written file.
+
+Every scalar is written at the optimizer step (trainer.global_step) it belongs to.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+
+log = logging.getLogger("moelab.train")
+
+class Throughput(Callback):
+    """perf/tokens_per_s (all ranks) and perf/mfu every `log_every` steps.
+
+    MFU = tokens/s x training FLOPs per token (arch.count: 6 x active matmul
+    parameters + causal attention) / (peak FLOP/s x devices). Time spent in
+    validation and in writing checkpoints is left out; the first interval holds
+    start-up (and compilation), so `summary()` averages over the rest."""
+
+    def __init__(self, flops_per_token: float, peak_flops: Optional[float], log_every: int):
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.log_every = log_every
+        self.intervals: List[tuple] = []  # (tokens, seconds) per logging interval
+        self.last_tps: Optional[float] = None
+        self.last_mfu: Optional[float] = None
+        self._val_seconds = 0.0
+        self._val_t0 = time.perf_counter()
+        self._world = 1
+
+    def _now(self, trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _excluded(self, trainer) -> float:
+        from lit_modules.checkpoints.training import Checkpointing
+
+        ckpt = sum(cb.seconds for cb in trainer.callbacks if isinstance(cb, Checkpointing))
+        return self._val_seconds + ckpt
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._val_seconds = 0.0
+        self._t, self._step, self._x = self._now(trainer), trainer.global_step, self._excluded(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._val_seconds += time.perf_counter() - self._val_t0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.log_every and step < trainer.max_steps:
+            return
+        now, excluded = self._now(trainer), self._excluded(trainer)
+        seconds = max(1e-9, now - self._t - (excluded - self._x))
+        tokens = (step - self._step) * pl_module.tokens_per_step
+        self._t, self._step, self._x = now, step, excluded
+        if tokens == 0:
+            return
+        self.intervals.append((tokens, seconds))
+        self.last_tps = tokens / seconds
+        metrics = {"perf/tokens_per_s": self.last_tps, "perf/tokens": step * pl_module.tokens_per_step}
+        if self.peak_flops:
+            self.last_mfu = self.last_tps * self.flops_per_token / (self.peak_flops * trainer.world_size)
+            metrics["perf/mfu"] = self.last_mfu
+        pl_module.log_scalars(metrics)
+        pl_module.log("tok/s", self.last_tps, prog_bar=True, logger=False)
+
+    def summary(self) -> Dict[str, Optional[float]]:
+        steady = self.intervals[1:] or self.intervals
+        tokens, seconds = sum(t for t, _ in steady), sum(s for _, s in steady)
+        tps = tokens / seconds if seconds > 0 else None
+        mfu = tps * self.flops_per_token / self.peak_flops / self._world if (tps and self.peak_flops) else None
+        return {"tokens_per_s": tps, "mfu": mfu,
+                "train_seconds": sum(s for _, s in self.intervals)}
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self._world = trainer.world_size
+
+
+# ------------------------------------------------------------------ routers
+
+
+def load_image(loads_ES: np.ndarray, cell: int = 4) -> np.ndarray:
+    """Experts x steps heat map as a CHW uint8 RGB image (numpy only).
+
+    Colour = log2(load / mean load) clipped to [-2, 2]: white is a balanced expert,
+    red up to 4x the mean load, blue down to a quarter of it (black: no tokens).
+    Each cell is `cell` pixels square so small maps stay readable."""
+    loads = loads_ES.astype(np.float64)
+    mean = loads.mean(axis=0, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.log2(np.where(mean > 0, loads / mean, 1.0))
+    r = np.clip(np.nan_to_num(r, neginf=-2.0), -2.0, 2.0) / 2.0  # [-1, 1]
+    over, under = np.clip(r, 0, 1), np.clip(-r, 0, 1)
+    rgb = np.stack([1.0 - under, 1.0 - over - under, 1.0 - over], axis=0)
+    rgb[:, loads == 0] = 0.0
+    img = (rgb * 255).round().astype(np.uint8)
+    return img.repeat(cell, axis=1).repeat(cell, axis=2)
+
+
+class RouterStats(Callback):
+    """Per MoE layer i: router/layer{i}/{max_over_mean_load, entropy, dropped, bias_norm,
+    aux_loss, z_loss} (the losses unweighted) every `log_every` steps, and router/layer{i}/load, an experts x steps image of the
+    last `image_every` steps' expert loads, every `image_every` steps.
+
+    Loads are the tokens per expert of the step's last micro-batch on rank 0 (no extra
+    communication); they stay on the device until an image is drawn."""
+
+    # TensorBoard name -> experts.stats.router_stats key
+    SCALARS = {"max_over_mean_load": "load_max_over_mean", "entropy": "entropy", "dropped": "dropped_tokens",
+               "bias_norm": "bias_norm", "aux_loss": "aux_loss", "z_loss": "z_loss"}
+
+    def __init__(self, log_every: int, image_every: int):
+        self.log_every = log_every
+        self.image_every = image_every
+        self.history: Dict[int, List[torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not pl_module.moe_layers or not trainer.is_global_zero:
+            return
+        from experts.stats import router_stats
+
+        step = trainer.global_step
+        stats = router_stats(pl_module.model)
+        if self.image_every > 0:
+            for i, s in stats.items():
+                h = self.history.setdefault(i, [])
+                h.append(s["tokens_per_expert"].detach().clone())
+                del h[:-self.image_every]
+        if step % self.log_every == 0 or step >= trainer.max_steps:
+            metrics = {}
+            for i, s in stats.items():
+                for name, key in self.SCALARS.items():
+                    if key in s:
+                        metrics[f"router/layer{i}/{name}"] = float(s[key])
+            pl_module.log_scalars(metrics)
+        if self.image_every > 0 and step % self.image_every == 0:
+            tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+            if tb is not None:
+                for i, h in self.history.items():
+                    loads_ES = torch.stack(h, dim=1).float().cpu().numpy()
+                    tb.experiment.add_image(f"router/layer{i}/load", load_image(loads_ES), step,
+                                            dataformats="CHW")
+
+
+# ------------------------------------------------------------------ progress bar
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar over optimizer steps (0 .. max_steps, continuing across epochs and
+    resumes), showing the loss, tokens/s and the latest validation perplexity."""
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        bar = self.train_progress_bar
+        if bar.total != trainer.max_steps:
+            bar.reset(total=trainer.max_steps)
+            bar.set_description("train")
+        bar.n = trainer.global_step
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = trainer.global_step
+        if self._should_update(n, trainer.max_steps):
+            self.train_progress_bar.n = n
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass  # one bar for the whole run
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        for bar in (self._train_progress_bar, self._val_progress_bar):
+            if bar is not None:
+                bar.close()  # so the error message starts on a line of its own
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return {k: _short(v) for k, v in items.items()}
+
+
+def _short(v):
+    """4 significant digits, thousands separated past 10,000 (tokens/s): 5.617, 1,027,000."""
+    if not isinstance(v, float) or math.isnan(v):
+        return v
+    return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"

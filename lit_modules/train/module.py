@@ -1,0 +1,214 @@
+"""The LightningModule for causal-LM pretraining of a recipe's model.
+
+One optimizer step per batch, done by hand (manual optimization) so that gradient
+accumulation, the global-batch balancing loss and the router-bias update sit in one
+place, `training_step`:
+
+    batch (B = micro_batch_size x grad_accum, seq_len + 1) -> inputs / targets
+    [global aux scope: expert counts of all micro-batches, all ranks, precomputed]
+    for each micro-batch: loss = CE + sum(weighted balancing losses)
+                          backward(loss / grad_accum)   (DDP syncs on the last only)
+    clip -> finite check -> router-bias update -> AdamW step -> LR schedule step
+
+Scalars go straight to the loggers at optimizer-step numbers (step 1 is the first
+update, validation at step 0 is the untrained model), so TensorBoard's x axis is the
+optimizer step whatever the accumulation or the number of ranks.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, List, Optional
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from arch import build_model, count, materialize, recipe_to_yaml
+from arch.config import Recipe
+from arch.registry import RecipeError
+
+from lit_modules.checkpoints.training import check_checkpoint_recipe
+from lit_modules.train.optim import build_optimizer
+from lit_modules.train.strategy import ScalePlan, parallelize, shard_model
+
+log = logging.getLogger("moelab.train")
+
+class TrainingFailed(RecipeError):
+    """Training stopped on a condition the user must fix; the message says how."""
+
+
+class NonFiniteLoss(TrainingFailed):
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        super().__init__(f"non-finite loss {loss} (gradient norm {grad_norm}) at step {step}")
+
+
+class CausalLM(L.LightningModule):
+    """Next-token pretraining of `recipe.model` with `recipe.train`'s optimisation.
+
+    The model is built in `configure_model` (meta device -> parallelize -> materialise
+    on the strategy's device), so state_dict keys are "model.<Transformer keys>".
+    """
+
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.recipe = recipe
+        self.cfg = recipe.train
+        self.automatic_optimization = False
+        self.model = None  # built in configure_model
+        self.scale = ScalePlan()  # expert parallel / FSDP layout (lit_modules/train/strategy.py)
+        self.accounting = count(recipe.model, seq_len=recipe.train.seq_len)
+        self.val_loss = MeanMetric()
+        self.val_acc = MulticlassAccuracy(num_classes=recipe.model.vocab_size, average="micro",
+                                          ignore_index=-100, validate_args=False)
+        # host-side records, also carried in checkpoints so a resumed run's summary is whole
+        self.last_train: Dict[str, float] = {}
+        self.val_history: List[Dict[str, float]] = []
+
+    # ------------------------------------------------------------------ build
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning may call this hook more than once
+            return
+        model = build_model(self.recipe.model, "meta")
+        parallelize(model, self.cfg)
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        model = materialize(model, device)
+        self.scale = shard_model(model, self.cfg, device)
+        # expert shards differ between ranks: DDP must neither broadcast nor average them
+        self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.scale.expert_names]
+        self.model = model
+
+    def configure_optimizers(self):
+        opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.max_steps, self.device.type)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @property
+    def moe_layers(self) -> list:
+        return self.model.moe_layers if self.model is not None else []
+
+    @property
+    def global_aux_scope(self) -> bool:
+        m = self.recipe.model.moe
+        return bool(self.moe_layers) and m.balance.aux_coef > 0 and m.balance.aux_scope == "global"
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step over all ranks."""
+        c = self.cfg
+        return c.micro_batch_size * c.grad_accum * c.seq_len * self.trainer.world_size
+
+    # ------------------------------------------------------------------ train
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        x, y = batch[:, :-1], batch[:, 1:]
+        xs, ys = x.split(self.cfg.micro_batch_size), y.split(self.cfg.micro_batch_size)
+        n = len(xs)
+        # Qwen's global-batch loss needs the expert frequencies of the whole step (all
+        # micro-batches, all ranks) before the first micro-batch's backward; with one
+        # micro-batch the layers all-reduce them inside the forward.
+        precompute = self.global_aux_scope and n > 1
+        if precompute:
+            from experts.balance import precompute_global_counts
+            precompute_global_counts(self.model, list(xs), group=None)
+        sums: Dict[str, torch.Tensor] = {}
+        try:
+            for i, (xi, yi) in enumerate(zip(xs, ys)):
+                # gradients are all-reduced only in the last micro-batch's backward
+                with opt.toggle_model(sync_grad=(i == n - 1)):
+                    out = self.model(xi, targets=yi, return_logits=False)
+                    loss = out.loss + sum(out.aux.values())
+                    self.manual_backward(loss / n)
+                for name, value in {"loss": loss, "ce_loss": out.loss, **out.aux}.items():
+                    v = value.detach() / n
+                    sums[name] = sums[name] + v if name in sums else v
+        finally:
+            if precompute:
+                from experts.balance import clear_global_counts
+                clear_global_counts(self.model)
+
+        self.scale.finish_grads(self.model)
+        grad_norm = self._clip_gradients()
+        # One host sync per step: never apply an update computed from a non-finite loss.
+        if not bool(torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)):
+            raise NonFiniteLoss(self.global_step + 1, float(sums["loss"]), float(grad_norm))
+        if self.moe_layers:
+            from experts.balance import update_router_biases
+            update_router_biases(self.model, group=None)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+
+        self.log("loss", sums["loss"], prog_bar=True, logger=False)
+        step = self.global_step  # updates done, this one included
+        if step % self.cfg.log_every == 0 or step >= self.cfg.max_steps:
+            # the mean over ranks: the loss of the global batch (a collective, at the same
+            # steps on every rank)
+            names = list(sums)
+            values = self.trainer.strategy.reduce(torch.stack([sums[k].float() for k in names]), reduce_op="mean")
+            metrics = {f"train/{k}": float(v) for k, v in zip(names, values)}
+            metrics.update({"train/lr": lr, "train/grad_norm": float(grad_norm)})
+            self.log_scalars(metrics)
+            self.last_train = {"step": step, **{k[len("train/"):]: v for k, v in metrics.items()}}
+            log.info("step %d  " + "  ".join(f"{k[6:]} {v:.4g}" for k, v in metrics.items()), step)
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Total gradient norm before clipping (gradients already reduced over ranks);
+        clips to train.grad_clip when it is > 0."""
+        return self.scale.clip(self.model, self.cfg.grad_clip)
+
+    def log_scalars(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
+        """Write scalars to every logger at `step` (default: the optimizer step)."""
+        step = self.global_step if step is None else step
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # ------------------------------------------------------------------ validation
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        x, y = batch[:, :-1], batch[:, 1:]
+        out = self.model(x, targets=y)
+        self.val_loss.update(out.loss, weight=y.numel())
+        self.val_acc.update(out.logits.argmax(-1), y)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = float(self.val_loss.compute())
+        acc = float(self.val_acc.compute())
+        self.val_loss.reset()
+        self.val_acc.reset()
+        ppl = math.exp(min(loss, 80.0))  # perplexity = exp(mean token cross-entropy)
+        metrics = {"val/loss": loss, "val/ppl": ppl, "val/acc": acc}
+        self.log_scalars(metrics)
+        self.log("val_ppl", ppl, prog_bar=True, logger=False)
+        if not self.val_history or self.val_history[-1]["step"] != self.global_step:
+            self.val_history.append({"step": self.global_step, "loss": loss, "ppl": ppl, "acc": acc})
+        log.info("step %d  val loss %.4f  ppl %.2f  acc %.4f", self.global_step, loss, ppl, acc)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the interop code reads the architecture from here, and resume checks it
+        checkpoint["moelab_recipe"] = recipe_to_yaml(self.recipe)
+        checkpoint["moelab_records"] = {"last_train": self.last_train, "val_history": self.val_history}
+        if self.scale.ep > 1:  # whole experts in the file: loadable at any EP size
+            from lit_modules.checkpoints.sharded import gather_experts
+
+            opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
+            gather_experts(checkpoint, self.model, self.scale, opt if isinstance(opt, torch.optim.Optimizer) else None)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint_recipe(checkpoint, self.recipe, "the checkpoint being resumed")
+        if self.scale.ep > 1:
+            from lit_modules.checkpoints.sharded import slice_experts
+
+            slice_experts(checkpoint, self.model, self.scale)
+        records = checkpoint.get("moelab_records", {})
+        self.last_train = dict(records.get("last_train", {}))
+        self.val_history = list(records.get("val_history", []))
+
+

@@ -1,0 +1,359 @@
+"""What `moelab train RECIPE [a.b=c ...]` does: one training run in its own directory
+(the layout is lit_modules.checkpoints.layout's).
+
+Resume: `train.resume=PATH` (or `resume=PATH`; PATH a .ckpt or a run directory), or
+automatically when train.run_name names a run directory that holds a checkpoint.
+Everything a user can get wrong is checked, one sentence per problem, before the
+Trainer exists:
+
+    check_train -> runtime (accelerator, precision, strategy) -> resolve_run
+    -> check_resume -> data (prepare, vocabulary) -> open_run_dir (lock, recipe,
+    tokenizer) -> Trainer.fit, with failures translated into one sentence
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from arch import count, load_recipe, recipe_to_yaml
+from arch.config import Recipe
+from arch.registry import RecipeError
+from lit_modules.checkpoints import layout
+from lit_modules.checkpoints.layout import RunLock, check_run_name
+from lit_modules.checkpoints.training import check_resume
+
+# A multi-process launch re-runs this command in every rank; the launching process
+# passes the run directory and the checkpoint it resolved, so all ranks agree.
+LAUNCH_ENV = "MOELAB_TRAIN_LAUNCH"
+
+
+# ------------------------------------------------------------------ checks
+
+
+def normalize_overrides(overrides: Sequence[str]) -> List[str]:
+    """`resume=PATH` is accepted as the short form of `train.resume=PATH`."""
+    return ["train." + o if o.startswith("resume=") else o for o in overrides]
+
+
+def check_train(recipe: Recipe) -> None:
+    t = recipe.train
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every"):
+        if getattr(t, key) < 1:
+            raise RecipeError(f"train.{key} = {getattr(t, key)} must be at least 1.")
+    if t.seq_len > recipe.model.max_seq_len:
+        raise RecipeError(f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}; "
+                          f"lower train.seq_len or raise model.max_seq_len.")
+    if t.num_nodes < 1:
+        raise RecipeError(f"train.num_nodes = {t.num_nodes} must be at least 1.")
+    devices = t.devices
+    if not (devices == "auto" or (isinstance(devices, int) and devices >= 1)
+            or (isinstance(devices, list) and devices and all(isinstance(d, int) and d >= 0 for d in devices))):
+        raise RecipeError(f"train.devices = {devices!r} must be 'auto', a positive number of devices or a list "
+                          f"of device indices such as [0, 1].")
+    from lit_modules.train.optim import check_optim
+
+    check_run_name(t.run_name)
+    check_optim(t.optim, t.max_steps)
+
+
+def check_on_accelerator(recipe: Recipe, accelerator: str) -> None:
+    """Checks that depend on where the run goes, still before any data work."""
+    a = recipe.model.attention
+    if accelerator == "cpu" and a.impl == "flex":
+        raise RecipeError("model.attention.impl = flex has no backward pass on CPU; use auto (SDPA on CPU, "
+                          "flex on CUDA for windowed layers), sdpa or eager.")
+    from arch.attention import FLEX_MIN_HEAD_DIM
+
+    if accelerator != "cpu" and a.impl == "flex" and a.head_dim < FLEX_MIN_HEAD_DIM:
+        raise RecipeError(f"model.attention.impl = flex needs head_dim >= {FLEX_MIN_HEAD_DIM} on CUDA (got "
+                          f"{a.head_dim}); use auto (which falls back to SDPA there) or sdpa.")
+
+
+def _new_run_dir(recipe: Recipe) -> Path:
+    base = Path(recipe.train.run_dir) / f"{Path(recipe.name).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def resolve_run(recipe: Recipe) -> Tuple[Path, Optional[Path]]:
+    """(run directory, checkpoint to resume or None) from train.run_dir/run_name/resume."""
+    launched = os.environ.get(LAUNCH_ENV)
+    if launched:
+        d = json.loads(launched)
+        return Path(d["run_dir"]), Path(d["resume"]) if d["resume"] else None
+    t = recipe.train
+    named = Path(t.run_dir) / t.run_name if t.run_name else None
+    if t.resume not in (None, "auto"):
+        p = Path(t.resume)
+        if p.is_dir():
+            p = layout.last_checkpoint(p) or p / layout.LAST_CHECKPOINT
+        if not p.is_file():
+            raise RecipeError(f"train.resume = {t.resume}: no checkpoint there; give a .ckpt file, a run "
+                              f"directory holding {layout.CHECKPOINT_DIR}/{layout.LAST_CHECKPOINT}, or 'auto'.")
+        if named is None:  # continue the run the checkpoint belongs to
+            named = p.parent.parent if p.parent.name == layout.CHECKPOINT_DIR else _new_run_dir(recipe)
+        return named, p
+    if named is not None:
+        return named, layout.last_checkpoint(named)
+    if t.resume == "auto":  # the newest run of this recipe that has a checkpoint
+        runs = [r for r in Path(t.run_dir).glob(f"{Path(recipe.name).name}-*") if layout.last_checkpoint(r)]
+        if runs:
+            newest = max(runs, key=lambda r: layout.last_checkpoint(r).stat().st_mtime)
+            return newest, layout.last_checkpoint(newest)
+    return _new_run_dir(recipe), None
+
+
+# ------------------------------------------------------------------ logging
+
+
+class _RunLog:
+    """train.log in the run directory: the `moelab.train` logger plus Lightning's."""
+
+    def __init__(self, path: Optional[Path]):
+        self.handler = None
+        self.loggers = [logging.getLogger("moelab.train"), logging.getLogger("lightning.pytorch")]
+        if path is not None:
+            self.handler = logging.FileHandler(path)
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            for lg in self.loggers:
+                lg.addHandler(self.handler)
+            self.loggers[0].setLevel(logging.INFO)
+            self.loggers[0].propagate = False  # the console shows the progress bar instead
+
+    def say(self, msg: str) -> None:
+        print(msg, flush=True)
+        if self.handler is not None:
+            self.loggers[0].info(msg)
+
+    def close(self) -> None:
+        if self.handler is not None:
+            for lg in self.loggers:
+                lg.removeHandler(self.handler)
+            self.handler.close()
+
+
+def _no_advert(record: logging.LogRecord) -> bool:
+    # Lightning's advice to allow TF32 matmuls is left out on purpose: under bf16-mixed
+    # the float32 matmuls left are the routers', which stay in full float32 by design.
+    msg = record.getMessage()
+    return "litlogger" not in msg and "set_float32_matmul_precision" not in msg
+
+
+def _quiet_advert() -> None:
+    """Lightning advertises a hosted logger and TF32 at every start; drop those lines."""
+    lg = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _no_advert not in lg.filters:
+        lg.addFilter(_no_advert)
+
+
+def _write_json(path: Path, obj: Dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ train
+
+
+def _quiet_libraries() -> None:
+    """Known-harmless notices of the libraries, which would bury the run's own output
+    (the data module resumes its loader from trainer.global_step, which Lightning's
+    mid-epoch warning does not know)."""
+    for pattern in (r".*isinstance\(treespec, LeafSpec\).*", r".*`IterableDataset` has `__len__` defined.*",
+                    r".*resuming from a checkpoint that ended before the epoch ended.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    _quiet_advert()
+
+
+def prepare_data(dm, recipe: Recipe) -> None:
+    """Tokenizer and token cache (rank 0; later ranks reuse the cache), so data errors
+    surface before the Trainer exists. Not setup(): that must see the trainer's rank
+    and world size."""
+    dm.prepare_data()
+    if dm.vocab_size > recipe.model.vocab_size:
+        raise RecipeError(f"the tokenizer has {dm.vocab_size} tokens but model.vocab_size is "
+                          f"{recipe.model.vocab_size}; raise model.vocab_size to at least "
+                          f"{dm.vocab_size} or use a smaller tokenizer.")
+
+
+def open_run_dir(run_dir: Path, recipe: Recipe, tokenizer_path) -> RunLock:
+    """Create (or reopen) the run directory once the inputs are known good, take its
+    lock before anything is written into it, then write the recipe and the tokenizer
+    (so `moelab eval` / `export-hf` of the run need no --tokenizer)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir).acquire()
+    (run_dir / layout.RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+    if tokenizer_path and Path(tokenizer_path).is_file():
+        shutil.copyfile(tokenizer_path, run_dir / layout.TOKENIZER_FILE)
+    return lock
+
+
+def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence = ()) -> Dict:
+    """Run `moelab train`; returns the summary (also written to summary.json).
+    `callbacks`: extra Lightning callbacks, for programmatic use."""
+    recipe = load_recipe(recipe_name, normalize_overrides(overrides))
+    t = recipe.train
+    check_train(recipe)
+    _quiet_libraries()
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lit_modules.data.datamodule import TokenDataModule
+    from lit_modules.runtime import resolve_accelerator, resolve_precision
+    from lit_modules.train.strategy import build_strategy, check_scale
+
+    accelerator = resolve_accelerator(t)
+    check_on_accelerator(recipe, accelerator)
+    precision = resolve_precision(t, accelerator)
+    strategy = build_strategy(t)
+    check_scale(recipe)
+    run_dir, resume = resolve_run(recipe)
+    resume_step = check_resume(resume, recipe) if resume else 0
+    rank0 = rank_zero_only.rank == 0
+    dm = TokenDataModule(recipe)
+    lock = None
+    if rank0:
+        print(f"moelab train: run directory {run_dir}", flush=True)
+        prepare_data(dm, recipe)
+        lock = open_run_dir(run_dir, recipe, dm.tokenizer_path)
+    runlog = _RunLog(run_dir / layout.LOG_FILE if rank0 else None)
+    try:
+        if rank0:
+            runlog.loggers[0].info("moelab train: run directory %s", run_dir)
+            if resume:
+                runlog.say(f"moelab train: resuming from {resume} (step {resume_step})")
+            acc = count(recipe.model, seq_len=t.seq_len)
+            runlog.say(f"moelab train: {recipe.name}: {acc.params_total / 1e6:.2f}M parameters "
+                       f"({acc.params_active / 1e6:.2f}M active), {t.max_steps} steps of "
+                       f"{t.micro_batch_size * t.grad_accum} x {t.seq_len} tokens per rank, "
+                       f"{accelerator} {precision}")
+        return _fit(recipe, run_dir, resume, resume_step, dm, accelerator, precision, strategy, callbacks, runlog)
+    finally:
+        runlog.close()
+        if lock is not None:
+            lock.release()
+
+
+def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int, dm, accelerator: str,
+         precision: str, strategy, callbacks: Sequence, runlog: "_RunLog") -> Dict:
+    """Build the Trainer, fit, translate failures into one sentence, write the summary."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lit_modules.checkpoints.training import AtomicCheckpointIO, Checkpointing
+    from lit_modules.runtime import peak_flops_per_device, resolve_devices
+    from lit_modules.train.callbacks import RouterStats, StepProgressBar, Throughput
+    from lit_modules.train.module import CausalLM
+
+    t = recipe.train
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    module = CausalLM(recipe)
+    ckpt = Checkpointing(layout.checkpoint_dir(run_dir), t.ckpt_every, t.keep_checkpoints)
+    throughput = Throughput(module.accounting.flops_per_token, peak_flops_per_device(t.peak_tflops, precision),
+                            t.log_every)
+    validate = t.val_every > 0 and t.val_batches > 0
+    tb_kwargs = {"purge_step": resume_step + 1} if resume else {}
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=resolve_devices(t), num_nodes=t.num_nodes, strategy=strategy,
+        precision=precision,
+        max_steps=t.max_steps, max_epochs=-1,
+        val_check_interval=t.val_every if validate else None, check_val_every_n_epoch=None,
+        limit_val_batches=t.val_batches if validate else 0,
+        # the sanity pass doubles as the step-0 validation of a fresh run
+        num_sanity_val_steps=t.val_batches if (validate and not resume) else 0,
+        logger=TensorBoardLogger(str(run_dir), name=layout.TB_DIR, version="", default_hp_metric=False,
+                                 **tb_kwargs),
+        callbacks=[throughput, RouterStats(t.log_every, t.expert_image_every), ckpt,
+                   StepProgressBar(refresh_rate=t.log_every), *callbacks],
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=t.log_every,
+        use_distributed_sampler=False,  # the DataModule shards by rank itself
+        default_root_dir=str(run_dir),
+    )
+    os.environ[LAUNCH_ENV] = json.dumps({"run_dir": str(run_dir), "resume": str(resume) if resume else None})
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+        if validate and (not module.val_history or module.val_history[-1]["step"] != trainer.global_step):
+            trainer.validate(module, datamodule=dm, verbose=False)
+    except Exception as e:
+        failure = _failure(e, recipe, trainer, ckpt)
+        if failure is None:
+            raise
+        raise failure from None
+    finally:
+        os.environ.pop(LAUNCH_ENV, None)
+    wall = time.perf_counter() - t0
+
+    summary = _summary(recipe, run_dir, module, trainer, throughput, ckpt, resume, wall)
+    if trainer.is_global_zero:
+        _write_json(run_dir / layout.SUMMARY_FILE, summary)
+        first = module.val_history[0] if module.val_history else None
+        ppl = (f"val ppl {first['ppl']:.2f} (step {first['step']}) -> {summary['val_ppl']:.2f} "
+               f"(step {summary['steps']}); " if first and summary["val_ppl"] is not None else "")
+        tps = f" at {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else ""
+        runlog.say(f"moelab train: done: {ppl}{summary['tokens']:,} tokens{tps}")
+        runlog.say(f"moelab train: checkpoint {summary['checkpoint']}; summary {run_dir / layout.SUMMARY_FILE}")
+    return summary
+
+
+def _failure(e: Exception, recipe: Recipe, trainer, ckpt) -> Optional[RecipeError]:
+    """A failure during training as one sentence: the step, the last good checkpoint
+    and what to change; None for anything else (raised as it is)."""
+    import torch
+
+    from lit_modules.train.module import NonFiniteLoss, TrainingFailed
+
+    t = recipe.train
+    if isinstance(e, NonFiniteLoss):
+        return TrainingFailed(
+            f"training stopped at step {e.step}: the loss is {e.loss} (gradient norm {e.grad_norm}); the last "
+            f"good checkpoint is {ckpt.last_path or 'none (none was written yet)'}; lower train.optim.lr "
+            f"(now {t.optim.lr:g}), lengthen train.optim.warmup_steps (now {t.optim.warmup_steps}) or set "
+            f"train.grad_clip (now {t.grad_clip:g}), then resume with resume=<that checkpoint>.")
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return TrainingFailed(
+            f"out of GPU memory at step {trainer.global_step + 1} (micro_batch_size {t.micro_batch_size}, "
+            f"seq_len {t.seq_len}); the last good checkpoint is {ckpt.last_path or 'none'}; lower "
+            f"train.micro_batch_size (raise train.grad_accum to keep the batch), set "
+            f"train.activation_checkpointing=true or model.fused_ce_chunk=4096.")
+    return None
+
+
+def _summary(recipe, run_dir, module, trainer, throughput, ckpt, resume, wall) -> Dict:
+    val = module.val_history[-1] if module.val_history else {}
+    first = module.val_history[0] if module.val_history else {}
+    perf = throughput.summary()
+    acc = module.accounting
+    return {
+        "recipe": recipe.name,
+        "run_dir": str(run_dir),
+        "steps": trainer.global_step,
+        "tokens": trainer.global_step * module.tokens_per_step,
+        "train_loss": module.last_train.get("loss"),
+        "train_ce_loss": module.last_train.get("ce_loss"),
+        "val_loss": val.get("loss"),
+        "val_ppl": val.get("ppl"),
+        "val_acc": val.get("acc"),
+        "initial_val_loss": first.get("loss") if first.get("step") == 0 else None,
+        "initial_val_ppl": first.get("ppl") if first.get("step") == 0 else None,
+        "tokens_per_s": perf["tokens_per_s"],
+        "mfu": perf["mfu"],
+        # the step file written last; a run resumed at its end writes none
+        "checkpoint": str(ckpt.saved_path or ckpt.last_path or resume or "") or None,
+        "last_checkpoint": str(ckpt.last_path) if ckpt.last_path else None,
+        "resumed_from": str(resume) if resume else None,
+        "params_total": acc.params_total,
+        "params_active": acc.params_active,
+        "flops_per_token": acc.flops_per_token,
+        "wall_seconds": wall,
+        "val_history": module.val_history,
+    }

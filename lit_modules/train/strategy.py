@@ -1,0 +1,227 @@
+"""Accelerator, precision and strategy from the recipe, and how a model is prepared.
+
+Strategies (`train.strategy`; `STRATEGIES` maps each to what `Trainer(strategy=)` takes):
+  auto            one device.
+  ddp             Lightning's DDPStrategy: weights replicated, gradients all-reduced.
+  fsdp            FSDP2 (`fully_shard`) through Lightning's ModelParallelStrategy: every
+                  block, then the root, sharded over all ranks.
+  model_parallel  the same strategy as fsdp (the name Lightning uses).
+`train.expert_parallel = EP > 1` works with ddp and fsdp: the ranks form a
+(data_parallel = world / EP) x (expert = EP) mesh; each MoE layer keeps E / EP
+experts (experts/parallel.py), exchanged by all-to-all inside each expert group.
+Expert shards differ between ranks, so neither DDP nor FSDP may average them: they are
+left out of both (DDP's ignore list, fully_shard's ignored_params) and
+`ScalePlan.finish_grads` averages them over the ranks that hold the same shard.
+Every rank reads its own data (the DataModule shards by global rank), so the
+global-batch counts and the router-bias loads are summed over the whole world.
+
+How a model is prepared (LightningModule.configure_model):
+  1. `parallelize(model, train)` on the meta-device model: activation checkpointing,
+     regional compile (also what `moelab bench` uses; no process group needed);
+  2. materialise on the device: every rank initialises the whole model from the same
+     seed, so any layout starts from the single-process weights (cost: one full
+     float32 copy per rank for a moment; fine for the proxies, not for a model that
+     does not fit one device);
+  3. `shard_model(model, train)`: expert parallel (slice the experts), then FSDP2 per
+     block and the root. STYLE.md's order (EP, AC, compile, FSDP) holds per module:
+     AC and compile wrap forwards, which slicing and sharding leave in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from arch.config import TrainConfig
+from arch.registry import RecipeError, nearest
+from experts.parallel import check_expert_parallel
+
+def _auto(train: TrainConfig) -> Any:
+    return "auto"
+
+
+def _ddp(train: TrainConfig) -> Any:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    # Every parameter takes part in every step (stacked expert weights are passed
+    # whole to the backend), so DDP need not search for unused ones.
+    return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
+
+
+def _fsdp(train: TrainConfig) -> Any:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class FSDP2Strategy(ModelParallelStrategy):
+        """Full (single-file) checkpoints load through lit_modules.checkpoints.sharded."""
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None):
+            from pathlib import Path
+
+            from lit_modules.checkpoints.layout import CheckpointError
+            from lit_modules.checkpoints.sharded import load_full_checkpoint
+
+            if not Path(checkpoint_path).is_file():  # a torch.distributed.checkpoint folder: its
+                # metadata is a pickle, so it is not read (moelab writes single files)
+                raise CheckpointError(f"{checkpoint_path} is not a checkpoint file; resume from a "
+                                      f"checkpoints/*.ckpt written by `moelab train`.")
+
+            return load_full_checkpoint(self, checkpoint_path)
+
+    # Lightning's own (data_parallel x tensor_parallel) mesh is not used: shard_model
+    # builds the (data_parallel x expert) one. Checkpoints are full (unsharded) state
+    # dicts written by rank 0, which any world size or EP size can load
+    # (CausalLM.on_save_checkpoint gathers the expert shards).
+    return FSDP2Strategy(save_distributed_checkpoint=False)
+
+
+# train.strategy -> factory(train) returning a Lightning strategy (or its name)
+STRATEGIES: Dict[str, Callable[[TrainConfig], Any]] = {
+    "auto": _auto,
+    "ddp": _ddp,
+    "fsdp": _fsdp,
+    "model_parallel": _fsdp,
+}
+
+
+def build_strategy(train: TrainConfig) -> Any:
+    if train.strategy not in STRATEGIES:
+        raise RecipeError(f"train.strategy = '{train.strategy}' is unknown{nearest(train.strategy, STRATEGIES)}; "
+                          f"choose one of {', '.join(STRATEGIES)}.")
+    if not isinstance(train.expert_parallel, int) or train.expert_parallel < 1:
+        raise RecipeError(f"train.expert_parallel = {train.expert_parallel} must be a whole number of at least 1.")
+    if train.expert_parallel > 1 and train.strategy == "auto":
+        raise RecipeError(f"train.expert_parallel = {train.expert_parallel} needs several processes; set "
+                          f"train.strategy to ddp or fsdp (and train.devices), or train.expert_parallel=1.")
+    return STRATEGIES[train.strategy](train)
+
+
+def check_scale(recipe) -> None:
+    """Recipe-level checks of expert parallelism, before any process starts."""
+    ep = recipe.train.expert_parallel
+    if ep == 1:
+        return
+    from arch.resolve import layer_specs
+
+    moe = recipe.model.moe
+    if not any(spec.moe for spec in layer_specs(recipe.model)):
+        raise RecipeError(f"train.expert_parallel = {ep} but the model has no MoE layers; set "
+                          f"train.expert_parallel=1 for a dense model.")
+    check_expert_parallel(moe.n_experts, ep)
+
+
+# ------------------------------------------------------------- model preparation
+
+
+def checkpoint_block(block: nn.Module) -> None:
+    """Recompute `block` in backward instead of storing its activations.
+
+    The block's forward is wrapped on the instance, so module names and state_dict
+    keys stay what they were (checkpoints and converters rely on "model.layers.i.*").
+    Non-reentrant checkpointing re-runs forward during backward: an MoE layer's
+    `aux`/`last` are overwritten with identical values, which is harmless."""
+    inner = block.forward
+
+    def forward(*args, **kwargs):
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    block.forward = forward
+
+
+def parallelize(model: nn.Module, train: TrainConfig, device_mesh=None) -> nn.Module:
+    """Prepare a meta-device model for training, in place; see the module docstring.
+
+    Regional compilation (one `torch.compile` per block, all blocks alike) keeps
+    compile time to one block's and survives any change to the outer loop."""
+    # 1. expert parallel: shard experts over device_mesh["ep"] (model_parallel strategy)
+    if train.activation_checkpointing:  # 2.
+        for block in model.layers:
+            checkpoint_block(block)
+    if train.compile:  # 3.
+        for block in model.layers:
+            block.compile()
+    # 4. FSDP2 fully_shard per block, then the root (fsdp / model_parallel strategies)
+    return model
+
+
+# ------------------------------------------------------------- sharding (after materialisation)
+
+
+@dataclass
+class ScalePlan:
+    """What `shard_model` did, and the steps of a training step that depend on it."""
+
+    world: int = 1
+    ep: int = 1
+    ep_group: Any = None  # the ranks that split one set of experts between them
+    edp_group: Any = None  # the ranks that hold the same expert shard (None: only this one)
+    expert_names: List[str] = field(default_factory=list)  # sharded parameters, relative to the model
+    fsdp: bool = False
+
+    def finish_grads(self, model: nn.Module) -> None:
+        """After the last backward of a step: average the expert shards' gradients (DDP
+        and FSDP average everything else)."""
+        if self.ep > 1:
+            from experts.parallel import reduce_expert_grads
+
+            reduce_expert_grads(model, self.world, self.edp_group)
+
+    def clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """The global gradient norm (every rank gets the same value) and, with
+        max_norm > 0, clipping to it. Expert shards add their squared norms over the
+        expert group; FSDP's sharded gradients (DTensors) are reduced by DTensor."""
+        names = set(self.expert_names)
+        params = [p for n, p in model.named_parameters() if p.grad is not None and n not in names]
+        experts = [p for n, p in model.named_parameters() if p.grad is not None and n in names]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # DTensor
+            norm = norm.full_tensor()
+        if experts:
+            sq = torch.nn.utils.get_total_norm([p.grad for p in experts]).float() ** 2
+            dist.all_reduce(sq, group=self.ep_group)
+            norm = (norm.float() ** 2 + sq).sqrt()
+        if max_norm > 0:
+            for group in (params, experts):
+                if group:
+                    torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+        return norm
+
+
+def _mesh(device_type: str, world: int, ep: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("data_parallel", "expert"))
+
+
+def shard_model(model: nn.Module, train: TrainConfig, device: torch.device) -> ScalePlan:
+    """Expert parallel and FSDP2 for a materialised model, in place (module docstring).
+    Without a process group (strategy auto) it does nothing."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ScalePlan()
+    world, ep = dist.get_world_size(), train.expert_parallel
+    plan = ScalePlan(world=world, ep=ep, fsdp=train.strategy in ("fsdp", "model_parallel"))
+    if ep > 1:
+        if world % ep != 0:
+            raise RecipeError(f"train.expert_parallel = {ep} does not divide the {world} processes; choose "
+                              f"an expert_parallel size that divides the number of devices.")
+        from experts.parallel import shard_experts
+
+        mesh = _mesh(device.type, world, ep)
+        plan.ep_group = mesh["expert"].get_group()
+        plan.edp_group = mesh["data_parallel"].get_group() if world > ep else None
+        plan.expert_names = shard_experts(model, plan.ep_group)
+    if plan.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        # non-expert weights: sharded over every rank; expert shards stay whole on
+        # their rank (ignored), their gradients averaged by finish_grads
+        world_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
+        ignored = {p for n, p in model.named_parameters() if n in set(plan.expert_names)}
+        for block in model.layers:
+            fully_shard(block, mesh=world_mesh, ignored_params=ignored or None)
+        fully_shard(model, mesh=world_mesh, ignored_params=ignored or None)
+    return plan

@@ -1,0 +1,93 @@
+"""Callbacks' parts that need no training run: atomic checkpoint writes, checkpoint
+rotation, the expert-load image, the MFU peak."""
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from lit_modules.checkpoints.training import AtomicCheckpointIO, Checkpointing
+from lit_modules.runtime import peak_flops_per_device
+from lit_modules.train.callbacks import load_image
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint({"x": torch.arange(3)}, path)
+    io.save_checkpoint({"x": torch.arange(5)}, path)
+    assert torch.load(path)["x"].tolist() == list(range(5))
+    assert os.listdir(path.parent) == ["last.ckpt"]
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A writer dying mid-file (here: torch.save raising after a partial write) leaves
+    the previous checkpoint intact under its name and no temporary file behind."""
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def dies(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+class FakeTrainer:
+    """What Checkpointing uses of a Trainer."""
+
+    def __init__(self):
+        self.global_step = 0
+        self.is_global_zero = True
+        self.strategy = SimpleNamespace(barrier=lambda name=None: None)
+
+    def save_checkpoint(self, path, weights_only=None):
+        AtomicCheckpointIO().save_checkpoint({"global_step": self.global_step}, path)
+
+
+def test_checkpoint_rotation_and_last(tmp_path):
+    cb = Checkpointing(tmp_path / "checkpoints", every=10, keep=2)
+    trainer = FakeTrainer()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".last.ckpt.tmp-999").write_bytes(b"killed writer")
+    cb.setup(trainer, None, "fit")
+    assert not list((tmp_path / "checkpoints").glob(".*tmp*"))  # stale temporary removed
+    for step in range(1, 36):
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, None, None, None, step - 1)
+    cb.on_train_end(trainer, None)  # step 35 is not a multiple of 10: saved at the end
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step00000030.ckpt", "step00000035.ckpt"]
+    assert torch.load(cb.last_path)["global_step"] == 35
+    assert cb.saved_path.name == "step00000035.ckpt"
+    cb.on_train_end(trainer, None)  # already saved at this step: nothing new
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 3
+
+
+def test_load_image_colours():
+    loads = np.array([[4, 4], [4, 0], [1, 1], [7, 15]], dtype=np.int64)  # experts x steps
+    img = load_image(loads, cell=2)
+    assert img.shape == (3, 8, 4) and img.dtype == np.uint8
+    px = img[:, ::2, ::2]  # one pixel per cell: (3, E, S)
+    # step 0: mean 4 -> experts 0, 1 balanced (white); expert 2 at 1/4 (blue); expert 3 over (red)
+    assert px[:, 0, 0].tolist() == [255, 255, 255]
+    assert px[:, 2, 0].tolist() == [0, 0, 255]
+    r, g, b = px[:, 3, 0].tolist()
+    assert r == 255 and g < 255 and b < 255
+    assert px[:, 1, 1].tolist() == [0, 0, 0]  # no tokens: black
+    fade = round(255 * (1 - np.log2(15 / 5) / 2))  # 3x the mean: log2 3 of the way to 4x
+    assert px[:, 3, 1].tolist() == [255, fade, fade]
+
+
+def test_peak_flops():
+    assert peak_flops_per_device(100.0, "32-true") == 100e12  # the recipe's figure wins
+    if not torch.cuda.is_available():
+        assert peak_flops_per_device(None, "bf16-mixed") is None  # CPU: no MFU unless stated

@@ -1,0 +1,127 @@
+"""The LightningModule's training step, through short `moelab train` runs: the
+global batch's gradient does not depend on its split into micro-batches, activation
+checkpointing changes nothing, the router bias moves, a NaN stops the run cleanly,
+and the architecture check of resume."""
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from arch import load_recipe
+from lit_modules.train.run import train
+from lit_modules.checkpoints.training import model_mismatch
+from lit_modules.train.module import TrainingFailed
+from conftest import RECIPE, overrides
+from conftest import TRAIN_TINY as TINY
+
+ONE_STEP = ["train.max_steps=1", "train.val_every=0", "train.ckpt_every=0", "train.grad_clip=0",
+            "train.micro_batch_size=8", "train.grad_accum=1"]
+
+
+class FirstGradients(Callback):
+    """The gradients that reach the first optimizer step (after accumulation)."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+
+def first_gradients(cache, run_dir, *extra):
+    cb = FirstGradients()
+    train(RECIPE, overrides(cache, run_dir, *ONE_STEP, *extra), callbacks=[cb])
+    return cb.grads
+
+
+def max_rel_diff(a, b):
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
+
+
+@pytest.mark.parametrize("scope", ["global", "micro"])
+def test_split_into_micro_batches(cache, tmp_path, scope):
+    """One global batch of 8 sequences as 1 x 8, 2 x 4 and 4 x 2 micro-batches. With the
+    global-batch loss (aux_scope global) the gradient is the same for every split; with
+    the per-micro-batch loss it is not (which shows the comparison can tell)."""
+    moe = [f"model.moe.balance.aux_scope={scope}", "model.moe.balance.aux_coef=0.5"]
+    g = {accum: first_gradients(cache, tmp_path / f"a{accum}", *moe, f"train.micro_batch_size={8 // accum}",
+                                f"train.grad_accum={accum}")
+         for accum in (1, 2, 4)}
+    router = [k for k in g[1] if "router" in k]
+    if scope == "global":
+        assert max_rel_diff(g[2], g[1]) < 1e-5 and max_rel_diff(g[4], g[1]) < 1e-5
+    else:
+        assert max(max_rel_diff({k: g[4][k]}, {k: g[1][k]}) for k in router) > 1e-3
+
+
+def test_activation_checkpointing_changes_nothing(cache, tmp_path):
+    plain = first_gradients(cache, tmp_path / "plain", "train.grad_accum=2", "train.micro_batch_size=4")
+    ac = first_gradients(cache, tmp_path / "ac", "train.grad_accum=2", "train.micro_batch_size=4",
+                         "train.activation_checkpointing=true")
+    assert max_rel_diff(ac, plain) < 1e-6
+
+
+def test_router_bias_moves_before_the_step(cache, tmp_path):
+    rate = 0.01
+    s = train(RECIPE, overrides(cache, tmp_path, *ONE_STEP, f"model.moe.router.bias_update_rate={rate}"))
+    state = torch.load(s["last_checkpoint"], weights_only=False)["state_dict"]
+    bias = state["model.layers.0.ffn.router.expert_bias"]
+    assert bias.abs().max() == pytest.approx(rate)  # one sign step of size `rate`
+    assert set((bias / rate).round().tolist()) <= {-1.0, 0.0, 1.0}
+
+
+class PoisonAfter(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.layers[0].attn.q_proj.weight.fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(cache, tmp_path):
+    with pytest.raises(TrainingFailed) as e:
+        train(RECIPE, overrides(cache, tmp_path, "train.run_name=nan", "train.max_steps=10", "train.ckpt_every=2",
+                                "train.val_every=0"), callbacks=[PoisonAfter(3)])
+    msg = str(e.value)
+    last = tmp_path / "nan" / "checkpoints" / "last.ckpt"
+    assert "training stopped at step 4" in msg and str(last) in msg and "train.optim.lr" in msg
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "step00000002.ckpt"]
+
+
+def test_model_mismatch_names_the_first_field():
+    from arch import recipe_to_yaml
+
+    base = load_recipe(RECIPE, TINY)
+    saved = recipe_to_yaml(base)
+    assert model_mismatch(saved, base) is None
+    # implementation choices may change on resume
+    assert model_mismatch(saved, load_recipe(RECIPE, TINY + ["model.moe.backend=loop"])) is None
+    fused = load_recipe(RECIPE, TINY + ["model.fused_ce_chunk=8", "model.fused_ce_compile=true"])
+    assert model_mismatch(saved, fused) is None
+    diff = model_mismatch(saved, load_recipe(RECIPE, TINY + ["model.moe.top_k=4"]))
+    assert diff == "model.moe.top_k: checkpoint 2, recipe 4"
+    # so may training-only settings (a higher aux_coef after an expert collapse, ...)
+    trained = load_recipe(RECIPE, TINY + ["model.moe.balance.aux_coef=0.5", "model.moe.balance.z_coef=1e-3",
+                                          "model.moe.router.jitter=0.01", "model.moe.capacity_factor=1.5",
+                                          "model.moe.router.bias_update_rate=1e-3", "model.max_seq_len=1024"])
+    assert model_mismatch(saved, trained) is None
+    assert model_mismatch(saved, load_recipe(RECIPE, TINY + ["model.moe.d_expert=48"])).startswith(
+        "model.moe.d_expert")
+
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager(cache, tmp_path):
+    """train.compile compiles each block (regional compilation: one graph, reused by
+    every block). Dense, to keep CPU compile time short."""
+    dense = ["model.moe.n_experts=0", "model.n_layers=2"]
+    eager = first_gradients(cache, tmp_path / "eager", *dense)
+    compiled = first_gradients(cache, tmp_path / "compiled", *dense, "train.compile=true")
+    assert max_rel_diff(compiled, eager) < 1e-4
