@@ -149,19 +149,20 @@ class _WeightedCombine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_TD):
+        # Both gradients, not gated on ctx.needs_input_grad: this backward only runs
+        # compiled, where Dynamo fixes needs_input_grad while tracing, from what it
+        # believes requires grad. On torch 2.11, with the loop backend's graph break
+        # in front of the combine, every gradient of the layer came out exactly zero
+        # (issue 21): what a None, None from here gives. Compiled, a gradient nobody
+        # needs is dead code in the backward graph and costs nothing.
         rows_SD, weights_TK, slot_row_TK, row_slot_S = ctx.saved_tensors
         K = slot_row_TK.shape[1]
         acc_dtype = _accumulation_dtype(rows_SD, weights_TK)
-        grad_rows = None
-        if ctx.needs_input_grad[0]:
-            w_S = weights_TK.reshape(-1).to(acc_dtype)[row_slot_S]
-            grad_rows = (w_S[:, None] * grad_TD[row_slot_S // K].to(acc_dtype)).to(rows_SD.dtype)
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            g = grad_TD.to(acc_dtype)
-            grad_w = torch.stack([(g * rows_SD[slot_row_TK[:, k]].to(acc_dtype)).sum(-1) for k in range(K)], dim=1)
-            grad_w = grad_w.to(weights_TK.dtype)
-        return grad_rows, grad_w, None, None
+        w_S = weights_TK.reshape(-1).to(acc_dtype)[row_slot_S]
+        grad_rows = (w_S[:, None] * grad_TD[row_slot_S // K].to(acc_dtype)).to(rows_SD.dtype)
+        g = grad_TD.to(acc_dtype)
+        grad_w = torch.stack([(g * rows_SD[slot_row_TK[:, k]].to(acc_dtype)).sum(-1) for k in range(K)], dim=1)
+        return grad_rows, grad_w.to(weights_TK.dtype), None, None
 
 
 def combine(y_SD: torch.Tensor, weights_TK: torch.Tensor, d: Dispatch, n_tokens: int) -> torch.Tensor:

@@ -292,3 +292,27 @@ def test_compile_takes_the_fused_form_and_matches_eager():
     assert rel_err(y_c, y_e) < 1e-5
     for name in grads_e:
         assert rel_err(grads_c[name], grads_e[name]) < 1e-5, name
+
+
+def test_custom_backwards_do_not_trust_needs_input_grad():
+    """Compiled, Dynamo fixes ctx.needs_input_grad while tracing; torch 2.11 got it
+    wrong for the combine behind the loop backend's graph break, and a backward gated
+    on it returned None for both inputs: every gradient of the layer exactly zero
+    (issue 21). Called with all False, each backward must still return its grads."""
+    from types import SimpleNamespace
+
+    from experts.dispatch import _WeightedCombine
+    from experts.router import _LowPrecisionLogits
+
+    ids = torch.rand(5, 4).argsort(-1)[:, :2]
+    d = dispatch(ids, 4)
+    rows, w = torch.randn(10, 3), torch.rand(5, 2)
+    ctx = SimpleNamespace(needs_input_grad=(False,) * 4,
+                          saved_tensors=(rows, w, d.inverse_S.view(5, 2), d.order_S))
+    grads = _WeightedCombine.backward(ctx, torch.randn(5, 3))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[:2])
+
+    x, w = torch.randn(4, 8).bfloat16(), torch.randn(3, 8).bfloat16()
+    ctx = SimpleNamespace(needs_input_grad=(False, False), saved_tensors=(x, w))
+    grads = _LowPrecisionLogits.backward(ctx, torch.randn(4, 3))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)

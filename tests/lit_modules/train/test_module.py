@@ -15,8 +15,10 @@ from lit_modules.train.module import TrainingFailed
 from conftest import RECIPE, overrides
 from conftest import TRAIN_TINY as TINY
 
+# CPU, hence float32 (precision auto): what makes the 1e-5 / 1e-6 agreements below
+# true. On a GPU, auto is bf16-mixed and the same gradients differ at 5e-3 (issue 21).
 ONE_STEP = ["train.max_steps=1", "train.val_every=0", "train.ckpt_every=0", "train.grad_clip=0",
-            "train.micro_batch_size=8", "train.grad_accum=1"]
+            "train.micro_batch_size=8", "train.grad_accum=1", "train.accelerator=cpu"]
 
 
 class FirstGradients(Callback):
@@ -54,6 +56,22 @@ def test_split_into_micro_batches(cache, tmp_path, scope):
         assert max_rel_diff(g[2], g[1]) < 1e-5 and max_rel_diff(g[4], g[1]) < 1e-5
     else:
         assert max(max_rel_diff({k: g[4][k]}, {k: g[1][k]}) for k in router) > 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_split_into_micro_batches_gpu_bf16(cache, tmp_path):
+    """The global-batch loss's split invariance as trained on a GPU (bf16-mixed). Not
+    to 1e-5: bf16 matmuls round to 8 significant bits (4e-3 relative) and each split
+    rounds other partial sums; 2e-2 is 4x the 5e-3 seen on an H100 (issue 21), and
+    far below the ~0.6 by which the per-micro-batch loss moves the router's gradient
+    (the micro case above, on a CPU)."""
+    gpu = ["train.accelerator=gpu", "train.precision=bf16-mixed", "model.moe.balance.aux_scope=global",
+           "model.moe.balance.aux_coef=0.5"]
+    g = {accum: first_gradients(cache, tmp_path / f"a{accum}", *gpu, f"train.micro_batch_size={8 // accum}",
+                                f"train.grad_accum={accum}")
+         for accum in (1, 4)}
+    assert max_rel_diff(g[4], g[1]) < 2e-2
 
 
 def test_activation_checkpointing_changes_nothing(cache, tmp_path):
