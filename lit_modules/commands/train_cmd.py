@@ -55,15 +55,12 @@ def normalize_overrides(overrides: Sequence[str]) -> List[str]:
 
 
 def check_train(recipe: Recipe) -> None:
+    """What the number rules of load_recipe (arch/ranges.py) cannot see: fields
+    against each other, and the free-form train.devices."""
     t = recipe.train
-    for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every"):
-        if getattr(t, key) < 1:
-            raise RecipeError(f"train.{key} = {getattr(t, key)} must be at least 1.")
     if t.seq_len > recipe.model.max_seq_len:
         raise RecipeError(f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}; "
                           f"lower train.seq_len or raise model.max_seq_len.")
-    if t.num_nodes < 1:
-        raise RecipeError(f"train.num_nodes = {t.num_nodes} must be at least 1.")
     devices = t.devices
     if not (devices == "auto" or (isinstance(devices, int) and devices >= 1)
             or (isinstance(devices, list) and devices and all(isinstance(d, int) and d >= 0 for d in devices))):
