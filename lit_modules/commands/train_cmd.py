@@ -84,6 +84,21 @@ def check_on_accelerator(recipe: Recipe, accelerator: str) -> None:
                           f"{a.head_dim}); use auto (which falls back to SDPA there) or sdpa.")
 
 
+def non_finite_message(e, recipe: Recipe, last_checkpoint: Optional[Path]) -> str:
+    """What `moelab train` says on a NonFiniteLoss: the step, the value that went
+    non-finite (never a finite loss called non-finite), the last good checkpoint and
+    every field that commonly causes it, with its value now."""
+    t, m = recipe.train, recipe.model
+    thetas = ", ".join(f"model.layer_kinds.{k}.rope.theta (now {v.rope.theta:g})" for k, v in m.layer_kinds.items())
+    clip = (f"lower train.grad_clip (now {t.grad_clip:g})" if t.grad_clip > 0
+            else "set train.grad_clip (now 0: off), e.g. to 1.0")
+    return (f"training stopped at step {e.step}: {e.what}; the last good checkpoint is "
+            f"{last_checkpoint or 'none (none was written yet)'}; lower train.optim.lr (now {t.optim.lr:g}), "
+            f"lengthen train.optim.warmup_steps (now {t.optim.warmup_steps}) or {clip}, or check the fields that set the activations' scale: model.init_std "
+            f"(now {m.init_std:g}), model.norm.eps (now {m.norm.eps:g}) and {thetas}; then resume with "
+            f"resume=<that checkpoint>.")
+
+
 def _new_run_dir(recipe: Recipe) -> Path:
     base = Path(recipe.train.run_dir) / f"{Path(recipe.name).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, n = base, 1
@@ -284,11 +299,7 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
             if validate and (not module.val_history or module.val_history[-1]["step"] != trainer.global_step):
                 trainer.validate(module, datamodule=dm, verbose=False)
         except NonFiniteLoss as e:
-            raise TrainingFailed(
-                f"training stopped at step {e.step}: the loss is {e.loss} (gradient norm {e.grad_norm}); the last "
-                f"good checkpoint is {ckpt.last_path or 'none (none was written yet)'}; lower train.optim.lr "
-                f"(now {t.optim.lr:g}), lengthen train.optim.warmup_steps (now {t.optim.warmup_steps}) or set "
-                f"train.grad_clip (now {t.grad_clip:g}), then resume with resume=<that checkpoint>.") from None
+            raise TrainingFailed(non_finite_message(e, recipe, ckpt.last_path)) from None
         except torch.cuda.OutOfMemoryError:
             raise TrainingFailed(
                 f"out of GPU memory at step {trainer.global_step + 1} (micro_batch_size {t.micro_batch_size}, "

@@ -90,3 +90,23 @@ def test_optimizer_settings_built_in_code_meet_the_same_rules():
                        ({"betas": [0.9, 1.5]}, "train.optim.betas[1] = 1.5 is out of range")):
         with pytest.raises(RecipeError, match=re.escape(words)):
             build_optimizer(torch.nn.Linear(2, 2), OptimConfig(**bad), max_steps=10, device_type="cpu")
+
+
+@pytest.mark.parametrize("loss,grad_norm,says,never", [
+    (float("nan"), 3.0, "the loss is nan (gradient norm 3.0)", "is finite"),
+    (float("inf"), float("nan"), "the loss is inf (gradient norm nan)", "is finite"),
+    # a finite loss, however large, is never called non-finite: the gradient norm is
+    (1e30, float("inf"), "the gradient norm is inf (the loss, 1e+30, is finite)", "the loss is"),
+])
+def test_non_finite_message_names_the_value_and_the_fields_that_cause_it(loss, grad_norm, says, never):
+    from lit_modules.commands.train_cmd import non_finite_message
+    from lit_modules.module import NonFiniteLoss
+
+    recipe = load_recipe("proxies/gemma3_tiny")
+    msg = non_finite_message(NonFiniteLoss(7, loss, grad_norm), recipe, None)
+    assert msg.startswith(f"training stopped at step 7: {says}; ") and never not in msg
+    assert "\n" not in msg and "none was written yet" in msg
+    for field in ("train.optim.lr (now", "train.optim.warmup_steps (now", "train.grad_clip (now",
+                  "model.init_std (now", "model.norm.eps (now", "model.layer_kinds.local.rope.theta (now",
+                  "model.layer_kinds.global.rope.theta (now"):
+        assert field in msg, field
