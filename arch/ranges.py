@@ -71,7 +71,7 @@ RANGES: Dict[str, Tuple[str, str]] = {
     "model.attention.softcap": ("(0, inf)", "the attention logit cap (null: off)"),
     "model.final_softcap": ("(0, inf)", "the final logit cap (null: off)"),
     "model.init_std": ("(0, inf)", "the standard deviation of the initial weights"),
-    "model.moe.router.jitter": ("[0, 1)", "the router input jitter (inputs scaled by U(1 - jitter, 1 + jitter); 0: off)"),
+    "model.moe.router.jitter": ("[0, 1)", "the router input jitter (inputs times U(1 - jitter, 1 + jitter); 0: off)"),
     "model.moe.router.bias_update_rate": ("[0, inf)", "the router bias step (0: off)"),
     "model.moe.router.scale": ("(0, inf)", "the routed-weight multiplier"),
     "model.moe.balance.aux_coef": ("[0, inf)", "the load-balancing loss weight (0: off)"),

@@ -94,9 +94,9 @@ def non_finite_message(e, recipe: Recipe, last_checkpoint: Optional[Path]) -> st
             else "set train.grad_clip (now 0: off), e.g. to 1.0")
     return (f"training stopped at step {e.step}: {e.what}; the last good checkpoint is "
             f"{last_checkpoint or 'none (none was written yet)'}; lower train.optim.lr (now {t.optim.lr:g}), "
-            f"lengthen train.optim.warmup_steps (now {t.optim.warmup_steps}) or {clip}, or check the fields that set the activations' scale: model.init_std "
-            f"(now {m.init_std:g}), model.norm.eps (now {m.norm.eps:g}) and {thetas}; then resume with "
-            f"resume=<that checkpoint>.")
+            f"lengthen train.optim.warmup_steps (now {t.optim.warmup_steps}) or {clip}, or check the fields "
+            f"that set the activations' scale: model.init_std (now {m.init_std:g}), model.norm.eps (now "
+            f"{m.norm.eps:g}) and {thetas}; then resume with resume=<that checkpoint>.")
 
 
 def _new_run_dir(recipe: Recipe) -> Path:
