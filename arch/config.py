@@ -205,6 +205,9 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 3  # periodic checkpoints kept besides last.ckpt; 0 = all
     expert_image_every: int = 100
+    # > 0: torch.profiler records this many optimizer steps after 5 warm-up steps;
+    # per-rank kernel tables and rank 0's trace go to <run>/profile/
+    profile_steps: int = 0
     run_dir: str = "runs"
     run_name: Optional[str] = None
     # a checkpoint path or run directory; "auto": the newest run of this recipe under

@@ -21,7 +21,6 @@ import copy
 import dataclasses
 
 from .config import ModelConfig, ProxyConfig
-from .registry import RecipeError
 
 
 def is_active(proxy: ProxyConfig) -> bool:
@@ -35,13 +34,8 @@ def _round_to(x: float, multiple: int) -> int:
 
 
 def derive_proxy(ref: ModelConfig, proxy: ProxyConfig) -> ModelConfig:
-    """`ref` must be resolved (head_dim and n_kv_heads filled)."""
-    if proxy.multiple_of <= 0:
-        raise RecipeError(f"proxy.multiple_of must be positive, got {proxy.multiple_of}.")
-    for f in dataclasses.fields(proxy):
-        v = getattr(proxy, f.name)
-        if v is not None and v <= 0:
-            raise RecipeError(f"proxy.{f.name} must be positive, got {v}.")
+    """`ref` must be resolved (head_dim and n_kv_heads filled) and `proxy`'s numbers
+    checked (arch/ranges.py; arch.recipe.resolve_recipe does both)."""
     cfg = copy.deepcopy(ref)
     a, m = cfg.attention, cfg.moe
     width = (proxy.d_model or ref.d_model) / ref.d_model

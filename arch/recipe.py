@@ -25,6 +25,7 @@ from omegaconf.errors import (
 
 from .config import ProxyConfig, Recipe
 from .proxy import derive_proxy, is_active
+from .ranges import check_numbers
 from .registry import RecipeError, nearest
 from .resolve import resolve_model
 
@@ -139,7 +140,17 @@ def load_recipe(name: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe
 
 
 def resolve_recipe(recipe: Recipe) -> Recipe:
-    recipe.model = resolve_model(recipe.model)
+    """Validate every section before any work: numbers (finite, in range: arch/ranges.py)
+    everywhere, the model's rules (arch/resolve.py); then derive the proxy. All
+    problems are raised together, one line each."""
+    errors = [msg for f in dataclasses.fields(recipe) if f.name != "model"
+              for msg in check_numbers(getattr(recipe, f.name), f.name).values()]
+    try:
+        recipe.model = resolve_model(recipe.model)
+    except RecipeError as e:
+        errors.insert(0, str(e))
+    if errors:
+        raise RecipeError("\n".join(errors))
     if is_active(recipe.proxy):
         recipe.model = resolve_model(derive_proxy(recipe.model, recipe.proxy))
     return recipe

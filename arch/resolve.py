@@ -1,9 +1,11 @@
 """Derive and validate at config time, before any tensor exists.
 
 `resolve_model` fills derived fields (kv heads, head_dim) on a copy and checks every
-constraint; `layer_specs` turns pattern + overrides + MoE placement into one
-`LayerSpec` per layer. All problems are gathered and raised together as one
-RecipeError, a sentence each, naming the full key path.
+constraint: each number on its own against arch/ranges.py's table (finite, in its
+field's range, sizes capped), then the rules between fields here; `layer_specs` turns
+pattern + overrides + MoE placement into one `LayerSpec` per layer. All problems are
+gathered and raised together as one RecipeError, a sentence each, naming the full
+key path.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import copy
 from typing import List
 
 from .config import LayerSpec, ModelConfig
+from .ranges import check_numbers
 from .registry import ATTENTION, EXPERT_BACKEND, FFN, MOE, NORM, ROUTER, RecipeError, nearest
 
 NORM_PLACEMENTS = ("pre", "sandwich", "post")
@@ -57,7 +60,14 @@ def _check_choice(errors: List[str], value, choices, path: str) -> None:
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
     """Return a validated copy of `cfg` with derived fields filled in."""
     cfg = copy.deepcopy(cfg)
-    errors: List[str] = []
+    # every number on its own first; a rule between fields below runs only when its
+    # fields passed, so a field refused there is not reported twice
+    bad = check_numbers(cfg, "model")
+    errors: List[str] = list(bad.values())
+
+    def sane(*paths: str) -> bool:
+        return not any(p in bad for p in paths)
+
     overrides = {}
     for key, ov in cfg.layer_overrides.items():
         if isinstance(key, int) or (isinstance(key, str) and key.lstrip("-").isdigit()):
@@ -67,47 +77,29 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
     cfg.layer_overrides = overrides
     a, m = cfg.attention, cfg.moe
 
-    for path, value in (("model.d_model", cfg.d_model), ("model.n_layers", cfg.n_layers),
-                        ("model.vocab_size", cfg.vocab_size), ("model.max_seq_len", cfg.max_seq_len),
-                        ("model.attention.n_heads", a.n_heads)):
-        if value <= 0:
-            errors.append(f"{path} must be a positive integer, got {value}.")
     if a.n_kv_heads is None:
         a.n_kv_heads = a.n_heads
-    if a.head_dim is None and a.n_heads > 0:
+    if a.head_dim is None and sane("model.d_model", "model.attention.n_heads"):
         if cfg.d_model % a.n_heads:
             errors.append(
                 f"model.d_model ({cfg.d_model}) is not divisible by model.attention.n_heads ({a.n_heads}); "
                 "set model.attention.head_dim explicitly or change the head count."
             )
         a.head_dim = cfg.d_model // a.n_heads
-    if a.n_kv_heads <= 0:
-        errors.append(f"model.attention.n_kv_heads must be a positive integer, got {a.n_kv_heads}.")
-    elif a.n_heads > 0 and a.n_heads % a.n_kv_heads:
+    if sane("model.attention.n_heads", "model.attention.n_kv_heads") and a.n_heads % a.n_kv_heads:
         errors.append(
             f"model.attention.n_heads ({a.n_heads}) is not divisible by model.attention.n_kv_heads "
             f"({a.n_kv_heads}); every KV head must serve the same number of query heads."
         )
-    if a.head_dim is not None and (a.head_dim <= 0 or a.head_dim % 2):
+    if sane("model.attention.head_dim") and a.head_dim is not None and (a.head_dim <= 0 or a.head_dim % 2):
         errors.append(f"model.attention.head_dim must be a positive even integer for RoPE, got {a.head_dim}.")
-    if a.query_pre_attn_scalar is not None and a.query_pre_attn_scalar <= 0:
-        errors.append(f"model.attention.query_pre_attn_scalar must be positive, got {a.query_pre_attn_scalar}.")
-    for path, cap in (("model.attention.softcap", a.softcap), ("model.final_softcap", cfg.final_softcap)):
-        if cap is not None and cap <= 0:
-            errors.append(f"{path} must be positive or null (off), got {cap}.")
     _check_key(errors, ATTENTION, a.kind, "model.attention.kind")
     _check_choice(errors, a.impl, ATTENTION_IMPLS, "model.attention.impl")
     _check_key(errors, NORM, cfg.norm.kind, "model.norm.kind")
-    if cfg.norm.eps <= 0:
-        errors.append(f"model.norm.eps must be positive, got {cfg.norm.eps}.")
     _check_choice(errors, cfg.norm_placement, NORM_PLACEMENTS, "model.norm_placement")
-    if cfg.fused_ce_chunk < 0:
-        errors.append(f"model.fused_ce_chunk must be >= 0 (0 = off), got {cfg.fused_ce_chunk}.")
-    if cfg.fused_ce_compile and cfg.fused_ce_chunk <= 0:
+    if cfg.fused_ce_compile and sane("model.fused_ce_chunk") and cfg.fused_ce_chunk == 0:
         errors.append("model.fused_ce_compile compiles the fused cross-entropy, which is off; "
                       "set model.fused_ce_chunk > 0 (e.g. 4096) or model.fused_ce_compile=false.")
-    if cfg.init_std <= 0:
-        errors.append(f"model.init_std must be positive, got {cfg.init_std}.")
 
     # layer kinds and pattern
     if not cfg.layer_pattern:
@@ -119,15 +111,9 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
                 f"{nearest(kind, cfg.layer_kinds)}; define it there or use one of {', '.join(cfg.layer_kinds)}."
             )
     for name, lk in cfg.layer_kinds.items():
-        if lk.window is not None and lk.window <= 0:
-            errors.append(f"model.layer_kinds.{name}.window must be a positive number of tokens or null (global), got {lk.window}.")
         _check_choice(errors, lk.rope.scaling, ROPE_SCALINGS, f"model.layer_kinds.{name}.rope.scaling")
-        if lk.rope.theta <= 0:
-            errors.append(f"model.layer_kinds.{name}.rope.theta must be positive, got {lk.rope.theta}.")
-        if lk.rope.factor <= 0:
-            errors.append(f"model.layer_kinds.{name}.rope.factor must be positive, got {lk.rope.factor}.")
     for i, ov in cfg.layer_overrides.items():
-        if not 0 <= i < max(cfg.n_layers, 0):
+        if sane("model.n_layers") and not 0 <= i < cfg.n_layers:
             errors.append(f"model.layer_overrides has layer {i}, outside 0..{cfg.n_layers - 1}.")
         if ov.kind is not None and ov.kind not in cfg.layer_kinds:
             errors.append(
@@ -137,36 +123,24 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
         if ov.moe and m.n_experts <= 0:
             errors.append(f"model.layer_overrides.{i}.moe is true but model.moe.n_experts is 0.")
 
-    # FFNs
-    n_dense = sum(not is_moe_layer(cfg, i) for i in range(max(cfg.n_layers, 0)))
+    # FFNs (the layer loop only once its length and spacing are known to be sane)
+    sized = sane("model.n_layers", "model.moe.n_experts", "model.moe.every", "model.moe.first_k_dense")
+    n_dense = sum(not is_moe_layer(cfg, i) for i in range(cfg.n_layers)) if sized else 0
     _check_key(errors, FFN, cfg.ffn.kind, "model.ffn.kind")
-    if n_dense and (cfg.ffn.d_ff is None or cfg.ffn.d_ff <= 0):
+    if n_dense and sane("model.ffn.d_ff") and not cfg.ffn.d_ff:
         errors.append(f"model.ffn.d_ff must be a positive integer ({n_dense} layers are dense), got {cfg.ffn.d_ff}.")
-    if m.n_experts < 0:
-        errors.append(f"model.moe.n_experts must be >= 0 (0 = no MoE), got {m.n_experts}.")
     if m.n_experts > 0:
-        if not 1 <= m.top_k <= m.n_experts:
+        if sane("model.moe.top_k", "model.moe.n_experts") and m.top_k > m.n_experts:
             errors.append(
                 f"model.moe.top_k ({m.top_k}) must be between 1 and model.moe.n_experts ({m.n_experts})."
             )
-        if m.d_expert <= 0:
-            errors.append(f"model.moe.d_expert must be a positive integer, got {m.d_expert}.")
-        if m.every < 1:
-            errors.append(f"model.moe.every must be >= 1, got {m.every}.")
-        if m.first_k_dense < 0:
-            errors.append(f"model.moe.first_k_dense must be >= 0, got {m.first_k_dense}.")
-        if m.n_shared_experts < 0:
-            errors.append(f"model.moe.n_shared_experts must be >= 0, got {m.n_shared_experts}.")
+        if m.d_expert == 0:
+            errors.append("model.moe.d_expert must be a positive integer when model.moe.n_experts > 0, got 0.")
         if m.d_shared is None:
             m.d_shared = m.d_expert
-        elif m.d_shared <= 0:
-            errors.append(f"model.moe.d_shared must be positive or null (= d_expert), got {m.d_shared}.")
-        if m.capacity_factor is not None and m.capacity_factor <= 0:
-            errors.append(f"model.moe.capacity_factor must be positive or null (dropless), got {m.capacity_factor}.")
-        if m.router.jitter < 0 or m.router.bias_update_rate < 0:
-            errors.append("model.moe.router.jitter and model.moe.router.bias_update_rate must be >= 0.")
-        if m.balance.aux_coef < 0 or m.balance.z_coef < 0:
-            errors.append("model.moe.balance.aux_coef and model.moe.balance.z_coef must be >= 0.")
+        elif m.d_shared == 0:
+            errors.append("model.moe.d_shared must be a positive integer or null (= d_expert) when "
+                          "model.moe.n_experts > 0, got 0.")
         _check_key(errors, MOE, m.kind, "model.moe.kind")
         _check_key(errors, FFN, m.expert_ffn, "model.moe.expert_ffn")
         _check_key(errors, ROUTER, m.router.kind, "model.moe.router.kind")
@@ -174,7 +148,7 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
         _check_choice(errors, m.balance.aux_scope, AUX_SCOPES, "model.moe.balance.aux_scope")
         if m.backend == "grouped_mm":  # its kernels need rows of a multiple of 16 bytes (8 bf16)
             for path, width in (("model.d_model", cfg.d_model), ("model.moe.d_expert", m.d_expert)):
-                if width > 0 and width % 8:
+                if sane(path) and width > 0 and width % 8:
                     errors.append(f"{path} ({width}) must be a multiple of 8 for model.moe.backend = "
                                   "'grouped_mm' (16-byte rows in bf16); round it or use the 'loop' backend.")
     elif m.d_shared is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from itertools import groupby
 
 from arch import available_recipes, count, load_recipe
@@ -45,20 +46,37 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def shortest_period(tags) -> int:
+    """The smallest p with tags[i] == tags[i % p] for every i: the length minus the
+    longest proper prefix that is also a suffix (KMP's failure function), in linear
+    time; trying each p in turn is quadratic in the layers (seconds at 10,000)."""
+    border = [0] * len(tags)
+    k = 0
+    for i in range(1, len(tags)):
+        while k and tags[i] != tags[k]:
+            k = border[k - 1]
+        if tags[i] == tags[k]:
+            k += 1
+        border[i] = k
+    return len(tags) - border[-1]
+
+
 def pattern_summary(kinds, moe) -> str:
     """The shortest cycle of (kind, MoE?) that generates the layers, run-length coded,
     plus the count of each kind: '[local x5, global] cycled: 52 local, 10 global'."""
     tags = [k + ("+moe" if m else "") for k, m in zip(kinds, moe)]
     n = len(tags)
-    period = next(p for p in range(1, n + 1) if all(tags[i] == tags[i % p] for i in range(n)))
+    period = shortest_period(tags)
     cycle = ", ".join(f"{k} x{len(list(g))}" if len(tags) > 1 else k for k, g in groupby(tags[:period]))
-    counts = ", ".join(f"{sum(t == k for t in tags)} {k}" for k in dict.fromkeys(tags))
+    counts = ", ".join(f"{c} {k}" for k, c in Counter(tags).items())
     if period == n and n > 12:  # no short cycle (overrides): just the counts
         return counts
     return f"[{cycle}] cycled: {counts}"
 
 
 def inspect_dict(recipe: Recipe, acc: Accounting) -> dict:
+    from lit_modules.train.memory import layout_rows
+
     m = recipe.model
     out = {"recipe": recipe.name}
     out.update(acc.to_dict())
@@ -68,6 +86,7 @@ def inspect_dict(recipe: Recipe, acc: Accounting) -> dict:
         "n_experts": m.moe.n_experts, "top_k": m.moe.top_k, "d_expert": m.moe.d_expert,
         "n_shared_experts": m.moe.n_shared_experts, "tie_embeddings": m.tie_embeddings,
         "windows": {k: v.window for k, v in m.layer_kinds.items()},
+        "train_state_bytes_per_device": dict(layout_rows(recipe, acc)),
     })
     return out
 
@@ -104,6 +123,12 @@ def format_table(recipe: Recipe, acc: Accounting) -> str:
         ("KV cache", f"{human_bytes(acc.kv_bytes_per_token)}/token (bf16), "
                      f"{human_bytes(acc.kv_bytes_at_context)} for one {acc.context}-token sequence"),
     ]
+    from lit_modules.train.memory import layout_rows
+
+    layouts = layout_rows(recipe, acc)
+    rows.append(("train memory", "model state per device (fp32 weights + grads + AdamW moments; activations "
+                                 "extra):"))
+    rows += [(f"  {name}", human_bytes(n)) for name, n in layouts]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 from arch.config import DataConfig
+from arch.ranges import require_numbers
 from arch.registry import RecipeError
 
 CORPUS_VERSION = 1  # bump when the document stream for the same inputs changes
@@ -143,11 +144,7 @@ class Corpus:
         specs = _as_list(cfg.source)
         if not specs:
             raise DataError("data.source is empty; set it to 'stdlib' or to paths/globs of .txt or .jsonl files.")
-        if not 0.0 <= float(cfg.val_fraction) < 1.0:
-            raise DataError(f"data.val_fraction = {cfg.val_fraction} must be in [0, 1); "
-                            f"0.02 keeps 2% of the documents for validation.")
-        if cfg.max_chars is not None and cfg.max_chars <= 0:
-            raise DataError(f"data.max_chars = {cfg.max_chars} must be positive, or null for the whole corpus.")
+        require_numbers(cfg, "data", DataError)  # val_fraction, max_chars: load_recipe's rules
         self.sources: List[Source] = []
         user_files: List[Path] = []
         for i, spec in enumerate(specs):

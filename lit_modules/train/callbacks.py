@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -82,8 +83,9 @@ class Throughput(Callback):
         tokens, seconds = sum(t for t, _ in steady), sum(s for _, s in steady)
         tps = tokens / seconds if seconds > 0 else None
         mfu = tps * self.flops_per_token / self.peak_flops / self._world if (tps and self.peak_flops) else None
-        return {"tokens_per_s": tps, "mfu": mfu,
-                "train_seconds": sum(s for _, s in self.intervals)}
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        return {"tokens_per_s": tps, "mfu": mfu, "train_seconds": sum(s for _, s in self.intervals),
+                "peak_memory_gib": peak}  # this rank's device (rank 0's in summary.json)
 
     def setup(self, trainer, pl_module, stage) -> None:
         self._world = trainer.world_size
@@ -195,3 +197,45 @@ def _short(v):
     if not isinstance(v, float) or math.isnan(v):
         return v
     return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+
+
+class StepProfiler(Callback):
+    """torch.profiler over optimizer steps [start, start + steps): each rank writes its
+    operators by device time (CPU time without a GPU) to <dirpath>/rank<r>.txt, and rank
+    0 its Chrome trace (trace.json, for Perfetto or chrome://tracing). Where a step's
+    time goes, in the run as it runs (strategy, compile and all), without a separate
+    script."""
+
+    def __init__(self, dirpath: Path, steps: int, start: int = 5, rows: int = 40):
+        self.dirpath, self.steps, self.start, self.rows = Path(dirpath), steps, start, rows
+        self._prof = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._prof is None and trainer.global_step == self.start:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self._prof = profile(activities=activities, record_shapes=False)
+            self._prof.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._prof is not None and trainer.global_step >= self.start + self.steps:
+            self._finish(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._prof is not None:
+            self._finish(trainer)
+
+    def _finish(self, trainer) -> None:
+        prof, self._prof = self._prof, None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prof.__exit__(None, None, None)
+        self.start = -1  # once per run
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=self.rows, max_name_column_width=70)
+        (self.dirpath / f"rank{trainer.global_rank}.txt").write_text(table + "\n")
+        if trainer.is_global_zero:
+            prof.export_chrome_trace(str(self.dirpath / "trace.json"))
+        log.info("profile of %d steps written to %s", self.steps, self.dirpath)

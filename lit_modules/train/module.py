@@ -40,9 +40,19 @@ class TrainingFailed(RecipeError):
 
 
 class NonFiniteLoss(TrainingFailed):
+    """The step's loss or gradient norm is NaN or infinite (torch.isfinite: a finite
+    loss, however large, is not); the update was not applied."""
+
     def __init__(self, step: int, loss: float, grad_norm: float):
         self.step, self.loss, self.grad_norm = step, loss, grad_norm
-        super().__init__(f"non-finite loss {loss} (gradient norm {grad_norm}) at step {step}")
+        super().__init__(f"{self.what} at step {step}")
+
+    @property
+    def what(self) -> str:
+        """Which value went non-finite, with both values as they are."""
+        if not math.isfinite(self.loss):
+            return f"the loss is {self.loss} (gradient norm {self.grad_norm})"
+        return f"the gradient norm is {self.grad_norm} (the loss, {self.loss}, is finite)"
 
 
 class CausalLM(L.LightningModule):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from arch.config import OptimConfig
+from arch.ranges import require_numbers
 from arch.registry import RecipeError, nearest
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -75,17 +76,12 @@ def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, max_steps: int
 
 
 def check_optim(cfg: OptimConfig, max_steps: int) -> None:
-    """Fail before any tensor exists on a schedule or optimizer setting that cannot work."""
+    """Fail before any tensor exists on a schedule or optimizer setting that cannot work.
+    A loaded recipe has passed the number rules already; an OptimConfig built in code
+    meets them here (lr, betas, eps, ... : arch/ranges.py)."""
+    require_numbers(cfg, "train.optim")
     lr_multiplier(max_steps, schedule=cfg.schedule, warmup_steps=0, max_steps=max_steps,
                   min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)  # checks the name
-    if cfg.lr <= 0:
-        raise RecipeError(f"train.optim.lr = {cfg.lr} must be positive.")
-    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
-        raise RecipeError(f"train.optim.min_lr_ratio = {cfg.min_lr_ratio} must lie in [0, 1].")
-    if not 0.0 <= cfg.decay_fraction <= 1.0:
-        raise RecipeError(f"train.optim.decay_fraction = {cfg.decay_fraction} must lie in [0, 1].")
-    if cfg.warmup_steps < 0:
-        raise RecipeError(f"train.optim.warmup_steps = {cfg.warmup_steps} must be >= 0.")
     if len(cfg.betas) != 2:
         raise RecipeError(f"train.optim.betas = {list(cfg.betas)} must hold two numbers, e.g. [0.9, 0.95].")
 

@@ -42,15 +42,12 @@ def normalize_overrides(overrides: Sequence[str]) -> List[str]:
 
 
 def check_train(recipe: Recipe) -> None:
+    """What the number rules of load_recipe (arch/ranges.py) cannot see: fields
+    against each other, and the free-form train.devices."""
     t = recipe.train
-    for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every"):
-        if getattr(t, key) < 1:
-            raise RecipeError(f"train.{key} = {getattr(t, key)} must be at least 1.")
     if t.seq_len > recipe.model.max_seq_len:
         raise RecipeError(f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}; "
                           f"lower train.seq_len or raise model.max_seq_len.")
-    if t.num_nodes < 1:
-        raise RecipeError(f"train.num_nodes = {t.num_nodes} must be at least 1.")
     devices = t.devices
     if not (devices == "auto" or (isinstance(devices, int) and devices >= 1)
             or (isinstance(devices, list) and devices and all(isinstance(d, int) and d >= 0 for d in devices))):
@@ -73,6 +70,21 @@ def check_on_accelerator(recipe: Recipe, accelerator: str) -> None:
     if accelerator != "cpu" and a.impl == "flex" and a.head_dim < FLEX_MIN_HEAD_DIM:
         raise RecipeError(f"model.attention.impl = flex needs head_dim >= {FLEX_MIN_HEAD_DIM} on CUDA (got "
                           f"{a.head_dim}); use auto (which falls back to SDPA there) or sdpa.")
+
+
+def non_finite_message(e, recipe: Recipe, last_checkpoint: Optional[Path]) -> str:
+    """What `moelab train` says on a NonFiniteLoss: the step, the value that went
+    non-finite (never a finite loss called non-finite), the last good checkpoint and
+    every field that commonly causes it, with its value now."""
+    t, m = recipe.train, recipe.model
+    thetas = ", ".join(f"model.layer_kinds.{k}.rope.theta (now {v.rope.theta:g})" for k, v in m.layer_kinds.items())
+    clip = (f"lower train.grad_clip (now {t.grad_clip:g})" if t.grad_clip > 0
+            else "set train.grad_clip (now 0: off), e.g. to 1.0")
+    return (f"training stopped at step {e.step}: {e.what}; the last good checkpoint is "
+            f"{last_checkpoint or 'none (none was written yet)'}; lower train.optim.lr (now {t.optim.lr:g}), "
+            f"lengthen train.optim.warmup_steps (now {t.optim.warmup_steps}) or {clip}, or check the fields "
+            f"that set the activations' scale: model.init_std (now {m.init_std:g}), model.norm.eps (now "
+            f"{m.norm.eps:g}) and {thetas}; then resume with resume=<that checkpoint>.")
 
 
 def _new_run_dir(recipe: Recipe) -> Path:
@@ -250,7 +262,7 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
 
     from lit_modules.checkpoints.training import AtomicCheckpointIO, Checkpointing
     from lit_modules.runtime import peak_flops_per_device, resolve_devices
-    from lit_modules.train.callbacks import RouterStats, StepProgressBar, Throughput
+    from lit_modules.train.callbacks import RouterStats, StepProfiler, StepProgressBar, Throughput
     from lit_modules.train.module import CausalLM
 
     t = recipe.train
@@ -272,7 +284,8 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
         logger=TensorBoardLogger(str(run_dir), name=layout.TB_DIR, version="", default_hp_metric=False,
                                  **tb_kwargs),
         callbacks=[throughput, RouterStats(t.log_every, t.expert_image_every), ckpt,
-                   StepProgressBar(refresh_rate=t.log_every), *callbacks],
+                   StepProgressBar(refresh_rate=t.log_every),
+                   *([StepProfiler(run_dir / "profile", t.profile_steps)] if t.profile_steps else []), *callbacks],
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=t.log_every,
         use_distributed_sampler=False,  # the DataModule shards by rank itself
@@ -314,11 +327,7 @@ def _failure(e: Exception, recipe: Recipe, trainer, ckpt) -> Optional[RecipeErro
 
     t = recipe.train
     if isinstance(e, NonFiniteLoss):
-        return TrainingFailed(
-            f"training stopped at step {e.step}: the loss is {e.loss} (gradient norm {e.grad_norm}); the last "
-            f"good checkpoint is {ckpt.last_path or 'none (none was written yet)'}; lower train.optim.lr "
-            f"(now {t.optim.lr:g}), lengthen train.optim.warmup_steps (now {t.optim.warmup_steps}) or set "
-            f"train.grad_clip (now {t.grad_clip:g}), then resume with resume=<that checkpoint>.")
+        return TrainingFailed(non_finite_message(e, recipe, ckpt.last_path))
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return TrainingFailed(
             f"out of GPU memory at step {trainer.global_step + 1} (micro_batch_size {t.micro_batch_size}, "
@@ -347,6 +356,8 @@ def _summary(recipe, run_dir, module, trainer, throughput, ckpt, resume, wall) -
         "initial_val_ppl": first.get("ppl") if first.get("step") == 0 else None,
         "tokens_per_s": perf["tokens_per_s"],
         "mfu": perf["mfu"],
+        "peak_memory_gib": perf["peak_memory_gib"],
+        "checkpoint_seconds": ckpt.seconds,
         # the step file written last; a run resumed at its end writes none
         "checkpoint": str(ckpt.saved_path or ckpt.last_path or resume or "") or None,
         "last_checkpoint": str(ckpt.last_path) if ckpt.last_path else None,

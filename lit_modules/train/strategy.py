@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from arch.config import TrainConfig
+from arch.ranges import require_numbers
 from arch.registry import RecipeError, nearest
 from experts.parallel import check_expert_parallel
 
@@ -91,8 +92,7 @@ def build_strategy(train: TrainConfig) -> Any:
     if train.strategy not in STRATEGIES:
         raise RecipeError(f"train.strategy = '{train.strategy}' is unknown{nearest(train.strategy, STRATEGIES)}; "
                           f"choose one of {', '.join(STRATEGIES)}.")
-    if not isinstance(train.expert_parallel, int) or train.expert_parallel < 1:
-        raise RecipeError(f"train.expert_parallel = {train.expert_parallel} must be a whole number of at least 1.")
+    require_numbers(train, "train")  # a TrainConfig built in code: expert_parallel >= 1, ...
     if train.expert_parallel > 1 and train.strategy == "auto":
         raise RecipeError(f"train.expert_parallel = {train.expert_parallel} needs several processes; set "
                           f"train.strategy to ddp or fsdp (and train.devices), or train.expert_parallel=1.")

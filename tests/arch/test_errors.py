@@ -2,11 +2,18 @@
 tensor is allocated."""
 from __future__ import annotations
 
+import dataclasses
+import math
+import time
+import typing
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from arch import RecipeError, load_recipe
+from arch.config import Recipe
+from arch.ranges import RANGES, Interval
 
 
 class NoTensors(TorchDispatchMode):
@@ -78,3 +85,134 @@ def test_recipe_files_with_problems(tmp_path):
     assert load_recipe(tmp_path / "child.yaml").model.n_layers == 3
     (tmp_path / "multi.yaml").write_text("base: [qwen3/0.6b, gemma3/1b]\n")
     assert load_recipe(tmp_path / "multi.yaml").model.d_model == 1152  # later base wins
+
+
+# ------------------------------------------------------------------ numbers
+# Every numeric field of the schema, found from its types (so a new field is covered
+# without editing this file): NaN and infinities are refused everywhere, and every
+# field refuses values just outside its interval in arch/ranges.py, naming the key.
+
+NUMBERS_RECIPE = "qwen3/30b_a3b"  # MoE with a dense FFN width; layer kind "global"
+
+
+def numeric_fields(cls=Recipe, prefix=""):
+    """(RANGES pattern, int or float) of every numeric field under the dataclass `cls`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield from _numeric(hints[f.name], f"{prefix}.{f.name}" if prefix else f.name)
+
+
+def _numeric(tp, path):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in (int, float):
+        yield path, tp
+    elif dataclasses.is_dataclass(tp):
+        yield from numeric_fields(tp, path)
+    elif origin is typing.Union:  # Optional[...]
+        for a in args:
+            yield from _numeric(a, path)
+    elif origin is dict:
+        yield from _numeric(args[1], path + ".*")
+    elif origin is list:
+        yield from _numeric(args[0], path + "[*]")
+
+
+FIELDS = dict(numeric_fields())
+
+
+def override(pattern, value):
+    """(a.b=c override, the key path the error must name) for one field pattern."""
+    path = pattern.replace(".*.", ".global.")
+    if path.endswith("[*]"):  # train.optim.betas: the second item
+        return f"{path[:-3]}=[0.9,{value}]", f"{path[:-3]}[1]"
+    return f"{path}={value}", path
+
+
+def outside(pattern):
+    """Values just outside the field's interval, below and (if capped) above."""
+    iv, integer = Interval.parse(RANGES[pattern][0]), FIELDS[pattern] is int
+    step = 1 if integer else 0.5
+    values = [iv.low - step if iv.low_closed else iv.low]
+    if math.isfinite(iv.high):
+        values.append(iv.high + step if iv.high_closed else iv.high)
+    return [int(v) if integer else v for v in values]
+
+
+def test_every_numeric_field_has_a_range_rule():
+    assert set(FIELDS) - set(RANGES) == set(), "numeric fields without a rule in arch/ranges.py RANGES"
+    assert set(RANGES) - set(FIELDS) == set(), "RANGES entries that name no field of arch/config.py"
+
+
+def refused(recipe, overrides):
+    with pytest.raises(RecipeError) as exc, NoTensors():
+        load_recipe(recipe, overrides)
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("pattern", sorted(FIELDS))
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused_naming_the_key(pattern, value):
+    ov, path = override(pattern, value)
+    msg = refused(NUMBERS_RECIPE, [ov])
+    assert "\n" not in msg and path in msg, msg
+    if FIELDS[pattern] is float:
+        assert f"{path} = {value} is not a finite number" in msg
+    else:  # an integer field cannot hold one at all
+        assert "wrong type" in msg
+
+
+@pytest.mark.parametrize("pattern,value", [(p, v) for p in sorted(RANGES) for v in outside(p)])
+def test_numbers_outside_their_field_are_refused_naming_the_key(pattern, value):
+    ov, path = override(pattern, value)
+    msg = refused(NUMBERS_RECIPE, [ov])
+    assert msg.startswith(f"{path} = {value} is out of range; ") and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("recipe", ["qwen3/30b_a3b", "qwen3/0.6b"])  # MoE and dense
+def test_nan_never_switches_a_feature_off(recipe):
+    for ov, path in (("model.moe.balance.aux_coef=nan", "model.moe.balance.aux_coef"),
+                     ("model.moe.balance.z_coef=nan", "model.moe.balance.z_coef"),
+                     ("train.grad_clip=nan", "train.grad_clip")):
+        assert refused(recipe, [ov]).startswith(f"{path} = nan is not a finite number")
+
+
+@pytest.mark.parametrize("ov", ["model.n_layers=1000000000", "model.vocab_size=1000000000000",
+                                "model.d_model=1000000000", "model.moe.n_experts=1000000000",
+                                "model.max_seq_len=1000000000000", "model.moe.d_expert=1000000000000",
+                                "model.ffn.d_ff=1000000000000", "model.layer_kinds.global.window=1000000000000",
+                                "proxy.n_layers=1000000000", "train.micro_batch_size=1000000000",
+                                f"model.n_layers={10**400}"])
+def test_absurd_sizes_are_refused_at_once(ov):
+    t0 = time.perf_counter()
+    msg = refused(NUMBERS_RECIPE, [ov])
+    assert time.perf_counter() - t0 < 2.0
+    assert msg.startswith(ov.split("=")[0] + " = ") and "out of range" in msg and "\n" not in msg
+
+
+def test_numbers_in_recipe_files_anywhere(tmp_path):
+    """YAML's .nan / .inf in a nested dict of the file and in a free-form (Any) field."""
+    (tmp_path / "r.yaml").write_text(
+        "base: qwen3/0.6b\n"
+        "model:\n  layer_kinds:\n    global: {rope: {theta: .nan}}\n"
+        "train:\n  devices: [0, .inf]\n  optim: {betas: [0.9, 1.0]}\n"
+    )
+    lines = refused(tmp_path / "r.yaml", []).splitlines()
+    assert lines[0].startswith("model.layer_kinds.global.rope.theta = nan is not a finite number")
+    assert any(l.startswith("train.devices[1] = inf is not a finite number") for l in lines)
+    assert any(l.startswith("train.optim.betas[1] = 1.0 is out of range") for l in lines)
+    assert len(lines) == 3
+
+
+def test_number_and_structure_problems_are_reported_together_once():
+    lines = refused(NUMBERS_RECIPE, ["model.attention.n_kv_heads=0", "model.moe.top_k=1000000",
+                                     "model.attention.n_heads=24", "train.optim.lr=-1"]).splitlines()
+    # kv heads and top_k are refused on their own only (no "not divisible", no "top_k <= n_experts")
+    assert [l.split(" ")[0] for l in lines] == ["model.attention.n_kv_heads", "model.moe.top_k",
+                                                "train.optim.lr"], lines
+
+
+def test_real_models_and_far_larger_ones_pass():
+    big = load_recipe("qwen3/235b_a22b", ["model.n_layers=1000", "model.vocab_size=4194304",
+                                          "model.moe.n_experts=4096", "model.max_seq_len=10485760",
+                                          "model.d_model=65536", "model.attention.n_heads=512"])
+    assert big.model.n_layers == 1000 and big.model.vocab_size == 2**22

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import sys
 
 import pytest
@@ -54,3 +55,28 @@ def test_inspect_rejects_non_positive_lengths_and_names_only_the_recipe_as_requi
     assert r.returncode == 2 and "--seq-len must be a positive number of tokens" in r.stderr
     r = moelab("inspect")
     assert r.returncode == 2 and r.stderr.strip().endswith("the following arguments are required: recipe")
+
+
+@pytest.mark.parametrize("ov", ["model.n_layers=1000000000", "model.vocab_size=1000000000000",
+                                "model.moe.balance.aux_coef=nan"])
+def test_inspect_refuses_absurd_numbers_at_once_in_one_line(ov):
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "lit_modules.cli", "inspect", "qwen3/30b_a3b", ov],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith(f"moelab inspect: error: {ov.split('=')[0]} = ") and r.stderr.count("\n") == 1
+    assert time.perf_counter() - t0 < 60  # an interpreter start; the check itself is instant
+
+
+def test_inspect_at_the_caps_is_quick(capsys):
+    """The largest sizes validation lets through: inspect's work grows with the layers
+    only, and linearly (an override breaks the pattern's period at the last layer)."""
+    from arch.ranges import MAX_LAYERS
+    from lit_modules.cli import main
+
+    t0 = time.perf_counter()
+    assert main(["inspect", "qwen3/30b_a3b", f"model.n_layers={MAX_LAYERS}", "model.vocab_size=16777216",
+                 "model.max_seq_len=16777216", "model.moe.n_experts=65536",
+                 f"model.layer_overrides.{MAX_LAYERS - 1}.moe=false"]) == 0
+    assert time.perf_counter() - t0 < 10
+    assert f" {MAX_LAYERS}: {MAX_LAYERS - 1} global+moe, 1 global\n" in capsys.readouterr().out

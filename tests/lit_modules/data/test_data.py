@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from arch import RecipeError, load_recipe
+from arch.config import DataConfig
 from lit_modules.data.corpus import Corpus, DataError, stdlib_files
 from lit_modules.data.datamodule import TokenDataModule, load_or_train_tokenizer
 
@@ -359,12 +360,17 @@ def test_error_tokenizer_larger_than_model_vocab(tmp_path, stdlib_dm):
     assert _no_tokens_written(tmp_path / "c")
 
 
+def test_a_data_config_built_in_code_meets_the_recipe_rules():
+    # a recipe's data.val_fraction is refused by load_recipe (tests/arch/test_errors.py)
+    with pytest.raises(DataError, match=r"data.val_fraction = 1.0 is out of range"):
+        Corpus(DataConfig(val_fraction=1.0))
+
+
 @pytest.mark.parametrize("case,words", [
     ("jsonl_field", ["no 'text' field", "data.text_field"]),
     ("bad_json", ["is not valid JSON"]),
     ("no_eos", ["defines none of", "<|endoftext|>"]),
     ("missing_tokenizer", ["is not a file"]),
-    ("val_fraction", ["data.val_fraction = 1.0"]),
     ("too_small", ["fewer than one step needs", "data.max_chars"]),
 ])
 def test_other_input_errors_are_one_sentence(tmp_path, case, words):
@@ -378,7 +384,6 @@ def test_other_input_errors_are_one_sentence(tmp_path, case, words):
         "bad_json": lambda: make_recipe(tmp_path, source=str(tmp_path / "b.jsonl")),
         "no_eos": lambda: make_recipe(tmp_path, source=str(tmp_path / "t.txt"), tokenizer=tmp_path / "noeos.json"),
         "missing_tokenizer": lambda: make_recipe(tmp_path, tokenizer=tmp_path / "nope.json"),
-        "val_fraction": lambda: make_recipe(tmp_path, "data.val_fraction=1.0"),
         "too_small": lambda: make_recipe(tmp_path, "data.max_chars=2000", "train.seq_len=4096"),
     }[case]()
     with pytest.raises(DataError) as e:

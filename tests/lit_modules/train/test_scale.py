@@ -123,7 +123,7 @@ def test_strategy_choices():
                       ModelParallelStrategy)
     with pytest.raises(RecipeError, match="train.expert_parallel = 2 needs several processes"):
         build_strategy(TrainConfig(expert_parallel=2))
-    with pytest.raises(RecipeError, match="at least 1"):
+    with pytest.raises(RecipeError, match="train.expert_parallel = 0 is out of range"):
         build_strategy(TrainConfig(strategy="ddp", expert_parallel=0))
 
 

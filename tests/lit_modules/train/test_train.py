@@ -223,3 +223,12 @@ def test_ddp_two_ranks_match_one(cache, tmp_path, short_run):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     bias = "model.layers.0.ffn.router.expert_bias"
     assert a[bias].abs().max() > 0 and torch.equal(a[bias], b[bias])
+
+
+def test_profile_steps_writes_a_kernel_table(cache, tmp_path):
+    s = train(RECIPE, overrides(cache, tmp_path, "train.run_name=prof", "train.max_steps=7", "train.val_every=0",
+                                "train.profile_steps=1", "train.ckpt_every=0"))
+    prof = Path(s["run_dir"]) / "profile"
+    table = (prof / "rank0.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table
+    assert (prof / "trace.json").stat().st_size > 0

@@ -3,6 +3,7 @@ the newest run of the recipe."""
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -18,6 +19,27 @@ RECIPE = "proxies/qwen3_moe_tiny"
     ("train.devices=0", "train.devices = 0"),
     ("train.num_nodes=0", "train.num_nodes = 0"),
     ("train.max_steps=0", "train.max_steps = 0"),
+    ("train.seq_len=4096", "exceeds model.max_seq_len"),
+    # numbers (arch/ranges.py), refused by load_recipe already
+    ("train.grad_clip=nan", "train.grad_clip = nan is not a finite number"),
+    ("train.grad_clip=-1.0", "train.grad_clip = -1.0 is out of range"),
+    ("train.optim.lr=nan", "train.optim.lr = nan is not a finite number"),
+    ("train.optim.lr=inf", "train.optim.lr = inf is not a finite number"),
+    ("train.optim.lr=0.0", "train.optim.lr = 0.0 is out of range"),
+    ("train.optim.betas=[0.9,1.0]", "train.optim.betas[1] = 1.0 is out of range"),
+    ("train.optim.betas=[-0.1,0.95]", "train.optim.betas[0] = -0.1 is out of range"),
+    ("train.optim.eps=0.0", "train.optim.eps = 0.0 is out of range"),
+    ("train.optim.weight_decay=-0.1", "train.optim.weight_decay = -0.1 is out of range"),
+    ("train.optim.min_lr_ratio=1.5", "train.optim.min_lr_ratio = 1.5 is out of range"),
+    ("train.optim.decay_fraction=nan", "train.optim.decay_fraction = nan is not a finite number"),
+    ("train.optim.warmup_steps=-1", "train.optim.warmup_steps = -1 is out of range"),
+    ("train.micro_batch_size=1000000000", "train.micro_batch_size = 1000000000 is out of range"),
+    ("train.grad_accum=0", "train.grad_accum = 0 is out of range"),
+    ("train.seed=-1", "train.seed = -1 is out of range"),
+    ("train.peak_tflops=-inf", "train.peak_tflops = -inf is not a finite number"),
+    ("train.expert_parallel=0", "train.expert_parallel = 0 is out of range"),
+    ("data.val_fraction=1.0", "data.val_fraction = 1.0 is out of range"),
+    ("data.max_chars=0", "data.max_chars = 0 is out of range"),
 ])
 def test_train_settings_fail_in_one_sentence(override, words):
     with pytest.raises(RecipeError) as exc:
@@ -56,3 +78,35 @@ def test_resume_auto_takes_the_newest_run_of_the_recipe(tmp_path):
     newest = run("qwen3_moe_tiny-20260102-000000", 10)
     run("gemma3_tiny-20260103-000000", 0)  # another recipe: never picked
     assert resolve_run(recipe) == (newest.parent.parent, newest)
+
+
+def test_optimizer_settings_built_in_code_meet_the_same_rules():
+    import torch
+
+    from arch.config import OptimConfig
+    from lit_modules.train.optim import build_optimizer
+
+    for bad, words in (({"lr": float("nan")}, "train.optim.lr = nan is not a finite number"),
+                       ({"betas": [0.9, 1.5]}, "train.optim.betas[1] = 1.5 is out of range")):
+        with pytest.raises(RecipeError, match=re.escape(words)):
+            build_optimizer(torch.nn.Linear(2, 2), OptimConfig(**bad), max_steps=10, device_type="cpu")
+
+
+@pytest.mark.parametrize("loss,grad_norm,says,never", [
+    (float("nan"), 3.0, "the loss is nan (gradient norm 3.0)", "is finite"),
+    (float("inf"), float("nan"), "the loss is inf (gradient norm nan)", "is finite"),
+    # a finite loss, however large, is never called non-finite: the gradient norm is
+    (1e30, float("inf"), "the gradient norm is inf (the loss, 1e+30, is finite)", "the loss is"),
+])
+def test_non_finite_message_names_the_value_and_the_fields_that_cause_it(loss, grad_norm, says, never):
+    from lit_modules.train.run import non_finite_message
+    from lit_modules.train.module import NonFiniteLoss
+
+    recipe = load_recipe("proxies/gemma3_tiny")
+    msg = non_finite_message(NonFiniteLoss(7, loss, grad_norm), recipe, None)
+    assert msg.startswith(f"training stopped at step 7: {says}; ") and never not in msg
+    assert "\n" not in msg and "none was written yet" in msg
+    for field in ("train.optim.lr (now", "train.optim.warmup_steps (now", "train.grad_clip (now",
+                  "model.init_std (now", "model.norm.eps (now", "model.layer_kinds.local.rope.theta (now",
+                  "model.layer_kinds.global.rope.theta (now"):
+        assert field in msg, field

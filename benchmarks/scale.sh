@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Scale-out on one host with any number of GPUs, through `moelab train` (compiled blocks,
+# bf16-mixed), each run $STEPS optimizer steps; the first logging interval (start-up,
+# compilation) is left out of tokens/s.
+#
+#   weak     the W2 proxy (proxies/qwen3_moe_w2) at micro-batch M per GPU for each M in
+#            $MICROS: 1 GPU, then ddp / fsdp (FSDP2) / fsdp + EP=N on N GPUs. Same
+#            micro-batch per GPU as the 1-GPU row, so "vs 1 GPU" is weak-scaling
+#            efficiency; the 1-GPU micro-8 batch split over 4 GPUs is the micro-2 row
+#            (strong scaling: its total tokens/s over the 1-GPU micro-8 row).
+#   experts  W2 with $MANY experts of width 256 (top-8): fsdp against fsdp + EP=N
+#   large    proxies/qwen3_moe_4gpu (10.7B parameters, does not fit one H100): fsdp + EP=N
+#   ckpt     W2 fsdp + EP=N writing a checkpoint at the end: save seconds
+#
+#   NGPU=4 SETS="weak experts large" bash benchmarks/scale.sh [a.b=c ...]   # overrides go to every run
+#
+# The table (tokens/s per GPU, MFU against the dense bf16 datasheet peak, peak memory of
+# rank 0, first-step loss, checkpoint seconds) is printed last and written to
+# $RUNS/scale.md; each run's summary.json stays under $RUNS. Checkpoints are deleted after
+# each run (W2 with AdamW: 5.9 GB).
+set -u
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# NVLink multicast stays off on shared machines
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PY=${PYTHON:-python3}
+NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+RUNS=${RUNS:-runs/scale-$(date +%Y%m%d-%H%M%S)}
+STEPS=${STEPS:-25}
+MICROS=${MICROS:-"8 2"}
+MANY=${MANY:-256}
+SETS=${SETS:-"weak experts large"}
+LIMIT=${LIMIT:-300}   # seconds per run
+W2=proxies/qwen3_moe_w2
+COMMON=("train.run_dir=$RUNS" "train.max_steps=$STEPS" "train.log_every=5" "train.val_every=0"
+        "train.ckpt_every=0" "train.compile=true" "train.seq_len=2048" "train.grad_accum=1"
+        "data.source=stdlib" "data.max_chars=4000000")
+[ "$NGPU" -ge 2 ] || { echo "scale.sh needs at least 2 GPUs (found $NGPU)"; exit 1; }
+mkdir -p "$RUNS"
+: > "$RUNS/rows.tsv"
+
+run() {  # name, label, gpus, micro, recipe, extra overrides...
+    local name=$1 label=$2 gpus=$3 micro=$4 recipe=$5; shift 5
+    echo "=== $name: moelab train $recipe micro $micro on $gpus GPU(s) $*"
+    local t0=$SECONDS
+    timeout "$LIMIT" "$PY" -m lit_modules.cli train "$recipe" "${COMMON[@]}" "train.run_name=$name" \
+        "train.micro_batch_size=$micro" "train.devices=$gpus" "$@" > "$RUNS/$name.log" 2>&1 \
+        || { echo "($name failed:"; tail -5 "$RUNS/$name.log"; echo ")"; }
+    rm -rf "$RUNS/$name/checkpoints"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$label" "$gpus" "$micro" >> "$RUNS/rows.tsv"
+    echo "($name took $((SECONDS - t0)) s)"
+}
+
+N=$NGPU
+for set in $SETS; do
+    case $set in
+    weak)
+        for m in $MICROS; do
+            run "gpu1_m$m" "1 GPU" 1 "$m" $W2 train.strategy=auto "$@"
+            run "ddp_m$m" "ddp" "$N" "$m" $W2 train.strategy=ddp "$@"
+            run "fsdp_m$m" "fsdp" "$N" "$m" $W2 train.strategy=fsdp "$@"
+            run "fsdp_ep_m$m" "fsdp + EP=$N" "$N" "$m" $W2 train.strategy=fsdp "train.expert_parallel=$N" "$@"
+        done ;;
+    experts)
+        run "fsdp_e$MANY" "fsdp, $MANY experts" "$N" 2 $W2 train.strategy=fsdp "model.moe.n_experts=$MANY" "$@"
+        run "fsdp_ep_e$MANY" "fsdp + EP=$N, $MANY experts" "$N" 2 $W2 train.strategy=fsdp \
+            "model.moe.n_experts=$MANY" "train.expert_parallel=$N" "$@" ;;
+    large)
+        run "large_fsdp_ep" "qwen3_moe_4gpu, fsdp + EP=$N" "$N" 4 proxies/qwen3_moe_4gpu train.strategy=fsdp \
+            "train.expert_parallel=$N" "$@" ;;
+    ckpt)
+        run "ckpt_full" "W2 fsdp + EP=$N, full checkpoint" "$N" 2 $W2 train.strategy=fsdp \
+            "train.expert_parallel=$N" "train.max_steps=5" "$@"
+        run "ckpt_sharded" "W2 fsdp + EP=$N, sharded checkpoint" "$N" 2 $W2 train.strategy=fsdp \
+            "train.expert_parallel=$N" "train.max_steps=5" "train.checkpoint_format=sharded" "$@" ;;
+    esac
+done
+
+"$PY" - "$RUNS" <<'PYEOF'
+import csv, json, sys
+from pathlib import Path
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+runs = Path(sys.argv[1])
+rows = list(csv.reader(open(runs / "rows.tsv"), delimiter="\t"))
+summaries = {}
+for name, *_ in rows:
+    f = runs / name / "summary.json"
+    summaries[name] = json.loads(f.read_text()) if f.exists() else None
+out = ["| layout | GPUs | micro / GPU | tokens/s per GPU | vs 1 GPU, same micro | MFU | peak GiB (rank 0) "
+       "| first-step loss | checkpoint s |", "|---|---|---|---|---|---|---|---|---|"]
+for name, label, gpus, micro in rows:
+    s = summaries[name]
+    if s is None or not s.get("tokens_per_s"):
+        out.append(f"| {label} | {gpus} | {micro} | failed (see {name}.log) | | | | | |")
+        continue
+    per_gpu = s["tokens_per_s"] / int(gpus)
+    base = summaries.get(f"gpu1_m{micro}")
+    vs = f"{per_gpu / base['tokens_per_s']:.2f}x" if base and base.get("tokens_per_s") and int(gpus) > 1 else "-"
+    acc = EventAccumulator(str(runs / name / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    first = {e.step: e.value for e in acc.Scalars("train/loss")}.get(1) if "train/loss" in acc.Tags()["scalars"] else None
+    mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") else "-"
+    peak = f"{s['peak_memory_gib']:.1f}" if s.get("peak_memory_gib") else "-"
+    ck = f"{s['checkpoint_seconds']:.1f}" if s.get("checkpoint_seconds") else "-"
+    out.append(f"| {label} | {gpus} | {micro} | {per_gpu:,.0f} | {vs} | {mfu} | {peak} | "
+               f"{first if first is None else format(first, '.4f')} | {ck} |")
+table = "\n".join(out)
+(runs / "scale.md").write_text(table + "\n")
+print(table)
+PYEOF
