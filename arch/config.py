@@ -202,7 +202,7 @@ class TrainConfig:
     val_every: int = 200
     val_batches: int = 20
     log_every: int = 10
-    ckpt_every: int = 500
+    ckpt_every: int = 500  # 0: only at the end; -1: never (benchmarks)
     keep_checkpoints: int = 3  # periodic checkpoints kept besides last.ckpt; 0 = all
     expert_image_every: int = 100
     # > 0: torch.profiler records this many optimizer steps after 5 warm-up steps;

@@ -97,7 +97,8 @@ RANGES: Dict[str, Tuple[str, str]] = {
     "train.val_every": (f"[0, {MAX_STEPS}]", "the steps between validations (0: none)"),
     "train.val_batches": (f"[0, {MAX_STEPS}]", "the batches per validation (0: none)"),
     "train.log_every": (f"[1, {MAX_STEPS}]", "the steps between log lines"),
-    "train.ckpt_every": (f"[0, {MAX_STEPS}]", "the steps between checkpoints (0: only at the end)"),
+    "train.ckpt_every": (f"[-1, {MAX_STEPS}]", "the steps between checkpoints (0: only at the end; -1: none, "
+                                               "for benchmarks)"),
     "train.keep_checkpoints": (f"[0, {MAX_STEPS}]", "the periodic checkpoints kept (0: all)"),
     "train.expert_image_every": (f"[0, {MAX_STEPS}]", "the steps between expert-load images (0: none)"),
     "train.profile_steps": ("[0, 1000]", "the steps torch.profiler records (0: none)"),

@@ -33,7 +33,7 @@ SETS=${SETS:-"weak experts large"}
 LIMIT=${LIMIT:-300}   # seconds per run
 W2=proxies/qwen3_moe_w2
 COMMON=("train.run_dir=$RUNS" "train.max_steps=$STEPS" "train.log_every=5" "train.val_every=0"
-        "train.ckpt_every=0" "train.compile=true" "train.seq_len=2048" "train.grad_accum=1"
+        "train.ckpt_every=-1" "train.compile=true" "train.seq_len=2048" "train.grad_accum=1"
         "data.source=stdlib" "data.max_chars=4000000")
 [ "$NGPU" -ge 2 ] || { echo "scale.sh needs at least 2 GPUs (found $NGPU)"; exit 1; }
 mkdir -p "$RUNS"
@@ -70,9 +70,9 @@ for set in $SETS; do
             "train.expert_parallel=$N" "$@" ;;
     ckpt)
         run "ckpt_full" "W2 fsdp + EP=$N, full checkpoint" "$N" 2 $W2 train.strategy=fsdp \
-            "train.expert_parallel=$N" "train.max_steps=5" "$@"
+            "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" "$@"
         run "ckpt_sharded" "W2 fsdp + EP=$N, sharded checkpoint" "$N" 2 $W2 train.strategy=fsdp \
-            "train.expert_parallel=$N" "train.max_steps=5" "train.checkpoint_format=sharded" "$@" ;;
+            "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" "train.checkpoint_format=sharded" "$@" ;;
     esac
 done
 

@@ -72,7 +72,7 @@ def _fsync_dir(d: Path) -> None:
 
 class Checkpointing(Callback):
     """checkpoints/stepNNNNNNNN.ckpt every `every` optimizer steps and at the end of
-    training, and last.ckpt pointing at the newest one. Only complete files are ever
+    training (every = 0: only at the end; -1: never), and last.ckpt pointing at the newest one. Only complete files are ever
     named: each step file is written atomically, then last.ckpt is replaced by a hard
     link to it (a copy where links are not supported) through a rename. The newest
     `keep` step files are kept (0 = all); last.ckpt keeps its own link alive."""
@@ -102,7 +102,7 @@ class Checkpointing(Callback):
             self.save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self.saved_step:
+        if self.every >= 0 and trainer.global_step != self.saved_step:
             self.save(trainer)
 
     def save(self, trainer) -> Path:

@@ -86,7 +86,8 @@ class CausalLM(L.LightningModule):
         parallelize(model, self.cfg)
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         model = materialize(model, device)
-        self.scale = shard_model(model, self.cfg, device)
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        self.scale = shard_model(model, self.cfg, device, precision)
         # expert shards differ between ranks: DDP must neither broadcast nor average them
         self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.scale.expert_names]
         self.model = model

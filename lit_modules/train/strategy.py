@@ -196,9 +196,14 @@ def _mesh(device_type: str, world: int, ep: int):
     return init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("data_parallel", "expert"))
 
 
-def shard_model(model: nn.Module, train: TrainConfig, device: torch.device) -> ScalePlan:
+def shard_model(model: nn.Module, train: TrainConfig, device: torch.device,
+                precision: str = "32-true") -> ScalePlan:
     """Expert parallel and FSDP2 for a materialised model, in place (module docstring).
-    Without a process group (strategy auto) it does nothing."""
+    Without a process group (strategy auto) it does nothing.
+
+    Under bf16-mixed, FSDP2 all-gathers the sharded weights in bf16 (the dtype the
+    matmuls use under autocast anyway) and reduce-scatters gradients in float32 onto
+    the float32 master shards: half the all-gather traffic of float32 weights."""
     if not (dist.is_available() and dist.is_initialized()):
         return ScalePlan()
     world, ep = dist.get_world_size(), train.expert_parallel
@@ -215,13 +220,15 @@ def shard_model(model: nn.Module, train: TrainConfig, device: torch.device) -> S
         plan.expert_names = shard_experts(model, plan.ep_group)
     if plan.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # non-expert weights: sharded over every rank; expert shards stay whole on
         # their rank (ignored), their gradients averaged by finish_grads
         world_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
         ignored = {p for n, p in model.named_parameters() if n in set(plan.expert_names)}
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if precision == "bf16-mixed" else MixedPrecisionPolicy())
         for block in model.layers:
-            fully_shard(block, mesh=world_mesh, ignored_params=ignored or None)
-        fully_shard(model, mesh=world_mesh, ignored_params=ignored or None)
+            fully_shard(block, mesh=world_mesh, ignored_params=ignored or None, mp_policy=mp)
+        fully_shard(model, mesh=world_mesh, ignored_params=ignored or None, mp_policy=mp)
     return plan

@@ -72,6 +72,17 @@ def test_checkpoint_rotation_and_last(tmp_path):
     assert len(list((tmp_path / "checkpoints").iterdir())) == 3
 
 
+def test_checkpoint_every_minus_one_writes_nothing(tmp_path):
+    cb = Checkpointing(tmp_path / "checkpoints", every=-1)
+    trainer = FakeTrainer()
+    cb.setup(trainer, None, "fit")
+    for step in range(1, 4):
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, None, None, None, step - 1)
+    cb.on_train_end(trainer, None)
+    assert not (tmp_path / "checkpoints").exists() and cb.last_path is None
+
+
 def test_load_image_colours():
     loads = np.array([[4, 4], [4, 0], [1, 1], [7, 15]], dtype=np.int64)  # experts x steps
     img = load_image(loads, cell=2)
