@@ -130,6 +130,7 @@ class CausalLM(L.LightningModule):
         try:
             for i, (xi, yi) in enumerate(zip(xs, ys)):
                 # gradients are all-reduced only in the last micro-batch's backward
+                self.scale.sync_grads(self.model, i == n - 1)
                 with opt.toggle_model(sync_grad=(i == n - 1)):
                     out = self.model(xi, targets=yi, return_logits=False)
                     loss = out.loss + sum(out.aux.values())

@@ -161,6 +161,14 @@ class ScalePlan:
     expert_names: List[str] = field(default_factory=list)  # sharded parameters, relative to the model
     fsdp: bool = False
 
+    def sync_grads(self, model: nn.Module, sync: bool) -> None:
+        """Before a micro-batch's backward: FSDP2 reduce-scatters gradients only when
+        `sync` (the step's last micro-batch); earlier ones accumulate unsharded
+        gradients locally (more memory for the accumulation, one reduction per step
+        instead of one per micro-batch). DDP's no_sync is Lightning's toggle_model."""
+        if self.fsdp and hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(sync)
+
     def finish_grads(self, model: nn.Module) -> None:
         """After the last backward of a step: average the expert shards' gradients (DDP
         and FSDP average everything else)."""
