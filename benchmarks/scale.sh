@@ -4,7 +4,7 @@
 # compilation) is left out of tokens/s.
 #
 #   weak     the W2 proxy (proxies/qwen3_moe_w2) at micro-batch M per GPU for each M in
-#            $MICROS: 1 GPU, then ddp / fsdp (FSDP2) / fsdp + EP=N on N GPUs. Same
+#            $MICROS: ddp / fsdp (FSDP2) / fsdp + EP=N on N GPUs (the 1-GPU rows: `single`). Same
 #            micro-batch per GPU as the 1-GPU row, so "vs 1 GPU" is weak-scaling
 #            efficiency; the 1-GPU micro-8 batch split over 4 GPUs is the micro-2 row
 #            (strong scaling: its total tokens/s over the 1-GPU micro-8 row).
@@ -12,7 +12,12 @@
 #   large    proxies/qwen3_moe_4gpu (10.7B parameters, does not fit one H100): fsdp + EP=N
 #   ckpt     W2 fsdp + EP=N writing a checkpoint at the end: save seconds
 #
-#   NGPU=4 SETS="weak experts large" bash benchmarks/scale.sh [a.b=c ...]   # overrides go to every run
+#   single   the 1-GPU rows of `weak`, one per micro-batch size, side by side on GPUs 0, 1, ...
+#   capacity W2 with capacity factor 1.25 (the static-shape exchange): fsdp against fsdp + EP=N
+#
+#   NGPU=4 SETS="single weak experts large" bash benchmarks/scale.sh [a.b=c ...]   # overrides go to every run
+#
+# Several invocations with the same RUNS add their rows to one table.
 #
 # The table (tokens/s per GPU, MFU against the dense bf16 datasheet peak, peak memory of
 # rank 0, first-step loss, checkpoint seconds) is printed last and written to
@@ -29,7 +34,7 @@ RUNS=${RUNS:-runs/scale-$(date +%Y%m%d-%H%M%S)}
 STEPS=${STEPS:-25}
 MICROS=${MICROS:-"8 2"}
 MANY=${MANY:-256}
-SETS=${SETS:-"weak experts large"}
+SETS=${SETS:-"single weak experts capacity large ckpt"}
 LIMIT=${LIMIT:-300}   # seconds per run
 W2=proxies/qwen3_moe_w2
 COMMON=("train.run_dir=$RUNS" "train.max_steps=$STEPS" "train.log_every=5" "train.val_every=0"
@@ -37,7 +42,7 @@ COMMON=("train.run_dir=$RUNS" "train.max_steps=$STEPS" "train.log_every=5" "trai
         "data.source=stdlib" "data.max_chars=4000000")
 [ "$NGPU" -ge 2 ] || { echo "scale.sh needs at least 2 GPUs (found $NGPU)"; exit 1; }
 mkdir -p "$RUNS"
-: > "$RUNS/rows.tsv"
+: >> "$RUNS/rows.tsv"
 
 run() {  # name, label, gpus, micro, recipe, extra overrides...
     local name=$1 label=$2 gpus=$3 micro=$4 recipe=$5; shift 5
@@ -54,9 +59,15 @@ run() {  # name, label, gpus, micro, recipe, extra overrides...
 N=$NGPU
 for set in $SETS; do
     case $set in
+    single)  # the 1-GPU rows, one GPU each, side by side (separate GPUs: no interference)
+        i=0
+        for m in $MICROS; do
+            CUDA_VISIBLE_DEVICES=$i run "gpu1_m$m" "1 GPU" 1 "$m" $W2 train.strategy=auto "$@" &
+            i=$((i + 1))
+        done
+        wait ;;
     weak)
         for m in $MICROS; do
-            run "gpu1_m$m" "1 GPU" 1 "$m" $W2 train.strategy=auto "$@"
             run "ddp_m$m" "ddp" "$N" "$m" $W2 train.strategy=ddp "$@"
             run "fsdp_m$m" "fsdp" "$N" "$m" $W2 train.strategy=fsdp "$@"
             run "fsdp_ep_m$m" "fsdp + EP=$N" "$N" "$m" $W2 train.strategy=fsdp "train.expert_parallel=$N" "$@"
@@ -65,6 +76,10 @@ for set in $SETS; do
         run "fsdp_e$MANY" "fsdp, $MANY experts" "$N" 2 $W2 train.strategy=fsdp "model.moe.n_experts=$MANY" "$@"
         run "fsdp_ep_e$MANY" "fsdp + EP=$N, $MANY experts" "$N" 2 $W2 train.strategy=fsdp \
             "model.moe.n_experts=$MANY" "train.expert_parallel=$N" "$@" ;;
+    capacity)  # capacity factor 1.25: the static-shape expert-parallel exchange (no host sync)
+        run "fsdp_cf" "fsdp, capacity 1.25" "$N" 2 $W2 train.strategy=fsdp model.moe.capacity_factor=1.25 "$@"
+        run "fsdp_ep_cf" "fsdp + EP=$N, capacity 1.25" "$N" 2 $W2 train.strategy=fsdp \
+            model.moe.capacity_factor=1.25 "train.expert_parallel=$N" "$@" ;;
     large)
         run "large_fsdp_ep" "qwen3_moe_4gpu, fsdp + EP=$N" "$N" 4 proxies/qwen3_moe_4gpu train.strategy=fsdp \
             "train.expert_parallel=$N" "$@" ;;

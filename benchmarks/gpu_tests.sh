@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite on a GPU machine: the CUDA-only tests run, and every other test
+# runs where a user there would run it (CUDA visible). Run it before resolving an issue
+# that touches model code (CI runs the same suite on a CPU with another torch).
+#
+#   bash benchmarks/gpu_tests.sh [pytest args]          # WORKERS=8 with pytest-xdist
+set -u
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PY=${PYTHON:-python3}
+WORKERS=${WORKERS:-8}
+"$PY" -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|',
+  torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device', 'x', torch.cuda.device_count())"
+xdist=()
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n "$WORKERS")
+exec "$PY" -m pytest -q -p no:cacheprovider -rfs "${xdist[@]}" "$@"
