@@ -20,8 +20,8 @@ import experts  # noqa: F401  (registers the expert backends)
 from arch import build_model, materialize
 from arch.registry import EXPERT_BACKEND
 from conftest import tiny_recipe
-from lit_modules.optim import build_optimizer
-from lit_modules.strategy import parallelize
+from lit_modules.train.optim import build_optimizer
+from lit_modules.train.strategy import parallelize
 
 STEPS = 3
 # Compiled grouped_mm takes bf16 only (its fake-tensor rule refuses float32 even where
