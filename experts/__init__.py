@@ -14,14 +14,15 @@ Shape convention (suffixes on tensor names, used in every module here):
                   (+ shared experts)                                    moe.py
 
 Losses: losses.py (formulas), moe.py (scopes); the training-loop side (global
-counts, aux-loss-free bias updates): balance.py; router statistics: stats.py;
-torch.distributed: parallel.py only.
+counts, aux-loss-free bias updates): balance.py; listing a model's MoE layers and
+applying expert parallelism to a model: layers.py; router statistics: stats.py;
+torch.distributed (collectives, the expert-parallel exchange): parallel.py only.
 
 Importing this package registers the `moe` layer, the routers and the backends in
 arch's registries.
 """
 from . import backends, moe, router  # noqa: F401  (registration)
-from . import balance, stats  # noqa: F401
+from . import balance, layers, stats  # noqa: F401
 from .moe import MoE
 
-__all__ = ["MoE", "balance", "stats"]
+__all__ = ["MoE", "balance", "layers", "stats"]

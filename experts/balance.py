@@ -17,18 +17,13 @@ inside the training forward.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from .moe import MoE
+from .layers import moe_layers
 from .parallel import all_reduce_sum
-
-
-def moe_layers(model: nn.Module) -> List[MoE]:
-    """The MoE layers of `model` (any wrapper around them works), in module order."""
-    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def set_dp_group(model: nn.Module, group) -> None:

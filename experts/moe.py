@@ -30,7 +30,7 @@ from arch.registry import EXPERT_BACKEND, FFN, MOE, ROUTER
 
 from .dispatch import Dispatch, combine, dispatch, expert_capacity, permute
 from .losses import router_entropy, switch_loss, z_loss
-from .parallel import all_reduce_sum, expert_parallel
+from .parallel import all_reduce_sum
 from .router import Routing
 
 
@@ -41,7 +41,9 @@ class MoE(nn.Module):
 
     After each forward: `aux` holds this layer's weighted balancing losses (keys
     "aux_loss", "z_loss", present when their coefficient is > 0) and `stats` its
-    detached router statistics (experts/stats.py reads them).
+    detached router statistics (experts/stats.py reads them). `backend` computes the
+    experts' rows: the registered backend, or under expert parallelism that backend
+    wrapped in the all-to-all exchange (experts.layers.shard_experts).
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig):
@@ -65,7 +67,6 @@ class MoE(nn.Module):
 
         # Not module state (no buffers: DDP would broadcast rank 0's copy over them).
         self.dp_group = None  # data-parallel group of the global loss and bias loads (None: world)
-        self.ep_group = None  # expert-parallel group; set by experts.parallel.shard_experts
         self.track_stats = True
         self.global_counts_E: Optional[torch.Tensor] = None  # set by precompute_global_counts
         self.global_tokens: Optional[torch.Tensor] = None
@@ -95,11 +96,7 @@ class MoE(nn.Module):
         r = self.router(x_TD)
         cf = self.cfg.capacity_factor
         d = dispatch(r.ids_TK, self.n_experts, None if cf is None else expert_capacity(T, self.top_k, self.n_experts, cf))
-        if self.ep_group is None:
-            y_SD = self.backend(permute(x_TD, d), d.counts_E, self.w_in, self.w_out, self.cfg.expert_ffn)
-        else:  # w_in / w_out hold this rank's slice of the experts
-            y_SD = expert_parallel(self.backend, permute(x_TD, d), d.counts_E, self.w_in, self.w_out,
-                                   self.cfg.expert_ffn, self.ep_group)
+        y_SD = self.backend(permute(x_TD, d), d.counts_E, self.w_in, self.w_out, self.cfg.expert_ffn)
         y_TD = combine(y_SD, r.weights_TK, d, T).to(x.dtype)
         if self.shared is not None:
             s_TD = self.shared(x_TD)

@@ -10,7 +10,7 @@ with train.expert_parallel = 2 in a world of 4):
 
 A whole tiny MoE model (global-batch aux loss, router bias update) with a quarter of
 the batch per rank, its replicated gradients averaged over the world as DDP does and
-its expert gradients by `ScalePlan.finish_grads` (experts.parallel.reduce_expert_grads
+its expert gradients by `ScalePlan.finish_grads` (experts.layers.reduce_expert_grads
 over the expert-data-parallel group), gives the single-process loss, every gradient
 and the gradient norm (relative error < 1e-5) and bit-identical router biases. Every
 rank sends unequal numbers of rows to the two ranks of its EP group, and gathering a
