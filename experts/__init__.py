@@ -13,9 +13,10 @@ Shape convention (suffixes on tensor names, used in every module here):
                   -> combine: unpermute, weight, sum over k -> y_TD     dispatch.py
                   (+ shared experts)                                    moe.py
 
-Losses: losses.py (formulas), moe.py (scopes); the training-loop side (global
-counts, aux-loss-free bias updates): balance.py; listing a model's MoE layers and
-applying expert parallelism to a model: layers.py; router statistics: stats.py;
+Losses: losses.py (formulas), moe.py (scopes); the counts a layer keeps between
+forwards (global-batch counts, aux-loss-free bias loads): balance.py; everything
+that walks a model's MoE layers (the training loop's balancing steps, expert
+parallelism applied to a model): layers.py; router statistics: stats.py;
 torch.distributed (collectives, the expert-parallel exchange): parallel.py only.
 
 Importing this package registers the `moe` layer, the routers and the backends in

@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from arch import build_model, count, materialize, recipe_to_yaml
 from arch.config import Recipe
 from arch.registry import RecipeError
+from experts.layers import clear_global_counts, precompute_global_counts, update_router_biases
 
 from lit_modules.checkpoints.training import check_checkpoint_recipe
 from lit_modules.train.optim import build_optimizer
@@ -86,15 +87,6 @@ class CausalLM(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @property
-    def moe_layers(self) -> list:
-        return self.model.moe_layers if self.model is not None else []
-
-    @property
-    def global_aux_scope(self) -> bool:
-        m = self.recipe.model.moe
-        return bool(self.moe_layers) and m.balance.aux_coef > 0 and m.balance.aux_scope == "global"
-
-    @property
     def tokens_per_step(self) -> int:
         """Tokens in one optimizer step over all ranks."""
         c = self.cfg
@@ -110,11 +102,9 @@ class CausalLM(L.LightningModule):
         n = len(xs)
         # Qwen's global-batch loss needs the expert frequencies of the whole step (all
         # micro-batches, all ranks) before the first micro-batch's backward; with one
-        # micro-batch the layers all-reduce them inside the forward.
-        precompute = self.global_aux_scope and n > 1
-        if precompute:
-            from experts.balance import precompute_global_counts
-            precompute_global_counts(self.model, list(xs), group=None)
+        # micro-batch the layers all-reduce them inside the forward. False (at once)
+        # when no layer has the global scope.
+        precompute = n > 1 and precompute_global_counts(self.model, list(xs), group=None)
         sums: Dict[str, torch.Tensor] = {}
         try:
             for i, (xi, yi) in enumerate(zip(xs, ys)):
@@ -128,7 +118,6 @@ class CausalLM(L.LightningModule):
                     sums[name] = sums[name] + v if name in sums else v
         finally:
             if precompute:
-                from experts.balance import clear_global_counts
                 clear_global_counts(self.model)
 
         self.scale.finish_grads(self.model)
@@ -136,9 +125,7 @@ class CausalLM(L.LightningModule):
         # One host sync per step: never apply an update computed from a non-finite loss.
         if not bool(torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)):
             raise NonFiniteLoss(self.global_step + 1, float(sums["loss"]), float(grad_norm))
-        if self.moe_layers:
-            from experts.balance import update_router_biases
-            update_router_biases(self.model, group=None)
+        update_router_biases(self.model, group=None)  # a no-op without a router bias rate
         lr = sched.get_last_lr()[0]
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from arch.config import TrainConfig
 from conftest import free_port, init_gloo, tiny_model
 from moe_helpers import GLOBAL_BALANCE, rel_err
-from experts.balance import update_router_biases
+from experts.layers import update_router_biases
 from experts.parallel import gather_expert_shard
 from lit_modules.train.strategy import shard_model
 
