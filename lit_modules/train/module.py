@@ -56,10 +56,10 @@ class CausalLM(L.LightningModule):
     def __init__(self, recipe: Recipe):
         super().__init__()
         self.recipe = recipe
-        self.cfg = recipe.train
+        self.train_cfg = recipe.train
         self.automatic_optimization = False
         self.model = None  # built in configure_model
-        self.scale = ScalePlan()  # expert parallel / FSDP layout (lit_modules/train/strategy.py)
+        self.scale_plan = ScalePlan()  # expert parallel / FSDP layout (lit_modules/train/strategy.py)
         self.accounting = count(recipe.model, seq_len=recipe.train.seq_len)
         self.val_loss = MeanMetric()
         self.val_acc = MulticlassAccuracy(num_classes=recipe.model.vocab_size, average="micro",
@@ -74,22 +74,22 @@ class CausalLM(L.LightningModule):
         if self.model is not None:  # Lightning may call this hook more than once
             return
         model = build_model(self.recipe.model, "meta")
-        parallelize(model, self.cfg)
+        parallelize(model, self.train_cfg)
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         model = materialize(model, device)
-        self.scale = shard_model(model, self.cfg, device)
+        self.scale_plan = shard_model(model, self.train_cfg, device)
         # expert shards differ between ranks: DDP must neither broadcast nor average them
-        self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.scale.expert_names]
+        self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.scale_plan.expert_names]
         self.model = model
 
     def configure_optimizers(self):
-        opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.max_steps, self.device.type)
+        opt, sched = build_optimizer(self.model, self.train_cfg.optim, self.train_cfg.max_steps, self.device.type)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @property
     def tokens_per_step(self) -> int:
         """Tokens in one optimizer step over all ranks."""
-        c = self.cfg
+        c = self.train_cfg
         return c.micro_batch_size * c.grad_accum * c.seq_len * self.trainer.world_size
 
     # ------------------------------------------------------------------ train
@@ -98,7 +98,7 @@ class CausalLM(L.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         x, y = batch[:, :-1], batch[:, 1:]
-        xs, ys = x.split(self.cfg.micro_batch_size), y.split(self.cfg.micro_batch_size)
+        xs, ys = x.split(self.train_cfg.micro_batch_size), y.split(self.train_cfg.micro_batch_size)
         n = len(xs)
         # Qwen's global-batch loss needs the expert frequencies of the whole step (all
         # micro-batches, all ranks) before the first micro-batch's backward; with one
@@ -120,7 +120,7 @@ class CausalLM(L.LightningModule):
             if precompute:
                 clear_global_counts(self.model)
 
-        self.scale.finish_grads(self.model)
+        self.scale_plan.finish_grads(self.model)
         grad_norm = self._clip_gradients()
         # One host sync per step: never apply an update computed from a non-finite loss.
         if not bool(torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)):
@@ -133,7 +133,7 @@ class CausalLM(L.LightningModule):
 
         self.log("loss", sums["loss"], prog_bar=True, logger=False)
         step = self.global_step  # updates done, this one included
-        if step % self.cfg.log_every == 0 or step >= self.cfg.max_steps:
+        if step % self.train_cfg.log_every == 0 or step >= self.train_cfg.max_steps:
             # the mean over ranks: the loss of the global batch (a collective, at the same
             # steps on every rank)
             names = list(sums)
@@ -147,7 +147,7 @@ class CausalLM(L.LightningModule):
     def _clip_gradients(self) -> torch.Tensor:
         """Total gradient norm before clipping (gradients already reduced over ranks);
         clips to train.grad_clip when it is > 0."""
-        return self.scale.clip(self.model, self.cfg.grad_clip)
+        return self.scale_plan.clip(self.model, self.train_cfg.grad_clip)
 
     def log_scalars(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
         """Write scalars to every logger at `step` (default: the optimizer step)."""
@@ -182,18 +182,19 @@ class CausalLM(L.LightningModule):
         # the interop code reads the architecture from here, and resume checks it
         checkpoint["moelab_recipe"] = recipe_to_yaml(self.recipe)
         checkpoint["moelab_records"] = {"last_train": self.last_train, "val_history": self.val_history}
-        if self.scale.ep > 1:  # whole experts in the file: loadable at any EP size
+        if self.scale_plan.ep > 1:  # whole experts in the file: loadable at any EP size
             from lit_modules.checkpoints.sharded import gather_experts
 
             opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
-            gather_experts(checkpoint, self.model, self.scale, opt if isinstance(opt, torch.optim.Optimizer) else None)
+            opt = opt if isinstance(opt, torch.optim.Optimizer) else None
+            gather_experts(checkpoint, self.model, self.scale_plan, opt)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_recipe(checkpoint, self.recipe, "the checkpoint being resumed")
-        if self.scale.ep > 1:
+        if self.scale_plan.ep > 1:
             from lit_modules.checkpoints.sharded import slice_experts
 
-            slice_experts(checkpoint, self.model, self.scale)
+            slice_experts(checkpoint, self.model, self.scale_plan)
         records = checkpoint.get("moelab_records", {})
         self.last_train = dict(records.get("last_train", {}))
         self.val_history = list(records.get("val_history", []))
