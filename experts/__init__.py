@@ -13,15 +13,17 @@ Shape convention (suffixes on tensor names, used in every module here):
                   -> combine: unpermute, weight, sum over k -> y_TD     dispatch.py
                   (+ shared experts)                                    moe.py
 
-Losses: losses.py (formulas), moe.py (scopes); the training-loop side (global
-counts, aux-loss-free bias updates): balance.py; router statistics: stats.py;
-torch.distributed: parallel.py only.
+Losses: losses.py (formulas), moe.py (scopes); the counts a layer keeps between
+forwards (global-batch counts, aux-loss-free bias loads): balance.py; everything
+that walks a model's MoE layers (the training loop's balancing steps, expert
+parallelism applied to a model): layers.py; router statistics: stats.py;
+torch.distributed (collectives, the expert-parallel exchange): parallel.py only.
 
 Importing this package registers the `moe` layer, the routers and the backends in
 arch's registries.
 """
 from . import backends, moe, router  # noqa: F401  (registration)
-from . import balance, stats  # noqa: F401
+from . import balance, layers, stats  # noqa: F401
 from .moe import MoE
 
-__all__ = ["MoE", "balance", "stats"]
+__all__ = ["MoE", "balance", "layers", "stats"]

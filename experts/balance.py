@@ -1,107 +1,118 @@
-"""Load balancing that needs the training loop: global-batch counts and the
-auxiliary-loss-free bias. Every function here is collective under data
-parallelism: call it on every rank, at the same point of the step.
+"""Per-layer balancing state that outlives one forward: the global-batch expert
+counts (aux_scope global) and the selections that the aux-loss-free bias update
+consumes. Each MoE layer holds one `BalanceState` as `layer.balance`; the layer's
+forward feeds it, and the step functions of experts/layers.py (the training loop's
+side, collective under data parallelism) drive it:
 
-One optimizer step with gradient accumulation, aux_scope: global and a bias rate:
+    one optimizer step, grad_accum > 1, aux_scope global, a bias rate:
 
-    precompute_global_counts(model, micro_batches)   # only when grad_accum > 1
-    for ids, targets in micro_batches:
-        out = model(ids, targets)
-        ((out.loss + sum(out.aux.values())) / len(micro_batches)).backward()
-    update_router_biases(model)                      # before optimizer.step()
-    optimizer.step(); optimizer.zero_grad()
-    clear_global_counts(model)
+    precompute_global_counts(model, micro_batches)
+        every layer: start_counting()     forwards now only count(counts_E, T)
+        no-grad forward of each micro-batch
+        every layer: stop_counting()      -> (counts_E, tokens) of this rank
+        one all-reduce of all layers' rows over the data-parallel group
+        every layer: set_step_counts(...) f^G of the whole step
+    for each micro-batch: forward (loss from step_counts(...)) and backward;
+        every training forward: record_selections(counts_E)
+    update_router_biases(model)           every layer: take_loads() -> one all-reduce
+                                          -> router.update_bias
+    optimizer.step()
+    clear_global_counts(model)            every layer: clear_step_counts()
 
-With grad_accum = 1 no precompute is needed: the layers all-reduce their counts
-inside the training forward.
+With grad_accum = 1 nothing is precomputed: `step_counts` all-reduces this
+micro-batch's counts inside the training forward, which then is the whole step.
+
+Plain attributes, not buffers: DDP would broadcast rank 0's copy over them, and
+none of it belongs in a checkpoint (a step never spans a save).
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import Optional, Tuple, Union
 
 import torch
-from torch import nn
 
-from .moe import MoE
 from .parallel import all_reduce_sum
 
-
-def moe_layers(model: nn.Module) -> List[MoE]:
-    """The MoE layers of `model` (any wrapper around them works), in module order."""
-    return [m for m in model.modules() if isinstance(m, MoE)]
+Tokens = Union[int, torch.Tensor]
 
 
-def set_dp_group(model: nn.Module, group) -> None:
-    """The data-parallel group the layers reduce counts over (None: the world)."""
-    for layer in moe_layers(model):
-        layer.dp_group = group
+class BalanceState:
+    """The balancing counts of one MoE layer between forwards (module docstring).
 
+    `dp_group`: the data-parallel group that global counts and bias loads are summed
+    over (None: the world)."""
 
-@torch.no_grad()
-def precompute_global_counts(model: nn.Module, micro_batches: Iterable[torch.Tensor], group=None) -> bool:
-    """Count expert selections over one optimizer step's micro-batches (input ids
-    (B, T) each, on the model's device), sum them over the data-parallel `group`
-    (None: each layer's `dp_group`, itself None = the world) and store them on the
-    layers, whose training forwards then use them as f^G of the global-batch loss.
+    def __init__(self, n_experts: int):
+        self.n_experts = n_experts
+        self.dp_group = None
+        self._counted: Optional[Tuple[torch.Tensor, int]] = None  # while counting: (counts_E, T) so far
+        self._counting = False
+        self._step: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # precomputed (counts_E, tokens)
+        self._loads_E: Optional[torch.Tensor] = None  # selections since the last bias update
 
-    Cost: one extra no-grad forward over the step's tokens, paid only when some layer
-    has aux_scope global with aux_coef > 0 (otherwise this returns False at once, and
-    it is not needed at all with grad_accum = 1). The counts are exact when the
-    training forwards route as this one does: router jitter (or anything random
-    before the routers) makes them an approximation. Clear them after the optimizer
-    step with `clear_global_counts`."""
-    layers = [m for m in moe_layers(model)
-              if m.cfg.balance.aux_scope == "global" and m.cfg.balance.aux_coef > 0]
-    if not layers:
-        return False
-    for layer in layers:
-        layer.global_counts_E = layer.global_tokens = None
-        layer._collect = [torch.zeros(layer.n_experts, dtype=torch.long, device=layer.w_in.device), 0]
-    try:
-        for ids in micro_batches:
-            model(ids, return_logits=False)  # the head is not needed to count experts
-        collected = [layer._collect for layer in layers]
-    finally:
-        for layer in layers:
-            layer._collect = None
-    if collected[0][1] == 0:
-        raise ValueError("precompute_global_counts got no micro-batches; pass the step's input ids.")
-    # one collective for all layers: rows = layers, columns = experts + token count
-    rows = [torch.cat([c, torch.full((1,), n, dtype=torch.long, device=c.device)]) for c, n in collected]
-    table = all_reduce_sum(torch.stack(rows), group if group is not None else layers[0].dp_group)
-    for layer, row in zip(layers, table):
-        layer.global_counts_E, layer.global_tokens = row[:-1], row[-1]
-    return True
+    def reset(self) -> None:
+        """Forget every count (keeps `dp_group`)."""
+        self._counted, self._counting, self._step, self._loads_E = None, False, None, None
 
+    # ---------------------------------------------------- global-batch counts (f^G)
 
-def clear_global_counts(model: nn.Module) -> None:
-    """Forget the counts of `precompute_global_counts` (call after the optimizer step)."""
-    for layer in moe_layers(model):
-        layer.global_counts_E = layer.global_tokens = None
+    def start_counting(self) -> None:
+        """Forwards from now on only count selections (`count`); earlier step counts
+        are forgotten."""
+        self._step = None
+        self._counting, self._counted = True, None
 
+    @property
+    def counting(self) -> bool:
+        return self._counting
 
-@torch.no_grad()
-def update_router_biases(model: nn.Module, group=None) -> Optional[torch.Tensor]:
-    """Aux-loss-free balancing step for every layer whose router has a
-    bias_update_rate: sum the selections counted since the last call (training
-    forwards only) over the data-parallel `group` (None: each layer's `dp_group`),
-    move each bias by rate * sign(mean load - load), and reset the counts.
+    def count(self, counts_E: torch.Tensor, T: int) -> None:
+        """Add one forward's selections (before capacity) and its number of tokens."""
+        if self._counted is None:
+            self._counted = (counts_E, T)
+        else:
+            self._counted = (self._counted[0] + counts_E, self._counted[1] + T)
 
-    Call before optimizer.step(), on every rank. Returns the (layers, E) loads used,
-    or None when no router has a bias rate. Every rank gets the same summed loads and
-    so the same biases. Activation checkpointing re-runs forwards and counts each
-    token twice; that scales every load alike, which a sign update ignores."""
-    layers = [m for m in moe_layers(model) if m.router.bias_update_rate > 0]
-    if not layers:
-        return None
-    loads = []
-    for layer in layers:
-        load = layer._load_E
-        if load is None:  # no training forward since the last update
-            load = torch.zeros(layer.n_experts, dtype=torch.long, device=layer.router.expert_bias.device)
-        loads.append(load)
-        layer._load_E = None
-    loads_LE = all_reduce_sum(torch.stack(loads), group if group is not None else layers[0].dp_group)
-    for layer, load_E in zip(layers, loads_LE):
-        layer.router.update_bias(load_E)
-    return loads_LE
+    def stop_counting(self) -> Optional[Tuple[torch.Tensor, int]]:
+        """End counting; (counts_E, tokens) counted since `start_counting`, None if
+        no forward ran."""
+        counted, self._counting, self._counted = self._counted, False, None
+        return counted
+
+    def set_step_counts(self, counts_E: torch.Tensor, tokens: torch.Tensor) -> None:
+        """The selections and tokens of the whole optimizer-step batch (all ranks, all
+        micro-batches): f^G for the training forwards until `clear_step_counts`."""
+        self._step = (counts_E, tokens)
+
+    def clear_step_counts(self) -> None:
+        self._step = None
+
+    def step_counts(self, counts_E: torch.Tensor, T: int, training: bool) -> Tuple[torch.Tensor, Tokens]:
+        """(selection counts, tokens) over the optimizer-step batch, for f^G of the
+        global-batch loss, given this forward's `counts_E` over `T` tokens: the
+        precomputed step counts if set; else, in a training forward with gradients,
+        this micro-batch's counts summed over `dp_group` (asynchronous on GPU); else
+        (evaluation) the local counts, with no collective that other ranks may not
+        join."""
+        if self._step is not None:
+            return self._step
+        if training and torch.is_grad_enabled():
+            # torch.full, not a tensor from a Python list: no host-to-device copy
+            n = torch.full((1,), T, dtype=counts_E.dtype, device=counts_E.device)
+            both = all_reduce_sum(torch.cat([counts_E, n]), self.dp_group)
+            return both[:-1], both[-1]
+        return counts_E, T
+
+    # ---------------------------------------------------- aux-loss-free bias loads
+
+    def record_selections(self, counts_E: torch.Tensor) -> None:
+        """Add one training forward's selections to the loads of the next bias update."""
+        self._loads_E = counts_E if self._loads_E is None else self._loads_E + counts_E
+
+    def take_loads(self, device: Union[str, torch.device]) -> torch.Tensor:
+        """The selections recorded since the last call (int64 zeros on `device` when
+        there were none), and forget them."""
+        loads_E, self._loads_E = self._loads_E, None
+        if loads_E is None:  # no training forward since the last update
+            loads_E = torch.zeros(self.n_experts, dtype=torch.long, device=device)
+        return loads_E

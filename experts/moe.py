@@ -1,7 +1,8 @@
 """The MoE layer: router -> dispatch (permute) -> expert backend -> combine
 (unpermute) -> + shared experts. Balancing losses and router statistics are
-recorded on the layer at each forward; experts/balance.py drives the parts that
-need the training loop (global counts, bias updates).
+recorded on the layer at each forward; the counts that outlive a forward (global
+counts, bias loads) are the layer's `balance` (experts/balance.py), driven by the
+training loop through experts/layers.py.
 
 Balancing scopes (model.moe.balance.aux_scope), all with the Switch form
 E * sum_i f_i P_i of experts/losses.py, weighted by aux_coef:
@@ -15,11 +16,11 @@ E * sum_i f_i P_i of experts/losses.py, weighted by aux_coef:
           losses over ranks and micro-batches (what DDP and gradient accumulation
           take) is E * sum_i f_i^G P_i^G, so the loss and its gradients do not depend
           on how the batch is split. f^G comes from an all-reduce in forward
-          (grad_accum = 1) or from experts.balance.precompute_global_counts.
+          (grad_accum = 1) or from experts.layers.precompute_global_counts.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -28,9 +29,9 @@ from arch.config import MoEConfig
 from arch.ffn import GATED
 from arch.registry import EXPERT_BACKEND, FFN, MOE, ROUTER
 
+from .balance import BalanceState
 from .dispatch import Dispatch, combine, dispatch, expert_capacity, permute
 from .losses import router_entropy, switch_loss, z_loss
-from .parallel import all_reduce_sum, expert_parallel
 from .router import Routing
 
 
@@ -41,7 +42,10 @@ class MoE(nn.Module):
 
     After each forward: `aux` holds this layer's weighted balancing losses (keys
     "aux_loss", "z_loss", present when their coefficient is > 0) and `stats` its
-    detached router statistics (experts/stats.py reads them).
+    detached router statistics (experts/stats.py reads them). `balance` holds the
+    counts kept between forwards (experts/balance.py). `backend` computes the
+    experts' rows: the registered backend, or under expert parallelism that backend
+    wrapped in the all-to-all exchange (experts.layers.shard_experts).
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig):
@@ -63,17 +67,11 @@ class MoE(nn.Module):
             if cfg.shared_gate:
                 self.shared_gate = nn.Linear(d_model, 1, bias=False)
 
-        # Not module state (no buffers: DDP would broadcast rank 0's copy over them).
-        self.dp_group = None  # data-parallel group of the global loss and bias loads (None: world)
-        self.ep_group = None  # expert-parallel group; set by experts.parallel.shard_experts
+        self.balance = BalanceState(E)
         self.track_stats = True
-        self.global_counts_E: Optional[torch.Tensor] = None  # set by precompute_global_counts
-        self.global_tokens: Optional[torch.Tensor] = None
         self.aux: Dict[str, torch.Tensor] = {}
         self.stats: Dict[str, torch.Tensor] = {}
-        self._pooled = None  # (counts_E, probs_E, T) for the pooled scope
-        self._load_E: Optional[torch.Tensor] = None  # selections since the last bias update
-        self._collect: Optional[List] = None  # [counts_E, T] while precompute counts
+        self._pooled = None  # (counts_E, probs_E, T) for the pooled scope, read by gather_aux
         self.init_weights(0.02, 0.02)
 
     def extra_repr(self) -> str:
@@ -86,7 +84,7 @@ class MoE(nn.Module):
         nn.init.normal_(self.w_in, std=std)
         nn.init.normal_(self.w_out, std=out_std)
         self.router.expert_bias.zero_()
-        self._load_E = None
+        self.balance.reset()  # counts of the old weights mean nothing for the new ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -95,11 +93,7 @@ class MoE(nn.Module):
         r = self.router(x_TD)
         cf = self.cfg.capacity_factor
         d = dispatch(r.ids_TK, self.n_experts, None if cf is None else expert_capacity(T, self.top_k, self.n_experts, cf))
-        if self.ep_group is None:
-            y_SD = self.backend(permute(x_TD, d), d.counts_E, self.w_in, self.w_out, self.cfg.expert_ffn)
-        else:  # w_in / w_out hold this rank's slice of the experts
-            y_SD = expert_parallel(self.backend, permute(x_TD, d), d.counts_E, self.w_in, self.w_out,
-                                   self.cfg.expert_ffn, self.ep_group)
+        y_SD = self.backend(permute(x_TD, d), d.counts_E, self.w_in, self.w_out, self.cfg.expert_ffn)
         y_TD = combine(y_SD, r.weights_TK, d, T).to(x.dtype)
         if self.shared is not None:
             s_TD = self.shared(x_TD)
@@ -115,13 +109,12 @@ class MoE(nn.Module):
         """Losses, statistics and load counts of this forward. Reads nothing on the
         host; the all-reduce of the global scope is asynchronous on GPU."""
         counts_E = d.tokens_per_expert_E  # selections, before capacity: what f counts
-        if self._collect is not None:  # precompute_global_counts: counts only
-            self._collect[0] = self._collect[0] + counts_E
-            self._collect[1] += T
+        if self.balance.counting:  # precompute_global_counts: counts only
+            self.balance.count(counts_E, T)
             self.aux, self._pooled = {}, None
             return
         if self.training and self.router.bias_update_rate > 0:
-            self._load_E = counts_E if self._load_E is None else self._load_E + counts_E
+            self.balance.record_selections(counts_E)
 
         b = self.cfg.balance
         probs_E = r.probs_TE.mean(0)
@@ -131,7 +124,8 @@ class MoE(nn.Module):
             if b.aux_scope == "micro":
                 aux["aux_loss"] = b.aux_coef * switch_loss(counts_E, T, probs_E)
             elif b.aux_scope == "global":
-                aux["aux_loss"] = b.aux_coef * switch_loss(*self._global_counts(counts_E, T), probs_E)
+                counts_G, tokens_G = self.balance.step_counts(counts_E, T, self.training)
+                aux["aux_loss"] = b.aux_coef * switch_loss(counts_G, tokens_G, probs_E)
             else:  # pooled: gather_aux forms the loss over all layers
                 self._pooled = (counts_E, probs_E, T)
         z = None
@@ -151,18 +145,6 @@ class MoE(nn.Module):
                     "z_loss": z.detach() if z is not None else z_loss(r.logits_TE),
                     "bias_norm": self.router.expert_bias.float().norm(),
                 }
-
-    def _global_counts(self, counts_E: torch.Tensor, T: int):
-        """(selection counts, tokens) over the optimizer-step batch, for f^G."""
-        if self.global_counts_E is not None:
-            return self.global_counts_E, self.global_tokens
-        if self.training and torch.is_grad_enabled():
-            # torch.full, not a tensor from a Python list: no host-to-device copy
-            n = torch.full((1,), T, dtype=counts_E.dtype, device=counts_E.device)
-            both = all_reduce_sum(torch.cat([counts_E, n]), self.dp_group)
-            return both[:-1], both[-1]
-        # evaluation: local counts, and no collective that other ranks may not join
-        return counts_E, T
 
     @staticmethod
     def gather_aux(layers: List["MoE"]) -> Dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
-"""Distributed helpers for the MoE layers; the only experts/ module that touches
-torch.distributed. Holds the count reductions and expert parallelism (EP).
+"""Collectives of the MoE layers; the only experts/ module that touches
+torch.distributed. It knows tensors and process groups, never the model: the
+functions that walk a model's MoE layers (sharding them, collecting their shards)
+are in experts/layers.py, and the balancing counts of each layer in experts/balance.py.
 
-Everything here is a no-op in a single process, so the model math never branches on
-whether a process group exists.
+`all_reduce_sum` is a no-op in a single process, so the model math never branches
+on whether a process group exists.
 
 Expert parallelism over a group of EP ranks (each with its own tokens):
 
@@ -16,7 +18,10 @@ Expert parallelism over a group of EP ranks (each with its own tokens):
 
 The backward of each all-to-all is the all-to-all with the splits swapped
 (`_AllToAll`). The gradient of a local expert collects the contributions of every
-rank's tokens; `reduce_expert_grads` turns it into the data-parallel mean.
+rank's tokens; `average_shard_grads` turns it into the data-parallel mean.
+
+`expert_parallel` is self-contained (rows sorted by expert, counts, this rank's
+expert weights, a group -> rows out), so a faster exchange can replace it alone.
 """
 from __future__ import annotations
 
@@ -24,9 +29,6 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
-from arch.registry import RecipeError
 
 from .dispatch import _GatherRows
 
@@ -114,60 +116,36 @@ def expert_parallel(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tenso
     return torch.cat([y_kept, y_kept.new_zeros(x_SD.shape[0] - n_kept, y_kept.shape[1])])
 
 
-def _moe_layers(model: nn.Module) -> list:
-    from .moe import MoE  # moe.py imports this module
+class ExpertParallel:
+    """An expert backend with the experts spread over `group`: what
+    `experts.layers.shard_experts` makes a layer's `backend`, so that the layer's
+    forward calls one expert compute whether or not it is sharded."""
 
-    return [m for m in model.modules() if isinstance(m, MoE)]
+    def __init__(self, backend: Callable, group):
+        self.backend, self.group = backend, group
 
-
-def check_expert_parallel(n_experts: int, ep: int) -> None:
-    if ep < 1 or n_experts % ep != 0:
-        raise RecipeError(f"model.moe.n_experts = {n_experts} is not divisible by train.expert_parallel = {ep}; "
-                         f"choose an expert_parallel size that divides the number of experts.")
-
-
-@torch.no_grad()
-def shard_experts(model: nn.Module, group) -> List[str]:
-    """Keep only this rank's contiguous slice of every MoE layer's w_in / w_out (the
-    full weights must already hold their values: every rank slices the same
-    initialisation, so EP starts from the single-process model) and route the
-    layers' expert compute through `expert_parallel` over `group`.
-    Returns the names (relative to `model`) of the sharded parameters."""
-    group = group if group is not None else dist.group.WORLD  # a layer's None means no EP
-    ep, rank = dist.get_world_size(group), dist.get_rank(group)
-    names = []
-    for layer in _moe_layers(model):
-        check_expert_parallel(layer.n_experts, ep)
-        n = layer.n_experts // ep
-        layer.w_in = nn.Parameter(layer.w_in[rank * n:(rank + 1) * n].clone())
-        layer.w_out = nn.Parameter(layer.w_out[rank * n:(rank + 1) * n].clone())
-        layer.ep_group = group
-    for name, p in model.named_parameters():
-        if is_expert_shard(model, name):
-            names.append(name)
-    return names
+    def __call__(self, x_SD, counts_E, w_in_LID, w_out_LDF, kind: str) -> torch.Tensor:
+        return expert_parallel(self.backend, x_SD, counts_E, w_in_LID, w_out_LDF, kind, self.group)
 
 
-def is_expert_shard(model: nn.Module, name: str) -> bool:
-    """Whether parameter `name` of `model` is an expert-parallel shard."""
-    module_name, _, leaf = name.rpartition(".")
-    if leaf not in ("w_in", "w_out"):
-        return False
-    return getattr(model.get_submodule(module_name), "ep_group", None) is not None
+def group_rank(group) -> int:
+    """This process's rank in `group` (None: the world)."""
+    return dist.get_rank(group)
 
 
-def expert_shards(model: nn.Module) -> List[nn.Parameter]:
-    return [p for layer in _moe_layers(model) if layer.ep_group is not None for p in (layer.w_in, layer.w_out)]
+def group_size(group) -> int:
+    """The number of ranks in `group` (None: the world)."""
+    return dist.get_world_size(group)
 
 
 @torch.no_grad()
-def reduce_expert_grads(model: nn.Module, world_size: int, group=None) -> None:
+def average_shard_grads(shards: List[torch.Tensor], world_size: int, group=None) -> None:
     """Turn each expert shard's gradient into the data-parallel mean, as DDP does for
     the replicated weights: the all-to-all backward already summed the contributions
     of the EP group's tokens; `group` (expert-data-parallel: ranks holding the same
     shard, None when EP covers the world) sums the rest, and the result is divided
     by the number of ranks with their own data (`world_size`)."""
-    for p in expert_shards(model):
+    for p in shards:
         if p.grad is None:
             continue
         if group is not None:

@@ -136,7 +136,7 @@ class TopKRouter(nn.Module):
         """Aux-loss-free step: raise the bias of under-loaded experts, lower the
         over-loaded ones, by `bias_update_rate * sign(mean load - load)`.
 
-        Called outside forward (experts.balance.update_router_biases, before the
+        Called outside forward (experts.layers.update_router_biases, before the
         optimizer step) with loads already summed over the data-parallel group, so every
         rank applies the same update. Computed in float32; keep this buffer float32
         (bf16 cannot resolve small steps on a bias of order 1)."""

@@ -21,7 +21,7 @@ from typing import Dict, Union
 import torch
 from torch import nn
 
-from .moe import MoE
+from .layers import named_moe_layers
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -31,10 +31,10 @@ def router_stats(model: nn.Module) -> Dict[Union[int, str], Dict[str, torch.Tens
     with `track_stats` on. The key is the block index (the `layers.<i>.` in the module
     path), or the module path when there is none (a bare MoE layer: "moe")."""
     out = {}
-    for path, module in model.named_modules():
-        if isinstance(module, MoE) and module.stats:
+    for path, layer in named_moe_layers(model):
+        if layer.stats:
             hit = _LAYER_INDEX.search(path + ".")
-            out[int(hit.group(1)) if hit else (path or "moe")] = dict(module.stats)
+            out[int(hit.group(1)) if hit else (path or "moe")] = dict(layer.stats)
     return out
 
 

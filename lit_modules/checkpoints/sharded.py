@@ -128,8 +128,8 @@ def load_full_checkpoint(strategy, path) -> Dict:
 
     module = strategy.lightning_module
     checkpoint = load_torch_file(path)
-    if module.scale.ep > 1:
-        slice_experts(checkpoint, module.model, module.scale)
+    if module.scale_plan.ep > 1:
+        slice_experts(checkpoint, module.model, module.scale_plan)
     options = StateDictOptions(full_state_dict=True, strict=True)
     set_model_state_dict(strategy.model, checkpoint.pop("state_dict"), options=options)
     for optimizer, opt_state in zip(strategy.optimizers, checkpoint.get("optimizer_states", [])):

@@ -130,9 +130,11 @@ class RouterStats(Callback):
         self.history: Dict[int, List[torch.Tensor]] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not pl_module.moe_layers or not trainer.is_global_zero:
-            return
+        from experts.layers import moe_layers
         from experts.stats import router_stats
+
+        if not trainer.is_global_zero or not moe_layers(pl_module.model):
+            return
 
         step = trainer.global_step
         stats = router_stats(pl_module.model)

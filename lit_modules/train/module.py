@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from arch import build_model, count, materialize, recipe_to_yaml
 from arch.config import Recipe
 from arch.registry import RecipeError
+from experts.layers import clear_global_counts, precompute_global_counts, update_router_biases
 
 from lit_modules.checkpoints.training import check_checkpoint_recipe
 from lit_modules.train.optim import build_optimizer
@@ -65,10 +66,10 @@ class CausalLM(L.LightningModule):
     def __init__(self, recipe: Recipe):
         super().__init__()
         self.recipe = recipe
-        self.cfg = recipe.train
+        self.train_cfg = recipe.train
         self.automatic_optimization = False
         self.model = None  # built in configure_model
-        self.scale = ScalePlan()  # expert parallel / FSDP layout (lit_modules/train/strategy.py)
+        self.scale_plan = ScalePlan()  # expert parallel / FSDP layout (lit_modules/train/strategy.py)
         self.accounting = count(recipe.model, seq_len=recipe.train.seq_len)
         self.val_loss = MeanMetric()
         self.val_acc = MulticlassAccuracy(num_classes=recipe.model.vocab_size, average="micro",
@@ -83,32 +84,23 @@ class CausalLM(L.LightningModule):
         if self.model is not None:  # Lightning may call this hook more than once
             return
         model = build_model(self.recipe.model, "meta")
-        parallelize(model, self.cfg)
+        parallelize(model, self.train_cfg)
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         model = materialize(model, device)
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
-        self.scale = shard_model(model, self.cfg, device, precision)
+        self.scale_plan = shard_model(model, self.train_cfg, device, precision)
         # expert shards differ between ranks: DDP must neither broadcast nor average them
-        self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.scale.expert_names]
+        self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.scale_plan.expert_names]
         self.model = model
 
     def configure_optimizers(self):
-        opt, sched = build_optimizer(self.model, self.cfg.optim, self.cfg.max_steps, self.device.type)
+        opt, sched = build_optimizer(self.model, self.train_cfg.optim, self.train_cfg.max_steps, self.device.type)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    @property
-    def moe_layers(self) -> list:
-        return self.model.moe_layers if self.model is not None else []
-
-    @property
-    def global_aux_scope(self) -> bool:
-        m = self.recipe.model.moe
-        return bool(self.moe_layers) and m.balance.aux_coef > 0 and m.balance.aux_scope == "global"
 
     @property
     def tokens_per_step(self) -> int:
         """Tokens in one optimizer step over all ranks."""
-        c = self.cfg
+        c = self.train_cfg
         return c.micro_batch_size * c.grad_accum * c.seq_len * self.trainer.world_size
 
     # ------------------------------------------------------------------ train
@@ -117,20 +109,18 @@ class CausalLM(L.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         x, y = batch[:, :-1], batch[:, 1:]
-        xs, ys = x.split(self.cfg.micro_batch_size), y.split(self.cfg.micro_batch_size)
+        xs, ys = x.split(self.train_cfg.micro_batch_size), y.split(self.train_cfg.micro_batch_size)
         n = len(xs)
         # Qwen's global-batch loss needs the expert frequencies of the whole step (all
         # micro-batches, all ranks) before the first micro-batch's backward; with one
-        # micro-batch the layers all-reduce them inside the forward.
-        precompute = self.global_aux_scope and n > 1
-        if precompute:
-            from experts.balance import precompute_global_counts
-            precompute_global_counts(self.model, list(xs), group=None)
+        # micro-batch the layers all-reduce them inside the forward. False (at once)
+        # when no layer has the global scope.
+        precompute = n > 1 and precompute_global_counts(self.model, list(xs), group=None)
         sums: Dict[str, torch.Tensor] = {}
         try:
             for i, (xi, yi) in enumerate(zip(xs, ys)):
                 # gradients are all-reduced only in the last micro-batch's backward
-                self.scale.sync_grads(self.model, i == n - 1)
+                self.scale_plan.sync_grads(self.model, i == n - 1)
                 with opt.toggle_model(sync_grad=(i == n - 1)):
                     out = self.model(xi, targets=yi, return_logits=False)
                     loss = out.loss + sum(out.aux.values())
@@ -140,17 +130,14 @@ class CausalLM(L.LightningModule):
                     sums[name] = sums[name] + v if name in sums else v
         finally:
             if precompute:
-                from experts.balance import clear_global_counts
                 clear_global_counts(self.model)
 
-        self.scale.finish_grads(self.model)
+        self.scale_plan.finish_grads(self.model)
         grad_norm = self._clip_gradients()
         # One host sync per step: never apply an update computed from a non-finite loss.
         if not bool(torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)):
             raise NonFiniteLoss(self.global_step + 1, float(sums["loss"]), float(grad_norm))
-        if self.moe_layers:
-            from experts.balance import update_router_biases
-            update_router_biases(self.model, group=None)
+        update_router_biases(self.model, group=None)  # a no-op without a router bias rate
         lr = sched.get_last_lr()[0]
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -158,7 +145,7 @@ class CausalLM(L.LightningModule):
 
         self.log("loss", sums["loss"], prog_bar=True, logger=False)
         step = self.global_step  # updates done, this one included
-        if step % self.cfg.log_every == 0 or step >= self.cfg.max_steps:
+        if step % self.train_cfg.log_every == 0 or step >= self.train_cfg.max_steps:
             # the mean over ranks: the loss of the global batch (a collective, at the same
             # steps on every rank)
             names = list(sums)
@@ -172,7 +159,7 @@ class CausalLM(L.LightningModule):
     def _clip_gradients(self) -> torch.Tensor:
         """Total gradient norm before clipping (gradients already reduced over ranks);
         clips to train.grad_clip when it is > 0."""
-        return self.scale.clip(self.model, self.cfg.grad_clip)
+        return self.scale_plan.clip(self.model, self.train_cfg.grad_clip)
 
     def log_scalars(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
         """Write scalars to every logger at `step` (default: the optimizer step)."""
@@ -207,18 +194,19 @@ class CausalLM(L.LightningModule):
         # the interop code reads the architecture from here, and resume checks it
         checkpoint["moelab_recipe"] = recipe_to_yaml(self.recipe)
         checkpoint["moelab_records"] = {"last_train": self.last_train, "val_history": self.val_history}
-        if self.scale.ep > 1:  # whole experts in the file: loadable at any EP size
+        if self.scale_plan.ep > 1:  # whole experts in the file: loadable at any EP size
             from lit_modules.checkpoints.sharded import gather_experts
 
             opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
-            gather_experts(checkpoint, self.model, self.scale, opt if isinstance(opt, torch.optim.Optimizer) else None)
+            opt = opt if isinstance(opt, torch.optim.Optimizer) else None
+            gather_experts(checkpoint, self.model, self.scale_plan, opt)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_recipe(checkpoint, self.recipe, "the checkpoint being resumed")
-        if self.scale.ep > 1:
+        if self.scale_plan.ep > 1:
             from lit_modules.checkpoints.sharded import slice_experts
 
-            slice_experts(checkpoint, self.model, self.scale)
+            slice_experts(checkpoint, self.model, self.scale_plan)
         records = checkpoint.get("moelab_records", {})
         self.last_train = dict(records.get("last_train", {}))
         self.val_history = list(records.get("val_history", []))

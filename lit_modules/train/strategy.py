@@ -8,7 +8,8 @@ Strategies (`train.strategy`; `STRATEGIES` maps each to what `Trainer(strategy=)
   model_parallel  the same strategy as fsdp (the name Lightning uses).
 `train.expert_parallel = EP > 1` works with ddp and fsdp: the ranks form a
 (data_parallel = world / EP) x (expert = EP) mesh; each MoE layer keeps E / EP
-experts (experts/parallel.py), exchanged by all-to-all inside each expert group.
+experts (experts/layers.py shard_experts), exchanged by all-to-all inside each
+expert group (experts/parallel.py).
 Expert shards differ between ranks, so neither DDP nor FSDP may average them: they are
 left out of both (DDP's ignore list, fully_shard's ignored_params) and
 `ScalePlan.finish_grads` averages them over the ranks that hold the same shard.
@@ -39,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from arch.config import TrainConfig
 from arch.ranges import require_numbers
 from arch.registry import RecipeError, nearest
-from experts.parallel import check_expert_parallel
+from experts.layers import check_expert_parallel
 
 def _auto(train: TrainConfig) -> Any:
     return "auto"
@@ -173,7 +174,7 @@ class ScalePlan:
         """After the last backward of a step: average the expert shards' gradients (DDP
         and FSDP average everything else)."""
         if self.ep > 1:
-            from experts.parallel import reduce_expert_grads
+            from experts.layers import reduce_expert_grads
 
             reduce_expert_grads(model, self.world, self.edp_group)
 
@@ -220,7 +221,7 @@ def shard_model(model: nn.Module, train: TrainConfig, device: torch.device,
         if world % ep != 0:
             raise RecipeError(f"train.expert_parallel = {ep} does not divide the {world} processes; choose "
                               f"an expert_parallel size that divides the number of devices.")
-        from experts.parallel import shard_experts
+        from experts.layers import shard_experts
 
         mesh = _mesh(device.type, world, ep)
         plan.ep_group = mesh["expert"].get_group()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experts.balance import update_router_biases
+from experts.layers import update_router_biases
 from experts.stats import expert_load, router_stats
 from moe_helpers import D_MODEL, make_moe
 

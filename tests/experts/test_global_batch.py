@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import free_port, init_gloo, tiny_model
-from experts.balance import clear_global_counts, precompute_global_counts, update_router_biases
+from experts.layers import clear_global_counts, precompute_global_counts, update_router_biases
 
 OVERRIDES = ("model.moe.balance.aux_scope=global", "model.moe.balance.aux_coef=0.1",
              "model.moe.router.bias_update_rate=0.01", "model.n_layers=2")

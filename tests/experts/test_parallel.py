@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 
 from conftest import free_port, init_gloo, tiny_model
 from moe_helpers import GLOBAL_BALANCE, rel_err
-from experts.balance import update_router_biases
-from experts.parallel import check_expert_parallel, reduce_expert_grads, shard_experts
+from experts.layers import update_router_biases
+from experts.layers import check_expert_parallel, reduce_expert_grads, shard_experts
 
 WORLD, N_TOK, SEQ = 2, 24, 12
 MODEL = GLOBAL_BALANCE

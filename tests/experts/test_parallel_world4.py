@@ -10,7 +10,7 @@ with train.expert_parallel = 2 in a world of 4):
 
 A whole tiny MoE model (global-batch aux loss, router bias update) with a quarter of
 the batch per rank, its replicated gradients averaged over the world as DDP does and
-its expert gradients by `ScalePlan.finish_grads` (experts.parallel.reduce_expert_grads
+its expert gradients by `ScalePlan.finish_grads` (experts.layers.reduce_expert_grads
 over the expert-data-parallel group), gives the single-process loss, every gradient
 and the gradient norm (relative error < 1e-5) and bit-identical router biases. Every
 rank sends unequal numbers of rows to the two ranks of its EP group, and gathering a
@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from arch.config import TrainConfig
 from conftest import free_port, init_gloo, tiny_model
 from moe_helpers import GLOBAL_BALANCE, rel_err
-from experts.balance import update_router_biases
+from experts.layers import update_router_biases
 from experts.parallel import gather_expert_shard
 from lit_modules.train.strategy import shard_model
 

@@ -1,0 +1,162 @@
+"""Everything that walks a model's MoE layers: list them, the balancing steps of the
+training loop, and expert parallelism applied to a model. Any wrapper around the
+layers works (a LightningModule, DDP, a compiled block).
+
+Balancing (the per-layer counts live in experts/balance.py, which sketches the step):
+  precompute_global_counts / clear_global_counts   f^G of the global-batch loss when
+                                                   a step has several micro-batches
+  update_router_biases                             aux-loss-free bias step, before
+                                                   optimizer.step()
+  set_dp_group                                     the group both sum over
+Expert parallelism (the collectives are in experts/parallel.py):
+  shard_experts, is_expert_shard, expert_shards, reduce_expert_grads,
+  check_expert_parallel
+
+The balancing steps are collective under data parallelism: call them on every rank,
+at the same point of the step. With grad_accum = 1 no precompute is needed: the
+layers all-reduce their counts inside the training forward.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from arch.registry import RecipeError
+
+from .moe import MoE
+from .parallel import ExpertParallel, all_reduce_sum, average_shard_grads, group_rank, group_size
+
+
+def named_moe_layers(model: nn.Module) -> List[Tuple[str, MoE]]:
+    """(module path, layer) for every MoE layer of `model`, in module order."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def moe_layers(model: nn.Module) -> List[MoE]:
+    """The MoE layers of `model`, in module order."""
+    return [m for _, m in named_moe_layers(model)]
+
+
+def set_dp_group(model: nn.Module, group) -> None:
+    """The data-parallel group the layers reduce counts over (None: the world)."""
+    for layer in moe_layers(model):
+        layer.balance.dp_group = group
+
+
+# ------------------------------------------------------------------ balancing
+
+
+@torch.no_grad()
+def precompute_global_counts(model: nn.Module, micro_batches: Iterable[torch.Tensor], group=None) -> bool:
+    """Count expert selections over one optimizer step's micro-batches (input ids
+    (B, T) each, on the model's device), sum them over the data-parallel `group`
+    (None: each layer's `balance.dp_group`, itself None = the world) and store them
+    on the layers, whose training forwards then use them as f^G of the global-batch
+    loss.
+
+    Cost: one extra no-grad forward over the step's tokens, paid only when some layer
+    has aux_scope global with aux_coef > 0 (otherwise this returns False at once, and
+    it is not needed at all with grad_accum = 1). The counts are exact when the
+    training forwards route as this one does: router jitter (or anything random
+    before the routers) makes them an approximation. Clear them after the optimizer
+    step with `clear_global_counts`."""
+    layers = [m for m in moe_layers(model)
+              if m.cfg.balance.aux_scope == "global" and m.cfg.balance.aux_coef > 0]
+    if not layers:
+        return False
+    for layer in layers:
+        layer.balance.start_counting()
+    try:
+        for ids in micro_batches:
+            model(ids, return_logits=False)  # the head is not needed to count experts
+    finally:
+        counted = [layer.balance.stop_counting() for layer in layers]
+    if counted[0] is None or counted[0][1] == 0:
+        raise ValueError("precompute_global_counts got no micro-batches; pass the step's input ids.")
+    # one collective for all layers: rows = layers, columns = experts + token count
+    rows = [torch.cat([c, torch.full((1,), n, dtype=torch.long, device=c.device)]) for c, n in counted]
+    table = all_reduce_sum(torch.stack(rows), group if group is not None else layers[0].balance.dp_group)
+    for layer, row in zip(layers, table):
+        layer.balance.set_step_counts(row[:-1], row[-1])
+    return True
+
+
+def clear_global_counts(model: nn.Module) -> None:
+    """Forget the counts of `precompute_global_counts` (call after the optimizer step)."""
+    for layer in moe_layers(model):
+        layer.balance.clear_step_counts()
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module, group=None) -> Optional[torch.Tensor]:
+    """Aux-loss-free balancing step for every layer whose router has a
+    bias_update_rate: sum the selections counted since the last call (training
+    forwards only) over the data-parallel `group` (None: each layer's
+    `balance.dp_group`), move each bias by rate * sign(mean load - load), and reset
+    the counts.
+
+    Call before optimizer.step(), on every rank. Returns the (layers, E) loads used,
+    or None when no router has a bias rate. Every rank gets the same summed loads and
+    so the same biases. Activation checkpointing re-runs forwards and counts each
+    token twice; that scales every load alike, which a sign update ignores."""
+    layers = [m for m in moe_layers(model) if m.router.bias_update_rate > 0]
+    if not layers:
+        return None
+    loads = [layer.balance.take_loads(layer.router.expert_bias.device) for layer in layers]
+    loads_LE = all_reduce_sum(torch.stack(loads), group if group is not None else layers[0].balance.dp_group)
+    for layer, load_E in zip(layers, loads_LE):
+        layer.router.update_bias(load_E)
+    return loads_LE
+
+
+# ------------------------------------------------------------------ expert parallel
+
+
+def check_expert_parallel(n_experts: int, ep: int) -> None:
+    if ep < 1 or n_experts % ep != 0:
+        raise RecipeError(f"model.moe.n_experts = {n_experts} is not divisible by train.expert_parallel = {ep}; "
+                         f"choose an expert_parallel size that divides the number of experts.")
+
+
+@torch.no_grad()
+def shard_experts(model: nn.Module, group) -> List[str]:
+    """Keep only this rank's contiguous slice of every MoE layer's w_in / w_out (the
+    full weights must already hold their values: every rank slices the same
+    initialisation, so EP starts from the single-process model) and make each
+    layer's backend the all-to-all exchange over `group` (None: the world) around
+    it. Returns the names (relative to `model`) of the sharded parameters."""
+    ep, rank = group_size(group), group_rank(group)
+    for layer in moe_layers(model):
+        check_expert_parallel(layer.n_experts, ep)
+        n = layer.n_experts // ep
+        layer.w_in = nn.Parameter(layer.w_in[rank * n:(rank + 1) * n].clone())
+        layer.w_out = nn.Parameter(layer.w_out[rank * n:(rank + 1) * n].clone())
+        layer.backend = ExpertParallel(layer.backend, group)
+    return [name for name, _ in model.named_parameters() if is_expert_shard(model, name)]
+
+
+def _is_sharded(layer: MoE) -> bool:
+    return isinstance(layer.backend, ExpertParallel)
+
+
+def is_expert_shard(model: nn.Module, name: str) -> bool:
+    """Whether parameter `name` of `model` is an expert-parallel shard."""
+    module_name, _, leaf = name.rpartition(".")
+    if leaf not in ("w_in", "w_out"):
+        return False
+    layer = model.get_submodule(module_name)
+    return isinstance(layer, MoE) and _is_sharded(layer)
+
+
+def expert_shards(model: nn.Module) -> List[nn.Parameter]:
+    """The expert-parallel shards of `model` (w_in, w_out of every sharded layer)."""
+    return [p for layer in moe_layers(model) if _is_sharded(layer) for p in (layer.w_in, layer.w_out)]
+
+
+def reduce_expert_grads(model: nn.Module, world_size: int, group=None) -> None:
+    """Average the gradients of `model`'s expert shards over the data-parallel ranks
+    (experts.parallel.average_shard_grads: `group` is the expert-data-parallel group,
+    None when EP covers the world; `world_size` the number of ranks with own data)."""
+    average_shard_grads(expert_shards(model), world_size, group)
