@@ -133,7 +133,7 @@ def shard_experts(model: nn.Module, group) -> List[str]:
         n = layer.n_experts // ep
         layer.w_in = nn.Parameter(layer.w_in[rank * n:(rank + 1) * n].clone())
         layer.w_out = nn.Parameter(layer.w_out[rank * n:(rank + 1) * n].clone())
-        layer.backend = ExpertParallel(layer.backend, group)
+        layer.backend = ExpertParallel(layer.backend, group, layer.cfg.capacity_factor, layer.top_k)
     return [name for name, _ in model.named_parameters() if is_expert_shard(model, name)]
 
 

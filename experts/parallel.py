@@ -30,7 +30,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from .dispatch import _GatherRows
+from .dispatch import _GatherRows, expert_capacity
 
 
 def is_distributed() -> bool:
@@ -116,16 +116,73 @@ def expert_parallel(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tenso
     return torch.cat([y_kept, y_kept.new_zeros(x_SD.shape[0] - n_kept, y_kept.shape[1])])
 
 
+def _all_to_all_equal(x: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable all-to-all with equal splits: no split sizes to read on the host,
+    and traceable by torch.compile (functional collectives)."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    return all_to_all_single_autograd(x.contiguous(), None, None, group if group is not None else dist.group.WORLD)
+
+
+def expert_parallel_capacity(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tensor,
+                             w_in_LID: torch.Tensor, w_out_LDF: torch.Tensor, kind: str, group,
+                             capacity: int) -> torch.Tensor:
+    """`expert_parallel` for capacity-bounded dispatch, with static shapes: no host
+    sync, and the whole exchange compiles with the block.
+
+    Every expert keeps at most `capacity` rows (dispatch with that capacity), so each
+    expert's rows are padded to exactly `capacity`: every rank sends E_local x C rows to
+    every rank, equal splits known without reading the counts. Each local expert
+    computes its EP x C rows (padding rows are zeros, and their outputs are never
+    read), and the same exchange brings the outputs back.
+
+        sorted rows -> (E, C, D) = (ep, E_local, C, D) -> all-to-all -> (ep_src, E_local, C, D)
+        -> (E_local, ep_src x C, D) -> backend -> the same way back -> sorted rows
+
+    Traffic and expert compute are those of E x C rows per rank (capacity_factor x
+    the routed rows), the price of static shapes. Every rank must use the same
+    capacity, i.e. the same number of tokens per micro-batch (training batches are)."""
+    ep = group_size(group)
+    S, D = x_SD.shape
+    E, C = counts_E.numel(), capacity
+    L = E // ep
+    dev = x_SD.device
+    first_E = counts_E.cumsum(0) - counts_E
+    slot_C = torch.arange(C, device=dev)
+    # padded slot (e, c) holds sorted row first_E[e] + c, or the zero row S past the expert's rows
+    src_EC = torch.where(slot_C < counts_E[:, None], first_E[:, None] + slot_C, S)
+    x_pad = torch.cat([x_SD, x_SD.new_zeros(1, D)])[src_EC.reshape(-1)]
+    x_recv = _all_to_all_equal(x_pad, group)  # (ep_src, L, C, D), flat
+    x_local = x_recv.view(ep, L, C, D).transpose(0, 1).reshape(L * ep * C, D)
+    rows_L = torch.full((L,), ep * C, dtype=counts_E.dtype, device=dev)
+    y_local = backend(x_local, rows_L, w_in_LID, w_out_LDF, kind)
+    y_pad = _all_to_all_equal(y_local.view(L, ep, C, -1).transpose(0, 1).reshape(E * C, -1), group)
+    # sorted row r of expert e is slot r - first_E[e]; dropped rows (past the kept ones)
+    # read some slot: their values are unspecified, as the backend contract allows
+    row_S = torch.arange(S, device=dev)
+    e_S = torch.bucketize(row_S, counts_E.cumsum(0), right=True).clamp(max=E - 1)
+    return y_pad[e_S * C + (row_S - first_E[e_S]).clamp(0, C - 1)]
+
+
 class ExpertParallel:
     """An expert backend with the experts spread over `group`: what
     `experts.layers.shard_experts` makes a layer's `backend`, so that the layer's
-    forward calls one expert compute whether or not it is sharded."""
+    forward calls one expert compute whether or not it is sharded. Dropless layers
+    exchange exactly their rows (`expert_parallel`, one host sync for the split
+    sizes); with a capacity factor the exchange has static shapes
+    (`expert_parallel_capacity`, no host sync)."""
 
-    def __init__(self, backend: Callable, group):
+    def __init__(self, backend: Callable, group, capacity_factor: Optional[float] = None, top_k: int = 1):
         self.backend, self.group = backend, group
+        self.capacity_factor, self.top_k = capacity_factor, top_k
 
     def __call__(self, x_SD, counts_E, w_in_LID, w_out_LDF, kind: str) -> torch.Tensor:
-        return expert_parallel(self.backend, x_SD, counts_E, w_in_LID, w_out_LDF, kind, self.group)
+        if self.capacity_factor is None:
+            return expert_parallel(self.backend, x_SD, counts_E, w_in_LID, w_out_LDF, kind, self.group)
+        # the capacity dispatch used: the same function on the same numbers
+        capacity = expert_capacity(x_SD.shape[0] // self.top_k, self.top_k, counts_E.numel(), self.capacity_factor)
+        return expert_parallel_capacity(self.backend, x_SD, counts_E, w_in_LID, w_out_LDF, kind, self.group,
+                                        capacity)
 
 
 def group_rank(group) -> int:
