@@ -22,7 +22,7 @@ from torch import nn
 
 from experts.parallel import gather_expert_shard
 
-from lit_modules.checkpoints.training import load_torch_file
+from lit_modules.checkpoints.training import read_checkpoint
 
 
 def optimizer_param_names(model: nn.Module) -> List[str]:
@@ -133,7 +133,7 @@ def load_full_checkpoint(strategy, path) -> Dict:
                                                          set_optimizer_state_dict)
 
     module = strategy.lightning_module
-    checkpoint = load_torch_file(path)
+    checkpoint = read_checkpoint(path)
     if module.scale.ep > 1:
         slice_experts(checkpoint, module.model, module.scale)
     options = StateDictOptions(full_state_dict=True, strict=True)

@@ -18,6 +18,7 @@ RECIPE = "proxies/qwen3_moe_tiny"
     ("train.devices=0", "train.devices = 0"),
     ("train.num_nodes=0", "train.num_nodes = 0"),
     ("train.max_steps=0", "train.max_steps = 0"),
+    ("train.checkpoint_format=shards", "train.checkpoint_format = 'shards' is not a checkpoint format (did you mean"),
 ])
 def test_train_settings_fail_in_one_sentence(override, words):
     with pytest.raises(RecipeError) as exc:
