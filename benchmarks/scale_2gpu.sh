@@ -10,17 +10,10 @@
 #
 #   bash benchmarks/scale_2gpu.sh [a.b=c ...]      # overrides go to every run
 #
-# Budget: under 5 minutes on 2 x H200 without the checkpoint runs (4 runs of ~1 minute:
-# start-up, data cache on the first run only, 30 steps, the final checkpoint, deleted
-# after each run to spare the disk). COMPILE=true compiles the blocks (faster steps,
-# slower start). Tables printed last, also written to $RUNS/scale.md.
-#
-# Checkpoints (CKPT=0 skips them): the FSDP2 + EP=2 run in both train.checkpoint_format
-# values, full (rank 0 writes one file, experts and FSDP shards gathered) and sharded
-# (every rank writes its own shards), each followed by a run resumed from its
-# checkpoint for one more step: save seconds (the save at the end of the run), load
-# seconds (restoring it in the resumed run) and size, from summary.json. Three more
-# runs of about a minute.
+# Budget: under 5 minutes on 2 x H200 (4 runs of ~1 minute: start-up, data cache on the
+# first run only, 30 steps, the final checkpoint, deleted after each run to spare the
+# disk). COMPILE=true compiles the blocks (faster steps, slower start). Table printed
+# last, also written to $RUNS/scale.md.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -30,7 +23,6 @@ PY=${PYTHON:-python3}
 RUNS=${RUNS:-runs/scale2-$(date +%Y%m%d-%H%M%S)}
 STEPS=${STEPS:-30}
 COMPILE=${COMPILE:-false}
-CKPT=${CKPT:-1}
 COMMON=("train.run_dir=$RUNS" "train.max_steps=$STEPS" "train.log_every=1" "train.val_every=0"
         "train.ckpt_every=0" "train.compile=$COMPILE" "train.seq_len=2048" "train.micro_batch_size=4"
         "data.source=stdlib" "data.max_chars=4000000")
@@ -41,25 +33,14 @@ run() {  # name, extra overrides...
     local t0=$SECONDS
     "$PY" -m lit_modules.cli train proxies/qwen3_moe_w2 "${COMMON[@]}" "train.run_name=$name" "$@" \
         || echo "($name failed)"
-    du -sbL "$RUNS/$name/checkpoints/last."* 2>/dev/null | cut -f1 > "$RUNS/$name/checkpoint_bytes"
-    # 5.9 GB each with AdamW state; KEEP=1 keeps them for a resumed run
-    [ "${KEEP:-0}" = 1 ] || rm -rf "$RUNS/$name/checkpoints"
+    rm -rf "$RUNS/$name/checkpoints"  # 5.9 GB each with AdamW state; not needed here
     echo "($name took $((SECONDS - t0)) s)"
 }
 
 run gpu1      train.strategy=auto train.devices=1 train.grad_accum=2 "$@"
 run ddp2      train.strategy=ddp  train.devices=2 train.grad_accum=1 "$@"
 run fsdp2     train.strategy=fsdp train.devices=2 train.grad_accum=1 "$@"
-EP2=(train.strategy=fsdp train.devices=2 train.grad_accum=1 train.expert_parallel=2)
-KEEP=$CKPT run fsdp2_ep2 "${EP2[@]}" "$@"
-if [ "$CKPT" = 1 ]; then
-    run fsdp2_ep2_resumed "${EP2[@]}" "train.max_steps=$((STEPS + 1))" "resume=$RUNS/fsdp2_ep2" "$@"
-    rm -rf "$RUNS/fsdp2_ep2/checkpoints"
-    KEEP=1 run fsdp2_ep2_sharded "${EP2[@]}" train.checkpoint_format=sharded "$@"
-    run fsdp2_ep2_sharded_resumed "${EP2[@]}" train.checkpoint_format=sharded "train.max_steps=$((STEPS + 1))" \
-        "resume=$RUNS/fsdp2_ep2_sharded" "$@"
-    rm -rf "$RUNS/fsdp2_ep2_sharded/checkpoints"
-fi
+run fsdp2_ep2 train.strategy=fsdp train.devices=2 train.grad_accum=1 train.expert_parallel=2 "$@"
 
 "$PY" - "$RUNS" <<'PYEOF'
 import json, sys
@@ -86,21 +67,6 @@ for name, label, gpus in (("gpu1", "auto (1 GPU)", 1), ("ddp2", "ddp", 2), ("fsd
                 else f"| {label} | {gpus} | - | - | - |")
 table = "\n".join(["| strategy | GPUs | tokens/s per GPU | vs 1 GPU | first-step loss |",
                    "|---|---|---|---|---|", *rows])
-ckpt_rows = []
-for name, label in (("fsdp2_ep2", "full (rank 0, gathered)"), ("fsdp2_ep2_sharded", "sharded (every rank)")):
-    saved, resumed = runs / name / "summary.json", runs / f"{name}_resumed" / "summary.json"
-    if not (saved.exists() and resumed.exists()):
-        continue
-    s, r = json.loads(saved.read_text()), json.loads(resumed.read_text())
-    size = (runs / name / "checkpoint_bytes").read_text().strip() if (runs / name / "checkpoint_bytes").exists() else ""
-    load = r.get("checkpoint_load_seconds")
-    gb = int(size) / 1e9 if size else None
-    shown = "-" if gb is None else (f"{gb:.2f} GB" if gb >= 0.1 else f"{gb * 1e3:.1f} MB")
-    ckpt_rows.append(f"| {label} | {s['checkpoint_save_seconds']:.1f} | "
-                     f"{'-' if load is None else f'{load:.1f}'} | {shown} |")
-if ckpt_rows:
-    table += "\n\n" + "\n".join(["| checkpoint, fsdp + EP=2 on 2 GPUs | save s | load s (resume) | size |",
-                                  "|---|---|---|---|", *ckpt_rows])
 (runs / "scale.md").write_text(table + "\n")
 print(table)
 PYEOF
