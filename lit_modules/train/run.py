@@ -313,7 +313,7 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
         times = ""
         if summary["checkpoint_saves"]:
             times = (f" ({t.checkpoint_format}: {summary['checkpoint_saves']} saves in "
-                     f"{summary['checkpoint_save_seconds']:.2f} s")
+                     f"{summary['checkpoint_seconds']:.2f} s")
             times += (f", restored in {summary['checkpoint_load_seconds']:.2f} s)"
                       if summary["checkpoint_load_seconds"] is not None else ")")
         runlog.say(f"moelab train: checkpoint {summary['checkpoint']}{times}; summary "
@@ -369,7 +369,7 @@ def _summary(recipe, run_dir, module, trainer, throughput, ckpt, resume, wall) -
         "resumed_from": str(resume) if resume else None,
         "checkpoint_format": recipe.train.checkpoint_format,
         "checkpoint_saves": ckpt.saves,
-        "checkpoint_save_seconds": ckpt.seconds,  # all saves of this process, rank 0's wait included
+        "checkpoint_seconds": ckpt.seconds,  # saving, all saves of this run (rank 0's, waits included)
         "checkpoint_load_seconds": ckpt.load_seconds,  # restoring the resumed checkpoint; None if not resumed
         "params_total": acc.params_total,
         "params_active": acc.params_active,

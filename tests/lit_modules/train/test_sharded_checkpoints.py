@@ -48,7 +48,7 @@ def test_every_rank_writes_its_shards(saved):
     assert (marker["step"], marker["world_size"], marker["expert_parallel"]) == (3, 2, 2)
     summary = json.loads((ep2 / "summary.json").read_text())
     assert summary["checkpoint_format"] == "sharded" and summary["checkpoint_saves"] == 2
-    assert summary["checkpoint_save_seconds"] > 0 and summary["checkpoint_load_seconds"] is None
+    assert summary["checkpoint_seconds"] > 0 and summary["checkpoint_load_seconds"] is None
 
 
 @pytest.mark.slow
