@@ -204,6 +204,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500  # 0: only at the end; -1: never (benchmarks)
     keep_checkpoints: int = 3  # periodic checkpoints kept besides last.ckpt; 0 = all
+    checkpoint_format: str = "full"  # full: one file (rank 0); sharded: a folder, each rank writes its shards
     expert_image_every: int = 100
     # > 0: torch.profiler records this many optimizer steps after 5 warm-up steps;
     # per-rank kernel tables and rank 0's trace go to <run>/profile/

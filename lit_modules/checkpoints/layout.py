@@ -5,7 +5,9 @@
         tokenizer.json       the tokenizer the run trains with
         train.log            header, a line per logging step, validation, checkpoints
         tb/                  TensorBoard event files
-        checkpoints/         stepNNNNNNNN.ckpt (the newest train.keep_checkpoints) + last.ckpt
+        checkpoints/         stepNNNNNNNN.ckpt (the newest train.keep_checkpoints) + last.ckpt;
+                             with train.checkpoint_format=sharded, folders stepNNNNNNNN.dcp/
+                             (lit_modules.checkpoints.distributed) + last.dcp, a symlink
         summary.json         written at the end
         .lock                held by the running process (RunLock)
 
@@ -42,6 +44,15 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 LOCK_FILE = ".lock"
 
+# train.checkpoint_format: "full" writes stepNNNNNNNN.ckpt files, "sharded" folders
+CHECKPOINT_FORMATS = ("full", "sharded")
+SHARDED_SUFFIX = ".dcp"
+LAST_SHARDED = "last.dcp"  # a relative symlink to the newest sharded step folder
+# inside a sharded checkpoint folder, besides torch.distributed.checkpoint's own files
+SHARDED_TRAINER_FILE = "trainer.pt"  # everything but the tensors (rank 0, plain data)
+SHARDED_COMPLETE_FILE = "complete.json"  # written last: a folder without it is not a checkpoint
+DCP_INDEX_FILE = ".metadata"  # torch.distributed.checkpoint's index of the tensor chunks
+
 
 def checkpoint_dir(run_dir) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR
@@ -51,21 +62,72 @@ def is_run_dir(path) -> bool:
     return checkpoint_dir(path).is_dir()
 
 
-def step_name(step: int) -> str:
-    return f"step{step:08d}.ckpt"
+def step_name(step: int, sharded: bool = False) -> str:
+    return f"step{step:08d}{SHARDED_SUFFIX if sharded else '.ckpt'}"
+
+
+def is_sharded_checkpoint(path) -> bool:
+    """A complete sharded checkpoint folder: named .dcp and holding its completion
+    marker. It is written under another name (`partial_path`) and renamed only after
+    the marker, its last file, so neither a partial folder nor one that lacks the
+    marker (copied half-way, or not moelab's) is one."""
+    path = Path(path)
+    return is_sharded_name(path) and path.is_dir() and (path / SHARDED_COMPLETE_FILE).is_file()
+
+
+def is_sharded_name(path) -> bool:
+    """Whether a checkpoint path names a sharded checkpoint (a folder) rather than a file."""
+    return Path(path).suffix == SHARDED_SUFFIX
+
+
+def looks_sharded(path) -> bool:
+    """A folder meant as a sharded checkpoint, complete or not: named .dcp, or holding
+    a torch.distributed.checkpoint index."""
+    path = Path(path)
+    return path.is_dir() and (is_sharded_name(path) or (path / DCP_INDEX_FILE).is_file())
+
+
+def is_checkpoint(path) -> bool:
+    """A checkpoint file or a complete sharded checkpoint folder."""
+    path = Path(path)
+    return path.is_file() or is_sharded_checkpoint(path)
+
+
+def partial_path(path) -> Path:
+    """Where the sharded checkpoint `path` is written before it is renamed into place."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
+def stale_partials(ckpt_dir) -> list:
+    """What killed writers leave behind: temporary files and partial folders."""
+    ckpt_dir = Path(ckpt_dir)
+    return sorted(list(ckpt_dir.glob(".*.tmp-*")) + list(ckpt_dir.glob(f".*{SHARDED_SUFFIX}.partial")))
+
+
+def _written(path: Path) -> float:
+    """When a checkpoint was completed (a folder's marker is its last file)."""
+    marker = path / SHARDED_COMPLETE_FILE
+    return (marker if marker.is_file() else path).stat().st_mtime
 
 
 def step_files(ckpt_dir) -> list:
-    """The step files in a checkpoints/ folder, oldest step first."""
-    return sorted(Path(ckpt_dir).glob("step[0-9]*.ckpt"))
+    """The step checkpoints in a checkpoints/ folder, files and complete sharded
+    folders alike, oldest step first."""
+    found = [p for p in Path(ckpt_dir).glob("step[0-9]*")
+             if p.stem[4:].isdigit() and ((p.suffix == ".ckpt" and p.is_file())
+                                          or (p.suffix == SHARDED_SUFFIX and is_sharded_checkpoint(p)))]
+    return sorted(found, key=lambda p: (int(p.stem[4:]), _written(p)))
 
 
 def last_checkpoint(run_dir) -> Optional[Path]:
-    """checkpoints/last.ckpt, else the step file of the highest step, else None."""
-    last = checkpoint_dir(run_dir) / LAST_CHECKPOINT
-    if last.is_file():
-        return last
-    steps = step_files(checkpoint_dir(run_dir))
+    """checkpoints/last.ckpt or last.dcp (the newer, should a run have changed
+    train.checkpoint_format), else the step checkpoint of the highest step, else None."""
+    d = checkpoint_dir(run_dir)
+    lasts = [p for p in (d / LAST_CHECKPOINT, d / LAST_SHARDED) if is_checkpoint(p)]
+    if lasts:
+        return max(lasts, key=_written)
+    steps = step_files(d)
     return steps[-1] if steps else None
 
 

@@ -8,11 +8,13 @@ A moelab model directory:
                                      index format: {"metadata": {...}, "weight_map": {...}})
     tokenizer.json                   optional
 
-Everything that reads a model accepts three sources (`open_checkpoint`): such a
+Everything that reads a model accepts four sources (`open_checkpoint`): such a
 directory, a Lightning training checkpoint (.ckpt: the recipe YAML under
-"moelab_recipe", weights under "state_dict" prefixed "model."), or a run directory
-(its checkpoints/last.ckpt). Reading streams: the model is built on the meta device
-and each tensor is placed as it is read, so loading needs the model's size once.
+"moelab_recipe", weights under "state_dict" prefixed "model."), a sharded training
+checkpoint folder (.dcp, lit_modules.checkpoints.distributed: consolidated here, on one
+process, whatever layout wrote it), or a run directory (its newest checkpoint, either
+form). Reading streams: the model is built on the meta device and each tensor is
+placed as it is read, so loading needs the model's size once.
 Writing goes to a sibling ".partial" directory renamed into place at the end, so an
 interrupted write never leaves a half-written model directory behind.
 """
@@ -133,18 +135,30 @@ def run_checkpoint(run_dir: Path) -> Path:
     found = layout.last_checkpoint(run_dir)
     if found is None:
         raise CheckpointError(f"run directory {run_dir} has no {layout.CHECKPOINT_DIR}/{layout.LAST_CHECKPOINT} "
-                              f"(nor any step checkpoint); train until a checkpoint is written, or give the "
-                              f".ckpt path.")
+                              f"or {layout.LAST_SHARDED} (nor any step checkpoint); train until a checkpoint is "
+                              f"written, or give the checkpoint's path.")
     return found
+
+
+def sharded_source(path: Path) -> Tuple[Recipe, TensorSource]:
+    """The recipe and the whole weights of a sharded training checkpoint folder."""
+    from lit_modules.checkpoints.distributed import read_header, read_tensors, tensor_shapes
+
+    recipe = recipe_from_yaml(read_header(path)["moelab_recipe"], str(path))
+    src = TensorSource(lambda: {k2: v for k, v in tensor_shapes(path).items() if (k2 := _strip(k)) is not None},
+                       lambda: ((k2, t) for k, t in read_tensors(path) if (k2 := _strip(k)) is not None))
+    return recipe, src
 
 
 def open_checkpoint(path) -> Tuple[Recipe, TensorSource, Optional[Path]]:
     """(recipe, tensor source, tokenizer.json or None) for a model directory, a
-    Lightning .ckpt or a run directory."""
+    Lightning .ckpt, a sharded checkpoint folder or a run directory."""
     path = Path(path)
     run_dir = None
     if path.is_dir() and layout.is_run_dir(path):  # a run directory (it has a recipe.yaml too)
         run_dir, path = path, run_checkpoint(path)
+    elif layout.looks_sharded(path):
+        pass  # below, with the sharded checkpoints of run directories
     elif path.is_dir() and (path / RECIPE_FILE).is_file():
         tok = path / TOKENIZER_FILE
         return load_recipe(path / RECIPE_FILE), safetensors_source(path), tok if tok.is_file() else None
@@ -157,11 +171,14 @@ def open_checkpoint(path) -> Tuple[Recipe, TensorSource, Optional[Path]]:
         state = {k2: v for k, v in ckpt["state_dict"].items() if (k2 := _strip(k)) is not None}
         tok = _find_tokenizer([run_dir, path.parent, path.parent.parent])
         return recipe, dict_source(state), tok
+    if layout.looks_sharded(path):
+        recipe, src = sharded_source(path)
+        return recipe, src, _find_tokenizer([run_dir, path.parent, path.parent.parent])
     if path.is_dir() and (path / "config.json").is_file():
         raise CheckpointError(f"{path} is a Hugging Face directory, not a moelab checkpoint; "
                               f"run `moelab import-hf {path} OUT_DIR` first.")
     raise CheckpointError(f"{path} is not a moelab checkpoint: give a model directory (with {RECIPE_FILE}), "
-                          "a .ckpt file or a run directory (with checkpoints/).")
+                          "a .ckpt file, a sharded checkpoint folder (.dcp) or a run directory (with checkpoints/).")
 
 
 def _find_tokenizer(folders) -> Optional[Path]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from experts.parallel import gather_expert_shard
 
-from lit_modules.checkpoints.training import load_torch_file
+from lit_modules.checkpoints.training import read_checkpoint
 
 
 def optimizer_param_names(model: nn.Module) -> List[str]:
@@ -39,7 +39,12 @@ def _expert_states(checkpoint: Dict, model: nn.Module, names) -> List[tuple]:
     checkpoint's optimizer states. The integer keys are labels whose meaning is their
     position in param_groups (DDP numbers by optimizer order, FSDP's full state dict
     by model order), so they are matched to names by position, as
-    Optimizer.load_state_dict does."""
+    Optimizer.load_state_dict does.
+
+    Each per-parameter state is replaced by a copy first: Optimizer.state_dict()
+    (what DDP's checkpoint holds) returns the live optimizer's own dicts, and writing
+    whole experts into those would leave the running optimizer with moments of the
+    wrong shape after a mid-run checkpoint."""
     order = optimizer_param_names(model)
     out = []
     for opt_state in checkpoint.get("optimizer_states", []):
@@ -49,6 +54,7 @@ def _expert_states(checkpoint: Dict, model: nn.Module, names) -> List[tuple]:
             continue
         for key, n in zip(saved, order):
             if n in names and key in state:
+                state[key] = dict(state[key])
                 out.append((n, state[key]))
     return out
 
@@ -127,7 +133,7 @@ def load_full_checkpoint(strategy, path) -> Dict:
                                                          set_optimizer_state_dict)
 
     module = strategy.lightning_module
-    checkpoint = load_torch_file(path)
+    checkpoint = read_checkpoint(path)
     if module.scale_plan.ep > 1:
         slice_experts(checkpoint, module.model, module.scale_plan)
     options = StateDictOptions(full_state_dict=True, strict=True)

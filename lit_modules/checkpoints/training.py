@@ -1,13 +1,16 @@
-"""Training checkpoints (.ckpt files of a run): written atomically, read as data only,
-and checked against the recipe before a run resumes from one.
+"""Training checkpoints of a run: written atomically, read as data only, and checked
+against the recipe before a run resumes from one.
 
-Where they live is lit_modules.checkpoints.layout's business; this module writes and
-reads them.
+Two formats (train.checkpoint_format): a .ckpt file written by rank 0 (full), or a
+.dcp folder every rank writes its shards into (sharded; lit_modules.checkpoints.distributed
+does the tensors). Where they live is lit_modules.checkpoints.layout's business; this
+module writes and reads them.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,10 +25,13 @@ from arch.config import Recipe
 from arch.registry import RecipeError
 
 from lit_modules.checkpoints import layout
+from lit_modules.checkpoints.distributed import read_header
 from lit_modules.checkpoints.layout import CheckpointError
 from lit_modules.checkpoints.safe import load_torch_file
 
 log = logging.getLogger("moelab.train")
+
+LOAD_STARTED_KEY = "moelab_load_started"  # in a loaded checkpoint dict: when reading it began
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -34,9 +40,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Lightning's own writer stages the file through fsspec, whose local transaction
     writes under $TMPDIR and then moves it; when $TMPDIR is another file system the
     move is a copy, and a kill during it leaves a truncated checkpoint under the
-    final name. A rename within one directory is atomic on POSIX file systems."""
+    final name. A rename within one directory is atomic on POSIX file systems.
+
+    A path ending in .dcp is a sharded checkpoint folder: written here on one process
+    (with several, the strategies write it from every rank themselves), read here by
+    every strategy but FSDP2's."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if layout.is_sharded_name(path):
+            from lit_modules.checkpoints.distributed import save_sharded
+
+            return save_sharded(checkpoint, path)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -53,8 +67,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         """Resuming reads tensors and plain data only, whatever the caller asks:
-        a checkpoint never runs code (load_torch_file)."""
-        return load_torch_file(path)
+        a checkpoint never runs code (read_checkpoint)."""
+        return read_checkpoint(path)
+
+
+def read_checkpoint(path) -> object:
+    """A training checkpoint, read as data only: a .ckpt file (tensors memory-mapped),
+    or a sharded folder's trainer.pt, whose tensors CausalLM.on_load_checkpoint reads
+    next (checkpoint[SHARDED_KEY] names the folder). Notes when reading began, for the
+    load time the run reports."""
+    started = time.perf_counter()
+    path = Path(path)
+    ckpt = read_header(path) if path.is_dir() else load_torch_file(path)
+    if isinstance(ckpt, dict):
+        ckpt[LOAD_STARTED_KEY] = started
+    return ckpt
 
 
 def _fsync_dir(d: Path) -> None:
@@ -71,31 +98,64 @@ def _fsync_dir(d: Path) -> None:
 
 
 class Checkpointing(Callback):
-    """checkpoints/stepNNNNNNNN.ckpt every `every` optimizer steps and at the end of
-    training (every = 0: only at the end; -1: never), and last.ckpt pointing at the newest one. Only complete files are ever
-    named: each step file is written atomically, then last.ckpt is replaced by a hard
-    link to it (a copy where links are not supported) through a rename. The newest
-    `keep` step files are kept (0 = all); last.ckpt keeps its own link alive."""
+    """checkpoints/stepNNNNNNNN.ckpt (or, `sharded`, stepNNNNNNNN.dcp/) every `every`
+    optimizer steps and at the end of training (every = 0: only at the end; -1: never), and last.ckpt (last.dcp) pointing at
+    the newest one. Only complete checkpoints are ever named: each is written under a
+    temporary name and renamed, then last.ckpt is replaced by a hard link to it (a copy
+    where links are not supported), last.dcp by a relative symlink, through a rename.
+    The newest `keep` step checkpoints are kept (0 = all); last.ckpt keeps its own
+    link alive, and last.dcp points at the newest, which is kept.
 
-    def __init__(self, dirpath: Path, every: int, keep: int = 3):
+    Times: `seconds` spent saving (excluded from throughput) over `saves` saves, and
+    `load_seconds` spent restoring the checkpoint the run resumed from (else None)."""
+
+    def __init__(self, dirpath: Path, every: int, keep: int = 3, sharded: bool = False):
         self.dirpath = Path(dirpath)
         self.every = every
         self.keep = keep
-        self.last_path: Optional[Path] = None  # last.ckpt once it exists
-        self.saved_path: Optional[Path] = None  # the step file written last by this process
+        self.sharded = sharded
+        self.last_path: Optional[Path] = None  # the run's newest complete checkpoint
+        self.saved_path: Optional[Path] = None  # the step checkpoint written last by this process
         self.saved_step = -1
         self.seconds = 0.0  # time spent writing, excluded from throughput
+        self.saves = 0
+        self.load_seconds: Optional[float] = None
+        self._restored: Optional[tuple] = None  # (reading began, model restored)
+        self._fit_started: Optional[float] = None
 
     @property
     def last(self) -> Path:
-        return self.dirpath / layout.LAST_CHECKPOINT
+        return self.dirpath / (layout.LAST_SHARDED if self.sharded else layout.LAST_CHECKPOINT)
 
     def setup(self, trainer, pl_module, stage) -> None:
         if trainer.is_global_zero and self.dirpath.is_dir():  # leftovers of a killed writer
-            for stale in self.dirpath.glob(".*.tmp-*"):
-                stale.unlink(missing_ok=True)
-        if self.last.is_file():
-            self.last_path = self.last
+            for stale in layout.stale_partials(self.dirpath):
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+        self.last_path = layout.last_checkpoint(self.dirpath.parent)
+
+    # Load time: from reading the checkpoint to the optimizer restored, less the
+    # strategy's setup where Lightning does it in between (DDP restores the model
+    # before wrapping it and the optimizer after; FSDP2 restores both after).
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        started = checkpoint.get(LOAD_STARTED_KEY)
+        if started is not None:
+            self._restored = (started, time.perf_counter())
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_started = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._restored is None:
+            return
+        started, restored = self._restored
+        setup = max(0.0, self._fit_started - restored) if self._fit_started is not None else 0.0
+        self.load_seconds = time.perf_counter() - started - setup
+        self._restored = None
+        log.info("step %d  checkpoint restored in %.2f s", trainer.global_step, self.load_seconds)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every > 0 and trainer.global_step % self.every == 0:
@@ -108,26 +168,39 @@ class Checkpointing(Callback):
     def save(self, trainer) -> Path:
         t0 = time.perf_counter()
         step = trainer.global_step
-        path = self.dirpath / layout.step_name(step)
-        trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; rank 0 writes
+        path = self.dirpath / layout.step_name(step, self.sharded)
+        trainer.save_checkpoint(path, weights_only=False)  # every rank takes part
         if trainer.is_global_zero:
-            tmp = self.dirpath / f".{layout.LAST_CHECKPOINT}.tmp-{os.getpid()}"
-            tmp.unlink(missing_ok=True)
+            self._point_last(path)
+            if self.keep > 0:
+                for old in layout.step_files(self.dirpath)[:-self.keep]:
+                    if old.is_dir():
+                        shutil.rmtree(old, ignore_errors=True)
+                    else:
+                        old.unlink(missing_ok=True)
+        trainer.strategy.barrier("moelab_checkpoint")
+        self.saved_step, self.saved_path, self.last_path = step, path, self.last
+        seconds = time.perf_counter() - t0
+        self.seconds += seconds
+        self.saves += 1
+        log.info("step %d  checkpoint %s (%.2f s)", step, path, seconds)
+        return path
+
+    def _point_last(self, path: Path) -> None:
+        tmp = self.dirpath / f".{self.last.name}.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        if self.sharded:
+            os.symlink(path.name, tmp)  # relative: the run directory may be moved
+        else:
             try:
                 os.link(path, tmp)
             except OSError:
-                import shutil
                 shutil.copyfile(path, tmp)
-            os.replace(tmp, self.last)
-            _fsync_dir(self.dirpath)
-            if self.keep > 0:
-                for old in layout.step_files(self.dirpath)[:-self.keep]:
-                    old.unlink(missing_ok=True)
-        trainer.strategy.barrier("moelab_checkpoint")
-        self.saved_step, self.saved_path, self.last_path = step, path, self.last
-        self.seconds += time.perf_counter() - t0
-        log.info("step %d  checkpoint %s", step, path)
-        return path
+        os.replace(tmp, self.last)
+        # a run that changed train.checkpoint_format keeps one last, the newest
+        other = layout.LAST_CHECKPOINT if self.sharded else layout.LAST_SHARDED
+        (self.dirpath / other).unlink(missing_ok=True)
+        _fsync_dir(self.dirpath)
 
 
 # ------------------------------------------------------------------ resume checks
@@ -181,10 +254,11 @@ def check_checkpoint_recipe(checkpoint: dict, recipe: Recipe, where: str) -> Non
 
 
 def check_resume(path: Path, recipe: Recipe) -> int:
-    """Read a checkpoint's header (tensors memory-mapped, not loaded); refuse an
-    unreadable file or another architecture. Returns its optimizer step."""
+    """Read a checkpoint's header (a file's tensors memory-mapped, not loaded; a
+    sharded folder's trainer.pt); refuse an unreadable or incomplete checkpoint or
+    another architecture. Returns its optimizer step."""
     try:
-        ckpt = load_torch_file(path)
+        ckpt = read_checkpoint(path)
     except CheckpointError as e:
         raise RecipeError(f"cannot resume: {e}") from None
     if not isinstance(ckpt, dict):

@@ -2,7 +2,7 @@
 
     moelab import-hf HF_DIR OUT_DIR       config.json + *.safetensors (+ tokenizer.json)
                                           -> recipe.yaml + model*.safetensors (+ tokenizer.json)
-    moelab export-hf CHECKPOINT OUT_DIR   a model directory, .ckpt or run directory
+    moelab export-hf CHECKPOINT OUT_DIR   a model directory, .ckpt, sharded .dcp folder or run directory
                                           -> a directory transformers' from_pretrained loads
     moelab convert SOURCE OUT_DIR         either one, the direction read off SOURCE (the
                                           `moelab convert` of DESIGN.md)
@@ -27,13 +27,13 @@ def add_parser(sub) -> None:
     _common(p)
     p.set_defaults(func=run_import)
     e = sub.add_parser("export-hf", help="convert a moelab checkpoint to a Hugging Face model directory")
-    e.add_argument("checkpoint", help="moelab model directory, Lightning .ckpt, or run directory")
+    e.add_argument("checkpoint", help="moelab model directory, Lightning .ckpt, sharded .dcp folder, or run directory")
     e.add_argument("out_dir", help="new Hugging Face model directory (must not exist or be empty)")
     _common(e)
     e.set_defaults(func=run_export)
     c = sub.add_parser("convert", help="Hugging Face <-> moelab: import-hf or export-hf, chosen by SOURCE")
     c.add_argument("source", help="a Hugging Face model directory (imported), or a moelab model directory, "
-                                  ".ckpt or run directory (exported)")
+                                  ".ckpt, sharded .dcp folder or run directory (exported)")
     c.add_argument("out_dir", help="new output directory (must not exist or be empty)")
     _common(c)
     c.set_defaults(func=run_convert)

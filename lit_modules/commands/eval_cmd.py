@@ -1,12 +1,13 @@
 """`moelab eval SOURCE --data PATH`: token-level loss and perplexity on a text file.
 
-SOURCE is a moelab model directory, a Lightning .ckpt, a run directory, or a Hugging
-Face directory (converted in memory, nothing written). The text is tokenized once,
-whole, with the source's tokenizer.json (its post-processor included, as
-`tokenizer(text)` in transformers does), then cut into non-overlapping windows of
---seq-len tokens; each window is scored on its own, predicting its tokens 2..n from
-the ones before. The loss is the mean over all predicted tokens of all windows (a
-last, shorter window included), and perplexity = exp(loss).
+SOURCE is a moelab model directory, a Lightning .ckpt, a sharded checkpoint folder
+(.dcp), a run directory, or a Hugging Face directory (converted in memory, nothing
+written). The text is tokenized once, whole, with the source's tokenizer.json (its
+post-processor included, as `tokenizer(text)` in transformers does), then cut into
+non-overlapping windows of --seq-len tokens; each window is scored on its own,
+predicting its tokens 2..n from the ones before. The loss is the mean over all
+predicted tokens of all windows (a last, shorter window included), and perplexity =
+exp(loss).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from arch.registry import RecipeError
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="token-level loss and perplexity of a model on a text file")
-    p.add_argument("source", help="moelab model directory, .ckpt, run directory, or Hugging Face directory")
+    p.add_argument("source", help="moelab model directory, .ckpt, sharded .dcp folder, run directory, or "
+                                  "Hugging Face directory")
     p.add_argument("--data", required=True, help="a UTF-8 text file")
     p.add_argument("--seq-len", type=int, default=None,
                    help="window length in tokens (default: the recipe's train.seq_len, at most model.max_seq_len)")

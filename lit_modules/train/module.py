@@ -190,20 +190,33 @@ class CausalLM(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _optimizer(self) -> Optional[torch.optim.Optimizer]:
+        opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
+        return opt if isinstance(opt, torch.optim.Optimizer) else None
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the interop code reads the architecture from here, and resume checks it
         checkpoint["moelab_recipe"] = recipe_to_yaml(self.recipe)
         checkpoint["moelab_records"] = {"last_train": self.last_train, "val_history": self.val_history}
-        if self.scale_plan.ep > 1:  # whole experts in the file: loadable at any EP size
+        if self.train_cfg.checkpoint_format == "sharded":  # every rank writes its own shards
+            from lit_modules.checkpoints.distributed import prepare_for_saving
+
+            opt = self._optimizer()
+            prepare_for_saving(checkpoint, self, [opt] if opt is not None else [])
+        elif self.scale_plan.ep > 1:  # whole experts in the file: loadable at any EP size
             from lit_modules.checkpoints.sharded import gather_experts
 
-            opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
-            opt = opt if isinstance(opt, torch.optim.Optimizer) else None
-            gather_experts(checkpoint, self.model, self.scale_plan, opt)
+            gather_experts(checkpoint, self.model, self.scale_plan, self._optimizer())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from lit_modules.checkpoints.distributed import SHARDED_KEY
+
         check_checkpoint_recipe(checkpoint, self.recipe, "the checkpoint being resumed")
-        if self.scale_plan.ep > 1:
+        if SHARDED_KEY in checkpoint:  # tensors read now, shaped for this rank's layout
+            from lit_modules.checkpoints.distributed import load_shards
+
+            load_shards(checkpoint, self)
+        elif self.scale_plan.ep > 1:
             from lit_modules.checkpoints.sharded import slice_experts
 
             slice_experts(checkpoint, self.model, self.scale_plan)

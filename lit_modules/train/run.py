@@ -1,7 +1,8 @@
 """What `moelab train RECIPE [a.b=c ...]` does: one training run in its own directory
 (the layout is lit_modules.checkpoints.layout's).
 
-Resume: `train.resume=PATH` (or `resume=PATH`; PATH a .ckpt or a run directory), or
+Resume: `train.resume=PATH` (or `resume=PATH`; PATH a .ckpt, a sharded .dcp folder or
+a run directory), or
 automatically when train.run_name names a run directory that holds a checkpoint.
 Everything a user can get wrong is checked, one sentence per problem, before the
 Trainer exists:
@@ -53,6 +54,12 @@ def check_train(recipe: Recipe) -> None:
             or (isinstance(devices, list) and devices and all(isinstance(d, int) and d >= 0 for d in devices))):
         raise RecipeError(f"train.devices = {devices!r} must be 'auto', a positive number of devices or a list "
                           f"of device indices such as [0, 1].")
+    if t.checkpoint_format not in layout.CHECKPOINT_FORMATS:
+        from arch.registry import nearest
+
+        raise RecipeError(f"train.checkpoint_format = '{t.checkpoint_format}' is not a checkpoint format"
+                          f"{nearest(t.checkpoint_format, layout.CHECKPOINT_FORMATS)}; choose "
+                          f"{' or '.join(layout.CHECKPOINT_FORMATS)}.")
     from lit_modules.train.optim import check_optim
 
     check_run_name(t.run_name)
@@ -106,11 +113,12 @@ def resolve_run(recipe: Recipe) -> Tuple[Path, Optional[Path]]:
     named = Path(t.run_dir) / t.run_name if t.run_name else None
     if t.resume not in (None, "auto"):
         p = Path(t.resume)
-        if p.is_dir():
+        if p.is_dir() and not layout.is_sharded_name(p):  # a run directory
             p = layout.last_checkpoint(p) or p / layout.LAST_CHECKPOINT
-        if not p.is_file():
-            raise RecipeError(f"train.resume = {t.resume}: no checkpoint there; give a .ckpt file, a run "
-                              f"directory holding {layout.CHECKPOINT_DIR}/{layout.LAST_CHECKPOINT}, or 'auto'.")
+        if not p.exists():
+            raise RecipeError(f"train.resume = {t.resume}: no checkpoint there; give a .ckpt file, a sharded "
+                              f"checkpoint folder (.dcp), a run directory holding {layout.CHECKPOINT_DIR}/"
+                              f"{layout.LAST_CHECKPOINT} (or {layout.LAST_SHARDED}), or 'auto'.")
         if named is None:  # continue the run the checkpoint belongs to
             named = p.parent.parent if p.parent.name == layout.CHECKPOINT_DIR else _new_run_dir(recipe)
         return named, p
@@ -268,7 +276,8 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
     t = recipe.train
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = CausalLM(recipe)
-    ckpt = Checkpointing(layout.checkpoint_dir(run_dir), t.ckpt_every, t.keep_checkpoints)
+    ckpt = Checkpointing(layout.checkpoint_dir(run_dir), t.ckpt_every, t.keep_checkpoints,
+                         sharded=t.checkpoint_format == "sharded")
     throughput = Throughput(module.accounting.flops_per_token, peak_flops_per_device(t.peak_tflops, precision),
                             t.log_every)
     validate = t.val_every > 0 and t.val_batches > 0
@@ -314,7 +323,14 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
                f"(step {summary['steps']}); " if first and summary["val_ppl"] is not None else "")
         tps = f" at {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else ""
         runlog.say(f"moelab train: done: {ppl}{summary['tokens']:,} tokens{tps}")
-        runlog.say(f"moelab train: checkpoint {summary['checkpoint']}; summary {run_dir / layout.SUMMARY_FILE}")
+        times = ""
+        if summary["checkpoint_saves"]:
+            times = (f" ({t.checkpoint_format}: {summary['checkpoint_saves']} saves in "
+                     f"{summary['checkpoint_seconds']:.2f} s")
+            times += (f", restored in {summary['checkpoint_load_seconds']:.2f} s)"
+                      if summary["checkpoint_load_seconds"] is not None else ")")
+        runlog.say(f"moelab train: checkpoint {summary['checkpoint']}{times}; summary "
+                   f"{run_dir / layout.SUMMARY_FILE}")
     return summary
 
 
@@ -357,11 +373,14 @@ def _summary(recipe, run_dir, module, trainer, throughput, ckpt, resume, wall) -
         "tokens_per_s": perf["tokens_per_s"],
         "mfu": perf["mfu"],
         "peak_memory_gib": perf["peak_memory_gib"],
-        "checkpoint_seconds": ckpt.seconds,
         # the step file written last; a run resumed at its end writes none
         "checkpoint": str(ckpt.saved_path or ckpt.last_path or resume or "") or None,
         "last_checkpoint": str(ckpt.last_path) if ckpt.last_path else None,
         "resumed_from": str(resume) if resume else None,
+        "checkpoint_format": recipe.train.checkpoint_format,
+        "checkpoint_saves": ckpt.saves,
+        "checkpoint_seconds": ckpt.seconds,  # saving, all saves of this run (rank 0's, waits included)
+        "checkpoint_load_seconds": ckpt.load_seconds,  # restoring the resumed checkpoint; None if not resumed
         "params_total": acc.params_total,
         "params_active": acc.params_active,
         "flops_per_token": acc.flops_per_token,

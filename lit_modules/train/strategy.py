@@ -30,6 +30,7 @@ How a model is prepared (LightningModule.configure_model):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import torch
@@ -49,34 +50,84 @@ def _auto(train: TrainConfig) -> Any:
 def _ddp(train: TrainConfig) -> Any:
     from lightning.pytorch.strategies import DDPStrategy
 
+    class MoelabDDPStrategy(DDPStrategy):
+        """Lightning's DDP, except that a sharded checkpoint (a .dcp folder) is written
+        by every rank: DDP's own save_checkpoint writes on rank 0 only. Loading goes
+        through the CheckpointIO (lit_modules.checkpoints.training.AtomicCheckpointIO)."""
+
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+            from lit_modules.checkpoints import layout
+
+            if layout.is_sharded_name(filepath):
+                from lit_modules.checkpoints.distributed import save_sharded
+
+                return save_sharded(checkpoint, filepath)
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+
     # Every parameter takes part in every step (stacked expert weights are passed
     # whole to the backend), so DDP need not search for unused ones.
-    return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
+    return MoelabDDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
 
 
 def _fsdp(train: TrainConfig) -> Any:
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+
+    sharded = train.checkpoint_format == "sharded"
 
     class FSDP2Strategy(ModelParallelStrategy):
-        """Full (single-file) checkpoints load through lit_modules.checkpoints.sharded."""
+        """Full (single-file) checkpoints load through lit_modules.checkpoints.sharded;
+        sharded ones (train.checkpoint_format=sharded) are written and read by every
+        rank through lit_modules.checkpoints.distributed, without gathering anything."""
+
+        def lightning_module_state_dict(self):
+            if sharded:  # this rank's shards (DTensors), not the gathered model
+                return self.lightning_module.state_dict()
+            return super().lightning_module_state_dict()
+
+        def optimizer_state(self, optimizer):
+            if sharded:  # CausalLM.on_save_checkpoint reads the live optimizer's shards itself
+                return {}
+            return super().optimizer_state(optimizer)
+
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+            from lit_modules.checkpoints import layout
+
+            if layout.is_sharded_name(filepath):
+                from lit_modules.checkpoints.distributed import save_sharded
+
+                return save_sharded(checkpoint, filepath)
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
 
         def load_checkpoint(self, checkpoint_path, weights_only=None):
-            from pathlib import Path
+            from lit_modules.checkpoints.training import read_checkpoint
 
-            from lit_modules.checkpoints.layout import CheckpointError
+            path = Path(checkpoint_path)
+            if path.is_dir():  # sharded: tensors follow in CausalLM.on_load_checkpoint
+                return read_checkpoint(path)
             from lit_modules.checkpoints.sharded import load_full_checkpoint
 
-            if not Path(checkpoint_path).is_file():  # a torch.distributed.checkpoint folder: its
-                # metadata is a pickle, so it is not read (moelab writes single files)
-                raise CheckpointError(f"{checkpoint_path} is not a checkpoint file; resume from a "
-                                      f"checkpoints/*.ckpt written by `moelab train`.")
+            return load_full_checkpoint(self, path)
 
-            return load_full_checkpoint(self, checkpoint_path)
+        # Lightning's ModelParallelStrategy loads everything in load_checkpoint; a sharded
+        # checkpoint's tensors arrive in the checkpoint dict instead, shaped for this rank
+        def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+            if is_sharded(checkpoint):
+                self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=strict)
+
+        def load_optimizer_state_dict(self, checkpoint) -> None:
+            if is_sharded(checkpoint):
+                Strategy.load_optimizer_state_dict(self, checkpoint)  # by position, as any strategy
+
+    def is_sharded(checkpoint) -> bool:
+        from lit_modules.checkpoints.distributed import SHARDED_KEY
+
+        return SHARDED_KEY in checkpoint
 
     # Lightning's own (data_parallel x tensor_parallel) mesh is not used: shard_model
-    # builds the (data_parallel x expert) one. Checkpoints are full (unsharded) state
+    # builds the (data_parallel x expert) one. Full checkpoints are unsharded state
     # dicts written by rank 0, which any world size or EP size can load
-    # (CausalLM.on_save_checkpoint gathers the expert shards).
+    # (CausalLM.on_save_checkpoint gathers the expert shards); sharded ones are
+    # resharded by torch.distributed.checkpoint.
     return FSDP2Strategy(save_distributed_checkpoint=False)
 
 
@@ -161,6 +212,7 @@ class ScalePlan:
     edp_group: Any = None  # the ranks that hold the same expert shard (None: only this one)
     expert_names: List[str] = field(default_factory=list)  # sharded parameters, relative to the model
     fsdp: bool = False
+    mesh: Any = None  # the (data_parallel x expert) DeviceMesh; sharded checkpoints place expert shards on it
 
     def sync_grads(self, model: nn.Module, sync: bool) -> None:
         """Before a micro-batch's backward: FSDP2 reduce-scatters gradients only when
@@ -223,7 +275,7 @@ def shard_model(model: nn.Module, train: TrainConfig, device: torch.device,
                               f"an expert_parallel size that divides the number of devices.")
         from experts.layers import shard_experts
 
-        mesh = _mesh(device.type, world, ep)
+        mesh = plan.mesh = _mesh(device.type, world, ep)
         plan.ep_group = mesh["expert"].get_group()
         plan.edp_group = mesh["data_parallel"].get_group() if world > ep else None
         plan.expert_names = shard_experts(model, plan.ep_group)

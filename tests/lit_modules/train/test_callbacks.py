@@ -83,6 +83,41 @@ def test_checkpoint_every_minus_one_writes_nothing(tmp_path):
     assert not (tmp_path / "checkpoints").exists() and cb.last_path is None
 
 
+class FakeShardedTrainer(FakeTrainer):
+    def save_checkpoint(self, path, weights_only=None):
+        from lit_modules.checkpoints.distributed import LAYOUT_KEY
+
+        AtomicCheckpointIO().save_checkpoint({"global_step": self.global_step, "state_dict": {"w": torch.ones(2)},
+                                              LAYOUT_KEY: {"world_size": 1, "expert_parallel": 1}}, path)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_sharded_checkpoint_rotation_and_last(tmp_path):
+    """Sharded folders rotate like files; last.dcp is a relative symlink to the newest,
+    and a run that changes format keeps a single last (the newest)."""
+    from lit_modules.checkpoints import layout
+
+    d = tmp_path / "checkpoints"
+    full = Checkpointing(d, every=10, keep=2)
+    trainer = FakeTrainer()
+    trainer.global_step = 10
+    full.save(trainer)
+    cb = Checkpointing(d, every=10, keep=2, sharded=True)
+    trainer = FakeShardedTrainer()
+    (d / ".step00000020.dcp.partial").mkdir()  # a killed save
+    cb.setup(trainer, None, "fit")
+    assert cb.last_path == d / "last.ckpt" and not (d / ".step00000020.dcp.partial").exists()
+    for step in range(11, 36):
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, None, None, None, step - 1)
+    cb.on_train_end(trainer, None)
+    names = sorted(p.name for p in d.iterdir())
+    assert names == ["last.dcp", "step00000030.dcp", "step00000035.dcp"]  # step 10's file rotated out too
+    assert os.readlink(d / "last.dcp") == "step00000035.dcp"
+    assert layout.last_checkpoint(tmp_path) == d / "last.dcp" == cb.last_path
+    assert cb.saves == 3 and cb.seconds > 0
+
+
 def test_load_image_colours():
     loads = np.array([[4, 4], [4, 0], [1, 1], [7, 15]], dtype=np.int64)  # experts x steps
     img = load_image(loads, cell=2)

@@ -40,6 +40,7 @@ RECIPE = "proxies/qwen3_moe_tiny"
     ("train.expert_parallel=0", "train.expert_parallel = 0 is out of range"),
     ("data.val_fraction=1.0", "data.val_fraction = 1.0 is out of range"),
     ("data.max_chars=0", "data.max_chars = 0 is out of range"),
+    ("train.checkpoint_format=shards", "train.checkpoint_format = 'shards' is not a checkpoint format (did you mean"),
 ])
 def test_train_settings_fail_in_one_sentence(override, words):
     with pytest.raises(RecipeError) as exc:
