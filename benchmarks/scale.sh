@@ -13,6 +13,7 @@
 #   ckpt     W2 fsdp + EP=N writing a checkpoint at the end: save seconds
 #
 #   single   the 1-GPU rows of `weak`, one per micro-batch size, side by side on GPUs 0, 1, ...
+#            (or on the GPUs listed in SINGLE_GPUS)
 #   capacity W2 with capacity factor 1.25 (the static-shape exchange): fsdp against fsdp + EP=N
 #
 #   NGPU=4 SETS="single weak experts large" bash benchmarks/scale.sh [a.b=c ...]   # overrides go to every run
@@ -60,9 +61,10 @@ N=$NGPU
 for set in $SETS; do
     case $set in
     single)  # the 1-GPU rows, one GPU each, side by side (separate GPUs: no interference)
+        gpus=(${SINGLE_GPUS:-$(seq 0 $((N - 1)))})
         i=0
         for m in $MICROS; do
-            CUDA_VISIBLE_DEVICES=$i run "gpu1_m$m" "1 GPU" 1 "$m" $W2 train.strategy=auto "$@" &
+            CUDA_VISIBLE_DEVICES=${gpus[$i]} run "gpu1_m$m" "1 GPU" 1 "$m" $W2 train.strategy=auto "$@" &
             i=$((i + 1))
         done
         wait ;;
