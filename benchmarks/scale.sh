@@ -21,7 +21,8 @@
 # Several invocations with the same RUNS add their rows to one table.
 #
 # The table (tokens/s per GPU, MFU against the dense bf16 datasheet peak, peak memory of
-# rank 0, first-step loss, checkpoint seconds) is printed last and written to
+# rank 0, the loss at the first logged step (step 5: the same in every layout up to
+# bf16 rounding), checkpoint seconds) is printed last and written to
 # $RUNS/scale.md; each run's summary.json stays under $RUNS. Checkpoints are deleted after
 # each run (W2 with AdamW: 5.9 GB).
 set -u
@@ -105,7 +106,7 @@ for name, *_ in rows:
     f = runs / name / "summary.json"
     summaries[name] = json.loads(f.read_text()) if f.exists() else None
 out = ["| layout | GPUs | micro / GPU | tokens/s per GPU | vs 1 GPU, same micro | MFU | peak GiB (rank 0) "
-       "| first-step loss | checkpoint s |", "|---|---|---|---|---|---|---|---|---|"]
+       "| loss at the first logged step | checkpoint s |", "|---|---|---|---|---|---|---|---|---|"]
 for name, label, gpus, micro in rows:
     s = summaries[name]
     if s is None or not s.get("tokens_per_s"):
@@ -116,7 +117,8 @@ for name, label, gpus, micro in rows:
     vs = f"{per_gpu / base['tokens_per_s']:.2f}x" if base and base.get("tokens_per_s") and int(gpus) > 1 else "-"
     acc = EventAccumulator(str(runs / name / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
-    first = {e.step: e.value for e in acc.Scalars("train/loss")}.get(1) if "train/loss" in acc.Tags()["scalars"] else None
+    logged = sorted((e.step, e.value) for e in acc.Scalars("train/loss")) if "train/loss" in acc.Tags()["scalars"] else []
+    first = logged[0][1] if logged else None
     mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") else "-"
     peak = f"{s['peak_memory_gib']:.1f}" if s.get("peak_memory_gib") else "-"
     ck = f"{s['checkpoint_seconds']:.1f}" if s.get("checkpoint_seconds") else "-"
