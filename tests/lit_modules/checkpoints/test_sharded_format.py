@@ -183,7 +183,7 @@ def test_hostile_index_when_resuming(hostile):
     run, folder, marker = hostile
     checkpoint = read_checkpoint(folder)  # trainer.pt: plain data, fine
     model = tiny_model("qwen3_moe")
-    module = SimpleNamespace(scale=ScalePlan(), model=model,
+    module = SimpleNamespace(scale_plan=ScalePlan(), model=model,
                              state_dict=lambda: {f"model.{k}": v for k, v in model.state_dict().items()},
                              named_parameters=lambda: ((f"model.{n}", p) for n, p in model.named_parameters()))
     _refused(lambda: load_shards(checkpoint, module), marker)
