@@ -24,6 +24,7 @@ from arch.registry import RecipeError
 from lit_modules.checkpoints import layout
 from lit_modules.checkpoints.layout import CheckpointError
 from lit_modules.checkpoints.safe import load_torch_file
+from lit_modules.disk import DiskError, write_error
 
 log = logging.getLogger("moelab.train")
 
@@ -34,19 +35,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Lightning's own writer stages the file through fsspec, whose local transaction
     writes under $TMPDIR and then moves it; when $TMPDIR is another file system the
     move is a copy, and a kill during it leaves a truncated checkpoint under the
-    final name. A rename within one directory is atomic on POSIX file systems."""
+    final name. A rename within one directory is atomic on POSIX file systems. A
+    failed write (full disk, read-only) removes the temporary file and is one
+    DiskError naming the path; the files already there are untouched."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             _fsync_dir(path.parent)
+        except OSError as e:
+            raise write_error(e, "checkpoint", path, "free space on that disk or set train.run_dir to "
+                                                     "another") from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -90,6 +96,25 @@ class Checkpointing(Callback):
     def last(self) -> Path:
         return self.dirpath / layout.LAST_CHECKPOINT
 
+    def _link_last(self, path: Path) -> None:
+        """last.ckpt -> `path`, replaced in one rename (a hard link; a copy where links
+        are not supported)."""
+        tmp = self.dirpath / f".{layout.LAST_CHECKPOINT}.tmp-{os.getpid()}"
+        try:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                import shutil
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, self.last)
+            _fsync_dir(self.dirpath)
+        except OSError as e:
+            raise write_error(e, "checkpoint", self.last, "free space on that disk or set train.run_dir to "
+                                                          "another") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def setup(self, trainer, pl_module, stage) -> None:
         if trainer.is_global_zero and self.dirpath.is_dir():  # leftovers of a killed writer
             for stale in self.dirpath.glob(".*.tmp-*"):
@@ -109,20 +134,18 @@ class Checkpointing(Callback):
         t0 = time.perf_counter()
         step = trainer.global_step
         path = self.dirpath / layout.step_name(step)
-        trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; rank 0 writes
-        if trainer.is_global_zero:
-            tmp = self.dirpath / f".{layout.LAST_CHECKPOINT}.tmp-{os.getpid()}"
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(path, tmp)
-            except OSError:
-                import shutil
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, self.last)
-            _fsync_dir(self.dirpath)
-            if self.keep > 0:
-                for old in layout.step_files(self.dirpath)[:-self.keep]:
-                    old.unlink(missing_ok=True)
+        try:
+            trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; rank 0 writes
+            if trainer.is_global_zero:
+                self._link_last(path)
+        except DiskError as e:  # last.ckpt still names the checkpoint before: it is kept
+            good = self.saved_path or self.last_path
+            kept = (f"the last good checkpoint, {good}, is kept: resume from it with resume={good}" if good
+                    else "no checkpoint was written before it")
+            raise DiskError(f"training stopped at step {step}: {str(e).rstrip('.')}; {kept}.") from None
+        if trainer.is_global_zero and self.keep > 0:
+            for old in layout.step_files(self.dirpath)[:-self.keep]:
+                old.unlink(missing_ok=True)
         trainer.strategy.barrier("moelab_checkpoint")
         self.saved_step, self.saved_path, self.last_path = step, path, self.last
         self.seconds += time.perf_counter() - t0
