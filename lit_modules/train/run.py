@@ -355,9 +355,10 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
         os.environ.pop(LAUNCH_ENV, None)
     wall = time.perf_counter() - t0
     if interrupted:
+        if not trainer.is_global_zero:
+            raise SystemExit(130)  # rank 0 says it, once
         msg = _interrupted_message(trainer.global_step, ckpt, resume, finished=True)
-        if trainer.is_global_zero:
-            runlog.loggers[0].info("moelab train: %s", msg)
+        runlog.loggers[0].info("moelab train: %s", msg)
         raise TrainingInterrupted(msg)
 
     summary = _summary(recipe, run_dir, module, trainer, throughput, ckpt, resume, wall)

@@ -252,3 +252,28 @@ def test_run_dir_below_a_file(cache, tmp_path):
         train(RECIPE, overrides(cache, tmp_path / "f" / "runs", "train.max_steps=2", "train.run_name=x"))
     assert one_sentence(e).startswith(f"the run directory {tmp_path / 'f' / 'runs' / 'x'} lies below "
                                       f"{tmp_path / 'f'}, which is a file, not a folder")
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_rank_0_of_two_stops_both_at_the_same_step(cache, tmp_path):
+    """DDP on two gloo ranks; SIGINT reaches rank 0 only (a terminal's Ctrl-C reaches
+    both, at slightly different moments): the ranks agree on the step, so neither waits
+    forever in a collective, and rank 0 alone says where the checkpoint is."""
+    proc = _popen(cache, tmp_path, "train.run_name=ddp", "train.strategy=ddp", "train.devices=2",
+                  "train.accelerator=cpu", "train.micro_batch_size=4")
+    log = tmp_path / "ddp" / "train.log"
+    deadline = time.time() + _WAIT
+    while proc.poll() is None and time.time() < deadline and not (log.exists() and "step 2 " in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=_WAIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 130, err[-3000:]
+    said = [line for line in err.splitlines() if "interrupted at step" in line]
+    assert len(said) == 1 and "Traceback" not in err, err[-3000:]
+    step = int(said[0].split("interrupted at step ")[1].split(";")[0])
+    ckpt = tmp_path / "ddp" / "checkpoints" / f"step{step:08d}.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == step
