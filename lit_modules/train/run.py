@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +32,7 @@ from arch.registry import RecipeError
 from lit_modules.checkpoints import layout
 from lit_modules.checkpoints.layout import RunLock, check_run_name
 from lit_modules.checkpoints.training import check_resume
-from lit_modules.disk import check_folder, writing
+from lit_modules.disk import REASONS, check_folder, reason, writing
 
 # A multi-process launch re-runs this command in every rank; the launching process
 # passes the run directory and the checkpoint it resolved, so all ranks agree.
@@ -133,6 +134,21 @@ def resolve_run(recipe: Recipe) -> Tuple[Path, Optional[Path]]:
 # ------------------------------------------------------------------ logging
 
 
+class _LogFile(logging.FileHandler):
+    """train.log; a line that cannot be written (disk full) is said once, not as a
+    traceback per line (logging's default)."""
+
+    failed = False
+
+    def handleError(self, record) -> None:
+        e = sys.exc_info()[1]
+        if not self.failed:
+            self.failed = True
+            why = reason(e) if isinstance(e, OSError) else str(e)
+            print(f"moelab train: cannot write {self.baseFilename}: {why}; its lines are lost from here on",
+                  file=sys.stderr, flush=True)
+
+
 class _RunLog:
     """train.log in the run directory: the `moelab.train` logger plus Lightning's."""
 
@@ -140,7 +156,7 @@ class _RunLog:
         self.handler = None
         self.loggers = [logging.getLogger("moelab.train"), logging.getLogger("lightning.pytorch")]
         if path is not None:
-            self.handler = logging.FileHandler(path)
+            self.handler = _LogFile(path)
             self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
             for lg in self.loggers:
                 lg.addHandler(self.handler)
@@ -346,7 +362,7 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
             raise
         raise TrainingInterrupted(_interrupted_message(trainer.global_step, ckpt, resume, finished=False)) from None
     except Exception as e:
-        failure = _failure(e, recipe, trainer, ckpt)
+        failure = _failure(e, recipe, trainer, ckpt, run_dir)
         if failure is None:
             raise
         raise failure from None
@@ -385,7 +401,7 @@ def _interrupted_message(step: int, ckpt, resume: Optional[Path], finished: bool
             f"resume={good})")
 
 
-def _failure(e: Exception, recipe: Recipe, trainer, ckpt) -> Optional[RecipeError]:
+def _failure(e: Exception, recipe: Recipe, trainer, ckpt, run_dir: Path) -> Optional[RecipeError]:
     """A failure during training as one sentence: the step, the last good checkpoint
     and what to change; None for anything else (raised as it is)."""
     import torch
@@ -395,6 +411,10 @@ def _failure(e: Exception, recipe: Recipe, trainer, ckpt) -> Optional[RecipeErro
     t = recipe.train
     if isinstance(e, NonFiniteLoss):
         return TrainingFailed(non_finite_message(e, recipe, ckpt.last_path))
+    if isinstance(e, OSError) and e.errno in REASONS:  # a write of the loggers (TensorBoard) or a callback
+        where = e.filename or f"into the run directory {run_dir}"
+        return TrainingFailed(f"training stopped at step {trainer.global_step}: cannot write {where}: {reason(e)}; "
+                              f"{RUN_FIX}; the last good checkpoint is {ckpt.saved_path or ckpt.last_path or 'none'}.")
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return TrainingFailed(
             f"out of GPU memory at step {trainer.global_step + 1} (micro_batch_size {t.micro_batch_size}, "

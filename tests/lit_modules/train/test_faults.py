@@ -277,3 +277,40 @@ def test_ctrl_c_to_rank_0_of_two_stops_both_at_the_same_step(cache, tmp_path):
     step = int(said[0].split("interrupted at step ")[1].split(";")[0])
     ckpt = tmp_path / "ddp" / "checkpoints" / f"step{step:08d}.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == step
+
+
+def test_full_disk_under_the_loggers_is_one_sentence(cache, tmp_path):
+    """A write outside the checkpoint writer (TensorBoard, a callback) failing for want
+    of room stops training with the step and the last good checkpoint."""
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "disk" / "tb" / "events"))
+
+    with pytest.raises(RecipeError) as e:
+        train(RECIPE, overrides(cache, tmp_path / "disk", "train.max_steps=6", "train.ckpt_every=2",
+                                "train.val_every=0", "train.run_name=x"), callbacks=[At(4, full)])
+    step2 = tmp_path / "disk" / "x" / "checkpoints" / "step00000002.ckpt"
+    assert one_sentence(e) == (f"training stopped at step 3: cannot write {tmp_path / 'disk' / 'tb' / 'events'}: the "
+                               f"disk is full (ENOSPC); free space there, or set train.run_dir to a writable folder "
+                               f"with room; the last good checkpoint is {step2}.")
+
+
+def test_train_log_that_cannot_be_written_is_said_once(tmp_path, capsys):
+    from lit_modules.train.run import _RunLog
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    log = _RunLog(tmp_path / "train.log")
+    try:
+        log.handler.stream = Full()
+        for i in range(3):
+            log.loggers[0].info("step %d", i)
+    finally:
+        log.close()
+    err = capsys.readouterr().err.strip()
+    assert err == (f"moelab train: cannot write {tmp_path / 'train.log'}: the disk is full (ENOSPC); its lines are "
+                   f"lost from here on")
