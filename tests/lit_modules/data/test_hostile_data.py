@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from arch import load_recipe
-from arch.config import DataConfig
 from conftest import refuse_writes
 from lit_modules.data.corpus import Corpus, DataError
 from lit_modules.data.datamodule import TokenDataModule
@@ -250,8 +249,8 @@ def test_unwritable_cache_names_the_folder_and_why(tmp_path, monkeypatch, err, s
     cache = tmp_path / "cache"
     cache.mkdir()
     refuse_writes(monkeypatch, cache, err)
-    msg = refused(lambda: prepare(cache, tmp_path / "a.txt"), DiskError, f"cannot write the data cache {cache}",
-                  says, "data.cache_dir")
+    refused(lambda: prepare(cache, tmp_path / "a.txt"), DiskError, f"cannot write the data cache {cache}",
+            says, "data.cache_dir")
     monkeypatch.undo()
     assert list(cache.iterdir()) == []
 
