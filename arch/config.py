@@ -229,6 +229,9 @@ class DataConfig:
     # .txt / .jsonl files
     source: Any = "stdlib"
     text_field: str = "text"  # JSONL key holding the text
+    # how the data files' bytes are decoded (any Python codec: utf-8, latin-1, cp1252,
+    # utf-16); a file that does not decode is refused, never read with replacements
+    encoding: str = "utf-8"
     val_fraction: float = 0.02
     tokenizer: Optional[str] = None  # a tokenizer.json path; null: train a BPE
     cache_dir: str = ".cache/moelab"

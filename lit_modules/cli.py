@@ -48,8 +48,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except RecipeError as e:
         print(f"moelab {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"moelab {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a TrainingInterrupted says what was kept
+        print(f"moelab {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -94,3 +94,51 @@ def init_gloo(rank: int, world: int, port: int) -> None:
 @pytest.fixture(params=sorted(TINY))
 def tiny_name(request):
     return request.param
+
+
+def refuse_writes(monkeypatch, root, err: int) -> None:
+    """Make writes under `root` fail with errno `err` (EROFS: a read-only file system,
+    ENOSPC: a full disk) for one test: opening a file there for writing, creating a
+    folder, renaming or linking into it. chmod cannot do this: tests run as root."""
+    import builtins
+    import io
+    import os
+    from pathlib import Path
+
+    root = str(Path(root).absolute())
+
+    def under(p) -> bool:
+        try:
+            return str(Path(os.fsdecode(p)).absolute()).startswith(root)
+        except TypeError:  # a file descriptor
+            return False
+
+    def refuse(p):
+        raise OSError(err, os.strerror(err), os.fsdecode(p))
+
+    real = {name: getattr(os, name) for name in ("open", "mkdir", "replace", "rename", "link")}
+    real_open = builtins.open
+
+    def fake_open(file, mode="r", *a, **k):
+        if any(c in mode for c in "wax+") and under(file):
+            refuse(file)
+        return real_open(file, mode, *a, **k)
+
+    def fake_os_open(path, flags, *a, **k):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path):
+            refuse(path)
+        return real["open"](path, flags, *a, **k)
+
+    def guard(name):
+        def fake(src, *a, **k):
+            target = a[0] if name in ("replace", "rename", "link") else src
+            if under(target):
+                refuse(target)
+            return real[name](src, *a, **k)
+        return fake
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(io, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_os_open)
+    for name in ("mkdir", "replace", "rename", "link"):
+        monkeypatch.setattr(os, name, guard(name))

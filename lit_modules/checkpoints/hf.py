@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -51,7 +50,7 @@ from arch.resolve import layer_specs
 
 from lit_modules.checkpoints.model_dir import (
     ShardWriter, TensorSource, check_tensors, finish_dir, load_into, open_checkpoint,
-    partial_dir, safetensors_source,
+    safetensors_source, writing_dir,
 )
 
 QWEN3, QWEN3_MOE, GEMMA3, GEMMA3_MM = (
@@ -76,8 +75,17 @@ def read_hf_config(hf_dir) -> Tuple[str, object, object]:
     if not path.is_file():
         raise ConvertError(f"{hf_dir} has no config.json; give a Hugging Face model directory "
                            "(config.json + *.safetensors).")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConvertError(f"{path} is not valid JSON ({_one_line(e)}); repair it or download it again.") from None
+    if not isinstance(raw, dict):
+        raise ConvertError(f"{path} holds a JSON {type(raw).__name__}, not an object of config fields; repair it "
+                           "or download it again.")
     archs = raw.get("architectures") or [_BY_MODEL_TYPE.get(raw.get("model_type"), f"model_type={raw.get('model_type')}")]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConvertError(f"{path} field architectures = {archs!r} is not a list of class names such as "
+                           f"[\"{QWEN3}\"]; repair it.")
     arch = archs[0]
     if arch not in SUPPORTED:
         raise ConvertError(f"{path} declares architecture {arch}; moelab converts only {', '.join(SUPPORTED)} "
@@ -87,9 +95,33 @@ def read_hf_config(hf_dir) -> Tuple[str, object, object]:
     try:
         cfg = AutoConfig.from_pretrained(str(hf_dir))
     except Exception as e:  # transformers' own validation (strict dataclasses)
-        raise ConvertError(f"transformers rejects {path}: {str(e).splitlines()[0]}") from None
+        raise ConvertError(f"transformers rejects {path}: {_one_line(e)}") from None
     text = cfg.get_text_config() if arch == GEMMA3_MM else cfg
     return arch, cfg, text
+
+
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line (transformers' validation errors span two)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# fields that set tensor shapes (with the other names transformers reads them under);
+# when one is left out, transformers' default stands in
+SIZE_FIELDS = (("vocab_size",), ("hidden_size",), ("intermediate_size",), ("num_hidden_layers",),
+               ("num_attention_heads",), ("num_key_value_heads",), ("head_dim",))
+MOE_SIZE_FIELDS = (("num_experts", "num_local_experts"), ("moe_intermediate_size",))
+
+
+def _left_out(hf_dir, arch: str) -> List[str]:
+    """The size fields that config.json does not set (for the mismatch message)."""
+    try:
+        raw = json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8"))
+        raw = raw.get("text_config", {}) if arch == GEMMA3_MM else raw
+        fields = SIZE_FIELDS + (MOE_SIZE_FIELDS if arch == QWEN3_MOE else ())
+        return [names[0] for names in fields if not any(n in raw for n in names)]
+    except (ValueError, OSError, AttributeError):
+        return []
 
 
 def _cannot(arch: str, field: str, value, why: str) -> ConvertError:
@@ -235,7 +267,13 @@ def _opt_float(v) -> Optional[float]:
 def recipe_from_hf(hf_dir) -> Tuple[str, Recipe, bool]:
     """(architecture, resolved recipe, tied) for a Hugging Face directory."""
     arch, top, text = read_hf_config(hf_dir)
-    mc = model_config_from_hf(arch, text)
+    try:
+        mc = model_config_from_hf(arch, text)
+    except RecipeError:  # a ValueError too: already one sentence
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # a value of a type transformers let through
+        raise ConvertError(f"{Path(hf_dir) / 'config.json'} has a field moelab cannot map ({_one_line(e)}); "
+                           "check its types against the model's documented config.") from None
     if arch == GEMMA3_MM:  # the multimodal wrapper owns the tying flag
         mc.tie_embeddings = bool(getattr(top, "tie_word_embeddings", mc.tie_embeddings))
     recipe = Recipe(name=Path(hf_dir).resolve().name, model=mc)
@@ -437,8 +475,11 @@ def _plan(arch: str, recipe: Recipe, tied: bool, src: TensorSource, hf_dir, meta
     missing = [ours for ours, t in meta.items()
                if not ours.endswith("router.expert_bias") and covered.get(ours, 0) != t.numel()]
     if unexpected or missing or bad_shape:
+        left_out = _left_out(hf_dir, arch)
+        why = (f"; config.json leaves out {', '.join(left_out)}, so transformers' defaults stood in"
+               if left_out else "")
         raise ConvertError(f"the tensors in {hf_dir} do not match its config.json ({arch}): "
-                           + _listing(missing=missing, unexpected=unexpected, shape=bad_shape) + ".")
+                           + _listing(missing=missing, unexpected=unexpected, shape=bad_shape) + why + ".")
     return plan
 
 
@@ -504,8 +545,7 @@ def import_hf(hf_dir, out_dir, dtype: Optional[torch.dtype] = None, max_shard_by
     hf_dir = Path(hf_dir)
     arch, recipe, stream, stats = iter_hf_as_ours(hf_dir, dtype)
     tok = hf_dir / "tokenizer.json"
-    work = partial_dir(out_dir)
-    try:
+    with writing_dir(out_dir) as work:
         if tok.is_file():
             recipe.data.tokenizer = str((Path(out_dir) / "tokenizer.json").resolve())
         writer = ShardWriter(work, max_shard_bytes=max_shard_bytes)
@@ -513,9 +553,6 @@ def import_hf(hf_dir, out_dir, dtype: Optional[torch.dtype] = None, max_shard_by
             writer.add(name, tensor)
         files = writer.close()
         finish_dir(work, out_dir, recipe, tokenizer_path=tok if tok.is_file() else None)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     n_params = sum(p.numel() for p in build_model(recipe.model, device="meta").parameters())
     return {"architecture": arch, "recipe": recipe, "files": files, "params": n_params,
             "tokenizer": tok.is_file(), "peak_pending_bytes": stats["peak_pending_bytes"]}
@@ -626,8 +663,7 @@ def export_hf(source, out_dir, dtype: Optional[torch.dtype] = None, max_shard_by
     recipe, src, tok = open_checkpoint(source)
     arch, cfg, notes = hf_config_for(recipe.model)
     check_tensors(recipe, src.shapes(), source)
-    work = partial_dir(out_dir)
-    try:
+    with writing_dir(out_dir) as work:
         writer = ShardWriter(work, max_shard_bytes=max_shard_bytes)
         first_dtype = None
         for name, tensor in src.tensors():
@@ -642,9 +678,6 @@ def export_hf(source, out_dir, dtype: Optional[torch.dtype] = None, max_shard_by
             cfg.dtype = str(first_dtype).removeprefix("torch.")
         cfg.save_pretrained(str(work))
         finish_dir(work, out_dir, None, tokenizer_path=tok)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return {"architecture": arch, "files": files, "notes": notes, "tokenizer": tok is not None}
 
 

@@ -20,6 +20,7 @@ interrupted write never leaves a half-written model directory behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,9 +38,11 @@ from arch.recipe import resolve_recipe
 from lit_modules.checkpoints import layout
 from lit_modules.checkpoints.layout import RECIPE_FILE, TOKENIZER_FILE, CheckpointError
 from lit_modules.checkpoints.safe import inside, load_torch_file
+from lit_modules.disk import check_folder, writing
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+OUT_FIX = "free space there, or choose another OUT_DIR"
 
 
 # ------------------------------------------------------------------ tensor sources
@@ -78,10 +81,22 @@ def safetensors_files(folder) -> List[Path]:
     return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
 
 
-def safetensors_source(folder) -> TensorSource:
-    """Tensors of a folder's safetensors shards, read with safe_open one at a time."""
+@contextlib.contextmanager
+def _safe_open(path: Path):
+    """safe_open, with a truncated or foreign file refused in one sentence naming it."""
     from safetensors import safe_open
 
+    try:
+        h = safe_open(str(path), "pt")
+    except Exception as e:  # SafetensorError (bad header, file shorter than it says), OSError
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); it is "
+                              f"truncated or corrupt: download or copy it again.") from None
+    with h:
+        yield h
+
+
+def safetensors_source(folder) -> TensorSource:
+    """Tensors of a folder's safetensors shards, read with safe_open one at a time."""
     files = safetensors_files(folder)
     if not files:
         raise CheckpointError(f"{folder} holds no .safetensors file; it is not a saved model.")
@@ -89,14 +104,14 @@ def safetensors_source(folder) -> TensorSource:
     def shapes():
         out = {}
         for f in files:
-            with safe_open(str(f), "pt") as h:
+            with _safe_open(f) as h:
                 for k in h.keys():
                     out[k] = tuple(h.get_slice(k).get_shape())
         return out
 
     def tensors():
         for f in files:
-            with safe_open(str(f), "pt") as h:
+            with _safe_open(f) as h:
                 for k in h.keys():
                     yield k, h.get_tensor(k)
 
@@ -327,17 +342,34 @@ class ShardWriter:
 
 
 def partial_dir(out_dir) -> Path:
-    """A fresh sibling directory to write into; refuses a non-empty OUT_DIR."""
+    """A fresh sibling directory to write into; refuses a non-empty OUT_DIR, one below
+    a file, or one that cannot be written, in one sentence."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not an empty directory; choose a new output "
                               "directory or remove it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_folder(out, "OUT_DIR", "choose another OUT_DIR")
     work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir()
+    with writing("OUT_DIR", out, OUT_FIX):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
     return work
+
+
+@contextlib.contextmanager
+def writing_dir(out_dir):
+    """with writing_dir(OUT_DIR) as work: ... finish_dir(work, OUT_DIR, ...) — the
+    partial directory to write into; on any failure it is removed (nothing half-written
+    is left) and a failed write (disk full, read-only) is one sentence naming OUT_DIR."""
+    work = partial_dir(out_dir)
+    try:
+        with writing("OUT_DIR", out_dir, OUT_FIX):
+            yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def finish_dir(work: Path, out_dir, recipe: Optional[Recipe], tokenizer_path=None) -> None:
@@ -355,14 +387,10 @@ def finish_dir(work: Path, out_dir, recipe: Optional[Recipe], tokenizer_path=Non
 def save_model_dir(model: nn.Module, recipe: Recipe, out_dir, tokenizer_path=None,
                    max_shard_bytes: Optional[int] = None) -> List[str]:
     """Write `model` (its state_dict) and its resolved recipe as a moelab model directory."""
-    work = partial_dir(out_dir)
-    try:
+    with writing_dir(out_dir) as work:
         writer = ShardWriter(work, max_shard_bytes)
         for name, t in model.state_dict().items():
             writer.add(name, t)
         files = writer.close()
         finish_dir(work, out_dir, recipe, tokenizer_path)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return files

@@ -28,6 +28,7 @@ from lit_modules.checkpoints import layout
 from lit_modules.checkpoints.distributed import read_header
 from lit_modules.checkpoints.layout import CheckpointError
 from lit_modules.checkpoints.safe import load_torch_file
+from lit_modules.disk import DiskError, write_error
 
 log = logging.getLogger("moelab.train")
 
@@ -44,7 +45,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A path ending in .dcp is a sharded checkpoint folder: written here on one process
     (with several, the strategies write it from every rank themselves), read here by
-    every strategy but FSDP2's."""
+    every strategy but FSDP2's. A failed write (full disk, read-only) removes the
+    temporary file and is one DiskError naming the path; the files already there are
+    untouched."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if layout.is_sharded_name(path):
@@ -52,15 +55,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
             return save_sharded(checkpoint, path)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             _fsync_dir(path.parent)
+        except OSError as e:
+            raise write_error(e, "checkpoint", path, "free space on that disk or set train.run_dir to "
+                                                     "another") from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -169,15 +175,21 @@ class Checkpointing(Callback):
         t0 = time.perf_counter()
         step = trainer.global_step
         path = self.dirpath / layout.step_name(step, self.sharded)
-        trainer.save_checkpoint(path, weights_only=False)  # every rank takes part
-        if trainer.is_global_zero:
-            self._point_last(path)
-            if self.keep > 0:
-                for old in layout.step_files(self.dirpath)[:-self.keep]:
-                    if old.is_dir():
-                        shutil.rmtree(old, ignore_errors=True)
-                    else:
-                        old.unlink(missing_ok=True)
+        try:
+            trainer.save_checkpoint(path, weights_only=False)  # every rank takes part
+            if trainer.is_global_zero:
+                self._point_last(path)
+        except DiskError as e:  # last still names the checkpoint before: it is kept
+            good = self.saved_path or self.last_path
+            kept = (f"the last good checkpoint, {good}, is kept: resume from it with resume={good}" if good
+                    else "no checkpoint was written before it")
+            raise DiskError(f"training stopped at step {step}: {str(e).rstrip('.')}; {kept}.") from None
+        if trainer.is_global_zero and self.keep > 0:
+            for old in layout.step_files(self.dirpath)[:-self.keep]:
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
         trainer.strategy.barrier("moelab_checkpoint")
         self.saved_step, self.saved_path, self.last_path = step, path, self.last
         seconds = time.perf_counter() - t0
@@ -187,20 +199,28 @@ class Checkpointing(Callback):
         return path
 
     def _point_last(self, path: Path) -> None:
+        """last.ckpt -> `path` (a hard link, a copy where links are not supported) or
+        last.dcp -> `path` (a relative symlink), replaced in one rename."""
         tmp = self.dirpath / f".{self.last.name}.tmp-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        if self.sharded:
-            os.symlink(path.name, tmp)  # relative: the run directory may be moved
-        else:
-            try:
-                os.link(path, tmp)
-            except OSError:
-                shutil.copyfile(path, tmp)
-        os.replace(tmp, self.last)
-        # a run that changed train.checkpoint_format keeps one last, the newest
-        other = layout.LAST_CHECKPOINT if self.sharded else layout.LAST_SHARDED
-        (self.dirpath / other).unlink(missing_ok=True)
-        _fsync_dir(self.dirpath)
+        try:
+            tmp.unlink(missing_ok=True)
+            if self.sharded:
+                os.symlink(path.name, tmp)  # relative: the run directory may be moved
+            else:
+                try:
+                    os.link(path, tmp)
+                except OSError:
+                    shutil.copyfile(path, tmp)
+            os.replace(tmp, self.last)
+            # a run that changed train.checkpoint_format keeps one last, the newest
+            other = layout.LAST_CHECKPOINT if self.sharded else layout.LAST_SHARDED
+            (self.dirpath / other).unlink(missing_ok=True)
+            _fsync_dir(self.dirpath)
+        except OSError as e:
+            raise write_error(e, "checkpoint", self.last, "free space on that disk or set train.run_dir to "
+                                                          "another") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ resume checks

@@ -16,12 +16,16 @@ so the split is the same on every machine and does not move when files are added
 """
 from __future__ import annotations
 
+import codecs
+import fnmatch
+import functools
 import gzip
 import hashlib
 import json
 import os
 import sys
 import sysconfig
+import zlib
 from dataclasses import dataclass
 from glob import glob, has_magic
 from pathlib import Path
@@ -61,10 +65,111 @@ def _is_jsonl(path: Path) -> bool:
     return path.name.endswith((".jsonl", ".jsonl.gz"))
 
 
-def _open_text(path: Path):
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _open_text(path: Path, encoding: str):
+    """Strict decoding: a byte that does not decode raises, never becomes U+FFFD."""
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, "r", encoding="utf-8", errors="replace")
+        return gzip.open(path, "rt", encoding=encoding)
+    return open(path, "r", encoding=encoding)
+
+
+# what a truncated or corrupt .gz raises (gzip.BadGzipFile is an OSError)
+_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _unreadable(path: Path, e: BaseException) -> DataError:
+    """A read that failed, as one sentence naming the file."""
+    if path.name.endswith(".gz") and isinstance(e, _GZIP_ERRORS):
+        return DataError(f"{path} is not a readable gzip file ({str(e).splitlines()[0] or type(e).__name__}): it is "
+                         f"truncated or corrupt; copy or compress it again, or remove it from data.source.")
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+    return DataError(f"cannot read {path}: {reason}; check the file, or remove it from data.source.")
+
+
+def _first_bad_byte(path: Path, encoding: str) -> int:
+    """Byte offset (of the decompressed data, for .gz) where decoding fails: read again
+    in pieces through an incremental decoder, on the error path only."""
+    dec = codecs.getincrementaldecoder(encoding)("strict")
+    pos = 0
+    with _open_binary(path) as f:
+        while True:
+            piece = f.read(1 << 20)
+            pending = len(dec.getstate()[0])  # bytes of an unfinished character, kept from before
+            try:
+                dec.decode(piece, final=not piece)
+            except UnicodeDecodeError as e:
+                return pos - pending + e.start
+            if not piece:
+                return pos
+            pos += len(piece)
+
+
+def _not_decodable(path: Path, encoding: str) -> DataError:
+    """Why a file failed to decode: binary data (which seldom decodes: say so, rather
+    than suggest another encoding), or the offset of the first byte that does not."""
+    nul = _nul_byte(path, encoding)
+    if nul is not None:
+        return _binary(path, f"byte offset {nul:,}")
+    off = _first_bad_byte(path, encoding)
+    with _open_binary(path) as f:
+        f.seek(off)
+        byte = f.read(1)
+    of = " of its decompressed data" if path.name.endswith(".gz") else ""
+    alt = "latin-1" if codecs.lookup(encoding).name != "iso8859-1" else "utf-8"
+    return DataError(f"{path} is not {encoding} text: the byte at offset {off:,}{of} (0x{byte.hex() or '??'}) "
+                     f"does not decode; set data.encoding to the file's encoding (e.g. data.encoding={alt}) or "
+                     f"convert the file to {encoding}.")
+
+
+def _nul_byte(path: Path, encoding: str) -> Optional[int]:
+    """Offset of the first NUL byte, if the encoding is ASCII-compatible (in UTF-16/32
+    NUL bytes are ordinary) and there is one."""
+    if "\0".encode(encoding) != b"\0":
+        return None
+    with _open_binary(path) as f:
+        off = 0
+        while piece := f.read(1 << 20):
+            if b"\0" in piece:
+                return off + piece.index(b"\0")
+            off += len(piece)
+    return None
+
+
+def _binary(path: Path, where: str) -> DataError:
+    return DataError(f"{path} holds NUL bytes (the first at {where}): it is binary, not text; remove it from "
+                     f"data.source (or narrow the glob), or, for UTF-16/32 text, set data.encoding=utf-16 (or "
+                     f"utf-32).")
+
+
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A whole file as text (newlines made \\n, as Python's text mode does), or one
+    DataError naming the file: binary (NUL bytes), not decodable under `encoding`
+    (with the byte offset), a truncated or corrupt .gz, unreadable. The offsets are
+    found by reading again, on the error path only."""
+    try:
+        with _open_text(path, encoding) as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise _not_decodable(path, encoding) from None
+    except (OSError, *_GZIP_ERRORS) as e:
+        raise _unreadable(path, e) from None
+    if "\0" in text:
+        nul = _nul_byte(path, encoding)
+        raise _binary(path, f"byte offset {nul:,}" if nul is not None else f"character {text.index(chr(0)):,}")
+    return text
+
+
+def check_encoding(encoding) -> None:
+    try:
+        # b"" would not look the codec up; this also refuses codecs that are not text
+        # encodings (base64, rot13)
+        b"a".decode(encoding, errors="ignore")
+    except (LookupError, TypeError):
+        raise DataError(f"data.encoding = {encoding!r} is not a text encoding Python knows; use e.g. utf-8, "
+                        f"latin-1, cp1252 or utf-16.") from None
 
 
 def stdlib_root() -> Path:
@@ -102,13 +207,59 @@ class Source:
     stdlib: bool = False
 
 
+def _match_name(pattern: str, name: str) -> bool:
+    if not has_magic(pattern):
+        return name == pattern
+    # as glob: a wildcard does not match a leading dot
+    return (not name.startswith(".") or pattern.startswith(".")) and fnmatch.fnmatchcase(name, pattern)
+
+
+def _match_parts(pattern: Tuple[str, ...], names: Tuple[str, ...]) -> bool:
+    """glob's rule for path components: `**` is zero or more folders (none hidden)."""
+
+    @functools.lru_cache(maxsize=None)
+    def match(i: int, j: int) -> bool:
+        if i == len(pattern):
+            return j == len(names)
+        if pattern[i] == "**":
+            return match(i + 1, j) or (j < len(names) and not names[j].startswith(".") and match(i, j + 1))
+        return j < len(names) and _match_name(pattern[i], names[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+def _glob(pattern: Path) -> List[Path]:
+    """glob(pattern, recursive=True), except that a `**` walks each folder once (by
+    device and inode): a symbolic link back up the tree neither hangs the walk (glob
+    follows it until the path is too long, doubling per loop) nor yields its files again."""
+    parts = pattern.parts
+    if "**" not in parts:
+        return [Path(p) for p in glob(str(pattern))]
+    first = next(i for i, part in enumerate(parts) if has_magic(part))
+    root, rest = Path(*parts[:first]), parts[first:]
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        rel = Path(folder).relative_to(root).parts
+        found += [Path(folder) / f for f in files if _match_parts(rest, rel + (f,))]
+    return found
+
+
 def _expand(spec: str, where: str) -> List[Path]:
     path = Path(os.path.expanduser(spec))
     if not path.is_absolute():
         path = Path.cwd() / path
     if has_magic(str(path)):
-        found = [Path(p) for p in glob(str(path), recursive=True)]
-        found = [p for p in found if p.is_file()]
+        found = [p for p in _glob(path) if p.is_file()]
     elif path.is_dir():
         found = [p for p in path.rglob("*") if p.is_file() and p.name.endswith(FOLDER_SUFFIXES)]
         if not found:
@@ -145,15 +296,21 @@ class Corpus:
         if not specs:
             raise DataError("data.source is empty; set it to 'stdlib' or to paths/globs of .txt or .jsonl files.")
         require_numbers(cfg, "data", DataError)  # val_fraction, max_chars: load_recipe's rules
+        check_encoding(cfg.encoding)
         self.sources: List[Source] = []
         user_files: List[Path] = []
+        read = set()  # a file reached twice (two globs, a symbolic link) is read once, by its first name
         for i, spec in enumerate(specs):
             where = "data.source" if len(specs) == 1 else f"data.source[{i}]"
             if spec == "stdlib":
                 files = tuple((f"stdlib/{rel}", p) for rel, p in stdlib_files())
                 self.sources.append(Source(spec, files, stdlib=True))
             else:
-                found = _expand(spec, where)
+                found = []
+                for p in _expand(spec, where):
+                    if (real := p.resolve()) not in read:
+                        read.add(real)
+                        found.append(p)
                 user_files += found
                 self.sources.append(Source(spec, tuple(("", p) for p in found)))
         # user files are named relative to their common folder, so the split does not
@@ -196,6 +353,7 @@ class Corpus:
         return {
             "version": CORPUS_VERSION, "sources": sources, "max_chars": self.cfg.max_chars,
             "val_fraction": float(self.cfg.val_fraction), "text_field": self.cfg.text_field,
+            "encoding": self.cfg.encoding,
         }
 
     def key(self) -> str:
@@ -215,41 +373,51 @@ class Corpus:
                 docs.sort(key=lambda d: (name_hash("order/" + d[0]), d[0]))
                 topics = _topics()
                 for name, what in docs:
-                    if isinstance(what, Path):
-                        with _open_text(what) as f:
-                            yield name, f.read()
-                    else:
-                        yield name, topics[what]
+                    # Python sources are UTF-8 whatever data.encoding says
+                    yield name, read_text(what) if isinstance(what, Path) else topics[what]
                 continue
             for name, p in s.files:
                 if _is_jsonl(p):
                     yield from self._jsonl(name, p)
                 else:
-                    with _open_text(p) as f:
-                        yield name, f.read()
+                    yield name, read_text(p, self.cfg.encoding)
 
     def _jsonl(self, name: str, path: Path) -> Iterator[Tuple[str, str]]:
+        """The documents of a JSON Lines file, read line by line (one DataError for a
+        file that is binary, does not decode, or is a truncated .gz)."""
+        encoding = self.cfg.encoding
+        try:
+            with _open_text(path, encoding) as f:
+                yield from self._jsonl_lines(name, path, f)
+        except UnicodeDecodeError:
+            raise _not_decodable(path, encoding) from None
+        except (OSError, *_GZIP_ERRORS) as e:
+            raise _unreadable(path, e) from None
+
+    def _jsonl_lines(self, name: str, path: Path, f) -> Iterator[Tuple[str, str]]:
         field = self.cfg.text_field
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); "
-                                    f"each line of a .jsonl file must be one JSON object.") from None
-                if not isinstance(obj, dict) or field not in obj:
-                    keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-                    raise DataError(f"{path}:{lineno} has no '{field}' field (it has: {keys}); "
-                                    f"set data.text_field to the key that holds the text.")
-                text = obj[field]
-                if text is None:
-                    continue
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{lineno} field '{field}' is a {type(text).__name__}, "
-                                    f"not a string; point data.text_field at the text.")
-                yield f"{name}:{lineno}", text
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if "\0" in line:
+                nul = _nul_byte(path, self.cfg.encoding)
+                raise _binary(path, f"byte offset {nul:,}" if nul is not None else f"line {lineno}")
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); "
+                                f"each line of a .jsonl file must be one JSON object.") from None
+            if not isinstance(obj, dict) or field not in obj:
+                keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+                raise DataError(f"{path}:{lineno} has no '{field}' field (it has: {keys}); "
+                                f"set data.text_field to the key that holds the text.")
+            text = obj[field]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno} field '{field}' is a {type(text).__name__}, "
+                                f"not a string; point data.text_field at the text.")
+            yield f"{name}:{lineno}", text
 
     def documents(self) -> Iterator[Tuple[str, str]]:
         """Non-blank documents in corpus order; the stream stops at max_chars (the last

@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from arch.config import Recipe
 from lit_modules.data.corpus import Corpus, DataError, SplitPlan, chunks
+from lit_modules.disk import check_folder, writing
 from lit_modules.data.tokenizer import (
     BPE_MAX_CHARS, BPE_VERSION, Tokenizer, check_vocab, default_log, eos_id,
     load_tokenizer_file, save_atomic, tokenizer_file, tokenizer_sha,
@@ -68,6 +69,8 @@ CACHE_VERSION = 1  # bump when the token files for the same corpus and tokenizer
 CHUNK_CHARS = 1 << 20  # a longer document is encoded in pieces of about this size
 ENCODE_BATCH_CHARS = 1 << 22  # characters handed to encode_batch (parallel) at once
 STALE_TMP_SECONDS = 600  # a dead process's temporary file untouched this long is removed
+SCAN_TOKENS = 1 << 24  # a cached token file is checked in pieces of this many ids
+CACHE_FIX = "free space there, or set data.cache_dir to a writable folder with room"
 
 
 def _hash(*parts) -> str:
@@ -343,9 +346,11 @@ class TokenDataModule(pl.LightningDataModule):
             path = tokenizer_file(self.cfg.tokenizer)
         else:
             what = "trained on the corpus"
+            check_folder(self.cache_dir, "data.cache_dir", "set data.cache_dir to a folder")
             path = self.cache_dir / f"bpe-{_hash(corpus.key(), model_vocab, BPE_VERSION, BPE_MAX_CHARS)}.json"
-            tok, cached = _read_or_build(path, lambda: self._cached_bpe(path),
-                                         lambda: self._train_bpe(path, model_vocab))
+            with writing("the data cache", self.cache_dir, CACHE_FIX):
+                tok, cached = _read_or_build(path, lambda: self._cached_bpe(path),
+                                             lambda: self._train_bpe(path, model_vocab))
             if cached:
                 self._log(f"tokenizer: cached BPE, {vocab_size(tok):,} tokens ({path})")
             check_vocab(tok, model_vocab, what)
@@ -386,26 +391,60 @@ class TokenDataModule(pl.LightningDataModule):
         if self._meta is not None:
             return
         tok = self.prepare_tokenizer()
+        check_folder(self.cache_dir, "data.cache_dir", "set data.cache_dir to a folder")
         folder = self.cache_dir / f"tokens-{_hash(self.corpus.key(), tokenizer_sha(tok), CACHE_VERSION)}"
-        meta, cached = _read_or_build(folder, lambda: self._read_cache(folder), lambda: self._tokenize(folder, tok))
+        with writing("the data cache", folder, CACHE_FIX):
+            meta, cached = _read_or_build(folder, lambda: self._read_cache(folder, tok),
+                                          lambda: self._tokenize(folder, tok))
         if cached:
             self._log(f"tokens: cached, {meta['train_tokens']:,} train + {meta['val_tokens']:,} validation ({folder})")
         self._tokens_dir, self._meta = folder, meta
 
-    @staticmethod
-    def _read_cache(folder: Path) -> Optional[Dict]:
-        """The cache's meta.json if the cache is complete and consistent, else None."""
+    def _read_cache(self, folder: Path, tok: Tokenizer) -> Optional[Dict]:
+        """The cache's meta.json if the cache is complete and its files are what
+        meta.json says, else None (rebuilt). A complete cache whose contents disagree
+        (sizes, an id outside the vocabulary) is corrupt: said, and rebuilt."""
         try:
             meta = json.loads((folder / "meta.json").read_text())
-            if meta.get("version") != CACHE_VERSION:
-                return None
-            item = np.dtype(meta["dtype"]).itemsize
-            for split in ("train", "val"):
-                if (folder / f"{split}.bin").stat().st_size != meta[f"{split}_tokens"] * item:
-                    return None
-            return meta
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
+            return None  # not finished (meta.json is written last)
+        if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
             return None
+        problem = self._cache_problem(folder, meta, tok)
+        if problem is None:
+            return meta
+        print(f"moelab data: the token cache {folder} is corrupt ({problem}); rebuilding it.",
+              file=sys.stderr, flush=True)
+        (folder / "meta.json").unlink(missing_ok=True)  # unfinished, for every process, until rebuilt
+        return None
+
+    def _cache_problem(self, folder: Path, meta: Dict, tok: Tokenizer) -> Optional[str]:
+        """What in a complete cache disagrees with its meta.json and the tokenizer
+        (None: nothing). Every id is read: an id past the vocabulary would otherwise
+        surface as an index error in the embedding, mid-training."""
+        vocab = vocab_size(tok)
+        try:
+            dtype = np.dtype(meta["dtype"])
+            if dtype not in (np.uint16, np.uint32) or meta["vocab_size"] != vocab:
+                return f"meta.json says {meta['dtype']} ids of a {meta['vocab_size']}-token vocabulary, the " \
+                       f"tokenizer has {vocab}"
+            if meta["eos_id"] != eos_id(tok, self._tok_what):
+                return f"meta.json's end-of-text id {meta['eos_id']} is not the tokenizer's"
+            for split in ("train", "val"):
+                path, n = folder / f"{split}.bin", int(meta[f"{split}_tokens"])
+                size = path.stat().st_size
+                if size != n * dtype.itemsize:
+                    return f"{path.name} holds {size:,} bytes, meta.json says {n:,} tokens of {dtype.itemsize}"
+                if n == 0:
+                    continue
+                ids = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+                top = max(int(ids[i:i + SCAN_TOKENS].max()) for i in range(0, n, SCAN_TOKENS))
+                del ids
+                if top >= vocab:
+                    return f"{path.name} holds the id {top:,}, past the tokenizer's {vocab:,} tokens"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None
 
     def _tokenize(self, folder: Path, tok: Tokenizer) -> Dict:
         plan = self._get_plan()
@@ -419,9 +458,13 @@ class TokenDataModule(pl.LightningDataModule):
             final = folder / f"{split}.bin"
             tmp = _tmp_name(final)
             bar = self._bar(plan.train_chars if split == "train" else plan.val_chars, f"tokenizing {split}")
-            counts[split], chars[split] = self._encode(tok, self.corpus.split(plan, split), eos, dtype, tmp, bar)
-            bar.close()
-            os.replace(tmp, final)
+            try:
+                counts[split], chars[split] = self._encode(tok, self.corpus.split(plan, split), eos, dtype, tmp,
+                                                           bar)
+                os.replace(tmp, final)
+            finally:
+                bar.close()
+                tmp.unlink(missing_ok=True)  # a failed write (disk full, a bad file) leaves nothing behind
         meta = {
             "version": CACHE_VERSION, "dtype": dtype, "eos_id": eos, "vocab_size": vocab,
             "train_tokens": counts["train"], "val_tokens": counts["val"],
@@ -430,8 +473,11 @@ class TokenDataModule(pl.LightningDataModule):
             "tokenizer_sha": tokenizer_sha(tok),
         }
         tmp = _tmp_name(folder / "meta.json")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, folder / "meta.json")  # last: this makes the cache complete
+        try:
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, folder / "meta.json")  # last: this makes the cache complete
+        finally:
+            tmp.unlink(missing_ok=True)
         _remove_stale_tmp(folder)
         total = counts["train"] + counts["val"]
         self._log(f"tokens: {counts['train']:,} train + {counts['val']:,} validation "

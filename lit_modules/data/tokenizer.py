@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -19,10 +20,33 @@ from lit_modules.data.corpus import DataError
 
 EOS = "<|endoftext|>"
 EOS_CANDIDATES = (EOS, "<eos>", "</s>", "<|end_of_text|>")
-BPE_VERSION = 2  # bump when train_bpe changes what it produces for the same input
+BPE_VERSION = 3  # bump when train_bpe changes what it produces for the same input
 # The BPE learns its merges from at most this many characters of the training split:
 # merges settle long before that, and training time grows with the text.
 BPE_MAX_CHARS = 200_000_000
+# The trainer's time grows with the square of a word's length (a word: what the
+# pre-tokenizer leaves whole, such as a run of letters or of spaces): one run of 100k
+# letters takes seconds, of 1M minutes. Longer runs of non-space or of space are
+# learnt from in pieces of this length; real text has none (the standard library's
+# longest is 138 characters), so its tokenizer is unchanged.
+BPE_MAX_RUN = 1024
+# from the start of a run only (the look-behind), so the scan stays linear
+_LONG_RUN = re.compile(r"(?<!\S)\S{%d,}|(?<!\s)\s{%d,}" % (BPE_MAX_RUN + 1, BPE_MAX_RUN + 1))
+
+
+def bounded_runs(texts: Iterable[str]) -> Iterator[str]:
+    """The texts, with every run longer than BPE_MAX_RUN handed on in pieces of that
+    length (each a separate text, so no word spans two)."""
+    for text in texts:
+        start = 0
+        for m in _LONG_RUN.finditer(text):
+            if m.start() > start:
+                yield text[start:m.start()]
+            for i in range(m.start(), m.end(), BPE_MAX_RUN):
+                yield text[i:min(i + BPE_MAX_RUN, m.end())]
+            start = m.end()
+        if start < len(text):
+            yield text[start:]
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
@@ -42,7 +66,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = False
         vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=show_progress,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator(bounded_runs(texts), trainer)
     return tok
 
 
@@ -100,8 +124,11 @@ def save_atomic(tok: Tokenizer, path: Path) -> None:
     looks complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(tok.to_str(pretty=True), encoding="utf-8")  # what tok.save writes, with Python's OSError
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def default_log(verbose: bool) -> Callable[[str], None]:

@@ -1,5 +1,5 @@
 """Callbacks of `moelab train`: checkpoints, throughput/MFU, router statistics, the
-progress bar; and the checkpoint writer that never leaves a half-written file.
+progress bar, Ctrl-C; and the checkpoint writer that never leaves a half-written file.
 
 Every scalar is written at the optimizer step (trainer.global_step) it belongs to.
 """
@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -17,6 +20,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 log = logging.getLogger("moelab.train")
+
 
 class Throughput(Callback):
     """perf/tokens_per_s (all ranks) and perf/mfu every `log_every` steps.
@@ -241,3 +245,72 @@ class StepProfiler(Callback):
         if trainer.is_global_zero:
             prof.export_chrome_trace(str(self.dirpath / "trace.json"))
         log.info("profile of %d steps written to %s", self.steps, self.dirpath)
+
+
+# ------------------------------------------------------------------ Ctrl-C
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; the message says at which step and what was kept.
+    A KeyboardInterrupt, so `moelab` exits 130."""
+
+
+class StopOnInterrupt(Callback):
+    """Ctrl-C (SIGINT) during training finishes the optimizer step under way, then stops
+    as at max_steps but without a validation pass: the Checkpointing callback writes
+    that step's checkpoint in on_train_end. A second Ctrl-C stops at once, as does one
+    before the first step (Lightning's own handling: on_exception hooks, then exit);
+    `hard` says so. Under several processes the ranks agree on the step to stop at.
+
+        stop = StopOnInterrupt(); stop.install()   # around trainer.fit, main thread
+        ...; stop.uninstall()                      # stop.stopped_at: the step, or None
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.hard = False
+        self.stopped_at: Optional[int] = None
+        self._training = False
+        self._rank0 = True
+        self._previous = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested or not self._training:
+            self.hard = True
+            raise KeyboardInterrupt
+        self.requested = True
+        if self._rank0:
+            print("\nmoelab train: Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to stop "
+                  "at once)", file=sys.stderr, flush=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._training, self._rank0 = True, trainer.is_global_zero
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._training = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._check(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._check(trainer)
+
+    def _check(self, trainer) -> None:
+        stop = self.requested
+        if trainer.world_size > 1:  # a signal may reach the ranks on either side of a step
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop and self.stopped_at is None:
+            self.requested = True
+            self.stopped_at = trainer.global_step
+            trainer.should_stop = True
+            trainer.limit_val_batches = 0  # Lightning would validate on the way out

@@ -10,6 +10,10 @@ Trainer exists:
     check_train -> runtime (accelerator, precision, strategy) -> resolve_run
     -> check_resume -> data (prepare, vocabulary) -> open_run_dir (lock, recipe,
     tokenizer) -> Trainer.fit, with failures translated into one sentence
+
+A new run that stops before its first checkpoint (an error, Ctrl-C) removes the run
+directory it created, and says so. Ctrl-C finishes the step under way, writes its
+checkpoint and exits 130 (callbacks.StopOnInterrupt).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,10 +33,12 @@ from arch.registry import RecipeError
 from lit_modules.checkpoints import layout
 from lit_modules.checkpoints.layout import RunLock, check_run_name
 from lit_modules.checkpoints.training import check_resume
+from lit_modules.disk import REASONS, check_folder, reason, writing
 
 # A multi-process launch re-runs this command in every rank; the launching process
 # passes the run directory and the checkpoint it resolved, so all ranks agree.
 LAUNCH_ENV = "MOELAB_TRAIN_LAUNCH"
+RUN_FIX = "free space there, or set train.run_dir to a writable folder with room"
 
 
 # ------------------------------------------------------------------ checks
@@ -135,6 +142,21 @@ def resolve_run(recipe: Recipe) -> Tuple[Path, Optional[Path]]:
 # ------------------------------------------------------------------ logging
 
 
+class _LogFile(logging.FileHandler):
+    """train.log; a line that cannot be written (disk full) is said once, not as a
+    traceback per line (logging's default)."""
+
+    failed = False
+
+    def handleError(self, record) -> None:
+        e = sys.exc_info()[1]
+        if not self.failed:
+            self.failed = True
+            why = reason(e) if isinstance(e, OSError) else str(e)
+            print(f"moelab train: cannot write {self.baseFilename}: {why}; its lines are lost from here on",
+                  file=sys.stderr, flush=True)
+
+
 class _RunLog:
     """train.log in the run directory: the `moelab.train` logger plus Lightning's."""
 
@@ -142,7 +164,7 @@ class _RunLog:
         self.handler = None
         self.loggers = [logging.getLogger("moelab.train"), logging.getLogger("lightning.pytorch")]
         if path is not None:
-            self.handler = logging.FileHandler(path)
+            self.handler = _LogFile(path)
             self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
             for lg in self.loggers:
                 lg.addHandler(self.handler)
@@ -177,8 +199,12 @@ def _quiet_advert() -> None:
 
 def _write_json(path: Path, obj: Dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        with writing("the run summary", path, RUN_FIX):
+            tmp.write_text(json.dumps(obj, indent=2) + "\n")
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ train
@@ -208,13 +234,35 @@ def prepare_data(dm, recipe: Recipe) -> None:
 def open_run_dir(run_dir: Path, recipe: Recipe, tokenizer_path) -> RunLock:
     """Create (or reopen) the run directory once the inputs are known good, take its
     lock before anything is written into it, then write the recipe and the tokenizer
-    (so `moelab eval` / `export-hf` of the run need no --tokenizer)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir).acquire()
-    (run_dir / layout.RECIPE_FILE).write_text(recipe_to_yaml(recipe))
-    if tokenizer_path and Path(tokenizer_path).is_file():
-        shutil.copyfile(tokenizer_path, run_dir / layout.TOKENIZER_FILE)
+    (so `moelab eval` / `export-hf` of the run need no --tokenizer). A write that
+    fails is one sentence naming the directory, and a directory created here is
+    removed again (never one whose lock another run holds)."""
+    check_folder(run_dir, "the run directory", "set train.run_dir to a folder")
+    created, lock = not run_dir.exists(), None
+    try:
+        with writing("the run directory", run_dir, RUN_FIX):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir).acquire()
+            (run_dir / layout.RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+            if tokenizer_path and Path(tokenizer_path).is_file():
+                shutil.copyfile(tokenizer_path, run_dir / layout.TOKENIZER_FILE)
+    except BaseException:
+        if lock is not None:
+            if created:
+                _remove_unfinished(run_dir)
+            lock.release()
+        raise
     return lock
+
+
+def _remove_unfinished(run_dir: Path) -> None:
+    """A new run that stopped before its first checkpoint leaves nothing to resume:
+    its directory (recipe, tokenizer, log, TensorBoard) goes, and this says so."""
+    if layout.step_files(layout.checkpoint_dir(run_dir)) or layout.last_checkpoint(run_dir):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"moelab train: removed the run directory {run_dir}: the run stopped before its first checkpoint",
+          flush=True)
 
 
 def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence = ()) -> Dict:
@@ -239,13 +287,15 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
     resume_step = check_resume(resume, recipe) if resume else 0
     rank0 = rank_zero_only.rank == 0
     dm = TokenDataModule(recipe)
-    lock = None
+    lock, created, runlog = None, False, None
     if rank0:
         print(f"moelab train: run directory {run_dir}", flush=True)
         prepare_data(dm, recipe)
+        created = not run_dir.exists()
         lock = open_run_dir(run_dir, recipe, dm.tokenizer_path)
-    runlog = _RunLog(run_dir / layout.LOG_FILE if rank0 else None)
     try:
+        with writing("the run log", run_dir / layout.LOG_FILE, RUN_FIX):
+            runlog = _RunLog(run_dir / layout.LOG_FILE if rank0 else None)
         if rank0:
             runlog.loggers[0].info("moelab train: run directory %s", run_dir)
             if resume:
@@ -256,8 +306,13 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
                        f"{t.micro_batch_size * t.grad_accum} x {t.seq_len} tokens per rank, "
                        f"{accelerator} {precision}")
         return _fit(recipe, run_dir, resume, resume_step, dm, accelerator, precision, strategy, callbacks, runlog)
+    except BaseException:
+        if created:
+            _remove_unfinished(run_dir)
+        raise
     finally:
-        runlog.close()
+        if runlog is not None:
+            runlog.close()
         if lock is not None:
             lock.release()
 
@@ -270,7 +325,8 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
 
     from lit_modules.checkpoints.training import AtomicCheckpointIO, Checkpointing
     from lit_modules.runtime import peak_flops_per_device, resolve_devices
-    from lit_modules.train.callbacks import RouterStats, StepProfiler, StepProgressBar, Throughput
+    from lit_modules.train.callbacks import (RouterStats, StepProfiler, StepProgressBar, StopOnInterrupt,
+                                             Throughput, TrainingInterrupted)
     from lit_modules.train.module import CausalLM
 
     t = recipe.train
@@ -278,6 +334,7 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
     module = CausalLM(recipe)
     ckpt = Checkpointing(layout.checkpoint_dir(run_dir), t.ckpt_every, t.keep_checkpoints,
                          sharded=t.checkpoint_format == "sharded")
+    stop = StopOnInterrupt()
     throughput = Throughput(module.accounting.flops_per_token, peak_flops_per_device(t.peak_tflops, precision),
                             t.log_every)
     validate = t.val_every > 0 and t.val_batches > 0
@@ -292,7 +349,7 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
         num_sanity_val_steps=t.val_batches if (validate and not resume) else 0,
         logger=TensorBoardLogger(str(run_dir), name=layout.TB_DIR, version="", default_hp_metric=False,
                                  **tb_kwargs),
-        callbacks=[throughput, RouterStats(t.log_every, t.expert_image_every), ckpt,
+        callbacks=[throughput, RouterStats(t.log_every, t.expert_image_every), ckpt, stop,
                    StepProgressBar(refresh_rate=t.log_every),
                    *([StepProfiler(run_dir / "profile", t.profile_steps)] if t.profile_steps else []), *callbacks],
         plugins=[AtomicCheckpointIO()],
@@ -302,18 +359,32 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
     )
     os.environ[LAUNCH_ENV] = json.dumps({"run_dir": str(run_dir), "resume": str(resume) if resume else None})
     t0 = time.perf_counter()
+    stop.install()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
-        if validate and (not module.val_history or module.val_history[-1]["step"] != trainer.global_step):
+        interrupted = stop.stopped_at is not None and trainer.global_step < t.max_steps
+        if validate and not interrupted and (not module.val_history
+                                             or module.val_history[-1]["step"] != trainer.global_step):
             trainer.validate(module, datamodule=dm, verbose=False)
+    except SystemExit:  # Lightning's answer to a KeyboardInterrupt: on_exception hooks, then exit(1)
+        if not stop.hard:
+            raise
+        raise TrainingInterrupted(_interrupted_message(trainer.global_step, ckpt, resume, finished=False)) from None
     except Exception as e:
-        failure = _failure(e, recipe, trainer, ckpt)
+        failure = _failure(e, recipe, trainer, ckpt, run_dir)
         if failure is None:
             raise
         raise failure from None
     finally:
+        stop.uninstall()
         os.environ.pop(LAUNCH_ENV, None)
     wall = time.perf_counter() - t0
+    if interrupted:
+        if not trainer.is_global_zero:
+            raise SystemExit(130)  # rank 0 says it, once
+        msg = _interrupted_message(trainer.global_step, ckpt, resume, finished=True)
+        runlog.loggers[0].info("moelab train: %s", msg)
+        raise TrainingInterrupted(msg)
 
     summary = _summary(recipe, run_dir, module, trainer, throughput, ckpt, resume, wall)
     if trainer.is_global_zero:
@@ -334,7 +405,19 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
     return summary
 
 
-def _failure(e: Exception, recipe: Recipe, trainer, ckpt) -> Optional[RecipeError]:
+def _interrupted_message(step: int, ckpt, resume: Optional[Path], finished: bool) -> str:
+    """What Ctrl-C kept: the checkpoint of the step it stopped at (`finished`), or, when
+    stopped at once, the last one written before."""
+    if finished:
+        return f"interrupted at step {step}; checkpoint {ckpt.saved_path} (resume with resume={ckpt.saved_path})"
+    good = ckpt.saved_path or ckpt.last_path or resume
+    if good is None:
+        return f"interrupted at step {step}, before any checkpoint was written; nothing was kept"
+    return (f"interrupted at step {step}, stopped at once; the last checkpoint is {good} (resume with "
+            f"resume={good})")
+
+
+def _failure(e: Exception, recipe: Recipe, trainer, ckpt, run_dir: Path) -> Optional[RecipeError]:
     """A failure during training as one sentence: the step, the last good checkpoint
     and what to change; None for anything else (raised as it is)."""
     import torch
@@ -344,6 +427,10 @@ def _failure(e: Exception, recipe: Recipe, trainer, ckpt) -> Optional[RecipeErro
     t = recipe.train
     if isinstance(e, NonFiniteLoss):
         return TrainingFailed(non_finite_message(e, recipe, ckpt.last_path))
+    if isinstance(e, OSError) and e.errno in REASONS:  # a write of the loggers (TensorBoard) or a callback
+        where = e.filename or f"into the run directory {run_dir}"
+        return TrainingFailed(f"training stopped at step {trainer.global_step}: cannot write {where}: {reason(e)}; "
+                              f"{RUN_FIX}; the last good checkpoint is {ckpt.saved_path or ckpt.last_path or 'none'}.")
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return TrainingFailed(
             f"out of GPU memory at step {trainer.global_step + 1} (micro_batch_size {t.micro_batch_size}, "

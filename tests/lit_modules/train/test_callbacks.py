@@ -1,5 +1,6 @@
 """Callbacks' parts that need no training run: atomic checkpoint writes, checkpoint
 rotation, the expert-load image, the MFU peak."""
+import errno
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from lit_modules.checkpoints.training import AtomicCheckpointIO, Checkpointing
+from lit_modules.disk import DiskError
 from lit_modules.runtime import peak_flops_per_device
 from lit_modules.train.callbacks import load_image
 
@@ -31,11 +33,13 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     def dies(obj, f):
         f.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", dies)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskError) as e:  # one sentence naming the file, not an OSError traceback
         io.save_checkpoint({"step": 2}, path)
+    assert str(e.value) == (f"cannot write checkpoint {path}: the disk is full (ENOSPC); free space on that disk "
+                            f"or set train.run_dir to another.")
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1
     assert os.listdir(tmp_path) == ["last.ckpt"]
