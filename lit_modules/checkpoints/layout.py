@@ -7,7 +7,7 @@
         tb/                  TensorBoard event files
         checkpoints/         stepNNNNNNNN.ckpt (the newest train.keep_checkpoints) + last.ckpt;
                              with train.checkpoint_format=sharded, folders stepNNNNNNNN.dcp/
-                             (lit_modules.checkpoints.distributed) + last.dcp, a symlink
+                             (lit_modules.checkpoints.sharded) + last.dcp, a symlink
         summary.json         written at the end
         .lock                held by the running process (RunLock)
 

@@ -11,7 +11,7 @@ A moelab model directory:
 Everything that reads a model accepts four sources (`open_checkpoint`): such a
 directory, a Lightning training checkpoint (.ckpt: the recipe YAML under
 "moelab_recipe", weights under "state_dict" prefixed "model."), a sharded training
-checkpoint folder (.dcp, lit_modules.checkpoints.distributed: consolidated here, on one
+checkpoint folder (.dcp, lit_modules.checkpoints.sharded: consolidated here, on one
 process, whatever layout wrote it), or a run directory (its newest checkpoint, either
 form). Reading streams: the model is built on the meta device and each tensor is
 placed as it is read, so loading needs the model's size once.
@@ -157,7 +157,7 @@ def run_checkpoint(run_dir: Path) -> Path:
 
 def sharded_source(path: Path) -> Tuple[Recipe, TensorSource]:
     """The recipe and the whole weights of a sharded training checkpoint folder."""
-    from lit_modules.checkpoints.distributed import read_header, read_tensors, tensor_shapes
+    from lit_modules.checkpoints.sharded import read_header, read_tensors, tensor_shapes
 
     recipe = recipe_from_yaml(read_header(path)["moelab_recipe"], str(path))
     src = TensorSource(lambda: {k2: v for k, v in tensor_shapes(path).items() if (k2 := _strip(k)) is not None},

@@ -2,7 +2,7 @@
 against the recipe before a run resumes from one.
 
 Two formats (train.checkpoint_format): a .ckpt file written by rank 0 (full), or a
-.dcp folder every rank writes its shards into (sharded; lit_modules.checkpoints.distributed
+.dcp folder every rank writes its shards into (sharded; lit_modules.checkpoints.sharded
 does the tensors). Where they live is lit_modules.checkpoints.layout's business; this
 module writes and reads them.
 """
@@ -25,7 +25,7 @@ from arch.config import Recipe
 from arch.registry import RecipeError
 
 from lit_modules.checkpoints import layout
-from lit_modules.checkpoints.distributed import read_header
+from lit_modules.checkpoints.sharded import read_header
 from lit_modules.checkpoints.layout import CheckpointError
 from lit_modules.checkpoints.safe import load_torch_file
 from lit_modules.disk import DiskError, write_error
@@ -51,7 +51,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if layout.is_sharded_name(path):
-            from lit_modules.checkpoints.distributed import save_sharded
+            from lit_modules.checkpoints.sharded import save_sharded
 
             return save_sharded(checkpoint, path)
         path = Path(path)

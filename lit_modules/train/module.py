@@ -199,25 +199,25 @@ class CausalLM(L.LightningModule):
         checkpoint["moelab_recipe"] = recipe_to_yaml(self.recipe)
         checkpoint["moelab_records"] = {"last_train": self.last_train, "val_history": self.val_history}
         if self.train_cfg.checkpoint_format == "sharded":  # every rank writes its own shards
-            from lit_modules.checkpoints.distributed import prepare_for_saving
+            from lit_modules.checkpoints.sharded import prepare_for_saving
 
             opt = self._optimizer()
             prepare_for_saving(checkpoint, self, [opt] if opt is not None else [])
         elif self.scale_plan.ep > 1:  # whole experts in the file: loadable at any EP size
-            from lit_modules.checkpoints.sharded import gather_experts
+            from lit_modules.checkpoints.full import gather_experts
 
             gather_experts(checkpoint, self.model, self.scale_plan, self._optimizer())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        from lit_modules.checkpoints.distributed import SHARDED_KEY
+        from lit_modules.checkpoints.sharded import SHARDED_KEY
 
         check_checkpoint_recipe(checkpoint, self.recipe, "the checkpoint being resumed")
         if SHARDED_KEY in checkpoint:  # tensors read now, shaped for this rank's layout
-            from lit_modules.checkpoints.distributed import load_shards
+            from lit_modules.checkpoints.sharded import load_shards
 
             load_shards(checkpoint, self)
         elif self.scale_plan.ep > 1:
-            from lit_modules.checkpoints.sharded import slice_experts
+            from lit_modules.checkpoints.full import slice_experts
 
             slice_experts(checkpoint, self.model, self.scale_plan)
         records = checkpoint.get("moelab_records", {})

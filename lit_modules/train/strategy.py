@@ -59,7 +59,7 @@ def _ddp(train: TrainConfig) -> Any:
             from lit_modules.checkpoints import layout
 
             if layout.is_sharded_name(filepath):
-                from lit_modules.checkpoints.distributed import save_sharded
+                from lit_modules.checkpoints.sharded import save_sharded
 
                 return save_sharded(checkpoint, filepath)
             return super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -75,9 +75,9 @@ def _fsdp(train: TrainConfig) -> Any:
     sharded = train.checkpoint_format == "sharded"
 
     class FSDP2Strategy(ModelParallelStrategy):
-        """Full (single-file) checkpoints load through lit_modules.checkpoints.sharded;
+        """Full (single-file) checkpoints load through lit_modules.checkpoints.full;
         sharded ones (train.checkpoint_format=sharded) are written and read by every
-        rank through lit_modules.checkpoints.distributed, without gathering anything."""
+        rank through lit_modules.checkpoints.sharded, without gathering anything."""
 
         def lightning_module_state_dict(self):
             if sharded:  # this rank's shards (DTensors), not the gathered model
@@ -93,7 +93,7 @@ def _fsdp(train: TrainConfig) -> Any:
             from lit_modules.checkpoints import layout
 
             if layout.is_sharded_name(filepath):
-                from lit_modules.checkpoints.distributed import save_sharded
+                from lit_modules.checkpoints.sharded import save_sharded
 
                 return save_sharded(checkpoint, filepath)
             return super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -104,7 +104,7 @@ def _fsdp(train: TrainConfig) -> Any:
             path = Path(checkpoint_path)
             if path.is_dir():  # sharded: tensors follow in CausalLM.on_load_checkpoint
                 return read_checkpoint(path)
-            from lit_modules.checkpoints.sharded import load_full_checkpoint
+            from lit_modules.checkpoints.full import load_full_checkpoint
 
             return load_full_checkpoint(self, path)
 
@@ -119,7 +119,7 @@ def _fsdp(train: TrainConfig) -> Any:
                 Strategy.load_optimizer_state_dict(self, checkpoint)  # by position, as any strategy
 
     def is_sharded(checkpoint) -> bool:
-        from lit_modules.checkpoints.distributed import SHARDED_KEY
+        from lit_modules.checkpoints.sharded import SHARDED_KEY
 
         return SHARDED_KEY in checkpoint
 

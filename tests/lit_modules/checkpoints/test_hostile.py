@@ -68,7 +68,7 @@ def _refused(fn, marker, exc=(CheckpointError, RecipeError)):
 def test_malicious_checkpoint_is_refused_by_every_reader(evil):
     from lit_modules.checkpoints.training import AtomicCheckpointIO
     from lit_modules.checkpoints.training import check_resume
-    from lit_modules.checkpoints.sharded import load_full_checkpoint
+    from lit_modules.checkpoints.full import load_full_checkpoint
 
     run, path, marker = evil
     msg = _refused(lambda: open_checkpoint(path), marker)

@@ -18,7 +18,7 @@ from arch import recipe_to_yaml
 from arch.registry import RecipeError
 from conftest import tiny_model, tiny_recipe
 from lit_modules.checkpoints import layout
-from lit_modules.checkpoints.distributed import LAYOUT_KEY, read_tensors, save_sharded
+from lit_modules.checkpoints.sharded import LAYOUT_KEY, read_tensors, save_sharded
 from lit_modules.checkpoints.layout import CheckpointError
 from lit_modules.checkpoints.model_dir import load_model, open_checkpoint
 from lit_modules.checkpoints.safe import SafeFileSystemReader, load_dcp_metadata
@@ -73,7 +73,7 @@ def test_a_save_that_dies_leaves_no_checkpoint(tmp_path, monkeypatch, dies_at):
     """An exception at any stage of a sharded save: the folder is never named as a
     checkpoint, nothing reads the partial one as complete, the previous checkpoint
     stays the newest, and the next run's setup removes the leftovers."""
-    import lit_modules.checkpoints.distributed as distributed
+    import lit_modules.checkpoints.sharded as distributed
 
     d = tmp_path / "run" / "checkpoints"
     write_sharded(d / "step00000001.dcp", step=1)
@@ -177,7 +177,7 @@ def test_hostile_index_when_resuming(hostile):
     """Resuming reads the index in CausalLM.on_load_checkpoint (load_shards): refused."""
     from types import SimpleNamespace
 
-    from lit_modules.checkpoints.distributed import load_shards
+    from lit_modules.checkpoints.sharded import load_shards
     from lit_modules.train.strategy import ScalePlan
 
     run, folder, marker = hostile
@@ -207,7 +207,7 @@ def test_pickled_entry_instead_of_a_tensor_is_refused(tmp_path):
     without weights_only: moelab's planner refuses to."""
     import torch.distributed.checkpoint as dcp
 
-    from lit_modules.checkpoints.distributed import _load  # what load_shards and read_tensors call
+    from lit_modules.checkpoints.sharded import _load  # what load_shards and read_tensors call
 
     marker = tmp_path / "PWNED"
     folder = tmp_path / "ckpt"

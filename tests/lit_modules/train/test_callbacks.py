@@ -89,7 +89,7 @@ def test_checkpoint_every_minus_one_writes_nothing(tmp_path):
 
 class FakeShardedTrainer(FakeTrainer):
     def save_checkpoint(self, path, weights_only=None):
-        from lit_modules.checkpoints.distributed import LAYOUT_KEY
+        from lit_modules.checkpoints.sharded import LAYOUT_KEY
 
         AtomicCheckpointIO().save_checkpoint({"global_step": self.global_step, "state_dict": {"w": torch.ones(2)},
                                               LAYOUT_KEY: {"world_size": 1, "expert_parallel": 1}}, path)

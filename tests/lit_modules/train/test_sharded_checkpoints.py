@@ -95,7 +95,7 @@ def test_consolidation_equals_the_single_file(saved):
 # trainer.pt and the completion marker; Lightning re-runs this script for rank 1
 KILL_DRIVER = textwrap.dedent("""
     import os, signal, sys
-    import lit_modules.checkpoints.distributed as distributed
+    import lit_modules.checkpoints.sharded as distributed
     from lit_modules import cli
 
     write = distributed._write
