@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from pathlib import Path
 
 from arch.registry import RecipeError
@@ -66,3 +67,18 @@ def check_folder(path, what: str, fix: str) -> None:
                 where = "is a file" if parent == p else f"lies below {parent}, which is a file"
                 raise DiskError(f"{what} {path} {where}, not a folder; {fix}.")
             return
+
+
+def fsync_path(path) -> None:
+    """Flush a file or folder (its entries: a rename made durable) to the disk; a file
+    system that cannot fsync a folder is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

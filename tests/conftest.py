@@ -142,3 +142,17 @@ def refuse_writes(monkeypatch, root, err: int) -> None:
     monkeypatch.setattr(os, "open", fake_os_open)
     for name in ("mkdir", "replace", "rename", "link"):
         monkeypatch.setattr(os, name, guard(name))
+
+
+class MarkerPayload:
+    """A pickle that runs code: unpickling it creates `marker` (Path.touch). The
+    hostile-input tests plant it in checkpoints and indexes and check that the marker
+    never appears."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))

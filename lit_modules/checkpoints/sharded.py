@@ -63,6 +63,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from lit_modules.checkpoints import layout
 from lit_modules.checkpoints.layout import CheckpointError
 from lit_modules.checkpoints.safe import SafeFileSystemReader, SafeLoadPlanner, load_dcp_metadata, load_torch_file
+from lit_modules.disk import fsync_path
 
 FORMAT = "moelab-sharded-1"
 SHARDED_KEY = "moelab_sharded"  # in a loaded checkpoint dict: the folder its tensors come from
@@ -131,16 +132,6 @@ def prepare_for_saving(checkpoint: Dict, module, optimizers: List[torch.optim.Op
                               "expert_parallel": plan.ep, "fsdp": plan.fsdp}
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write(path: Path, write) -> None:
     with open(path, "wb") as f:
         write(f)
@@ -159,7 +150,7 @@ def _rename_into_place(work: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         work.rename(path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def save_sharded(checkpoint: Dict, path) -> None:
@@ -187,7 +178,7 @@ def save_sharded(checkpoint: Dict, path) -> None:
         _write(work / layout.SHARDED_TRAINER_FILE, lambda f: torch.save(rest, f))
         marker = {"format": FORMAT, "step": int(checkpoint.get("global_step", 0)), **checkpoint[LAYOUT_KEY]}
         _write(work / layout.SHARDED_COMPLETE_FILE, lambda f: f.write((json.dumps(marker) + "\n").encode()))
-        _fsync(work)
+        fsync_path(work)
         _rename_into_place(work, path)
 
 

@@ -28,7 +28,7 @@ from lit_modules.checkpoints import layout
 from lit_modules.checkpoints.sharded import read_header
 from lit_modules.checkpoints.layout import CheckpointError
 from lit_modules.checkpoints.safe import load_torch_file
-from lit_modules.disk import DiskError, write_error
+from lit_modules.disk import DiskError, fsync_path, write_error
 
 log = logging.getLogger("moelab.train")
 
@@ -63,7 +63,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_path(path.parent)
         except OSError as e:
             raise write_error(e, "checkpoint", path, "free space on that disk or set train.run_dir to "
                                                      "another") from None
@@ -88,19 +88,6 @@ def read_checkpoint(path) -> object:
     if isinstance(ckpt, dict):
         ckpt[LOAD_STARTED_KEY] = started
     return ckpt
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Checkpointing(Callback):
@@ -215,7 +202,7 @@ class Checkpointing(Callback):
             # a run that changed train.checkpoint_format keeps one last, the newest
             other = layout.LAST_CHECKPOINT if self.sharded else layout.LAST_SHARDED
             (self.dirpath / other).unlink(missing_ok=True)
-            _fsync_dir(self.dirpath)
+            fsync_path(self.dirpath)
         except OSError as e:
             raise write_error(e, "checkpoint", self.last, "free space on that disk or set train.run_dir to "
                                                           "another") from None

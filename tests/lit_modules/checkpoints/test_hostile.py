@@ -12,27 +12,16 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from arch import recipe_to_yaml
 from arch.registry import RecipeError
-from conftest import TINY_MOE_TRAIN, tiny_model, tiny_recipe
+from conftest import MarkerPayload, TINY_MOE_TRAIN, tiny_model, tiny_recipe
 from lit_modules.checkpoints.model_dir import CheckpointError, load_model_dir, open_checkpoint, save_model_dir
 
 RECIPE = "proxies/qwen3_moe_tiny"
-
-
-class _Payload:
-    """Unpickling this calls Path.touch on the marker: code run by a file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 @pytest.fixture
@@ -45,7 +34,7 @@ def evil(tmp_path):
     model = tiny_model("qwen3")
     ckpt = {"moelab_recipe": recipe_to_yaml(recipe), "global_step": 1,
             "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "hyper_parameters": {"note": _Payload(marker)}}
+            "hyper_parameters": {"note": MarkerPayload(marker)}}
     path = run / "checkpoints" / "last.ckpt"
     torch.save(ckpt, path)
     (run / "recipe.yaml").write_text(recipe_to_yaml(recipe))

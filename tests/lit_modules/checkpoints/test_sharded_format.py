@@ -16,7 +16,7 @@ import torch
 
 from arch import recipe_to_yaml
 from arch.registry import RecipeError
-from conftest import tiny_model, tiny_recipe
+from conftest import MarkerPayload, tiny_model, tiny_recipe
 from lit_modules.checkpoints import layout
 from lit_modules.checkpoints.sharded import LAYOUT_KEY, read_tensors, save_sharded
 from lit_modules.checkpoints.layout import CheckpointError
@@ -123,16 +123,6 @@ def test_the_same_step_saved_again_replaces_the_folder(tmp_path):
 # ------------------------------------------------------------------ hostile indexes
 
 
-class _Payload:
-    """Unpickling this calls Path.touch on the marker: code run by a file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 @pytest.fixture
 def hostile(tmp_path):
     """A run directory whose newest checkpoint is a sharded folder with a genuine
@@ -145,7 +135,7 @@ def hostile(tmp_path):
     (run / "recipe.yaml").write_text(recipe_to_yaml(tiny_recipe("qwen3_moe")))
     marker = tmp_path / "PWNED"
     metadata = pickle.loads((folder / ".metadata").read_bytes())
-    metadata.planner_data["state_dict.model.embed.weight"] = _Payload(marker)  # inside a genuine index
+    metadata.planner_data["state_dict.model.embed.weight"] = MarkerPayload(marker)  # inside a genuine index
     (folder / ".metadata").write_bytes(pickle.dumps(metadata))
     pickle.loads((folder / ".metadata").read_bytes())  # the payload works: an unrestricted load runs it
     assert marker.exists()
@@ -169,7 +159,7 @@ def test_hostile_index_is_refused_by_every_reader(hostile):
     _refused(lambda: load_model(folder), marker)  # eval, export-hf, convert
     _refused(lambda: load_model(run), marker)  # ... of a run directory
     # a bare payload as the whole index, too
-    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    (folder / ".metadata").write_bytes(pickle.dumps(MarkerPayload(marker)))
     _refused(lambda: load_model(folder), marker)
 
 
@@ -211,7 +201,7 @@ def test_pickled_entry_instead_of_a_tensor_is_refused(tmp_path):
 
     marker = tmp_path / "PWNED"
     folder = tmp_path / "ckpt"
-    dcp.save({"state_dict": {"w": _Payload(marker)}}, checkpoint_id=folder, no_dist=True)
+    dcp.save({"state_dict": {"w": MarkerPayload(marker)}}, checkpoint_id=folder, no_dist=True)
     assert not marker.exists()
     msg = _refused(lambda: _load({"state_dict": {"w": torch.zeros(2)}}, folder, distributed=False), marker)
     assert "pickled object" in msg
