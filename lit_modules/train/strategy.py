@@ -203,7 +203,7 @@ def checkpoint_block(block: nn.Module) -> None:
     The block's forward is wrapped on the instance, so module names and state_dict
     keys stay what they were (checkpoints and converters rely on "model.layers.i.*").
     Non-reentrant checkpointing re-runs forward during backward: an MoE layer's
-    `aux`/`last` are overwritten with identical values, which is harmless."""
+    `aux` and `stats` are overwritten with identical values, which is harmless."""
     inner = block.forward
 
     def forward(*args, **kwargs):

@@ -52,7 +52,7 @@ def test_recipe_builds_on_meta_and_counts_match(name):
     moe_layers = model.moe_layers
     if moe_layers:  # active = total minus the experts a token is not routed to
         per_expert = sum(p[0].numel() for p in (moe_layers[0].w_in, moe_layers[0].w_out))
-        idle = sum(len(moe_layers) * 0 + (m.n_experts - m.top_k) * per_expert for m in moe_layers)
+        idle = sum((m.n_experts - m.top_k) * per_expert for m in moe_layers)
         assert acc.params_total - acc.params_active == idle
     else:
         assert acc.params_active == acc.params_total

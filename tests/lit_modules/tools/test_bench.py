@@ -198,9 +198,6 @@ def test_errors_are_one_sentence(capsys, argv, message):
 
 def _needs_converter():
     pytest.importorskip("transformers")
-    convert = pytest.importorskip("lit_modules.checkpoints.hf")
-    if not hasattr(convert, "hf_config_for") or not hasattr(convert, "ours_to_hf"):
-        pytest.skip("lit_modules.checkpoints.hf lacks hf_config_for / ours_to_hf")
 
 
 @pytest.mark.parametrize("name, extra, detail", [

@@ -137,7 +137,13 @@ def test_load_image_colours():
     assert px[:, 3, 1].tolist() == [255, fade, fade]
 
 
-def test_peak_flops():
+def test_peak_flops(monkeypatch):
     assert peak_flops_per_device(100.0, "32-true") == 100e12  # the recipe's figure wins
-    if not torch.cuda.is_available():
-        assert peak_flops_per_device(None, "bf16-mixed") is None  # CPU: no MFU unless stated
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert peak_flops_per_device(None, "bf16-mixed") is None  # CPU: no MFU unless stated
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert peak_flops_per_device(None, "bf16-mixed") == 989.4e12  # the datasheet table
+    assert peak_flops_per_device(None, "32-true") is None  # the table holds bf16 peaks only
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
+    assert peak_flops_per_device(None, "bf16-true") is None  # unknown device: set train.peak_tflops
