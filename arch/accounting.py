@@ -1,6 +1,6 @@
 """Size and cost of a model from its resolved config, with nothing allocated.
 
-Conventions (those of ../shared/reference/models.md):
+Conventions (those of the Qwen3 and Gemma 3 reports and model cards):
 - embedding = the input embedding; an untied head is counted apart ("head");
   non-embedding = total - embedding - untied head.
 - active = what one token touches: everything but the experts it was not routed to

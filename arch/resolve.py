@@ -58,16 +58,27 @@ def _check_choice(errors: List[str], value, choices, path: str) -> None:
 
 
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
-    """Return a validated copy of `cfg` with derived fields filled in."""
+    """Return a validated copy of `cfg` with derived fields filled in. Every number on
+    its own first (arch/ranges.py); then the rules between fields, each of which runs
+    only when its fields passed, so a field refused there is not reported twice."""
     cfg = copy.deepcopy(cfg)
-    # every number on its own first; a rule between fields below runs only when its
-    # fields passed, so a field refused there is not reported twice
     bad = check_numbers(cfg, "model")
     errors: List[str] = list(bad.values())
 
     def sane(*paths: str) -> bool:
         return not any(p in bad for p in paths)
 
+    _layer_override_keys(cfg, errors)
+    _attention(cfg, errors, sane)
+    _layers(cfg, errors, sane)
+    _ffn_and_experts(cfg, errors, sane)
+    if errors:
+        raise RecipeError("\n".join(errors))
+    return cfg
+
+
+def _layer_override_keys(cfg: ModelConfig, errors: List[str]) -> None:
+    """YAML may give layer_overrides keys as strings: keep them as layer indices."""
     overrides = {}
     for key, ov in cfg.layer_overrides.items():
         if isinstance(key, int) or (isinstance(key, str) and key.lstrip("-").isdigit()):
@@ -75,8 +86,12 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
         else:
             errors.append(f"model.layer_overrides key '{key}' is not a layer index; use integers such as 0 or 5.")
     cfg.layer_overrides = overrides
-    a, m = cfg.attention, cfg.moe
 
+
+def _attention(cfg: ModelConfig, errors: List[str], sane) -> None:
+    """Derive n_kv_heads and head_dim; check heads against KV heads, RoPE's even head
+    size, the registry keys of attention and norm, and the fused cross-entropy."""
+    a = cfg.attention
     if a.n_kv_heads is None:
         a.n_kv_heads = a.n_heads
     if a.head_dim is None and sane("model.d_model", "model.attention.n_heads"):
@@ -101,7 +116,9 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
         errors.append("model.fused_ce_compile compiles the fused cross-entropy, which is off; "
                       "set model.fused_ce_chunk > 0 (e.g. 4096) or model.fused_ce_compile=false.")
 
-    # layer kinds and pattern
+
+def _layers(cfg: ModelConfig, errors: List[str], sane) -> None:
+    """The layer pattern and the per-layer overrides name defined kinds and layers."""
     if not cfg.layer_pattern:
         errors.append("model.layer_pattern is empty; give at least one key of model.layer_kinds.")
     for j, kind in enumerate(cfg.layer_pattern):
@@ -120,40 +137,40 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
                 f"model.layer_overrides.{i}.kind = '{ov.kind}' names no entry of model.layer_kinds"
                 f"{nearest(ov.kind, cfg.layer_kinds)}."
             )
-        if ov.moe and m.n_experts <= 0:
+        if ov.moe and cfg.moe.n_experts <= 0:
             errors.append(f"model.layer_overrides.{i}.moe is true but model.moe.n_experts is 0.")
 
-    # FFNs (the layer loop only once its length and spacing are known to be sane)
+
+def _ffn_and_experts(cfg: ModelConfig, errors: List[str], sane) -> None:
+    """The dense FFN where some layer is dense; top-k, widths and registry keys of the
+    experts; d_shared derived (null = d_expert)."""
+    m = cfg.moe
+    # the layer loop only once its length and spacing are known to be sane
     sized = sane("model.n_layers", "model.moe.n_experts", "model.moe.every", "model.moe.first_k_dense")
     n_dense = sum(not is_moe_layer(cfg, i) for i in range(cfg.n_layers)) if sized else 0
     _check_key(errors, FFN, cfg.ffn.kind, "model.ffn.kind")
     if n_dense and sane("model.ffn.d_ff") and not cfg.ffn.d_ff:
         errors.append(f"model.ffn.d_ff must be a positive integer ({n_dense} layers are dense), got {cfg.ffn.d_ff}.")
-    if m.n_experts > 0:
-        if sane("model.moe.top_k", "model.moe.n_experts") and m.top_k > m.n_experts:
-            errors.append(
-                f"model.moe.top_k ({m.top_k}) must be between 1 and model.moe.n_experts ({m.n_experts})."
-            )
-        if m.d_expert == 0:
-            errors.append("model.moe.d_expert must be a positive integer when model.moe.n_experts > 0, got 0.")
+    if m.n_experts <= 0:
         if m.d_shared is None:
             m.d_shared = m.d_expert
-        elif m.d_shared == 0:
-            errors.append("model.moe.d_shared must be a positive integer or null (= d_expert) when "
-                          "model.moe.n_experts > 0, got 0.")
-        _check_key(errors, MOE, m.kind, "model.moe.kind")
-        _check_key(errors, FFN, m.expert_ffn, "model.moe.expert_ffn")
-        _check_key(errors, ROUTER, m.router.kind, "model.moe.router.kind")
-        _check_key(errors, EXPERT_BACKEND, m.backend, "model.moe.backend")
-        _check_choice(errors, m.balance.aux_scope, AUX_SCOPES, "model.moe.balance.aux_scope")
-        if m.backend == "grouped_mm":  # its kernels need rows of a multiple of 16 bytes (8 bf16)
-            for path, width in (("model.d_model", cfg.d_model), ("model.moe.d_expert", m.d_expert)):
-                if sane(path) and width > 0 and width % 8:
-                    errors.append(f"{path} ({width}) must be a multiple of 8 for model.moe.backend = "
-                                  "'grouped_mm' (16-byte rows in bf16); round it or use the 'loop' backend.")
-    elif m.d_shared is None:
+        return
+    if sane("model.moe.top_k", "model.moe.n_experts") and m.top_k > m.n_experts:
+        errors.append(f"model.moe.top_k ({m.top_k}) must be between 1 and model.moe.n_experts ({m.n_experts}).")
+    if m.d_expert == 0:
+        errors.append("model.moe.d_expert must be a positive integer when model.moe.n_experts > 0, got 0.")
+    if m.d_shared is None:
         m.d_shared = m.d_expert
-
-    if errors:
-        raise RecipeError("\n".join(errors))
-    return cfg
+    elif m.d_shared == 0:
+        errors.append("model.moe.d_shared must be a positive integer or null (= d_expert) when "
+                      "model.moe.n_experts > 0, got 0.")
+    _check_key(errors, MOE, m.kind, "model.moe.kind")
+    _check_key(errors, FFN, m.expert_ffn, "model.moe.expert_ffn")
+    _check_key(errors, ROUTER, m.router.kind, "model.moe.router.kind")
+    _check_key(errors, EXPERT_BACKEND, m.backend, "model.moe.backend")
+    _check_choice(errors, m.balance.aux_scope, AUX_SCOPES, "model.moe.balance.aux_scope")
+    if m.backend == "grouped_mm":  # its kernels need rows of a multiple of 16 bytes (8 bf16)
+        for path, width in (("model.d_model", cfg.d_model), ("model.moe.d_expert", m.d_expert)):
+            if sane(path) and width > 0 and width % 8:
+                errors.append(f"{path} ({width}) must be a multiple of 8 for model.moe.backend = "
+                              "'grouped_mm' (16-byte rows in bf16); round it or use the 'loop' backend.")

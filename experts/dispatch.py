@@ -80,11 +80,11 @@ def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def _fused_form() -> bool:
     """Which form the permute backward and the combine take. Compiled: K gathered row
-    reads per token, which Inductor fuses into one kernel each (the layer's W1 time on
-    an H100: 11.8 -> 9.8 ms). Eager: K separate passes would cost more than one
-    gather plus one reduction or batched matmul (W1 eager: 12.8 against 23.2 ms), so
-    eager keeps those. Both forms compute the same sums (tests/experts/test_backends.py
-    runs the layer in each)."""
+    reads per token, which Inductor fuses into one kernel each. Eager: K separate
+    passes cost more than one gather plus one reduction or batched matmul, so eager
+    keeps those (timings of both: benchmarks/results/gpu_suite_h100.md and the README's
+    Performance section). Both forms compute the same sums
+    (tests/experts/test_backends.py runs the layer in each)."""
     return torch.compiler.is_compiling()
 
 
@@ -94,8 +94,7 @@ class _GatherRows(torch.autograd.Function):
 
     Autograd's backward of an index is a scatter-add into src (index_put with
     accumulate). Knowing the layout, the backward gathers the copies of each row and
-    sums them instead: deterministic and cheaper (W1 eager, with the bmm combine:
-    15.7 -> 13.4 ms against index + index_add)."""
+    sums them instead: deterministic, and cheaper than index + index_add."""
 
     @staticmethod
     def forward(ctx, src, index, inverse, copies: int):

@@ -89,8 +89,8 @@ def check_optim(cfg: OptimConfig, max_steps: int) -> None:
 class TypeSplitAdamW(torch.optim.AdamW):
     """AdamW whose groups may mix DTensors and plain tensors (FSDP2 + expert parallel:
     FSDP's shards are DTensors, the expert shards plain tensors). The fused and
-    foreach kernels take one tensor type per call (on 2 x H200: "got mixed
-    torch.Tensor and DTensor"), so each step updates a group's DTensors, then its
+    foreach kernels take one tensor type per call ("got mixed torch.Tensor and
+    DTensor"), so each step updates a group's DTensors, then its
     plain tensors, each subset with the group's own kernel and hyper-parameters.
     Every parameter is updated once per step; the groups, their order and the state
     are AdamW's, so checkpoints match parameters by position as for any AdamW."""
