@@ -8,8 +8,9 @@ heads, head_dim, vocab, context); everything else follows from the reference:
 - FFN, expert and shared-expert widths keep their ratio to d_model (rounded to
   `multiple_of`); query_pre_attn_scalar keeps its ratio to head_dim;
 - depth: rounded to a whole number of `layer_pattern` periods (Gemma 3 keeps its 5:1
-  local/global cycle); first_k_dense scales with depth; per-layer overrides are kept
-  only where the layer still exists;
+  local/global cycle); first_k_dense scales with depth but a dense prefix keeps at least
+  one layer (and leaves at least one MoE layer); per-layer overrides are kept only where
+  the layer still exists;
 - experts: top_k is kept (clamped to the expert count);
 - windows keep their fraction of the context (`proxy.max_seq_len`).
 
@@ -69,6 +70,10 @@ def derive_proxy(ref: ModelConfig, proxy: ProxyConfig) -> ModelConfig:
         cfg.n_layers = max(period, int(round(proxy.n_layers / period)) * period) if period > 1 else proxy.n_layers
         depth = cfg.n_layers / ref.n_layers
         m.first_k_dense = int(round(ref.moe.first_k_dense * depth))
+        if ref.moe.first_k_dense > 0 and m.n_experts > 0:
+            # a dense prefix stays (DeepSeek-V3's first dense layers would otherwise round
+            # away), and so does at least one MoE layer
+            m.first_k_dense = min(max(1, m.first_k_dense), cfg.n_layers - 1)
         cfg.layer_overrides = {i: o for i, o in ref.layer_overrides.items() if i < cfg.n_layers}
 
     if proxy.vocab_size is not None:
@@ -80,3 +85,26 @@ def derive_proxy(ref: ModelConfig, proxy: ProxyConfig) -> ModelConfig:
             if lk.window is not None:
                 lk.window = max(1, int(round(lk.window * ctx)))
     return cfg
+
+
+def proxy_changes(ref: ModelConfig, derived: ModelConfig) -> list:
+    """What the derivation changed, as 'field ref -> proxy' strings (what `moelab
+    inspect` prints under the proxy)."""
+    fields = [("d_model", lambda c: c.d_model), ("n_layers", lambda c: c.n_layers),
+              ("n_heads", lambda c: c.attention.n_heads), ("n_kv_heads", lambda c: c.attention.n_kv_heads),
+              ("head_dim", lambda c: c.attention.head_dim), ("d_ff", lambda c: c.ffn.d_ff),
+              ("n_experts", lambda c: c.moe.n_experts), ("top_k", lambda c: c.moe.top_k),
+              ("d_expert", lambda c: c.moe.d_expert), ("d_shared", lambda c: c.moe.d_shared),
+              ("first_k_dense", lambda c: c.moe.first_k_dense), ("vocab_size", lambda c: c.vocab_size),
+              ("max_seq_len", lambda c: c.max_seq_len),
+              ("query_pre_attn_scalar", lambda c: c.attention.query_pre_attn_scalar)]
+    out = [f"{name} {get(ref):g} -> {get(derived):g}" for name, get in fields
+           if get(ref) is not None and get(ref) != get(derived)]
+    for kind, lk in derived.layer_kinds.items():
+        before = ref.layer_kinds[kind].window
+        if before is not None and lk.window != before:
+            out.append(f"{kind} window {before} -> {lk.window}")
+    dropped = sorted(set(ref.layer_overrides) - set(derived.layer_overrides))
+    if dropped:
+        out.append(f"layer overrides of layers {dropped} dropped (past the new depth)")
+    return out

@@ -91,7 +91,7 @@ def inspect_dict(recipe: Recipe, acc: Accounting) -> dict:
     return out
 
 
-def format_table(recipe: Recipe, acc: Accounting) -> str:
+def format_table(recipe: Recipe, acc: Accounting, proxy_changes=()) -> str:
     m, a = recipe.model, recipe.model.attention
     rows = [
         ("recipe", recipe.name),
@@ -129,6 +129,8 @@ def format_table(recipe: Recipe, acc: Accounting) -> str:
     rows.append(("train memory", "model state per device (fp32 weights + grads + AdamW moments; activations "
                                  "extra):"))
     rows += [(f"  {name}", human_bytes(n)) for name, n in layouts]
+    if proxy_changes:
+        rows.append(("proxy", "derived from the reference: " + "; ".join(proxy_changes)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -140,8 +142,22 @@ def run_inspect(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     seq_len = args.seq_len if args.seq_len is not None else recipe.train.seq_len
     acc = count(recipe.model, seq_len=seq_len, context=args.context)
+    changes = proxy_derivation(args.recipe, args.overrides, recipe)
     if args.json:
-        print(json.dumps(inspect_dict(recipe, acc), indent=2))
+        print(json.dumps({**inspect_dict(recipe, acc), "proxy_changes": changes}, indent=2))
     else:
-        print(format_table(recipe, acc))
+        print(format_table(recipe, acc, changes))
     return 0
+
+
+def proxy_derivation(name, overrides, recipe: Recipe) -> list:
+    """What `proxy.*` changed in the reference (empty without a proxy)."""
+    import dataclasses
+
+    from arch.proxy import is_active, proxy_changes
+
+    if not is_active(recipe.proxy):
+        return []
+    unset = [f"proxy.{f.name}=null" for f in dataclasses.fields(recipe.proxy) if f.name != "multiple_of"]
+    ref = load_recipe(name, [*overrides, *unset])
+    return proxy_changes(ref.model, recipe.model)
