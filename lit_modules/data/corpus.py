@@ -162,6 +162,17 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
     return text
 
 
+def _python_source(path: Path) -> str:
+    """A standard-library source file, decoded as Python decodes it: its coding cookie
+    (PEP 263), else UTF-8. The embedded corpus must read on every Python version, so
+    this never asks the user to pick an encoding."""
+    import tokenize
+
+    with open(path, "rb") as f:
+        encoding, _ = tokenize.detect_encoding(f.readline)
+    return read_text(path, encoding)
+
+
 def check_encoding(encoding) -> None:
     try:
         # b"" would not look the codec up; this also refuses codecs that are not text
@@ -373,8 +384,8 @@ class Corpus:
                 docs.sort(key=lambda d: (name_hash("order/" + d[0]), d[0]))
                 topics = _topics()
                 for name, what in docs:
-                    # Python sources are UTF-8 whatever data.encoding says
-                    yield name, read_text(what) if isinstance(what, Path) else topics[what]
+                    # Python sources: their own encoding (PEP 263), whatever data.encoding says
+                    yield name, _python_source(what) if isinstance(what, Path) else topics[what]
                 continue
             for name, p in s.files:
                 if _is_jsonl(p):

@@ -280,3 +280,16 @@ def test_cache_dir_below_a_file(tmp_path):
     (tmp_path / "a.txt").write_text(TEXT)
     refused(lambda: prepare(tmp_path / "a.txt" / "cache", tmp_path / "a.txt"), DiskError,
             f"data.cache_dir {tmp_path / 'a.txt' / 'cache'} lies below {tmp_path / 'a.txt'}, which is a file")
+
+
+def test_embedded_corpus_reads_python_sources_in_their_declared_encoding(tmp_path):
+    """The standard-library corpus must read on any Python version: a source with a
+    PEP 263 coding cookie decodes as Python would, not as UTF-8."""
+    from lit_modules.data.corpus import _python_source
+
+    src = tmp_path / "legacy.py"
+    src.write_bytes(b"# -*- coding: latin-1 -*-\nname = 'caf\xe9'\n")
+    assert "café" in _python_source(src)
+    plain = tmp_path / "plain.py"
+    plain.write_bytes("x = 'café'\n".encode())
+    assert "café" in _python_source(plain)
