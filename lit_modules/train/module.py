@@ -120,7 +120,8 @@ class CausalLM(L.LightningModule):
         try:
             for i, (xi, yi) in enumerate(zip(xs, ys)):
                 # gradients are all-reduced only in the last micro-batch's backward
-                self.scale_plan.sync_grads(self.model, i == n - 1)
+                if n > 1:  # one micro-batch: FSDP2's default (reduce every backward) is right
+                    self.scale_plan.sync_grads(self.model, i == n - 1)
                 with opt.toggle_model(sync_grad=(i == n - 1)):
                     out = self.model(xi, targets=yi, return_logits=False)
                     loss = out.loss + sum(out.aux.values())
