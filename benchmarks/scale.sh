@@ -43,11 +43,6 @@ COMMON=("train.run_dir=$RUNS" "train.max_steps=$STEPS" "train.log_every=5" "trai
         "train.ckpt_every=-1" "train.compile=true" "train.seq_len=2048" "train.grad_accum=1"
         "data.source=stdlib" "data.max_chars=4000000")
 [ "$NGPU" -ge 2 ] || { echo "scale.sh needs at least 2 GPUs (found $NGPU)"; exit 1; }
-# Dropless expert parallelism compiles right only from torch 2.13 (check_compile in
-# lit_modules/train/strategy.py refuses it before): there its rows run eager, and say so.
-EP_EAGER=$("$PY" -c "import torch; from torch.torch_version import TorchVersion as V; print(int(V(torch.__version__) < '2.13'))")
-EPC=(); EPL=""
-if [ "$EP_EAGER" = 1 ]; then EPC=("train.compile=false"); EPL=" (eager: torch < 2.13)"; fi
 mkdir -p "$RUNS"
 : >> "$RUNS/rows.tsv"
 
@@ -78,26 +73,26 @@ for set in $SETS; do
         for m in $MICROS; do
             run "ddp_m$m" "ddp" "$N" "$m" $W2 train.strategy=ddp "$@"
             run "fsdp_m$m" "fsdp" "$N" "$m" $W2 train.strategy=fsdp "$@"
-            run "fsdp_ep_m$m" "fsdp + EP=$N$EPL" "$N" "$m" $W2 train.strategy=fsdp "train.expert_parallel=$N" \
-                "${EPC[@]}" "$@"
+            run "fsdp_ep_m$m" "fsdp + EP=$N" "$N" "$m" $W2 train.strategy=fsdp "train.expert_parallel=$N" \
+                "$@"
         done ;;
     experts)
         run "fsdp_e$MANY" "fsdp, $MANY experts" "$N" 2 $W2 train.strategy=fsdp "model.moe.n_experts=$MANY" "$@"
-        run "fsdp_ep_e$MANY" "fsdp + EP=$N, $MANY experts$EPL" "$N" 2 $W2 train.strategy=fsdp \
-            "model.moe.n_experts=$MANY" "train.expert_parallel=$N" "${EPC[@]}" "$@" ;;
+        run "fsdp_ep_e$MANY" "fsdp + EP=$N, $MANY experts" "$N" 2 $W2 train.strategy=fsdp \
+            "model.moe.n_experts=$MANY" "train.expert_parallel=$N" "$@" ;;
     capacity)  # capacity factor 1.25: the static-shape expert-parallel exchange (no host sync)
         run "fsdp_cf" "fsdp, capacity 1.25" "$N" 2 $W2 train.strategy=fsdp model.moe.capacity_factor=1.25 "$@"
         run "fsdp_ep_cf" "fsdp + EP=$N, capacity 1.25" "$N" 2 $W2 train.strategy=fsdp \
             model.moe.capacity_factor=1.25 "train.expert_parallel=$N" "$@" ;;
     large)
-        run "large_fsdp_ep" "qwen3_moe_4gpu, fsdp + EP=$N$EPL" "$N" 4 proxies/qwen3_moe_4gpu train.strategy=fsdp \
-            "train.expert_parallel=$N" "${EPC[@]}" "$@" ;;
+        run "large_fsdp_ep" "qwen3_moe_4gpu, fsdp + EP=$N" "$N" 4 proxies/qwen3_moe_4gpu train.strategy=fsdp \
+            "train.expert_parallel=$N" "$@" ;;
     ckpt)
         run "ckpt_full" "W2 fsdp + EP=$N, full checkpoint" "$N" 2 $W2 train.strategy=fsdp \
-            "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" "${EPC[@]}" "$@"
+            "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" "$@"
         run "ckpt_sharded" "W2 fsdp + EP=$N, sharded checkpoint" "$N" 2 $W2 train.strategy=fsdp \
             "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" "train.checkpoint_format=sharded" \
-            "${EPC[@]}" "$@" ;;
+            "$@" ;;
     esac
 done
 

@@ -78,6 +78,14 @@ def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, as a custom Function's forward must return it: never through a
+    `.to()` that changes nothing. Traced by torch 2.11's Dynamo, a forward whose
+    output is such a no-op `.to()` gets exactly zero gradient from backward (the
+    float32 compiled layer of issue 21; torch 2.13 is right). A real cast is fine."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _fused_form() -> bool:
     """Which form the permute backward and the combine take. Compiled: K gathered row
     reads per token, which Inductor fuses into one kernel each. Eager: K separate
@@ -144,16 +152,11 @@ class _WeightedCombine(torch.autograd.Function):
         acc = w[:, :1] * rows_SD[slot_row_TK[:, 0]].to(acc_dtype)
         for k in range(1, slot_row_TK.shape[1]):
             acc = acc + w[:, k:k + 1] * rows_SD[slot_row_TK[:, k]].to(acc_dtype)
-        return acc.to(rows_SD.dtype)
+        return _cast(acc, rows_SD.dtype)
 
     @staticmethod
     def backward(ctx, grad_TD):
-        # Both gradients, not gated on ctx.needs_input_grad: this backward only runs
-        # compiled, where Dynamo fixes needs_input_grad while tracing, from what it
-        # believes requires grad. On torch 2.11, with the loop backend's graph break
-        # in front of the combine, every gradient of the layer came out exactly zero
-        # (issue 21): what a None, None from here gives. Compiled, a gradient nobody
-        # needs is dead code in the backward graph and costs nothing.
+        # both gradients, always: in training the rows and the weights both need them
         rows_SD, weights_TK, slot_row_TK, row_slot_S = ctx.saved_tensors
         K = slot_row_TK.shape[1]
         acc_dtype = _accumulation_dtype(rows_SD, weights_TK)

@@ -17,7 +17,7 @@ Expert parallelism over a group of EP ranks (each with its own tokens):
     all-to-all back (the splits reversed) -> combine on the token's own rank.
 
 The backward of each all-to-all is the all-to-all with the splits swapped
-(`_AllToAll`). The gradient of a local expert collects the contributions of every
+(`all_to_all`). The gradient of a local expert collects the contributions of every
 rank's tokens; `average_shard_grads` turns it into the data-parallel mean.
 
 `expert_parallel` is self-contained (rows sorted by expert, counts, this rank's
@@ -53,32 +53,22 @@ def all_reduce_sum(t: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -
 # ------------------------------------------------------------------ expert parallel
 
 
-class _AllToAll(torch.autograd.Function):
-    """Rows of `x` split by `in_splits` go to the ranks of `group` in order; the result
-    holds `out_splits[s]` rows from each source s. Backward: the same exchange with
-    the splits swapped (each row's gradient goes back to where the row came from)."""
+def all_to_all(x: torch.Tensor, out_splits: Optional[List[int]] = None, in_splits: Optional[List[int]] = None,
+               group=None) -> torch.Tensor:
+    """Differentiable all-to-all of rows: rows of `x` split by `in_splits` go to the
+    ranks of `group` in order, and the result holds `out_splits[s]` rows from each
+    source s (None, None: equal splits, nothing to read on the host). Its backward is
+    the same exchange with the splits swapped.
 
-    @staticmethod
-    def forward(ctx, x, out_splits: List[int], in_splits: List[int], group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+    Functional collectives, not an in-place all_to_all_single inside a custom autograd
+    Function: traced by torch 2.11's Dynamo, that one gave wrong gradients (issue 21;
+    torch 2.13 traced it right), and these trace correctly on both."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-    @staticmethod
-    def backward(ctx, grad):
-        out_splits, in_splits = ctx.splits
-        grad_x = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(grad_x, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad_x, None, None, None
+    return all_to_all_single_autograd(x.contiguous(), out_splits, in_splits,
+                                      group if group is not None else dist.group.WORLD)
 
 
-def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group=None) -> torch.Tensor:
-    """Differentiable all-to-all of rows with uneven splits in both directions."""
-    return _AllToAll.apply(x, out_splits, in_splits, group)
-
-
-@torch.compiler.disable  # see below: run eagerly inside a compiled block
 def expert_parallel(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tensor, w_in_LID: torch.Tensor,
                     w_out_LDF: torch.Tensor, kind: str, group) -> torch.Tensor:
     """The expert backend, with the experts spread over `group`: same contract as a
@@ -87,12 +77,8 @@ def expert_parallel(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tenso
     this rank's E_local = E / EP experts.
 
     Host syncs: the split sizes (Python ints that all_to_all_single needs), one per
-    call; nothing else reads a device value on the host.
-
-    Inside a compiled block this function runs eagerly (torch.compiler.disable): its
-    host reads break the graph anyway, and on torch 2.11 with Inductor the traced
-    pieces gave wrong gradients (on 4 H100s the step-2 loss of FSDP2 + EP=4 moved
-    from 10.395 eager to 10.411 compiled, one process without EP giving 10.395)."""
+    call, which breaks a compiled block's graph there; nothing else reads a device
+    value on the host."""
     ep = dist.get_world_size(group)
     E_local = w_in_LID.shape[0]
     send_RL = counts_E.view(ep, E_local)  # rows for (destination rank, its local expert)
@@ -120,14 +106,6 @@ def expert_parallel(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tenso
         return y_kept
     # dropped rows (capacity): zeros, which the combine step ignores anyway
     return torch.cat([y_kept, y_kept.new_zeros(x_SD.shape[0] - n_kept, y_kept.shape[1])])
-
-
-def _all_to_all_equal(x: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable all-to-all with equal splits: no split sizes to read on the host,
-    and traceable by torch.compile (functional collectives)."""
-    from torch.distributed._functional_collectives import all_to_all_single_autograd
-
-    return all_to_all_single_autograd(x.contiguous(), None, None, group if group is not None else dist.group.WORLD)
 
 
 def expert_parallel_capacity(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tensor,
@@ -158,11 +136,11 @@ def expert_parallel_capacity(backend: Callable, x_SD: torch.Tensor, counts_E: to
     # padded slot (e, c) holds sorted row first_E[e] + c, or the zero row S past the expert's rows
     src_EC = torch.where(slot_C < counts_E[:, None], first_E[:, None] + slot_C, S)
     x_pad = torch.cat([x_SD, x_SD.new_zeros(1, D)])[src_EC.reshape(-1)]
-    x_recv = _all_to_all_equal(x_pad, group)  # (ep_src, L, C, D), flat
+    x_recv = all_to_all(x_pad, group=group)  # (ep_src, L, C, D), flat
     x_local = x_recv.view(ep, L, C, D).transpose(0, 1).reshape(L * ep * C, D)
     rows_L = torch.full((L,), ep * C, dtype=counts_E.dtype, device=dev)
     y_local = backend(x_local, rows_L, w_in_LID, w_out_LDF, kind)
-    y_pad = _all_to_all_equal(y_local.view(L, ep, C, -1).transpose(0, 1).reshape(E * C, -1), group)
+    y_pad = all_to_all(y_local.view(L, ep, C, -1).transpose(0, 1).reshape(E * C, -1), group=group)
     # sorted row r of expert e is slot r - first_E[e]; dropped rows (past the kept ones)
     # read some slot: their values are unspecified, as the backend contract allows
     row_S = torch.arange(S, device=dev)

@@ -55,9 +55,7 @@ class _LowPrecisionLogits(torch.autograd.Function):
         g_TE = g_TE.float()
         hi = g_TE.to(x_TD.dtype)
         lo = (g_TE - hi.float()).to(x_TD.dtype)
-        # Both gradients, not gated on ctx.needs_input_grad: compiled, Dynamo fixes
-        # it while tracing and can get it wrong (see _WeightedCombine.backward in
-        # experts/dispatch.py, issue 21); in training both are needed anyway.
+        # both gradients, always: in training the input and the weight both need them
         grad_x = (_mm_float32(hi, w_ED) + _mm_float32(lo, w_ED)).to(x_TD.dtype)
         grad_w = (_mm_float32(hi.t(), x_TD) + _mm_float32(lo.t(), x_TD)).to(w_ED.dtype)
         return grad_x, grad_w

@@ -53,10 +53,7 @@ def run_bench(args) -> int:
     from lit_modules.runtime import resolve_device
     from lit_modules.tools import bench
 
-    from lit_modules.train.strategy import check_compile
-
     recipe = load_recipe(args.recipe, args.overrides)
-    check_compile(recipe)
     device = resolve_device(args.device)
     if args.vs_hf and args.layer:
         raise bench.BenchError("--vs-hf compares whole models; drop it or --layer.")

@@ -69,11 +69,8 @@ def check_train(recipe: Recipe) -> None:
                           f"{' or '.join(layout.CHECKPOINT_FORMATS)}.")
     from lit_modules.train.optim import check_optim
 
-    from lit_modules.train.strategy import check_compile
-
     check_run_name(t.run_name)
     check_optim(t.optim, t.max_steps)
-    check_compile(recipe)
 
 
 def check_on_accelerator(recipe: Recipe, accelerator: str) -> None:

@@ -151,35 +151,6 @@ def build_strategy(train: TrainConfig) -> Any:
     return STRATEGIES[train.strategy](train)
 
 
-# torch.compile of a block with a graph break inside its MoE layer (a host read of the
-# expert counts: the `loop` backend, the dropless expert-parallel exchange) gave wrong
-# MoE gradients before this torch version: exactly zero with `loop` on torch 2.11
-# (tests/experts/test_compiled_training.py, CPU and CUDA), and FSDP2 + EP=4 on 4 H100s
-# drifting from the eager losses from step 2 on. torch 2.13 gives the eager gradients.
-COMPILE_SAFE_TORCH = "2.13"
-
-
-def check_compile(recipe) -> None:
-    """Refuse, before any work, a compiled MoE whose block breaks its graph on a torch
-    that gets those gradients wrong."""
-    from torch.torch_version import TorchVersion
-
-    t, moe = recipe.train, recipe.model.moe
-    if not t.compile or moe.n_experts == 0 or TorchVersion(torch.__version__) >= COMPILE_SAFE_TORCH:
-        return
-    breaks = []
-    if moe.backend == "loop":
-        breaks.append("model.moe.backend=loop")
-    if t.expert_parallel > 1 and moe.capacity_factor is None:
-        breaks.append(f"dropless train.expert_parallel={t.expert_parallel}")
-    if breaks:
-        raise RecipeError(f"train.compile=true with {' and '.join(breaks)} trains the MoE layers on wrong gradients "
-                          f"with torch {torch.__version__} (a graph break inside the compiled block; right from "
-                          f"torch {COMPILE_SAFE_TORCH}); set train.compile=false, or use model.moe.backend=grouped_mm "
-                          f"and, with expert parallelism, a model.moe.capacity_factor, or install "
-                          f"torch>={COMPILE_SAFE_TORCH}.")
-
-
 def check_scale(recipe) -> None:
     """Recipe-level checks of expert parallelism, before any process starts."""
     ep = recipe.train.expert_parallel

@@ -58,19 +58,3 @@ def clone_with(layer: MoE, **kw) -> MoE:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def skip_where_compiled_loop_is_refused() -> None:
-    """The `loop` backend breaks the block's graph (it reads the counts on the host).
-    Before torch 2.13 that compiled to exactly zero MoE gradients (seen on 2.11, CPU
-    and CUDA; the cause is inside torch.compile), so `moelab train` and `moelab bench`
-    refuse the combination there (lit_modules/train/strategy.py check_compile, tested
-    in tests/lit_modules/train/test_train_checks.py); this guard runs where it trains."""
-    from torch.torch_version import TorchVersion
-
-    import pytest
-
-    from lit_modules.train.strategy import COMPILE_SAFE_TORCH
-
-    if TorchVersion(torch.__version__) < COMPILE_SAFE_TORCH:
-        pytest.skip(f"compiled loop backend is refused on torch {torch.__version__} (< {COMPILE_SAFE_TORCH})")

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from arch.ffn import ACTIVATIONS, GATED
 from experts.dispatch import dispatch, expert_capacity
-from moe_helpers import D_MODEL, clone_with, make_moe, rel_err, skip_where_compiled_loop_is_refused
+from moe_helpers import D_MODEL, clone_with, make_moe, rel_err
 
 T = 24  # tokens
 SHARED = {"none": {}, "shared": dict(n_shared=2, d_shared=4), "gated": dict(n_shared=1, shared_gate=True)}
@@ -270,7 +270,6 @@ def test_grouped_mm_casts_to_autocast_dtype_and_router_stays_float32():
 
 
 def test_compile_takes_the_fused_form_and_matches_eager():
-    skip_where_compiled_loop_is_refused()  # compiled loop backend: refused before torch 2.13
     """Under torch.compile the permute backward and the combine take their K-read
     form (_fused_form is True while tracing); the traced layer (aot_eager: the graphs
     autograd would hand to Inductor) gives the eager layer's output and gradients."""
@@ -295,25 +294,27 @@ def test_compile_takes_the_fused_form_and_matches_eager():
         assert rel_err(grads_c[name], grads_e[name]) < 1e-5, name
 
 
-def test_custom_backwards_do_not_trust_needs_input_grad():
-    """Compiled, Dynamo fixes ctx.needs_input_grad while tracing; torch 2.11 got it
-    wrong for the combine behind the loop backend's graph break, and a backward gated
-    on it returned None for both inputs: every gradient of the layer exactly zero
-    (issue 21). Called with all False, each backward must still return its grads."""
-    from types import SimpleNamespace
-
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_combine_gets_the_eager_gradients(dtype):
+    """The cause of issue 21, pinned on every torch: traced by Dynamo, a custom
+    Function whose forward ends in a `.to()` that changes nothing got exactly zero
+    gradients on torch 2.11 (the float32 combine did; bf16 rows, a real cast, did
+    not). Runs without the compiled-loop skip: the combine is in every compiled MoE."""
     from experts.dispatch import _WeightedCombine
-    from experts.router import _LowPrecisionLogits
 
-    ids = torch.rand(5, 4).argsort(-1)[:, :2]
-    d = dispatch(ids, 4)
-    rows, w = torch.randn(10, 3), torch.rand(5, 2)
-    ctx = SimpleNamespace(needs_input_grad=(False,) * 4,
-                          saved_tensors=(rows, w, d.inverse_S.view(5, 2), d.order_S))
-    grads = _WeightedCombine.backward(ctx, torch.randn(5, 3))
-    assert all(g is not None and g.abs().sum() > 0 for g in grads[:2])
+    torch.manual_seed(0)
+    d = dispatch(torch.rand(6, 4).argsort(-1)[:, :2], 4)
+    rows, w, g = torch.randn(12, 8, dtype=dtype), torch.rand(6, 2), torch.randn(6, 8, dtype=dtype)
 
-    x, w = torch.randn(4, 8).bfloat16(), torch.randn(3, 8).bfloat16()
-    ctx = SimpleNamespace(needs_input_grad=(False, False), saved_tensors=(x, w))
-    grads = _LowPrecisionLogits.backward(ctx, torch.randn(4, 3))
-    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    def grads(fn):
+        r, ww = rows.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        (fn(r, ww).float() * g.float()).sum().backward()
+        return r.grad, ww.grad
+
+    def combine_(r, ww):
+        return _WeightedCombine.apply(r, ww, d.inverse_S.view(6, 2), d.order_S)
+
+    torch._dynamo.reset()
+    eager, compiled = grads(combine_), grads(torch.compile(combine_, backend="aot_eager", fullgraph=True))
+    for e, c in zip(eager, compiled):
+        assert c.abs().sum() > 0 and rel_err(c.float(), e.float()) < 1e-6

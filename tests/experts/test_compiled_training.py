@@ -20,7 +20,6 @@ import experts  # noqa: F401  (registers the expert backends)
 from arch import build_model, materialize
 from arch.registry import EXPERT_BACKEND
 from conftest import tiny_recipe
-from moe_helpers import skip_where_compiled_loop_is_refused
 from lit_modules.train.optim import build_optimizer
 from lit_modules.train.strategy import parallelize
 
@@ -49,8 +48,6 @@ def _skip_unless_runs_here(backend: str, dtype: torch.dtype) -> None:
 def test_compiled_training_reaches_every_parameter(backend, capacity_factor, monkeypatch):
     dtype = AUTOCAST.get(backend, torch.float32)
     _skip_unless_runs_here(backend, dtype)
-    if backend == "loop":
-        skip_where_compiled_loop_is_refused()
     recipe = tiny_recipe("qwen3_moe", f"model.moe.backend={backend}", f"model.moe.capacity_factor={capacity_factor}",
                          "train.compile=true", f"train.max_steps={STEPS}", "train.optim.warmup_steps=1")
     # parallelize compiles each block with Module.compile(); only the backend changes here

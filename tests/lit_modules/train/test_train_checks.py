@@ -7,10 +7,8 @@ import re
 import time
 
 import pytest
-import torch
 
 from arch import RecipeError, load_recipe
-from conftest import TINY_MOE_TRAIN
 from lit_modules.train.run import check_on_accelerator, check_train, resolve_run
 
 RECIPE = "proxies/qwen3_moe_tiny"
@@ -113,27 +111,3 @@ def test_non_finite_message_names_the_value_and_the_fields_that_cause_it(loss, g
                   "model.init_std (now", "model.norm.eps (now", "model.layer_kinds.local.rope.theta (now",
                   "model.layer_kinds.global.rope.theta (now"):
         assert field in msg, field
-
-
-@pytest.mark.parametrize("version, extra, refused", [
-    ("2.11.0+cu130", ["model.moe.backend=loop"], "model.moe.backend=loop"),
-    ("2.11.0+cu130", ["train.expert_parallel=2", "train.strategy=ddp"], "dropless train.expert_parallel=2"),
-    ("2.12.1", ["model.moe.backend=loop"], "model.moe.backend=loop"),
-    ("2.11.0+cu130", ["train.expert_parallel=2", "train.strategy=ddp", "model.moe.capacity_factor=1.25"], None),
-    ("2.11.0+cu130", [], None),  # grouped_mm, one process: no graph break in the block
-    ("2.13.0", ["model.moe.backend=loop", "train.expert_parallel=2", "train.strategy=ddp"], None),
-])
-def test_compile_with_a_graph_break_is_refused_before_torch_2_13(monkeypatch, version, extra, refused):
-    from lit_modules.train.strategy import check_compile
-
-    recipe = load_recipe(RECIPE, TINY_MOE_TRAIN + ["train.compile=true", *extra])
-    monkeypatch.setattr(torch, "__version__", version)
-    if refused is None:
-        check_compile(recipe)
-        return
-    with pytest.raises(RecipeError, match="wrong gradients") as e:
-        check_compile(recipe)
-    msg = str(e.value)
-    assert refused in msg and version in msg and "\n" not in msg
-    recipe.train.compile = False
-    check_compile(recipe)  # eager is always right
