@@ -117,11 +117,13 @@ def test_kill_during_a_sharded_save(saved):
     driver.write_text(KILL_DRIVER)
     args = ["train", RECIPE, *TINY, f"data.cache_dir={tmp / 'cache'}", f"train.run_dir={tmp}",
             "train.run_name=killed", *TWO, *DDP_EP2, SHARDED, "train.ckpt_every=1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(driver), *args, "train.max_steps=3"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    log = tmp / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(driver), *args, "train.max_steps=3"], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        assert proc.wait(timeout=240) == -signal.SIGKILL
+        assert proc.wait(timeout=240) == -signal.SIGKILL, log.read_text()[-3000:]
     finally:
         try:  # rank 1, left waiting for rank 0 (it started in this session)
             os.killpg(proc.pid, signal.SIGKILL)
