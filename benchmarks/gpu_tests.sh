@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a GPU machine: the CUDA-only tests run, and every other test
 # runs where a user there would run it (CUDA visible). Run it before resolving an issue
-# that touches model code (CI runs the same suite on a CPU with another torch).
+# that touches model code (CI runs the same suite on a CPU under torch 2.13 and 2.11).
+# CUDA_VISIBLE_DEVICES= bash benchmarks/gpu_tests.sh runs it there on the CPU alone.
 #
 #   bash benchmarks/gpu_tests.sh [pytest args]          # WORKERS=8 with pytest-xdist
 set -u
