@@ -1,6 +1,7 @@
 """Multi-head attention with grouped KV heads (MHA / GQA / MQA).
 
-Every variant is a field, not a class: QK-norm, explicit head_dim, a softmax scale
+Every variant is a field, not a class: QK-norm (per head, or over the whole projection
+as OLMoE does), explicit head_dim, a softmax scale
 from query_pre_attn_scalar, a sliding window, tanh soft-capping of the logits.
 
 A sliding-window layer with window W lets query i see keys j with i - W < j <= i:
@@ -115,15 +116,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, cfg.n_kv_heads * hd, bias=cfg.bias)
         self.v_proj = nn.Linear(d_model, cfg.n_kv_heads * hd, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, d_model, bias=cfg.bias)
-        self.q_norm = build_norm(hd, norm) if cfg.qk_norm else nn.Identity()
-        self.k_norm = build_norm(hd, norm) if cfg.qk_norm else nn.Identity()
+        # per head: one norm over head_dim shared by the heads; all_heads: one over the
+        # whole projection (n_heads * head_dim channels for q, n_kv_heads * head_dim for k)
+        self.qk_norm_all_heads = cfg.qk_norm and cfg.qk_norm_scope == "all_heads"
+        q_width, k_width = (cfg.n_heads * hd, cfg.n_kv_heads * hd) if self.qk_norm_all_heads else (hd, hd)
+        self.q_norm = build_norm(q_width, norm) if cfg.qk_norm else nn.Identity()
+        self.k_norm = build_norm(k_width, norm) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], block_mask=None) -> torch.Tensor:
         """`block_mask`: what `self.block_mask(T, device)` returns, when the caller
         built it already (flex layers only; None otherwise or to build it here)."""
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm_all_heads:
+            q, k = self.q_norm(q).view(B, T, -1, self.head_dim), self.k_norm(k).view(B, T, -1, self.head_dim)
+        else:
+            q, k = self.q_norm(q.view(B, T, -1, self.head_dim)), self.k_norm(k.view(B, T, -1, self.head_dim))
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = self._attend(q, k, v, block_mask)

@@ -51,7 +51,10 @@ class AttentionConfig:
     n_heads: int = MISSING
     n_kv_heads: Optional[int] = None  # null: n_heads (MHA); 1: MQA
     head_dim: Optional[int] = None  # null: d_model // n_heads
-    qk_norm: bool = False  # RMSNorm over head_dim on q and k, before RoPE
+    qk_norm: bool = False  # RMSNorm on q and k, before RoPE
+    # what one QK-norm normalises: head (each head's head_dim values; Qwen3, Gemma 3) or
+    # all_heads (the whole q / k projection, one weight per channel; OLMoE)
+    qk_norm_scope: str = "head"
     bias: bool = False
     # softmax scale = query_pre_attn_scalar ** -0.5 (null: head_dim)
     query_pre_attn_scalar: Optional[float] = None

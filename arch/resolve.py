@@ -20,6 +20,7 @@ NORM_PLACEMENTS = ("pre", "sandwich", "post")
 ROPE_SCALINGS = ("none", "linear")
 AUX_SCOPES = ("micro", "pooled", "global")
 ATTENTION_IMPLS = ("auto", "sdpa", "flex", "eager")
+QK_NORM_SCOPES = ("head", "all_heads")
 
 
 def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
@@ -110,6 +111,7 @@ def _attention(cfg: ModelConfig, errors: List[str], sane) -> None:
         errors.append(f"model.attention.head_dim must be a positive even integer for RoPE, got {a.head_dim}.")
     _check_key(errors, ATTENTION, a.kind, "model.attention.kind")
     _check_choice(errors, a.impl, ATTENTION_IMPLS, "model.attention.impl")
+    _check_choice(errors, a.qk_norm_scope, QK_NORM_SCOPES, "model.attention.qk_norm_scope")
     _check_key(errors, NORM, cfg.norm.kind, "model.norm.kind")
     _check_choice(errors, cfg.norm_placement, NORM_PLACEMENTS, "model.norm_placement")
     if cfg.fused_ce_compile and sane("model.fused_ce_chunk") and cfg.fused_ce_chunk == 0:

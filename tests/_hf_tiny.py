@@ -17,6 +17,14 @@ QWEN3 = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_
              num_key_value_heads=2, head_dim=12, max_position_embeddings=64, rms_norm_eps=1e-6,
              rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
 QWEN3_MOE = dict(QWEN3, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02)
+# every layer MoE; head_dim 12 != 32 / 4 and GQA as for Qwen3; no QK-norm
+MIXTRAL = dict({k: v for k, v in QWEN3.items() if k != "intermediate_size"}, intermediate_size=16,
+               num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02, rms_norm_eps=1e-5)
+# every layer MoE; QK-norm over the whole projections, so head_dim = hidden / heads (8)
+OLMOE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, num_experts=8,
+             num_experts_per_tok=2, router_aux_loss_coef=0.01, pad_token_id=None, eos_token_id=None,
+             rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
 GEMMA3 = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
               num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20, sliding_window=5,
               max_position_embeddings=64, rms_norm_eps=1e-6,
@@ -28,6 +36,7 @@ def config(kind: str, **overrides):
     import transformers
 
     cls, base = {"qwen3": (transformers.Qwen3Config, QWEN3), "qwen3_moe": (transformers.Qwen3MoeConfig, QWEN3_MOE),
+                 "mixtral": (transformers.MixtralConfig, MIXTRAL), "olmoe": (transformers.OlmoeConfig, OLMOE),
                  "gemma3": (transformers.Gemma3TextConfig, GEMMA3)}[kind]
     return cls(**{**base, **overrides})
 

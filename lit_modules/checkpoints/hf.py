@@ -8,8 +8,9 @@
     export   moelab checkpoint ──> hf_config_from_model ──> mapped back and compared
              (`signature`), so nothing is dropped silently ──> HF shards, hub layout
 
-Supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM, Gemma3ForCausalLM and the text part
-of Gemma3ForConditionalGeneration. Names on both sides (HF left, moelab right):
+Supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM, OlmoeForCausalLM,
+Gemma3ForCausalLM and the text part of Gemma3ForConditionalGeneration. Names on both
+sides (HF left, moelab right):
 
     model.embed_tokens / model.norm / lm_head          embed / norm / head
     layers.i.input_layernorm                           layers.i.attn_norm
@@ -23,6 +24,7 @@ of Gemma3ForConditionalGeneration. Names on both sides (HF left, moelab right):
     layers.i.mlp.experts.gate_up_proj (E, 2F, D)       layers.i.ffn.w_in   [gate; up]
     layers.i.mlp.experts.down_proj    (E, D, F)        layers.i.ffn.w_out
     layers.i.mlp.experts.e.{gate,up,down}_proj         rows of w_in[e] / w_out[e]
+    layers.i.block_sparse_moe.*         Mixtral hub    layers.i.mlp.*  (w1 gate, w3 up, w2 down)
 
 Import reads both expert layouts (the hub's per-expert tensors and transformers 5's
 fused 3-D ones); export writes the per-expert layout: what transformers 5's own
@@ -55,8 +57,11 @@ from lit_modules.checkpoints.model_dir import (
 
 QWEN3, QWEN3_MOE, GEMMA3, GEMMA3_MM = (
     "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
-SUPPORTED = (QWEN3, QWEN3_MOE, GEMMA3, GEMMA3_MM)
-_BY_MODEL_TYPE = {"qwen3": QWEN3, "qwen3_moe": QWEN3_MOE, "gemma3_text": GEMMA3, "gemma3": GEMMA3_MM}
+MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
+SUPPORTED = (QWEN3, QWEN3_MOE, MIXTRAL, OLMOE, GEMMA3, GEMMA3_MM)
+MOE_ARCHS = (QWEN3_MOE, MIXTRAL, OLMOE)  # every one with the per-expert hub layout
+_BY_MODEL_TYPE = {"qwen3": QWEN3, "qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL, "olmoe": OLMOE,
+                  "gemma3_text": GEMMA3, "gemma3": GEMMA3_MM}
 SILU, GELU_TANH = "silu", "gelu_pytorch_tanh"
 
 
@@ -110,7 +115,8 @@ def _one_line(e: BaseException, limit: int = 400) -> str:
 # when one is left out, transformers' default stands in
 SIZE_FIELDS = (("vocab_size",), ("hidden_size",), ("intermediate_size",), ("num_hidden_layers",),
                ("num_attention_heads",), ("num_key_value_heads",), ("head_dim",))
-MOE_SIZE_FIELDS = (("num_experts", "num_local_experts"), ("moe_intermediate_size",))
+MOE_SIZE_FIELDS = {QWEN3_MOE: (("num_experts", "num_local_experts"), ("moe_intermediate_size",)),
+                   MIXTRAL: (("num_local_experts",),), OLMOE: (("num_experts",),)}
 
 
 def _left_out(hf_dir, arch: str) -> List[str]:
@@ -118,7 +124,7 @@ def _left_out(hf_dir, arch: str) -> List[str]:
     try:
         raw = json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8"))
         raw = raw.get("text_config", {}) if arch == GEMMA3_MM else raw
-        fields = SIZE_FIELDS + (MOE_SIZE_FIELDS if arch == QWEN3_MOE else ())
+        fields = SIZE_FIELDS + MOE_SIZE_FIELDS.get(arch, ())
         return [names[0] for names in fields if not any(n in raw for n in names)]
     except (ValueError, OSError, AttributeError):
         return []
@@ -213,8 +219,19 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
         placement, scale_emb = "sandwich", True
     else:
         if g("hidden_act") != SILU:
-            raise _cannot(arch, "hidden_act", g("hidden_act"), "Qwen3's FFN and experts are SwiGLU (silu)")
-        if arch == QWEN3_MOE:
+            raise _cannot(arch, "hidden_act", g("hidden_act"), f"{arch}'s FFN and experts are SwiGLU (silu)")
+        if arch == MIXTRAL:  # a window, when set, applies to every layer
+            window = g("sliding_window")
+            layer_types = ["full_attention" if window is None else "sliding_attention"] * n_layers
+        elif arch == OLMOE:
+            if g("clip_qkv") is not None:
+                raise _cannot(arch, "clip_qkv", g("clip_qkv"), "moelab does not clamp q, k and v (no released "
+                              "OLMoE does); set it to null")
+            if head_dim != d // heads:  # transformers sizes OLMoE's q_norm by hidden_size
+                raise _cannot(arch, "head_dim", head_dim, f"OLMoE's QK-norm spans hidden_size ({d}) channels, "
+                              f"so head_dim must be hidden_size / num_attention_heads = {d // heads}")
+            layer_types, window = ["full_attention"] * n_layers, None
+        elif arch == QWEN3_MOE:
             if g("use_sliding_window"):
                 raise _cannot(arch, "use_sliding_window", True, "no released Qwen3-MoE checkpoint uses a sliding "
                               "window and moelab does not map it; set it to false")
@@ -223,8 +240,11 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
             layer_types = list(g("layer_types") or ["full_attention"] * n_layers)
             window = g("sliding_window")  # transformers sets it to None unless use_sliding_window
         norm = NormConfig(eps=float(g("rms_norm_eps")))
-        attention = AttentionConfig(n_heads=heads, n_kv_heads=kv, head_dim=head_dim, qk_norm=True,
-                                    bias=bool(g("attention_bias")))
+        # Mixtral has neither QK-norm nor attention biases (it ignores an attention_bias
+        # field); OLMoE normalises the whole q and k projections
+        attention = AttentionConfig(n_heads=heads, n_kv_heads=kv, head_dim=head_dim, qk_norm=arch != MIXTRAL,
+                                    qk_norm_scope="all_heads" if arch == OLMOE else "head",
+                                    bias=arch != MIXTRAL and bool(g("attention_bias")))
         ffn = FFNConfig(kind="swiglu", d_ff=g("intermediate_size"))
         final_softcap, placement, scale_emb = None, "pre", False
 
@@ -250,6 +270,18 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
             every=step, first_k_dense=step - 1,
         )
         overrides = {i: LayerOverride(moe=False) for i in (g("mlp_only_layers") or []) if 0 <= i < n_layers}
+    elif arch in (MIXTRAL, OLMOE):  # every layer MoE, experts as wide as intermediate_size
+        if g("router_jitter_noise", 0.0):
+            raise _cannot(arch, "router_jitter_noise", g("router_jitter_noise"), "transformers' Mixtral jitters "
+                          "the experts' input too, moelab's router.jitter the router's only; set it to 0.0 "
+                          "(released Mixtral has 0.0)")
+        moe = MoEConfig(
+            n_experts=g("num_local_experts") if arch == MIXTRAL else g("num_experts"),
+            top_k=g("num_experts_per_tok"), d_expert=g("intermediate_size"), expert_ffn="swiglu",
+            # Mixtral always renormalises the top-k weights; OLMoE as norm_topk_prob says
+            router=RouterConfig(kind="softmax_topk", renormalize=arch == MIXTRAL or bool(g("norm_topk_prob"))),
+            balance=BalanceConfig(aux_coef=float(g("router_aux_loss_coef", 0.0)), aux_scope="pooled"),
+        )
 
     return ModelConfig(
         d_model=d, n_layers=n_layers, vocab_size=g("vocab_size"), max_seq_len=g("max_position_embeddings"),
@@ -295,6 +327,7 @@ def signature(m: ModelConfig) -> Dict[str, object]:
         "model.attention.kind": a.kind, "model.attention.n_heads": a.n_heads,
         "model.attention.n_kv_heads": a.n_kv_heads, "model.attention.head_dim": a.head_dim,
         "model.attention.qk_norm": a.qk_norm, "model.attention.bias": a.bias,
+        "model.attention.qk_norm_scope": a.qk_norm_scope if a.qk_norm else None,
         "model.attention.query_pre_attn_scalar": float(a.query_pre_attn_scalar or a.head_dim),
         "model.attention.softcap": a.softcap, "model.norm.kind": m.norm.kind, "model.norm.eps": m.norm.eps,
         "model.norm.zero_centered": m.norm.zero_centered, "model.norm.weight_in_float32": m.norm.weight_in_float32,
@@ -347,9 +380,12 @@ _GEMMA = [
     ("layers.{i}.pre_feedforward_layernorm.weight", "layers.{i}.ffn_norm.weight"),
     ("layers.{i}.post_feedforward_layernorm.weight", "layers.{i}.ffn_post_norm.weight"),
 ]
-RULES = {QWEN3: _COMMON + _QWEN, QWEN3_MOE: _COMMON + _QWEN + _MOE, GEMMA3: _COMMON + _GEMMA,
-         GEMMA3_MM: _COMMON + _GEMMA}
-_PER_EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+RULES = {QWEN3: _COMMON + _QWEN, QWEN3_MOE: _COMMON + _QWEN + _MOE, MIXTRAL: _COMMON + _QWEN + _MOE,
+         OLMOE: _COMMON + _QWEN + _MOE, GEMMA3: _COMMON + _GEMMA, GEMMA3_MM: _COMMON + _GEMMA}
+_PER_EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
+# Mixtral's hub names: block_sparse_moe for mlp, w1 / w3 / w2 for gate / up / down
+_MIXTRAL_HUB = (".block_sparse_moe.", ".mlp.")
+_EXPERT_NAMES = {MIXTRAL: ("w1", "w3", "w2")}  # gate, up, down; others: gate_proj, up_proj, down_proj
 # where the text model's tensors live, per architecture (transformers 5 and hub layouts)
 _BODY = {GEMMA3_MM: ("model.language_model.", "language_model.model.")}
 _HEAD = {GEMMA3_MM: ("lm_head.weight", "language_model.lm_head.weight")}
@@ -391,13 +427,15 @@ def hf_to_ours(arch: str, name: str, d_expert: int) -> Optional[Part]:
             break
     else:
         return None
-    if arch == QWEN3_MOE:
+    if arch == MIXTRAL:
+        body = body.replace(*_MIXTRAL_HUB)
+    if arch in MOE_ARCHS:
         m = _PER_EXPERT.match(body)
         if m:
             layer, e, which = m.group(1), int(m.group(2)), m.group(3)
-            if which == "down_proj":
+            if which in ("down_proj", "w2"):
                 return Part(f"layers.{layer}.ffn.w_out", (e,))
-            rows = slice(0, d_expert) if which == "gate_proj" else slice(d_expert, 2 * d_expert)
+            rows = slice(0, d_expert) if which in ("gate_proj", "w1") else slice(d_expert, 2 * d_expert)
             return Part(f"layers.{layer}.ffn.w_in", (e, rows))
     ours = _rename(RULES[arch], body, forward=True)
     return None if ours is None else Part(ours)
@@ -410,22 +448,24 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor) -> List[Tuple[str, to
     if name.endswith("ffn.router.expert_bias"):
         return []  # selection bias: zero unless bias_update_rate > 0, which export refuses
     prefix = "model."
+    hub = (lambda n: n.replace(_MIXTRAL_HUB[1], _MIXTRAL_HUB[0])) if arch == MIXTRAL else (lambda n: n)
     m = re.match(r"layers\.(\d+)\.ffn\.(w_in|w_out)$", name)
     if m:
-        base = f"{prefix}layers.{m.group(1)}.mlp.experts"
+        base = hub(f"{prefix}layers.{m.group(1)}.mlp.experts")
+        g_name, u_name, d_name = _EXPERT_NAMES.get(arch, ("gate_proj", "up_proj", "down_proj"))
         out = []
         for e in range(tensor.shape[0]):
             if m.group(2) == "w_in":
                 gate, up = tensor[e].chunk(2, dim=0)
-                out += [(f"{base}.{e}.gate_proj.weight", gate), (f"{base}.{e}.up_proj.weight", up)]
+                out += [(f"{base}.{e}.{g_name}.weight", gate), (f"{base}.{e}.{u_name}.weight", up)]
             else:
-                out.append((f"{base}.{e}.down_proj.weight", tensor[e]))
+                out.append((f"{base}.{e}.{d_name}.weight", tensor[e]))
         return out
     hf = _rename(RULES[arch], name, forward=False)
     if hf is None:
         raise ConvertError(f"moelab tensor {name} has no counterpart in {arch}; the model uses a component "
                            "Hugging Face cannot express.")
-    return [(prefix + hf, tensor)]
+    return [(hub(prefix + hf), tensor)]
 
 
 # ------------------------------------------------------------------------ import
@@ -575,8 +615,13 @@ def is_hf_dir(path) -> bool:
 
 
 def export_family(m: ModelConfig) -> str:
+    """The transformers class that can hold `m`, judged by what tells the families
+    apart (the signature comparison then refuses anything else that differs)."""
     if any(s.moe for s in layer_specs(m)):
-        return QWEN3_MOE
+        a = m.attention
+        if not a.qk_norm:
+            return MIXTRAL
+        return OLMOE if a.qk_norm_scope == "all_heads" else QWEN3_MOE
     return GEMMA3 if m.norm_placement == "sandwich" else QWEN3
 
 
@@ -610,12 +655,22 @@ def hf_config_kwargs(arch: str, m: ModelConfig) -> dict:
                   final_logit_softcapping=m.final_softcap)
         return kw
     kw.update(hidden_act=SILU, rope_parameters=_rope_dict(specs[0].rope))
+    mo = m.moe
+    if arch in (MIXTRAL, OLMOE):
+        kw.update(intermediate_size=mo.d_expert, num_experts_per_tok=mo.top_k,
+                  router_aux_loss_coef=mo.balance.aux_coef, output_router_logits=False)
+        if arch == MIXTRAL:
+            del kw["attention_bias"]  # Mixtral has none; the signature check refuses biases
+            kw.update(num_local_experts=mo.n_experts, sliding_window=windows[0] if windows else None)
+        else:
+            del kw["head_dim"]  # OLMoE's is hidden_size / heads; the signature check refuses others
+            kw.update(num_experts=mo.n_experts, norm_topk_prob=mo.router.renormalize, clip_qkv=None)
+        return kw
     if arch == QWEN3:
         kw.update(layer_types=layer_types, use_sliding_window=bool(windows),
                   sliding_window=windows[0] if windows else None,
                   max_window_layers=layer_types.index("sliding_attention") if windows else m.n_layers)
         return kw
-    mo = m.moe
     kw.update(num_experts=mo.n_experts, num_experts_per_tok=mo.top_k, moe_intermediate_size=mo.d_expert,
               norm_topk_prob=mo.router.renormalize, decoder_sparse_step=1,
               mlp_only_layers=[s.index for s in specs if not s.moe],
@@ -632,6 +687,7 @@ def hf_config_for(m: ModelConfig):
 
     arch = export_family(m)
     cls = {QWEN3: transformers.Qwen3Config, QWEN3_MOE: transformers.Qwen3MoeConfig,
+           MIXTRAL: transformers.MixtralConfig, OLMOE: transformers.OlmoeConfig,
            GEMMA3: transformers.Gemma3TextConfig}[arch]
     try:
         cfg = cls(**hf_config_kwargs(arch, m))
@@ -650,7 +706,7 @@ def hf_config_for(m: ModelConfig):
         raise ConvertError(f"this model cannot be written as {arch} without changing what it computes: {shown}.")
     notes = []
     b = m.moe.balance
-    if arch == QWEN3_MOE and (b.aux_scope != "pooled" or b.z_coef > 0 or m.moe.router.jitter > 0):
+    if arch in MOE_ARCHS and (b.aux_scope != "pooled" or b.z_coef > 0 or m.moe.router.jitter > 0):
         notes.append(f"training-only settings that {arch} has no field for were not written "
                      f"(aux_scope={b.aux_scope}, z_coef={b.z_coef}, jitter={m.moe.router.jitter}); "
                      "transformers trains with its pooled auxiliary loss")

@@ -23,6 +23,9 @@ ROUND_TRIP = {
     "qwen3": ("qwen3", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=5, max_window_layers=2)),
     "qwen3_moe": ("qwen3_moe", dict(norm_topk_prob=True, mlp_only_layers=[0])),
     "gemma3": ("gemma3", dict(tie_word_embeddings=False, final_logit_softcapping=5.0)),
+    # the hub's Mixtral names (block_sparse_moe, w1 / w3 / w2) both ways
+    "mixtral": ("mixtral", dict(sliding_window=5)),
+    "olmoe": ("olmoe", dict(norm_topk_prob=False, attention_bias=True)),
 }
 
 
@@ -128,6 +131,8 @@ def _write_config(tmp_path, cfg, arch=None):
     ("qwen3", dict(hidden_act="gelu"), None, "hidden_act"),
     ("qwen3", dict(attention_dropout=0.1), None, "attention_dropout"),
     ("qwen3_moe", dict(use_sliding_window=True, sliding_window=4), None, "use_sliding_window"),
+    ("mixtral", dict(router_jitter_noise=0.1), None, "router_jitter_noise"),
+    ("olmoe", dict(clip_qkv=8.0), None, "clip_qkv"),
     ("gemma3", dict(attn_logit_softcapping=50.0), None, "attn_logit_softcapping"),
     ("gemma3", dict(hidden_activation="gelu"), None, "hidden_activation"),
     ("gemma3", dict(use_bidirectional_attention=True), None, "use_bidirectional_attention"),

@@ -1,6 +1,6 @@
 """Parity with transformers (the oracle): tiny random HF models keeping every quirk are
 saved, imported with `moelab import-hf`'s converter, and compared in float32 on CPU.
-Logits must agree to 1e-4; Qwen3-MoE's pooled auxiliary loss must equal HF's."""
+Logits must agree to 1e-4; the MoE families' pooled auxiliary loss must equal HF's."""
 from __future__ import annotations
 
 import pytest
@@ -26,6 +26,16 @@ CASES = {
     # raw softmax weights, tied, MoE on every 2nd layer (decoder_sparse_step)
     "qwen3_moe-raw-tied": ("qwen3_moe", dict(norm_topk_prob=False, tie_word_embeddings=True, num_hidden_layers=4,
                                              decoder_sparse_step=2)),
+    # top-2 renormalised, untied; every layer slides with a window of 5 < 16 tokens
+    "mixtral-window-untied": ("mixtral", dict(tie_word_embeddings=False, sliding_window=5)),
+    # tied head, RoPE base 1e6, no window
+    "mixtral-tied": ("mixtral", dict(tie_word_embeddings=True,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # raw softmax top-k weights (norm_topk_prob false, as released), QK-norm over the whole
+    # projections, attention biases, untied
+    "olmoe-raw-bias": ("olmoe", dict(norm_topk_prob=False, attention_bias=True, tie_word_embeddings=False)),
+    # renormalised top-k, tied, MHA
+    "olmoe-norm-tied": ("olmoe", dict(norm_topk_prob=True, tie_word_embeddings=True, num_key_value_heads=4)),
     # 7 layers: 5 local (window 5), 1 global (linear RoPE x8), 1 local; qpas 20 != head_dim 24 != 64 / 4; tied
     "gemma3-tied": ("gemma3", dict(tie_word_embeddings=True)),
     # untied head, final soft-capping, 8 layers, another local RoPE base. (Attention
@@ -53,13 +63,26 @@ def test_logits_match_transformers(case, tmp_path):
     if kind == "gemma3":
         assert recipe.model.attention.query_pre_attn_scalar == 20 != recipe.model.attention.head_dim
         assert specs_windows == {None, 5} and recipe.model.layer_pattern[:6] == ["local"] * 5 + ["global"]
-    assert recipe.model.attention.head_dim * recipe.model.attention.n_heads != recipe.model.d_model
+    if kind == "olmoe":  # QK-norm over all heads needs head_dim = d_model / heads
+        assert recipe.model.attention.qk_norm_scope == "all_heads"
+        assert recipe.model.moe.router.renormalize == overrides["norm_topk_prob"]
+    else:
+        assert recipe.model.attention.head_dim * recipe.model.attention.n_heads != recipe.model.d_model
+    if kind == "mixtral":
+        assert not recipe.model.attention.qk_norm and recipe.model.moe.router.renormalize
+        used = {recipe.model.layer_kinds[k].window for k in recipe.model.layer_pattern}
+        assert used == {overrides.get("sliding_window")}
     assert recipe.model.tie_embeddings == overrides["tie_word_embeddings"]
 
 
-@pytest.mark.parametrize("norm_topk", [True, False])
-def test_qwen3_moe_pooled_aux_loss_matches_transformers(norm_topk, tmp_path):
-    hf = hf_model("qwen3_moe", norm_topk_prob=norm_topk, mlp_only_layers=[1])
+@pytest.mark.parametrize("kind, overrides", [
+    ("qwen3_moe", dict(norm_topk_prob=True, mlp_only_layers=[1])),
+    ("qwen3_moe", dict(norm_topk_prob=False, mlp_only_layers=[1])),
+    ("mixtral", dict(sliding_window=5)),
+    ("olmoe", dict(norm_topk_prob=False)),
+], ids=["qwen3_moe-norm", "qwen3_moe-raw", "mixtral", "olmoe"])
+def test_pooled_aux_loss_matches_transformers(kind, overrides, tmp_path):
+    hf = hf_model(kind, **overrides)
     recipe, ours = import_and_load(hf, tmp_path)
     b = recipe.model.moe.balance
     assert (b.aux_scope, b.aux_coef) == ("pooled", hf.config.router_aux_loss_coef)
