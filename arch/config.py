@@ -31,10 +31,24 @@ class NormConfig:
 @dataclass
 class RopeConfig:
     theta: float = 10_000.0
-    # none | linear (positional interpolation: positions / factor). YaRN would be a
-    # third value with its own fields here.
+    # none | linear (positional interpolation: positions / factor) | yarn (YaRN: each
+    # frequency interpolated by factor, extrapolated, or ramped between the two by how
+    # many turns it makes over original_max_seq_len; cos and sin scaled by an
+    # attention factor)
     scaling: str = "none"
     factor: float = 1.0
+    # YaRN only (Qwen3 long context, DeepSeek-V3, gpt-oss): the context trained before
+    # scaling (null: model.max_seq_len), the ramp's ends in turns, and the attention
+    # factor (null: 0.1 ln(factor) + 1, or DeepSeek's ratio from mscale / mscale_all_dim)
+    original_max_seq_len: Optional[int] = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    attention_factor: Optional[float] = None
+    truncate: bool = True  # round the ramp's ends to whole dimensions (gpt-oss: false)
+    # the fraction of head_dim that rotates (the first dimensions; the rest pass through)
+    partial: float = 1.0
 
 
 @dataclass

@@ -17,7 +17,7 @@ from .ranges import check_numbers
 from .registry import ATTENTION, EXPERT_BACKEND, FFN, MOE, NORM, ROUTER, RecipeError, nearest
 
 NORM_PLACEMENTS = ("pre", "sandwich", "post")
-ROPE_SCALINGS = ("none", "linear")
+ROPE_SCALINGS = ("none", "linear", "yarn")
 AUX_SCOPES = ("micro", "pooled", "global")
 ATTENTION_IMPLS = ("auto", "sdpa", "flex", "eager")
 QK_NORM_SCOPES = ("head", "all_heads")
@@ -130,7 +130,15 @@ def _layers(cfg: ModelConfig, errors: List[str], sane) -> None:
                 f"{nearest(kind, cfg.layer_kinds)}; define it there or use one of {', '.join(cfg.layer_kinds)}."
             )
     for name, lk in cfg.layer_kinds.items():
-        _check_choice(errors, lk.rope.scaling, ROPE_SCALINGS, f"model.layer_kinds.{name}.rope.scaling")
+        rope, where = lk.rope, f"model.layer_kinds.{name}.rope"
+        _check_choice(errors, rope.scaling, ROPE_SCALINGS, f"{where}.scaling")
+        if rope.scaling == "yarn" and rope.original_max_seq_len is None and sane("model.max_seq_len"):
+            rope.original_max_seq_len = cfg.max_seq_len  # as transformers fills it
+        hd = cfg.attention.head_dim
+        rotated = int(hd * rope.partial) if rope.partial != 1.0 and sane(f"{where}.partial") and hd else 2
+        if rotated < 2 or rotated % 2:
+            errors.append(f"{where}.partial = {rope.partial} rotates {rotated} of head_dim {hd} "
+                          "dimensions; RoPE needs a positive even number of them.")
     for i, ov in cfg.layer_overrides.items():
         if sane("model.n_layers") and not 0 <= i < cfg.n_layers:
             errors.append(f"model.layer_overrides has layer {i}, outside 0..{cfg.n_layers - 1}.")

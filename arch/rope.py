@@ -1,6 +1,18 @@
-"""Rotary position embedding (rotate-half convention), one instance per layer kind."""
+"""Rotary position embedding (rotate-half convention), one instance per layer kind.
+
+Scalings (`RopeConfig.scaling`):
+    none     inv_freq_i = theta^(-2i/d)
+    linear   positions divided by `factor` (positional interpolation)
+    yarn     YaRN: each frequency is interpolated (divided by `factor`) if it turns
+             fewer than `beta_slow` times over `original_max_seq_len` positions, kept
+             (extrapolated) if more than `beta_fast` times, and ramped linearly in
+             between; cos and sin are multiplied by the attention factor
+             (0.1 ln(factor) + 1, or DeepSeek's mscale / mscale_all_dim ratio of it)
+`partial` < 1 rotates only the first partial x head_dim dimensions of each head.
+"""
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -9,34 +21,83 @@ from torch import nn
 from .config import RopeConfig
 
 
-class RoPE(nn.Module):
-    """Produces (cos, sin) of shape (T, head_dim) in float32 for positions 0..T-1.
+def rotary_dim(head_dim: int, cfg: RopeConfig) -> int:
+    """How many leading dimensions of a head rotate."""
+    return int(head_dim * cfg.partial)
 
-    Linear scaling divides positions by `factor` (positional interpolation).
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_attention_factor(cfg: RopeConfig) -> float:
+    """The factor YaRN multiplies cos and sin by."""
+    if cfg.attention_factor is not None:
+        return cfg.attention_factor
+    if cfg.mscale and cfg.mscale_all_dim:
+        return _yarn_mscale(cfg.factor, cfg.mscale) / _yarn_mscale(cfg.factor, cfg.mscale_all_dim)
+    return _yarn_mscale(cfg.factor)
+
+
+def inv_frequencies(dim: int, cfg: RopeConfig, device=None) -> torch.Tensor:
+    """(dim / 2,) float32 inverse frequencies of a `dim`-dimensional rotation."""
+    exponent = torch.arange(0, dim, 2, device=device, dtype=torch.int64).float()
+    pos_freqs = cfg.theta ** (exponent / dim)
+    if cfg.scaling != "yarn":
+        return 1.0 / pos_freqs
+
+    def turns_dim(turns: float) -> float:  # the dimension whose frequency makes `turns` turns
+        return dim * math.log(cfg.original_max_seq_len / (turns * 2 * math.pi)) / (2 * math.log(cfg.theta))
+
+    low, high = turns_dim(cfg.beta_fast), turns_dim(cfg.beta_slow)
+    if cfg.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (the frequency as trained), 0: interpolate
+    return (1.0 / (cfg.factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
+class RoPE(nn.Module):
+    """Produces (cos, sin) of shape (T, rotary_dim) in float32 for positions 0..T-1.
+
     No buffers: tables are recomputed per forward (cheap, and meta-init friendly).
     """
 
     def __init__(self, head_dim: int, cfg: RopeConfig):
         super().__init__()
         self.head_dim = head_dim
+        self.dim = rotary_dim(head_dim, cfg)
+        self.cfg = cfg
         self.theta = cfg.theta
         self.factor = cfg.factor if cfg.scaling == "linear" else 1.0
+        self.scale = yarn_attention_factor(cfg) if cfg.scaling == "yarn" else 1.0
 
     def forward(self, seq_len: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.int64).float()
-        inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))
+        inv_freq = inv_frequencies(self.dim, self.cfg, device)
         pos = torch.arange(seq_len, device=device, dtype=torch.float32) / self.factor
         freqs = torch.outer(pos, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        if self.scale == 1.0:
+            return emb.cos(), emb.sin()
+        return emb.cos() * self.scale, emb.sin() * self.scale
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, theta={self.theta:g}, factor={self.factor:g}"
+        extra = f", rotary_dim={self.dim}" if self.dim != self.head_dim else ""
+        if self.cfg.scaling == "yarn":
+            extra += f", yarn x{self.cfg.factor:g} from {self.cfg.original_max_seq_len}"
+        return f"head_dim={self.head_dim}, theta={self.theta:g}, factor={self.factor:g}{extra}"
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (T, D) float32, cast to x's dtype as HF does."""
+    """x: (B, H, T, D); cos/sin: (T, R) float32 with R <= D, cast to x's dtype as HF
+    does. The first R dimensions rotate; the rest pass through."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :R], cos, sin), x[..., R:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin

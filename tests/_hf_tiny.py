@@ -8,6 +8,8 @@ std 0.02 (near-ties between experts): `perturb` makes all of them matter and kee
 the top-k choice clear of ties, so a wrong mapping shows in the logits."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 SEQ = 16  # longer than every window below
@@ -38,7 +40,8 @@ def config(kind: str, **overrides):
     cls, base = {"qwen3": (transformers.Qwen3Config, QWEN3), "qwen3_moe": (transformers.Qwen3MoeConfig, QWEN3_MOE),
                  "mixtral": (transformers.MixtralConfig, MIXTRAL), "olmoe": (transformers.OlmoeConfig, OLMOE),
                  "gemma3": (transformers.Gemma3TextConfig, GEMMA3)}[kind]
-    return cls(**{**base, **overrides})
+    # a deep copy: transformers writes into a rope_parameters dict it is given
+    return cls(**copy.deepcopy({**base, **overrides}))
 
 
 @torch.no_grad()

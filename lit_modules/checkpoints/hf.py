@@ -134,49 +134,63 @@ def _cannot(arch: str, field: str, value, why: str) -> ConvertError:
     return ConvertError(f"{arch} config field {field} = {value!r} cannot be honoured: {why}.")
 
 
-def _rope(arch: str, params: Optional[dict], field: str) -> RopeConfig:
+def _rope(arch: str, params: Optional[dict], field: str, partial: float = 1.0) -> RopeConfig:
+    """`partial`: the config's top-level partial_rotary_factor, where a model keeps it there."""
     params = dict(params or {})
     rtype = params.get("rope_type", params.get("type", "default"))
-    if rtype not in ("default", "linear"):
-        raise _cannot(arch, f"{field}.rope_type", rtype, "moelab implements plain RoPE and linear scaling "
-                      "(positional interpolation) only; drop the scaling or add that RoPE type to arch/rope.py")
+    if rtype not in ("default", "linear", "yarn"):
+        raise _cannot(arch, f"{field}.rope_type", rtype, "moelab implements plain RoPE, linear scaling "
+                      "(positional interpolation) and YaRN; drop the scaling or add that RoPE type to arch/rope.py")
     if params.get("rope_theta") is None:
         raise _cannot(arch, f"{field}.rope_theta", None, "a RoPE base is required")
-    partial = params.get("partial_rotary_factor", 1.0)
-    if partial != 1.0:
-        raise _cannot(arch, f"{field}.partial_rotary_factor", partial, "moelab rotates the whole head_dim")
+    rope = RopeConfig(theta=float(params["rope_theta"]),
+                      partial=float(params.get("partial_rotary_factor") or partial or 1.0))
     if rtype == "linear":
-        return RopeConfig(theta=float(params["rope_theta"]), scaling="linear", factor=float(params["factor"]))
-    return RopeConfig(theta=float(params["rope_theta"]))
+        rope.scaling, rope.factor = "linear", float(params["factor"])
+    elif rtype == "yarn":
+        for key in ("factor", "original_max_position_embeddings"):
+            if params.get(key) is None:
+                raise _cannot(arch, f"{field}.{key}", None, "moelab's YaRN needs it given")
+        rope.scaling, rope.factor = "yarn", float(params["factor"])
+        rope.original_max_seq_len = int(params["original_max_position_embeddings"])
+        # transformers reads `x or default`, so 0 and None both mean the default
+        rope.beta_fast, rope.beta_slow = float(params.get("beta_fast") or 32), float(params.get("beta_slow") or 1)
+        rope.mscale, rope.mscale_all_dim = _opt_float(params.get("mscale")), _opt_float(params.get("mscale_all_dim"))
+        rope.attention_factor = _opt_float(params.get("attention_factor"))
+        rope.truncate = bool(params.get("truncate", True))
+    return rope
 
 
 def _layer_ropes(arch: str, text, layer_types: List[str]) -> List[RopeConfig]:
     """One RopeConfig per layer: transformers 5 keeps one dict, or one per layer type."""
     rp = getattr(text, "rope_parameters", None) or {}
+    partial = getattr(text, "partial_rotary_factor", None) or 1.0
     if any(t in rp for t in ("full_attention", "sliding_attention")):
         missing = sorted(set(layer_types) - set(rp))
         if missing:
             raise _cannot(arch, "rope_parameters", rp, f"it has no entry for layer type {missing[0]}")
-        ropes = {t: _rope(arch, rp[t], f"rope_parameters.{t}") for t in set(layer_types)}
+        ropes = {t: _rope(arch, rp[t], f"rope_parameters.{t}", partial) for t in set(layer_types)}
+        for r in ropes.values():  # transformers reads YaRN's truncate from the outer dict
+            r.truncate = bool(rp.get("truncate", True))
         return [ropes[t] for t in layer_types]
-    rope = _rope(arch, rp, "rope_parameters")
+    rope = _rope(arch, rp, "rope_parameters", partial)
     return [rope] * len(layer_types)
 
 
 def _pattern(per_layer: List[Tuple[Optional[int], RopeConfig]]):
     """Name each distinct (window, rope) pair and find the shortest cycle of names."""
     kinds: Dict[Tuple, str] = {}
+    layer_kinds: Dict[str, LayerKindConfig] = {}
     for window, rope in per_layer:
-        key = (window, rope.theta, rope.scaling, rope.factor)
+        key = (window, repr(rope))  # RopeConfig is a dataclass: equal fields, equal repr
         if key not in kinds:
             base = "global" if window is None else "local"
             taken = sum(name.split("_")[0] == base for name in kinds.values())
             kinds[key] = base if taken == 0 else f"{base}_{taken}"
-    names = [kinds[(w, r.theta, r.scaling, r.factor)] for w, r in per_layer]
+            layer_kinds[kinds[key]] = LayerKindConfig(window=window, rope=rope)
+    names = [kinds[(w, repr(r))] for w, r in per_layer]
     n = len(names)
     period = next(p for p in range(1, n + 1) if all(names[i] == names[i % p] for i in range(n)))
-    layer_kinds = {name: LayerKindConfig(window=key[0], rope=RopeConfig(theta=key[1], scaling=key[2], factor=key[3]))
-                   for key, name in kinds.items()}
     return layer_kinds, names[:period]
 
 
@@ -253,6 +267,10 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
     for t in set(layer_types) - {"full_attention", "sliding_attention"}:
         raise _cannot(arch, "layer_types", t, "moelab maps full_attention and sliding_attention layers only")
     ropes = _layer_ropes(arch, text, layer_types)
+    for r in ropes:
+        if r.partial != 1.0:
+            raise _cannot(arch, "partial_rotary_factor", r.partial, f"transformers' {arch} rotates the whole "
+                          "head_dim")
     per_layer = [(window if t == "sliding_attention" else None, r) for t, r in zip(layer_types, ropes)]
     layer_kinds, pattern = _pattern(per_layer)
 
@@ -339,7 +357,7 @@ def signature(m: ModelConfig) -> Dict[str, object]:
         # by index, not kind name: the names are free, the per-layer facts are not
         sig[f"layer {s.index} window"] = s.window
         sig[f"layer {s.index} rope theta"] = rope.theta
-        sig[f"layer {s.index} rope factor"] = rope.factor if rope.scaling == "linear" else 1.0
+        sig[f"layer {s.index} rope"] = _rope_signature(rope, m.max_seq_len)
         sig[f"layer {s.index} MoE"] = s.moe
     if any(not s.moe for s in specs):
         sig.update({"model.ffn.kind": m.ffn.kind, "model.ffn.d_ff": m.ffn.d_ff, "model.ffn.bias": m.ffn.bias})
@@ -355,6 +373,18 @@ def signature(m: ModelConfig) -> Dict[str, object]:
             "model.moe.n_shared_experts": mo.n_shared_experts, "model.moe.capacity_factor": mo.capacity_factor,
         })
     return sig
+
+
+def _rope_signature(rope: RopeConfig, max_seq_len: int) -> tuple:
+    """What a layer kind's RoPE computes: its scaling and the fields that scaling reads."""
+    if rope.scaling == "none" or rope.factor == 1.0 and rope.scaling == "linear":
+        return ("none", rope.partial)
+    if rope.scaling == "linear":
+        return ("linear", rope.factor, rope.partial)
+    from arch.rope import yarn_attention_factor
+
+    return ("yarn", rope.factor, rope.original_max_seq_len or max_seq_len, rope.beta_fast, rope.beta_slow,
+            rope.truncate, round(yarn_attention_factor(rope), 12), rope.partial)
 
 
 # ------------------------------------------------------------------ tensor names
@@ -626,9 +656,19 @@ def export_family(m: ModelConfig) -> str:
 
 
 def _rope_dict(rope: RopeConfig) -> dict:
+    out = {"rope_type": "default", "rope_theta": rope.theta}
     if rope.scaling == "linear":
-        return {"rope_type": "linear", "rope_theta": rope.theta, "factor": rope.factor}
-    return {"rope_type": "default", "rope_theta": rope.theta}
+        out.update(rope_type="linear", factor=rope.factor)
+    elif rope.scaling == "yarn":
+        out.update(rope_type="yarn", factor=rope.factor, original_max_position_embeddings=rope.original_max_seq_len)
+        # only what differs from transformers' defaults (beta_fast 32, beta_slow 1, truncate)
+        for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0), ("truncate", True), ("mscale", None),
+                             ("mscale_all_dim", None), ("attention_factor", None)):
+            if getattr(rope, key) != default:
+                out[key] = getattr(rope, key)
+    if rope.partial != 1.0:
+        out["partial_rotary_factor"] = rope.partial
+    return out
 
 
 def hf_config_kwargs(arch: str, m: ModelConfig) -> dict:

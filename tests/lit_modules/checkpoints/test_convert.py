@@ -23,6 +23,9 @@ ROUND_TRIP = {
     "qwen3": ("qwen3", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=5, max_window_layers=2)),
     "qwen3_moe": ("qwen3_moe", dict(norm_topk_prob=True, mlp_only_layers=[0])),
     "gemma3": ("gemma3", dict(tie_word_embeddings=False, final_logit_softcapping=5.0)),
+    "qwen3-yarn": ("qwen3", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                                  "original_max_position_embeddings": 16, "beta_fast": 16.0,
+                                                  "truncate": False})),
     # the hub's Mixtral names (block_sparse_moe, w1 / w3 / w2) both ways
     "mixtral": ("mixtral", dict(sliding_window=5)),
     "olmoe": ("olmoe", dict(norm_topk_prob=False, attention_bias=True)),
@@ -126,8 +129,9 @@ def _write_config(tmp_path, cfg, arch=None):
 
 @pytest.mark.parametrize("kind, overrides, arch, needle", [
     ("qwen3", {}, "LlamaForCausalLM", "LlamaForCausalLM"),
-    ("qwen3", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
-                                    "original_max_position_embeddings": 32}), None, "rope_parameters.rope_type"),
+    ("qwen3", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e6, "factor": 4.0}), None,
+     "rope_parameters.rope_type"),
+    ("qwen3", dict(partial_rotary_factor=0.5), None, "partial_rotary_factor"),
     ("qwen3", dict(hidden_act="gelu"), None, "hidden_act"),
     ("qwen3", dict(attention_dropout=0.1), None, "attention_dropout"),
     ("qwen3_moe", dict(use_sliding_window=True, sliding_window=4), None, "use_sliding_window"),

@@ -26,6 +26,16 @@ CASES = {
     # raw softmax weights, tied, MoE on every 2nd layer (decoder_sparse_step)
     "qwen3_moe-raw-tied": ("qwen3_moe", dict(norm_topk_prob=False, tie_word_embeddings=True, num_hidden_layers=4,
                                              decoder_sparse_step=2)),
+    # YaRN x4 from a context of 8 < 16 tokens, so interpolated, ramped and kept
+    # frequencies and the attention factor all show in the logits
+    "qwen3-yarn": ("qwen3", dict(tie_word_embeddings=False, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 8,
+        "beta_fast": 8.0})),
+    # YaRN on the global layers only, without truncating the ramp (as gpt-oss)
+    "gemma3-yarn-global": ("gemma3", dict(tie_word_embeddings=True, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 8.0,
+                           "original_max_position_embeddings": 8, "beta_fast": 16.0, "beta_slow": 1.0}})),
     # top-2 renormalised, untied; every layer slides with a window of 5 < 16 tokens
     "mixtral-window-untied": ("mixtral", dict(tie_word_embeddings=False, sliding_window=5)),
     # tied head, RoPE base 1e6, no window
@@ -63,6 +73,8 @@ def test_logits_match_transformers(case, tmp_path):
     if kind == "gemma3":
         assert recipe.model.attention.query_pre_attn_scalar == 20 != recipe.model.attention.head_dim
         assert specs_windows == {None, 5} and recipe.model.layer_pattern[:6] == ["local"] * 5 + ["global"]
+    if "yarn" in case:
+        assert {k.rope.scaling for k in recipe.model.layer_kinds.values()} >= {"yarn"}
     if kind == "olmoe":  # QK-norm over all heads needs head_dim = d_model / heads
         assert recipe.model.attention.qk_norm_scope == "all_heads"
         assert recipe.model.moe.router.renormalize == overrides["norm_topk_prob"]
