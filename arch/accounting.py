@@ -73,7 +73,7 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
 
     q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     attn_mm = d * q_out + 2 * d * kv_out + q_out * d
-    attn = attn_mm + (q_out + 2 * kv_out + d if a.bias else 0)
+    attn = attn_mm + (q_out + 2 * kv_out + d if a.bias else 0) + (a.n_heads if a.sinks else 0)
     qk_norm = 0
     if a.qk_norm:  # one weight per normalised channel: a head's, or every head's
         qk_norm = 2 * a.head_dim if a.qk_norm_scope == "head" else (a.n_heads + a.n_kv_heads) * a.head_dim

@@ -39,8 +39,11 @@ def causal_mask(T: int, window: Optional[int], device) -> torch.Tensor:
     return allowed
 
 
-def eager_attention(q, k, v, scale: float, window: Optional[int], softcap: Optional[float]):
-    """The obviously correct path: explicit scores, float32 softmax. q: (B,H,T,D)."""
+def eager_attention(q, k, v, scale: float, window: Optional[int], softcap: Optional[float],
+                    sinks: Optional[torch.Tensor] = None):
+    """The obviously correct path: explicit scores, float32 softmax. q: (B,H,T,D).
+    `sinks` (H,): one more logit per head in each row's softmax, whose share of the
+    attention goes nowhere (gpt-oss)."""
     rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
@@ -49,8 +52,11 @@ def eager_attention(q, k, v, scale: float, window: Optional[int], softcap: Optio
         scores = softcap * torch.tanh(scores / softcap)
     mask = causal_mask(q.shape[2], window, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    return probs @ v
+    if sinks is None:
+        return scores.softmax(dim=-1).to(v.dtype) @ v
+    sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v
 
 
 def sdpa_attention(q, k, v, scale: float, window: Optional[int]):
@@ -122,6 +128,14 @@ class Attention(nn.Module):
         q_width, k_width = (cfg.n_heads * hd, cfg.n_kv_heads * hd) if self.qk_norm_all_heads else (hd, hd)
         self.q_norm = build_norm(q_width, norm) if cfg.qk_norm else nn.Identity()
         self.k_norm = build_norm(k_width, norm) if cfg.qk_norm else nn.Identity()
+        # attention sinks: only the eager path adds them to the softmax
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.sinks else None
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        """The sinks start at 0 (a sink as likely as a key of score 0); the
+        projections and norms are initialised as modules of their own."""
+        if self.sinks is not None:
+            nn.init.zeros_(self.sinks)
 
     def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], block_mask=None) -> torch.Tensor:
         """`block_mask`: what `self.block_mask(T, device)` returns, when the caller
@@ -143,6 +157,11 @@ class Attention(nn.Module):
         CUDA flex_attention needs head_dim >= 16 (Inductor's kernel): auto falls back
         below that, an explicit flex says so."""
         flex_ok = not is_cuda or self.head_dim >= FLEX_MIN_HEAD_DIM
+        if self.sinks is not None:  # SDPA and flex have no softmax term without a key
+            if self.impl not in ("auto", "eager"):
+                raise ValueError(f"model.attention.impl = '{self.impl}' cannot add attention sinks; use impl "
+                                 "'auto' or 'eager' with model.attention.sinks.")
+            return "eager"
         if self.impl == "flex" and not flex_ok:
             raise ValueError(f"model.attention.impl = 'flex' needs head_dim >= {FLEX_MIN_HEAD_DIM} on CUDA "
                              f"(got {self.head_dim}); use impl 'auto' or 'sdpa'.")
@@ -165,7 +184,7 @@ class Attention(nn.Module):
         if impl == "flex":
             return flex_attn(q, k, v, self.scale, self.window, self.softcap, block_mask)
         if impl == "eager" or self.softcap is not None:
-            return eager_attention(q, k, v, self.scale, self.window, self.softcap)
+            return eager_attention(q, k, v, self.scale, self.window, self.softcap, self.sinks)
         return sdpa_attention(q, k, v, self.scale, self.window)
 
     def extra_repr(self) -> str:

@@ -73,6 +73,9 @@ class AttentionConfig:
     # softmax scale = query_pre_attn_scalar ** -0.5 (null: head_dim)
     query_pre_attn_scalar: Optional[float] = None
     softcap: Optional[float] = None  # tanh soft-capping of attention logits
+    # attention sinks (gpt-oss): one learned logit per head joins each softmax's
+    # denominator, so a head may give less than all of its attention to the keys
+    sinks: bool = False
     impl: str = "auto"  # auto | sdpa | flex | eager (the reference); see arch/attention.py
 
 
@@ -85,7 +88,10 @@ class FFNConfig:
 
 @dataclass
 class RouterConfig:
-    kind: str = "softmax_topk"  # softmax_topk | sigmoid_topk
+    # softmax_topk: softmax over all experts, then top-k (Qwen3-MoE, Mixtral);
+    # sigmoid_topk: sigmoid per expert, then top-k (DeepSeek-V3);
+    # topk_softmax: top-k of the logits, then softmax over those k (gpt-oss)
+    kind: str = "softmax_topk"
     renormalize: bool = True  # renormalise the kept top-k weights to sum to 1
     jitter: float = 0.0  # multiplicative input jitter (training only), 0 = off
     bias: bool = False  # a learned bias in the router's linear layer

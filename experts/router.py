@@ -89,6 +89,10 @@ class TopKRouter(nn.Module):
         """Scores as a distribution over experts, for balancing losses and entropy."""
         return scores_TE
 
+    def weights(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        """The combine weights of the selected experts (before renormalising)."""
+        return scores_TE.gather(-1, ids_TK)
+
     def forward(self, x_TD: torch.Tensor) -> Routing:
         # Router math in float32 explicitly: top-k on bf16 scores ties and flips often.
         w = self.gate.weight
@@ -111,7 +115,7 @@ class TopKRouter(nn.Module):
             if self.bias_update_rate > 0:
                 select_TE = scores_TE.detach() + self.expert_bias.float()
             ids_TK = select_TE.topk(self.top_k, dim=-1).indices
-            weights_TK = scores_TE.gather(-1, ids_TK)
+            weights_TK = self.weights(scores_TE, ids_TK)
             if self.renormalize:
                 weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
             if self.route_scale != 1.0:
@@ -151,6 +155,22 @@ class SoftmaxTopKRouter(TopKRouter):
 
     def score(self, logits_TE):
         return logits_TE.softmax(dim=-1)
+
+
+@ROUTER.register("topk_softmax")
+class TopKSoftmaxRouter(TopKRouter):
+    """Top-k of the logits, then a softmax over only those k (gpt-oss): the weights
+    sum to 1 whatever `renormalize` says. The balancing losses see the softmax over
+    all experts."""
+
+    def score(self, logits_TE):
+        return logits_TE
+
+    def probs(self, scores_TE):
+        return scores_TE.softmax(dim=-1)
+
+    def weights(self, scores_TE, ids_TK):
+        return scores_TE.gather(-1, ids_TK).softmax(dim=-1)
 
 
 @ROUTER.register("sigmoid_topk")

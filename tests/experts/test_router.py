@@ -68,3 +68,26 @@ def test_fp16_keeps_the_float32_matmul(monkeypatch):
     router = make_moe(seed=0, d_model=64, n_experts=16, top_k=4).router.to(torch.float16)
     router(torch.randn(8, 64).half())
     assert calls == []
+
+
+def test_topk_softmax_router_matches_transformers_gpt_oss():
+    """top-k of the logits (with the learned router bias), then a softmax over the k:
+    transformers' GptOssTopKRouter, same weights; the balancing probabilities are the
+    softmax over all experts."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+    layer = make_moe(seed=3, router="topk_softmax", n_experts=8, top_k=3, d_model=16)
+    assert layer.router.gate.bias is None  # moe_helpers builds it without; give it one
+    layer.router.gate.bias = torch.nn.Parameter(torch.randn(8))
+    cfg = transformers.GptOssConfig(num_local_experts=8, num_experts_per_tok=3, hidden_size=16)
+    theirs = GptOssTopKRouter(cfg)
+    with torch.no_grad():
+        theirs.weight.copy_(layer.router.gate.weight)
+        theirs.bias.copy_(layer.router.gate.bias)
+    x = torch.randn(20, 16)
+    r = layer.router(x)
+    logits, weights, ids = theirs(x)
+    assert torch.equal(r.ids_TK, ids)
+    assert torch.allclose(r.weights_TK, weights, atol=1e-6) and torch.allclose(r.weights_TK.sum(-1), torch.ones(20))
+    assert torch.allclose(r.probs_TE, logits.softmax(-1), atol=1e-6)
