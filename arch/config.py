@@ -125,7 +125,8 @@ class MoEConfig:
     n_experts: int = 0
     top_k: int = 1
     d_expert: int = 0
-    expert_ffn: str = "swiglu"  # the experts' own FFN kind
+    expert_ffn: str = "swiglu"  # the experts' own FFN kind (swiglu_clamped: gpt-oss's)
+    expert_bias: bool = False  # biases on the experts' projections (gpt-oss)
     router: RouterConfig = field(default_factory=RouterConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     n_shared_experts: int = 0

@@ -2,10 +2,11 @@
 
 Interface (one function per backend, registered under its YAML key):
 
-    backend(x_SD, counts_E, w_in_EID, w_out_EDF, kind) -> y_SD
+    backend(x_SD, counts_E, w_in_EID, w_out_EDF, kind, b_in_EI=None, b_out_ED=None) -> y_SD
 
 Expert e owns the counts_E[e] rows after those of experts 0..e-1 and computes
-    y = act_gated(x @ w_in[e].T) @ w_out[e].T.
+    y = act_gated(x @ w_in[e].T + b_in[e]) @ w_out[e].T + b_out[e]
+(the biases only where the layer has them: model.moe.expert_bias).
 Rows past counts_E.sum() (tokens dropped by capacity) are unspecified in y_SD; the
 caller masks them. Every backend must match `loop`, the obviously correct
 reference, on any input (tests/experts/test_backends.py).
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from arch.ffn import ACTIVATIONS, GATED
+from arch.ffn import ACTIVATIONS, GATED, GLU
 from arch.registry import EXPERT_BACKEND
 
 # torch.nn.functional.grouped_mm is the public name since torch 2.10; older releases
@@ -24,21 +25,27 @@ _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 
 def expert_activation(h_SI: torch.Tensor, kind: str) -> torch.Tensor:
-    """act(gate) * up for gated kinds (w_in holds [gate; up]), act(h) otherwise."""
-    act = ACTIVATIONS[kind]
+    """glu(gate, up) for gated kinds (w_in holds [gate; up]), act(h) otherwise."""
     if GATED[kind]:
         gate, up = h_SI.chunk(2, dim=-1)
-        return act(gate) * up
-    return act(h_SI)
+        return GLU[kind](gate, up)
+    return ACTIVATIONS[kind](h_SI)
+
+
+def expert_of_rows(counts_E: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The expert of each of `n_rows` sorted rows (rows past counts_E.sum(), dropped,
+    get the last expert: their values are unspecified anyway). No host sync."""
+    row = torch.arange(n_rows, device=counts_E.device)
+    return torch.bucketize(row, counts_E.cumsum(0), right=True).clamp(max=counts_E.numel() - 1)
 
 
 @EXPERT_BACKEND.register("loop")
-def loop_backend(x_SD, counts_E, w_in_EID, w_out_EDF, kind: str) -> torch.Tensor:
+def loop_backend(x_SD, counts_E, w_in_EID, w_out_EDF, kind: str, b_in_EI=None, b_out_ED=None) -> torch.Tensor:
     """One matmul pair per expert; reads the counts on the host. The reference."""
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
-        h = F.linear(x_SD[start:start + n], w_in_EID[e])
-        outs.append(F.linear(expert_activation(h, kind), w_out_EDF[e]))
+        h = F.linear(x_SD[start:start + n], w_in_EID[e], None if b_in_EI is None else b_in_EI[e])
+        outs.append(F.linear(expert_activation(h, kind), w_out_EDF[e], None if b_out_ED is None else b_out_ED[e]))
         start += n
     # dropped rows: zeros (any value is allowed; zeros keep the reference tidy)
     outs.append(outs[0].new_zeros(x_SD.shape[0] - start, w_out_EDF.shape[1]))
@@ -46,7 +53,7 @@ def loop_backend(x_SD, counts_E, w_in_EID, w_out_EDF, kind: str) -> torch.Tensor
 
 
 @EXPERT_BACKEND.register("grouped_mm")
-def grouped_mm_backend(x_SD, counts_E, w_in_EID, w_out_EDF, kind: str) -> torch.Tensor:
+def grouped_mm_backend(x_SD, counts_E, w_in_EID, w_out_EDF, kind: str, b_in_EI=None, b_out_ED=None) -> torch.Tensor:
     """Two grouped_mm calls over the stacked weights; no host sync.
 
     Under autocast the operands are cast to the autocast dtype: grouped_mm is on no
@@ -57,4 +64,14 @@ def grouped_mm_backend(x_SD, counts_E, w_in_EID, w_out_EDF, kind: str) -> torch.
         dtype = torch.get_autocast_dtype(x_SD.device.type)
     offs_E = counts_E.cumsum(0).to(torch.int32)
     h_SI = _grouped_mm(x_SD.to(dtype), w_in_EID.to(dtype).transpose(-2, -1), offs=offs_E)
-    return _grouped_mm(expert_activation(h_SI, kind), w_out_EDF.to(dtype).transpose(-2, -1), offs=offs_E)
+    if b_in_EI is None and b_out_ED is None:
+        return _grouped_mm(expert_activation(h_SI, kind), w_out_EDF.to(dtype).transpose(-2, -1), offs=offs_E)
+    # biases on the computed rows only: where, not +, so that the rows past the kept
+    # ones (uninitialised memory, possibly NaN) send the biases no gradient
+    S = x_SD.shape[0]
+    e_S = expert_of_rows(counts_E, S)
+    kept_S1 = (torch.arange(S, device=x_SD.device) < offs_E[-1])[:, None]
+    if b_in_EI is not None:
+        h_SI = torch.where(kept_S1, h_SI + b_in_EI.to(dtype)[e_S], h_SI)
+    y_SD = _grouped_mm(expert_activation(h_SI, kind), w_out_EDF.to(dtype).transpose(-2, -1), offs=offs_E)
+    return y_SD if b_out_ED is None else torch.where(kept_S1, y_SD + b_out_ED.to(dtype)[e_S], y_SD)

@@ -57,6 +57,8 @@ class MoE(nn.Module):
         n_in = 2 if GATED[cfg.expert_ffn] else 1
         self.w_in = nn.Parameter(torch.empty(E, n_in * F_, d_model))  # [gate; up] per expert
         self.w_out = nn.Parameter(torch.empty(E, d_model, F_))
+        self.b_in = nn.Parameter(torch.empty(E, n_in * F_)) if cfg.expert_bias else None
+        self.b_out = nn.Parameter(torch.empty(E, d_model)) if cfg.expert_bias else None
         self.backend = EXPERT_BACKEND.get(cfg.backend, "model.moe.backend")
         self.shared = None
         self.shared_gate = None
@@ -83,6 +85,9 @@ class MoE(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w_in, std=std)
         nn.init.normal_(self.w_out, std=out_std)
+        for b in (self.b_in, self.b_out):
+            if b is not None:
+                nn.init.zeros_(b)
         self.router.expert_bias.zero_()
         self.balance.reset()  # counts of the old weights mean nothing for the new ones
 
@@ -93,7 +98,8 @@ class MoE(nn.Module):
         r = self.router(x_TD)
         cf = self.cfg.capacity_factor
         d = dispatch(r.ids_TK, self.n_experts, None if cf is None else expert_capacity(T, self.top_k, self.n_experts, cf))
-        y_SD = self.backend(permute(x_TD, d), d.counts_E, self.w_in, self.w_out, self.cfg.expert_ffn)
+        biases = () if self.b_in is None else (self.b_in, self.b_out)
+        y_SD = self.backend(permute(x_TD, d), d.counts_E, self.w_in, self.w_out, self.cfg.expert_ffn, *biases)
         y_TD = combine(y_SD, r.weights_TK, d, T).to(x.dtype)
         if self.shared is not None:
             s_TD = self.shared(x_TD)

@@ -163,6 +163,9 @@ def check_scale(recipe) -> None:
         raise RecipeError(f"train.expert_parallel = {ep} but the model has no MoE layers; set "
                           f"train.expert_parallel=1 for a dense model.")
     check_expert_parallel(moe.n_experts, ep)
+    if moe.expert_bias:
+        raise RecipeError(f"train.expert_parallel = {ep} with model.moe.expert_bias: biased experts are not "
+                          "sharded yet; set train.expert_parallel=1 (data parallelism and FSDP2 work).")
 
 
 # ------------------------------------------------------------- model preparation

@@ -73,7 +73,8 @@ def test_recipe_builds_on_meta_and_counts_match(name):
     assert all(p.is_meta for p in model.parameters())
     moe_layers = model.moe_layers
     if moe_layers:  # active = total minus the experts a token is not routed to
-        per_expert = sum(p[0].numel() for p in (moe_layers[0].w_in, moe_layers[0].w_out))
+        m0 = moe_layers[0]
+        per_expert = sum(p[0].numel() for p in (m0.w_in, m0.w_out, m0.b_in, m0.b_out) if p is not None)
         idle = sum((m.n_experts - m.top_k) * per_expert for m in moe_layers)
         assert acc.params_total - acc.params_active == idle
     else:
