@@ -27,6 +27,14 @@ OLMOE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, num_experts=8,
              num_experts_per_tok=2, router_aux_loss_coef=0.01, pad_token_id=None, eos_token_id=None,
              rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
+# sinks, biased clamped-SwiGLU experts, top-k then softmax with a router bias; head_dim
+# 12 != 32 / 4; local (window 5) and global layers; YaRN from a context of 8 untruncated
+GPT_OSS = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=12, max_position_embeddings=64, rms_norm_eps=1e-5,
+               num_local_experts=8, num_experts_per_tok=2, sliding_window=5, attention_bias=True,
+               layer_types=["sliding_attention", "full_attention", "sliding_attention"], router_aux_loss_coef=0.01,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0, "beta_fast": 8.0,
+                                "truncate": False, "original_max_position_embeddings": 8})
 GEMMA3 = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
               num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20, sliding_window=5,
               max_position_embeddings=64, rms_norm_eps=1e-6,
@@ -39,6 +47,7 @@ def config(kind: str, **overrides):
 
     cls, base = {"qwen3": (transformers.Qwen3Config, QWEN3), "qwen3_moe": (transformers.Qwen3MoeConfig, QWEN3_MOE),
                  "mixtral": (transformers.MixtralConfig, MIXTRAL), "olmoe": (transformers.OlmoeConfig, OLMOE),
+                 "gpt_oss": (transformers.GptOssConfig, GPT_OSS),
                  "gemma3": (transformers.Gemma3TextConfig, GEMMA3)}[kind]
     # a deep copy: transformers writes into a rope_parameters dict it is given
     return cls(**copy.deepcopy({**base, **overrides}))
@@ -50,8 +59,8 @@ def perturb(model, seed: int = 0) -> None:
     for name, p in model.named_parameters():
         if "norm" in name or name.endswith(".bias"):
             p.add_(0.3 * torch.randn(p.shape, generator=g))
-        elif name.endswith("mlp.gate.weight"):  # router: spread the logits apart
-            p.normal_(0.0, 1.0, generator=g)
+        elif name.endswith(("mlp.gate.weight", "mlp.router.weight", "self_attn.sinks")):
+            p.normal_(0.0, 1.0, generator=g)  # router: spread the logits apart; sinks that matter
 
 
 def hf_model(kind: str, seed: int = 0, **overrides):

@@ -57,10 +57,10 @@ from lit_modules.checkpoints.model_dir import (
 
 QWEN3, QWEN3_MOE, GEMMA3, GEMMA3_MM = (
     "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
-MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
-SUPPORTED = (QWEN3, QWEN3_MOE, MIXTRAL, OLMOE, GEMMA3, GEMMA3_MM)
-MOE_ARCHS = (QWEN3_MOE, MIXTRAL, OLMOE)  # every one with the per-expert hub layout
-_BY_MODEL_TYPE = {"qwen3": QWEN3, "qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL, "olmoe": OLMOE,
+MIXTRAL, OLMOE, GPT_OSS = "MixtralForCausalLM", "OlmoeForCausalLM", "GptOssForCausalLM"
+SUPPORTED = (QWEN3, QWEN3_MOE, MIXTRAL, OLMOE, GPT_OSS, GEMMA3, GEMMA3_MM)
+MOE_ARCHS = (QWEN3_MOE, MIXTRAL, OLMOE, GPT_OSS)
+_BY_MODEL_TYPE = {"qwen3": QWEN3, "qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL, "olmoe": OLMOE, "gpt_oss": GPT_OSS,
                   "gemma3_text": GEMMA3, "gemma3": GEMMA3_MM}
 SILU, GELU_TANH = "silu", "gelu_pytorch_tanh"
 
@@ -116,7 +116,8 @@ def _one_line(e: BaseException, limit: int = 400) -> str:
 SIZE_FIELDS = (("vocab_size",), ("hidden_size",), ("intermediate_size",), ("num_hidden_layers",),
                ("num_attention_heads",), ("num_key_value_heads",), ("head_dim",))
 MOE_SIZE_FIELDS = {QWEN3_MOE: (("num_experts", "num_local_experts"), ("moe_intermediate_size",)),
-                   MIXTRAL: (("num_local_experts",),), OLMOE: (("num_experts",),)}
+                   MIXTRAL: (("num_local_experts",),), OLMOE: (("num_experts",),),
+                   GPT_OSS: (("num_local_experts",),)}
 
 
 def _left_out(hf_dir, arch: str) -> List[str]:
@@ -234,7 +235,18 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
     else:
         if g("hidden_act") != SILU:
             raise _cannot(arch, "hidden_act", g("hidden_act"), f"{arch}'s FFN and experts are SwiGLU (silu)")
-        if arch == MIXTRAL:  # a window, when set, applies to every layer
+        if arch == GPT_OSS:
+            if getattr(text, "quantization_config", None):
+                raise _cannot(arch, "quantization_config", "mxfp4", "moelab reads unquantized weights; save a "
+                              "dequantized copy first (transformers: from_pretrained with "
+                              "Mxfp4Config(dequantize=True), then save_pretrained)")
+            for field, want in (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)):
+                if g(field) != want:
+                    raise _cannot(arch, field, g(field), f"moelab's swiglu_clamped has {field} {want} "
+                                  "(every released gpt-oss)")
+            layer_types = list(g("layer_types") or ["full_attention"] * n_layers)
+            window = g("sliding_window")
+        elif arch == MIXTRAL:  # a window, when set, applies to every layer
             window = g("sliding_window")
             layer_types = ["full_attention" if window is None else "sliding_attention"] * n_layers
         elif arch == OLMOE:
@@ -253,12 +265,14 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
         else:
             layer_types = list(g("layer_types") or ["full_attention"] * n_layers)
             window = g("sliding_window")  # transformers sets it to None unless use_sliding_window
-        norm = NormConfig(eps=float(g("rms_norm_eps")))
+        # gpt-oss multiplies by the norm weight in float32, then casts
+        norm = NormConfig(eps=float(g("rms_norm_eps")), weight_in_float32=arch == GPT_OSS)
         # Mixtral has neither QK-norm nor attention biases (it ignores an attention_bias
-        # field); OLMoE normalises the whole q and k projections
-        attention = AttentionConfig(n_heads=heads, n_kv_heads=kv, head_dim=head_dim, qk_norm=arch != MIXTRAL,
+        # field); OLMoE normalises the whole q and k projections; gpt-oss has sinks
+        attention = AttentionConfig(n_heads=heads, n_kv_heads=kv, head_dim=head_dim,
+                                    qk_norm=arch not in (MIXTRAL, GPT_OSS),
                                     qk_norm_scope="all_heads" if arch == OLMOE else "head",
-                                    bias=arch != MIXTRAL and bool(g("attention_bias")))
+                                    bias=arch != MIXTRAL and bool(g("attention_bias")), sinks=arch == GPT_OSS)
         ffn = FFNConfig(kind="swiglu", d_ff=g("intermediate_size"))
         final_softcap, placement, scale_emb = None, "pre", False
 
@@ -288,6 +302,13 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
             every=step, first_k_dense=step - 1,
         )
         overrides = {i: LayerOverride(moe=False) for i in (g("mlp_only_layers") or []) if 0 <= i < n_layers}
+    elif arch == GPT_OSS:  # every layer MoE: biased clamped-SwiGLU experts, top-k then softmax
+        moe = MoEConfig(
+            n_experts=g("num_local_experts"), top_k=g("num_experts_per_tok"), d_expert=g("intermediate_size"),
+            expert_ffn="swiglu_clamped", expert_bias=True,
+            router=RouterConfig(kind="topk_softmax", renormalize=False, bias=True),
+            balance=BalanceConfig(aux_coef=float(g("router_aux_loss_coef", 0.0)), aux_scope="pooled"),
+        )
     elif arch in (MIXTRAL, OLMOE):  # every layer MoE, experts as wide as intermediate_size
         if g("router_jitter_noise", 0.0):
             raise _cannot(arch, "router_jitter_noise", g("router_jitter_noise"), "transformers' Mixtral jitters "
@@ -367,6 +388,7 @@ def signature(m: ModelConfig) -> Dict[str, object]:
         sig.update({
             "model.moe.kind": mo.kind, "model.moe.n_experts": mo.n_experts, "model.moe.top_k": mo.top_k,
             "model.moe.d_expert": mo.d_expert, "model.moe.expert_ffn": mo.expert_ffn,
+            "model.moe.expert_bias": mo.expert_bias,
             "model.moe.router.kind": r.kind, "model.moe.router.renormalize": r.renormalize,
             "model.moe.router.bias": r.bias, "model.moe.router.scale": r.scale,
             # a learned selection bias changes which experts run at inference
@@ -411,8 +433,17 @@ _GEMMA = [
     ("layers.{i}.pre_feedforward_layernorm.weight", "layers.{i}.ffn_norm.weight"),
     ("layers.{i}.post_feedforward_layernorm.weight", "layers.{i}.ffn_post_norm.weight"),
 ]
+_GPT_OSS = [
+    ("layers.{i}.self_attn.sinks", "layers.{i}.attn.sinks"),
+    ("layers.{i}.mlp.router.{wb}", "layers.{i}.ffn.router.gate.{wb}"),
+    ("layers.{i}.mlp.experts.gate_up_proj", "layers.{i}.ffn.w_in"),  # (E, D, 2F), gate / up interleaved
+    ("layers.{i}.mlp.experts.gate_up_proj_bias", "layers.{i}.ffn.b_in"),  # (E, 2F), interleaved
+    ("layers.{i}.mlp.experts.down_proj", "layers.{i}.ffn.w_out"),  # (E, F, D)
+    ("layers.{i}.mlp.experts.down_proj_bias", "layers.{i}.ffn.b_out"),
+]
 RULES = {QWEN3: _COMMON + _QWEN, QWEN3_MOE: _COMMON + _QWEN + _MOE, MIXTRAL: _COMMON + _QWEN + _MOE,
-         OLMOE: _COMMON + _QWEN + _MOE, GEMMA3: _COMMON + _GEMMA, GEMMA3_MM: _COMMON + _GEMMA}
+         OLMOE: _COMMON + _QWEN + _MOE, GPT_OSS: _COMMON + _QWEN + _GPT_OSS, GEMMA3: _COMMON + _GEMMA,
+         GEMMA3_MM: _COMMON + _GEMMA}
 _PER_EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
 # Mixtral's hub names: block_sparse_moe for mlp, w1 / w3 / w2 for gate / up / down
 _MIXTRAL_HUB = (".block_sparse_moe.", ".mlp.")
@@ -445,6 +476,36 @@ class Part:
 
     ours: str
     index: Optional[tuple] = None  # None: the whole tensor
+    layout: Optional[str] = None  # gpt-oss's expert layouts, turned into moelab's by `to_ours`
+
+
+def _interleaved_to_halves(t: torch.Tensor) -> torch.Tensor:
+    """[g0, u0, g1, u1, ...] on the last dimension -> [g0, g1, ...; u0, u1, ...]."""
+    return torch.cat((t[..., ::2], t[..., 1::2]), dim=-1)
+
+
+def _halves_to_interleaved(t: torch.Tensor) -> torch.Tensor:
+    gate, up = t.chunk(2, dim=-1)
+    return torch.stack((gate, up), dim=-1).flatten(-2)
+
+
+def to_ours(part: Part, t: torch.Tensor) -> torch.Tensor:
+    """An HF tensor in moelab's layout: gpt-oss keeps experts as (E, in, out) with gate
+    and up interleaved; moelab as (E, out, in) with [gate; up] halves."""
+    if part.layout == "gate_up":  # (E, D, 2F) -> (E, 2F, D)
+        return _interleaved_to_halves(t).transpose(1, 2).contiguous()
+    if part.layout == "gate_up_bias":
+        return _interleaved_to_halves(t).contiguous()
+    if part.layout == "transpose":  # down_proj (E, F, D) -> w_out (E, D, F)
+        return t.transpose(1, 2).contiguous()
+    return t
+
+
+def _hf_shape(part: Part, shape: tuple) -> tuple:
+    """The moelab shape an HF tensor of `shape` takes under `part`'s layout."""
+    if part.layout in ("gate_up", "transpose"):
+        return (shape[0], shape[2], shape[1])
+    return tuple(shape)
 
 
 def hf_to_ours(arch: str, name: str, d_expert: int) -> Optional[Part]:
@@ -469,6 +530,9 @@ def hf_to_ours(arch: str, name: str, d_expert: int) -> Optional[Part]:
             rows = slice(0, d_expert) if which in ("gate_proj", "w1") else slice(d_expert, 2 * d_expert)
             return Part(f"layers.{layer}.ffn.w_in", (e, rows))
     ours = _rename(RULES[arch], body, forward=True)
+    if ours is not None and arch == GPT_OSS:
+        layout = {"w_in": "gate_up", "b_in": "gate_up_bias", "w_out": "transpose"}.get(ours.rsplit(".", 1)[-1])
+        return Part(ours, layout=layout)
     return None if ours is None else Part(ours)
 
 
@@ -480,7 +544,11 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor) -> List[Tuple[str, to
         return []  # selection bias: zero unless bias_update_rate > 0, which export refuses
     prefix = "model."
     hub = (lambda n: n.replace(_MIXTRAL_HUB[1], _MIXTRAL_HUB[0])) if arch == MIXTRAL else (lambda n: n)
-    m = re.match(r"layers\.(\d+)\.ffn\.(w_in|w_out)$", name)
+    m = re.match(r"layers\.(\d+)\.ffn\.(w_in|w_out|b_in|b_out)$", name)
+    if m and arch == GPT_OSS:  # gpt-oss's fused layouts: (E, in, out), gate / up interleaved
+        t = {"w_in": lambda: _halves_to_interleaved(tensor.transpose(1, 2)), "b_in": lambda: _halves_to_interleaved(tensor),
+             "w_out": lambda: tensor.transpose(1, 2), "b_out": lambda: tensor}[m.group(2)]()
+        return [(prefix + _rename(RULES[arch], name, forward=False), t.contiguous())]
     if m:
         base = hub(f"{prefix}layers.{m.group(1)}.mlp.experts")
         g_name, u_name, d_name = _EXPERT_NAMES.get(arch, ("gate_proj", "up_proj", "down_proj"))
@@ -530,6 +598,7 @@ def _plan(arch: str, recipe: Recipe, tied: bool, src: TensorSource, hf_dir, meta
                 unexpected.append(name)
                 continue
             target = target[part.index]
+        shape = _hf_shape(part, tuple(shape))
         if tuple(shape) != tuple(target.shape):
             bad_shape.append(f"{name} {tuple(shape)} (expected {tuple(target.shape)})")
             continue
@@ -592,7 +661,7 @@ def iter_hf_as_ours(hf_dir, dtype: Optional[torch.dtype] = None
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             if part.index is None:
-                yield part.ours, tensor
+                yield part.ours, to_ours(part, tensor)
                 continue
             buf, n = pending.get(part.ours, (None, 0))
             if buf is None:
@@ -650,6 +719,8 @@ def export_family(m: ModelConfig) -> str:
     apart (the signature comparison then refuses anything else that differs)."""
     if any(s.moe for s in layer_specs(m)):
         a = m.attention
+        if a.sinks or m.moe.expert_bias:
+            return GPT_OSS
         if not a.qk_norm:
             return MIXTRAL
         return OLMOE if a.qk_norm_scope == "all_heads" else QWEN3_MOE
@@ -697,6 +768,11 @@ def hf_config_kwargs(arch: str, m: ModelConfig) -> dict:
         return kw
     kw.update(hidden_act=SILU, rope_parameters=_rope_dict(specs[0].rope))
     mo = m.moe
+    if arch == GPT_OSS:
+        kw.update(intermediate_size=mo.d_expert, num_local_experts=mo.n_experts, num_experts_per_tok=mo.top_k,
+                  router_aux_loss_coef=mo.balance.aux_coef, output_router_logits=False, layer_types=layer_types,
+                  sliding_window=windows[0] if windows else 128, swiglu_alpha=1.702, swiglu_limit=7.0)
+        return kw
     if arch in (MIXTRAL, OLMOE):
         kw.update(intermediate_size=mo.d_expert, num_experts_per_tok=mo.top_k,
                   router_aux_loss_coef=mo.balance.aux_coef, output_router_logits=False)
@@ -728,7 +804,7 @@ def hf_config_for(m: ModelConfig):
 
     arch = export_family(m)
     cls = {QWEN3: transformers.Qwen3Config, QWEN3_MOE: transformers.Qwen3MoeConfig,
-           MIXTRAL: transformers.MixtralConfig, OLMOE: transformers.OlmoeConfig,
+           MIXTRAL: transformers.MixtralConfig, OLMOE: transformers.OlmoeConfig, GPT_OSS: transformers.GptOssConfig,
            GEMMA3: transformers.Gemma3TextConfig}[arch]
     try:
         cfg = cls(**hf_config_kwargs(arch, m))

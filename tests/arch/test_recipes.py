@@ -35,11 +35,15 @@ PUBLISHED = [
     # issue 19's figures: Mixtral 8x7B 46.7B / 12.9B, OLMoE-1B-7B 6.9B total
     ("mixtral/8x7b", "params_total", 46.7e9), ("mixtral/8x7b", "params_active", 12.9e9),
     ("olmoe/1b_7b", "params_total", 6.9e9),
+    ("gpt_oss/20b", "params_total", 20.9e9), ("gpt_oss/120b", "params_total", 116.8e9),
 ]
 # figures published to 2 significant digits: within half a unit of the last digit (OLMoE's
 # "1.3B active" is 1.282B with the embedding and the head, 1.179B without; 0.5% of a
 # two-digit figure would ask for more digits than were published)
-ROUNDED = [("olmoe/1b_7b", "params_active", 1.3e9, 0.05e9)]
+ROUNDED = [("olmoe/1b_7b", "params_active", 1.3e9, 0.05e9),
+           # OpenAI's active counts leave the embedding out (the head stays in): 3.6B, 5.1B
+           ("gpt_oss/20b", "params_active_without_embedding", 3.6e9, 0.05e9),
+           ("gpt_oss/120b", "params_active_without_embedding", 5.1e9, 0.05e9)]
 # the released config.json of each, as transformers reads it: its own model built on the
 # meta device must have exactly our parameter count
 HF_CONFIGS = {
@@ -48,6 +52,8 @@ HF_CONFIGS = {
                                            max_position_embeddings=32768, rms_norm_eps=1e-5, num_local_experts=8,
                                            num_experts_per_tok=2, tie_word_embeddings=False,
                                            rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "gpt_oss/20b": ("GptOssConfig", dict(num_hidden_layers=24, num_local_experts=32)),  # the rest: defaults
+    "gpt_oss/120b": ("GptOssConfig", dict(num_hidden_layers=36, num_local_experts=128)),
     "olmoe/1b_7b": ("OlmoeConfig", dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024,
                                         num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
                                         max_position_embeddings=4096, rms_norm_eps=1e-5, num_experts=64,
@@ -59,7 +65,7 @@ HF_CONFIGS = {
 def test_all_reference_recipes_present():
     for family, sizes in {"qwen3": ["0.6b", "1.7b", "4b", "8b", "14b", "32b", "30b_a3b", "235b_a22b"],
                           "gemma3": ["270m", "1b", "4b", "12b", "27b"], "mixtral": ["8x7b"],
-                          "olmoe": ["1b_7b"]}.items():
+                          "olmoe": ["1b_7b"], "gpt_oss": ["20b", "120b"]}.items():
         for size in sizes:
             assert f"{family}/{size}" in RECIPES
 
@@ -90,7 +96,8 @@ def test_parameter_counts(name, field, published):
 
 @pytest.mark.parametrize("name,field,published,half_unit", ROUNDED)
 def test_parameter_counts_round_to_the_published_figure(name, field, published, half_unit):
-    value = getattr(count(load_recipe(name).model), field)
+    acc = count(load_recipe(name).model)
+    value = acc.params_active - acc.params_embedding if field == "params_active_without_embedding" else getattr(acc, field)
     assert abs(value - published) < half_unit, f"{name} {field}: {value:,} vs {published:,.0f}"
 
 

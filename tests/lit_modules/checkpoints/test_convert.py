@@ -29,6 +29,8 @@ ROUND_TRIP = {
     # the hub's Mixtral names (block_sparse_moe, w1 / w3 / w2) both ways
     "mixtral": ("mixtral", dict(sliding_window=5)),
     "olmoe": ("olmoe", dict(norm_topk_prob=False, attention_bias=True)),
+    # gpt-oss's fused, interleaved expert layout both ways
+    "gpt_oss": ("gpt_oss", dict()),
 }
 
 
@@ -137,6 +139,7 @@ def _write_config(tmp_path, cfg, arch=None):
     ("qwen3_moe", dict(use_sliding_window=True, sliding_window=4), None, "use_sliding_window"),
     ("mixtral", dict(router_jitter_noise=0.1), None, "router_jitter_noise"),
     ("olmoe", dict(clip_qkv=8.0), None, "clip_qkv"),
+    ("gpt_oss", dict(swiglu_limit=5.0), None, "swiglu_limit"),
     ("gemma3", dict(attn_logit_softcapping=50.0), None, "attn_logit_softcapping"),
     ("gemma3", dict(hidden_activation="gelu"), None, "hidden_activation"),
     ("gemma3", dict(use_bidirectional_attention=True), None, "use_bidirectional_attention"),

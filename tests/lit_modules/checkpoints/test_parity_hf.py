@@ -46,6 +46,9 @@ CASES = {
     "olmoe-raw-bias": ("olmoe", dict(norm_topk_prob=False, attention_bias=True, tie_word_embeddings=False)),
     # renormalised top-k, tied, MHA
     "olmoe-norm-tied": ("olmoe", dict(norm_topk_prob=True, tie_word_embeddings=True, num_key_value_heads=4)),
+    # sinks, biased clamped-SwiGLU experts, router bias, top-k then softmax, YaRN, windows
+    "gpt_oss-untied": ("gpt_oss", dict(tie_word_embeddings=False)),
+    "gpt_oss-tied-mha": ("gpt_oss", dict(tie_word_embeddings=True, num_key_value_heads=4, num_experts_per_tok=3)),
     # 7 layers: 5 local (window 5), 1 global (linear RoPE x8), 1 local; qpas 20 != head_dim 24 != 64 / 4; tied
     "gemma3-tied": ("gemma3", dict(tie_word_embeddings=True)),
     # untied head, final soft-capping, 8 layers, another local RoPE base. (Attention
@@ -92,7 +95,8 @@ def test_logits_match_transformers(case, tmp_path):
     ("qwen3_moe", dict(norm_topk_prob=False, mlp_only_layers=[1])),
     ("mixtral", dict(sliding_window=5)),
     ("olmoe", dict(norm_topk_prob=False)),
-], ids=["qwen3_moe-norm", "qwen3_moe-raw", "mixtral", "olmoe"])
+    ("gpt_oss", dict()),
+], ids=["qwen3_moe-norm", "qwen3_moe-raw", "mixtral", "olmoe", "gpt_oss"])
 def test_pooled_aux_loss_matches_transformers(kind, overrides, tmp_path):
     hf = hf_model(kind, **overrides)
     recipe, ours = import_and_load(hf, tmp_path)
