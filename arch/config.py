@@ -99,6 +99,10 @@ class RouterConfig:
     # forward by `update_bias()` with this rate; 0 = off
     bias_update_rate: float = 0.0
     scale: float = 1.0  # routed weights are multiplied by this (DeepSeek-V3: 2.5)
+    # group-limited routing (DeepSeek-V3): experts form n_group equal groups, each scored
+    # by the sum of its 2 best selection scores; only the topk_group best groups compete
+    n_group: int = 1
+    topk_group: int = 1
     # bf16 input and weight: float32 logits from tensor-core matmuls that
     # accumulate in float32 (the float32 matmul's sums of the same values; backward
     # splits the float32 gradient into two bf16 halves), instead of float32 matmuls

@@ -65,6 +65,8 @@ RANGES: Dict[str, Tuple[str, str]] = {
     "model.fused_ce_chunk": (f"[0, {MAX_CE_CHUNK}]", "rows per fused cross-entropy chunk (0: off)"),
     # model numbers
     "model.norm.eps": ("(0, inf)", "the RMSNorm epsilon"),
+    "model.moe.router.n_group": (f"[1, {MAX_EXPERTS}]", "the number of expert groups (1: no groups)"),
+    "model.moe.router.topk_group": (f"[1, {MAX_EXPERTS}]", "the number of groups a token may route to"),
     "model.layer_kinds.*.rope.theta": ("(0, inf)", "the RoPE base"),
     "model.layer_kinds.*.rope.factor": ("[1, inf)", "the RoPE interpolation factor (positions are divided by it)"),
     "model.layer_kinds.*.rope.original_max_seq_len": (f"[1, {MAX_CONTEXT}]", "YaRN's pre-extension context length"),

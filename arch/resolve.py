@@ -179,6 +179,14 @@ def _ffn_and_experts(cfg: ModelConfig, errors: List[str], sane) -> None:
     _check_key(errors, ROUTER, m.router.kind, "model.moe.router.kind")
     _check_key(errors, EXPERT_BACKEND, m.backend, "model.moe.backend")
     _check_choice(errors, m.balance.aux_scope, AUX_SCOPES, "model.moe.balance.aux_scope")
+    r = m.router
+    if sane("model.moe.router.n_group", "model.moe.router.topk_group", "model.moe.n_experts", "model.moe.top_k") \
+            and r.n_group > 1:
+        if m.n_experts % r.n_group:
+            errors.append(f"model.moe.router.n_group ({r.n_group}) must divide model.moe.n_experts ({m.n_experts}).")
+        elif r.topk_group > r.n_group or r.topk_group * (m.n_experts // r.n_group) < m.top_k:
+            errors.append(f"model.moe.router.topk_group ({r.topk_group}) must be at most n_group ({r.n_group}) and "
+                          f"leave at least top_k ({m.top_k}) experts: topk_group x n_experts / n_group >= top_k.")
     if m.backend == "grouped_mm":  # its kernels need rows of a multiple of 16 bytes (8 bf16)
         for path, width in (("model.d_model", cfg.d_model), ("model.moe.d_expert", m.d_expert)):
             if sane(path) and width > 0 and width % 8:

@@ -78,6 +78,7 @@ class TopKRouter(nn.Module):
         self.route_scale = cfg.scale
         self.bias_update_rate = cfg.bias_update_rate
         self.fast_logits = cfg.fast_logits
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.gate = nn.Linear(d_model, n_experts, bias=cfg.bias)
         # persistent: a resumed run must select experts exactly as before the checkpoint
         self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
@@ -88,6 +89,17 @@ class TopKRouter(nn.Module):
     def probs(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """Scores as a distribution over experts, for balancing losses and entropy."""
         return scores_TE
+
+    def limit_to_groups(self, select_TE: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3's group-limited routing: score each of the n_group groups of
+        experts by the sum of its two best selection scores, keep the topk_group best
+        groups and give every expert outside them -inf."""
+        T, E = select_TE.shape
+        grouped = select_TE.view(T, self.n_group, E // self.n_group)
+        group_scores = grouped.topk(min(2, E // self.n_group), dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view(T, E)
 
     def weights(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         """The combine weights of the selected experts (before renormalising)."""
@@ -114,6 +126,8 @@ class TopKRouter(nn.Module):
             select_TE = scores_TE
             if self.bias_update_rate > 0:
                 select_TE = scores_TE.detach() + self.expert_bias.float()
+            if self.n_group > 1:
+                select_TE = self.limit_to_groups(select_TE)
             ids_TK = select_TE.topk(self.top_k, dim=-1).indices
             weights_TK = self.weights(scores_TE, ids_TK)
             if self.renormalize:

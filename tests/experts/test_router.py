@@ -91,3 +91,34 @@ def test_topk_softmax_router_matches_transformers_gpt_oss():
     assert torch.equal(r.ids_TK, ids)
     assert torch.allclose(r.weights_TK, weights, atol=1e-6) and torch.allclose(r.weights_TK.sum(-1), torch.ones(20))
     assert torch.allclose(r.probs_TE, logits.softmax(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("bias_update_rate", [0.0, 0.01])
+def test_group_limited_routing_matches_transformers_deepseek_v3(bias_update_rate):
+    """sigmoid scores, the correction (selection) bias, 4 groups of 4 scored by their two
+    best, the 2 best groups kept, top-3, renormalised, scaled by 2.5: transformers'
+    DeepseekV3TopkRouter with the same weights and bias gives the same experts and weights."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    layer = make_moe(seed=4, router="sigmoid_topk", n_experts=16, top_k=3, d_model=16,
+                     bias_update_rate=bias_update_rate)
+    layer.router.n_group, layer.router.topk_group, layer.router.route_scale = 4, 2, 2.5
+    if bias_update_rate:
+        layer.router.expert_bias.copy_(torch.randn(16) * 0.5)
+    cfg = transformers.DeepseekV3Config(n_routed_experts=16, num_experts_per_tok=3, hidden_size=16, n_group=4,
+                                        topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)
+    theirs = DeepseekV3TopkRouter(cfg)
+    with torch.no_grad():
+        theirs.weight.copy_(layer.router.gate.weight)
+        theirs.e_score_correction_bias.copy_(layer.router.expert_bias)
+    x = torch.randn(40, 16)
+    r = layer.router(x)
+    _, weights, ids = theirs(x)
+    # the same experts (in any order), each with the same weight
+    order_o, order_t = r.ids_TK.argsort(-1), ids.argsort(-1)
+    assert torch.equal(r.ids_TK.gather(-1, order_o), ids.gather(-1, order_t))
+    assert torch.allclose(r.weights_TK.gather(-1, order_o), weights.gather(-1, order_t), atol=1e-6)
+    # the groups really limit the choice: unlimited top-3 picks differ for some token
+    layer.router.n_group = 1
+    assert not torch.equal(layer.router(x).ids_TK.sort(-1).values, r.ids_TK.sort(-1).values)
