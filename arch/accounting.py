@@ -63,6 +63,28 @@ class Accounting:
         return asdict(self)
 
 
+def _attention_params(cfg: ModelConfig):
+    """(matmul params, all params, norm params, value width, KV-cache elements per
+    token) of one layer's attention."""
+    a, d = cfg.attention, cfg.d_model
+    if a.kind == "mla":  # the latent norms count as norms
+        H, qk = a.n_heads, a.qk_nope_head_dim + a.qk_rope_head_dim
+        q_mm = d * H * qk if a.q_lora_rank is None else d * a.q_lora_rank + a.q_lora_rank * H * qk
+        mm = q_mm + d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim) \
+            + H * a.v_head_dim * d
+        bias = ((a.q_lora_rank or 0) + a.kv_lora_rank + a.qk_rope_head_dim + d) if a.bias else 0
+        norms = (a.q_lora_rank or 0) + a.kv_lora_rank
+        # the cache holds the latent and the shared rotary key (DeepSeek-V2's point)
+        return mm, mm + bias, norms, a.v_head_dim, a.kv_lora_rank + a.qk_rope_head_dim
+    q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    mm = d * q_out + 2 * d * kv_out + q_out * d
+    params = mm + (q_out + 2 * kv_out + d if a.bias else 0) + (a.n_heads if a.sinks else 0)
+    norms = 0
+    if a.qk_norm:  # one weight per normalised channel: a head's, or every head's
+        norms = 2 * a.head_dim if a.qk_norm_scope == "head" else (a.n_heads + a.n_kv_heads) * a.head_dim
+    return mm, params, norms, a.head_dim, 2 * a.n_kv_heads * a.head_dim
+
+
 def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int] = None,
           kv_bytes_per_element: int = 2) -> Accounting:
     """`cfg` must be resolved (arch.resolve.resolve_model)."""
@@ -71,12 +93,7 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
     a, m, d = cfg.attention, cfg.moe, cfg.d_model
     specs = layer_specs(cfg)
 
-    q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    attn_mm = d * q_out + 2 * d * kv_out + q_out * d
-    attn = attn_mm + (q_out + 2 * kv_out + d if a.bias else 0) + (a.n_heads if a.sinks else 0)
-    qk_norm = 0
-    if a.qk_norm:  # one weight per normalised channel: a head's, or every head's
-        qk_norm = 2 * a.head_dim if a.qk_norm_scope == "head" else (a.n_heads + a.n_kv_heads) * a.head_dim
+    attn_mm, attn, qk_norm, v_dim, kv_elements = _attention_params(cfg)
     block_norms = BLOCK_NORMS[cfg.norm_placement] * d
     dense_ffn = ffn_params(d, cfg.ffn.d_ff, cfg.ffn.kind, cfg.ffn.bias) if cfg.ffn.d_ff else 0
     dense_ffn_mm = ffn_params(d, cfg.ffn.d_ff, cfg.ffn.kind) if cfg.ffn.d_ff else 0
@@ -101,10 +118,11 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
 
     matmul_active = (cfg.vocab_size * d + len(specs) * attn_mm + n_dense * dense_ffn_mm
                      + n_moe * (m.top_k * expert + shared + shared_gate + router_mm))
-    attn_flops = sum(12 * a.n_heads * a.head_dim * mean_keys(seq_len, s.window) for s in specs)
+    # scores (q . k) and the weighted values, 2 FLOPs per multiply-add, x3 for training
+    attn_flops = sum(6 * a.n_heads * (a.head_dim + v_dim) * mean_keys(seq_len, s.window) for s in specs)
     flops = 6 * matmul_active + attn_flops
 
-    kv_layer = 2 * a.n_kv_heads * a.head_dim * kv_bytes_per_element
+    kv_layer = kv_elements * kv_bytes_per_element
     return Accounting(
         params_total=total,
         params_active=active,

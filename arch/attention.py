@@ -108,7 +108,7 @@ class Attention(nn.Module):
     """Head counts are read from tensor shapes in forward, so sharding the projections
     over heads never needs a mutated config."""
 
-    def __init__(self, d_model: int, cfg: AttentionConfig, norm: NormConfig, window: Optional[int]):
+    def __init__(self, d_model: int, cfg: AttentionConfig, norm: NormConfig, window: Optional[int], rope=None):
         super().__init__()
         hd = cfg.head_dim
         self.head_dim = hd

@@ -36,7 +36,7 @@ class Block(nn.Module):
         self.spec = spec
         self.attn_norm = norm(pre)
         self.attn = ATTENTION.get(cfg.attention.kind, "model.attention.kind")(
-            cfg.d_model, cfg.attention, cfg.norm, spec.window
+            cfg.d_model, cfg.attention, cfg.norm, spec.window, rope=spec.rope
         )
         self.attn_post_norm = norm(post)
         self.ffn_norm = norm(pre)

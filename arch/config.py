@@ -76,6 +76,18 @@ class AttentionConfig:
     # attention sinks (gpt-oss): one learned logit per head joins each softmax's
     # denominator, so a head may give less than all of its attention to the keys
     sinks: bool = False
+    # kind mla (multi-head latent attention, DeepSeek-V2/V3): q through a low-rank
+    # bottleneck (q_lora_rank; null: a full projection), k and v from a kv_lora_rank
+    # latent, each head's query/key = qk_nope_head_dim without RoPE + qk_rope_head_dim
+    # with it (the rotary key shared by all heads), values of v_head_dim. head_dim is
+    # derived (nope + rope) and n_kv_heads = n_heads.
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: Optional[int] = None
+    qk_nope_head_dim: Optional[int] = None
+    qk_rope_head_dim: Optional[int] = None
+    v_head_dim: Optional[int] = None
+    rope_interleave: bool = False  # the rotary dims in interleaved pairs (DeepSeek's layout)
+    latent_norm_eps: float = 1e-6  # the RMSNorms of the q and kv latents
     impl: str = "auto"  # auto | sdpa | flex | eager (the reference); see arch/attention.py
 
 

@@ -14,6 +14,7 @@ from .config import ModelConfig
 from .loss import fused_linear_cross_entropy
 from .norm import RMSNorm, build_norm
 from .resolve import layer_specs
+from .mla import rope_head_dim
 from .rope import RoPE
 
 
@@ -33,7 +34,7 @@ class Transformer(nn.Module):
         self.specs = layer_specs(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.ropes = nn.ModuleDict(
-            {kind: RoPE(cfg.attention.head_dim, cfg.layer_kinds[kind].rope)
+            {kind: RoPE(rope_head_dim(cfg.attention), cfg.layer_kinds[kind].rope)
              for kind in dict.fromkeys(s.kind for s in self.specs)}
         )
         self.layers = nn.ModuleList(Block(cfg, spec) for spec in self.specs)

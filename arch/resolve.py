@@ -93,6 +93,20 @@ def _attention(cfg: ModelConfig, errors: List[str], sane) -> None:
     """Derive n_kv_heads and head_dim; check heads against KV heads, RoPE's even head
     size, the registry keys of attention and norm, and the fused cross-entropy."""
     a = cfg.attention
+    if a.kind == "mla":
+        missing = [f for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+                   if getattr(a, f) is None]
+        if missing:
+            errors.append(f"model.attention.kind = 'mla' needs model.attention.{missing[0]} (and "
+                          f"{', '.join(missing[1:]) or 'nothing else'}); give the latent and per-head widths.")
+        elif sane("model.attention.qk_nope_head_dim", "model.attention.qk_rope_head_dim"):
+            a.head_dim = a.qk_nope_head_dim + a.qk_rope_head_dim  # the query/key width, for the scale
+            if a.qk_rope_head_dim % 2:
+                errors.append(f"model.attention.qk_rope_head_dim must be even for RoPE, got {a.qk_rope_head_dim}.")
+        if a.n_kv_heads not in (None, a.n_heads):
+            errors.append(f"model.attention.n_kv_heads ({a.n_kv_heads}) must equal n_heads ({a.n_heads}) or be "
+                          "null with MLA: every head expands its own key and value from the shared latent.")
+        a.n_kv_heads = a.n_heads
     if a.n_kv_heads is None:
         a.n_kv_heads = a.n_heads
     if a.head_dim is None and sane("model.d_model", "model.attention.n_heads"):

@@ -36,6 +36,7 @@ PUBLISHED = [
     ("mixtral/8x7b", "params_total", 46.7e9), ("mixtral/8x7b", "params_active", 12.9e9),
     ("olmoe/1b_7b", "params_total", 6.9e9),
     ("gpt_oss/20b", "params_total", 20.9e9), ("gpt_oss/120b", "params_total", 116.8e9),
+    ("deepseek_v3/671b", "params_total", 671e9),
 ]
 # figures published to 2 significant digits: within half a unit of the last digit (OLMoE's
 # "1.3B active" is 1.282B with the embedding and the head, 1.179B without; 0.5% of a
@@ -43,7 +44,9 @@ PUBLISHED = [
 ROUNDED = [("olmoe/1b_7b", "params_active", 1.3e9, 0.05e9),
            # OpenAI's active counts leave the embedding out (the head stays in): 3.6B, 5.1B
            ("gpt_oss/20b", "params_active_without_embedding", 3.6e9, 0.05e9),
-           ("gpt_oss/120b", "params_active_without_embedding", 5.1e9, 0.05e9)]
+           ("gpt_oss/120b", "params_active_without_embedding", 5.1e9, 0.05e9),
+           # DeepSeek's 37B active likewise leaves the embedding out (36.6B; 37.6B with it)
+           ("deepseek_v3/671b", "params_active_without_embedding", 37e9, 0.5e9)]
 # the released config.json of each, as transformers reads it: its own model built on the
 # meta device must have exactly our parameter count
 HF_CONFIGS = {
@@ -52,6 +55,12 @@ HF_CONFIGS = {
                                            max_position_embeddings=32768, rms_norm_eps=1e-5, num_local_experts=8,
                                            num_experts_per_tok=2, tie_word_embeddings=False,
                                            rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "deepseek_v3/671b": ("DeepseekV3Config", dict(  # the defaults are DeepSeek-V3's own; the rest as released
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
+        n_routed_experts=256, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+        qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
+        tie_word_embeddings=False)),
     "gpt_oss/20b": ("GptOssConfig", dict(num_hidden_layers=24, num_local_experts=32)),  # the rest: defaults
     "gpt_oss/120b": ("GptOssConfig", dict(num_hidden_layers=36, num_local_experts=128)),
     "olmoe/1b_7b": ("OlmoeConfig", dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024,
@@ -65,7 +74,7 @@ HF_CONFIGS = {
 def test_all_reference_recipes_present():
     for family, sizes in {"qwen3": ["0.6b", "1.7b", "4b", "8b", "14b", "32b", "30b_a3b", "235b_a22b"],
                           "gemma3": ["270m", "1b", "4b", "12b", "27b"], "mixtral": ["8x7b"],
-                          "olmoe": ["1b_7b"], "gpt_oss": ["20b", "120b"]}.items():
+                          "olmoe": ["1b_7b"], "gpt_oss": ["20b", "120b"], "deepseek_v3": ["671b"]}.items():
         for size in sizes:
             assert f"{family}/{size}" in RECIPES
 
