@@ -123,9 +123,9 @@ class TopKRouter(nn.Module):
                 bias = None if self.gate.bias is None else self.gate.bias.float()
                 logits_TE = F.linear(x, w.float(), bias)
             scores_TE = self.score(logits_TE)
-            select_TE = scores_TE
-            if self.bias_update_rate > 0:
-                select_TE = scores_TE.detach() + self.expert_bias.float()
+            # the selection bias: learnt here when bias_update_rate > 0, or loaded (a
+            # DeepSeek-V3 checkpoint's correction bias); zero otherwise
+            select_TE = scores_TE.detach() + self.expert_bias.float()
             if self.n_group > 1:
                 select_TE = self.limit_to_groups(select_TE)
             ids_TK = select_TE.topk(self.top_k, dim=-1).indices

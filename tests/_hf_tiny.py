@@ -35,6 +35,15 @@ GPT_OSS = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidde
                layer_types=["sliding_attention", "full_attention", "sliding_attention"], router_aux_loss_coef=0.01,
                rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0, "beta_fast": 8.0,
                                 "truncate": False, "original_max_position_embeddings": 8})
+# MLA (query bottleneck, interleaved RoPE, YaRN with mscale), 1 dense layer then MoE with
+# 2 groups (1 kept), sigmoid scores + correction bias, a shared expert, x2.5
+DEEPSEEK_V3 = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=16,
+                   qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5, n_routed_experts=8, num_experts_per_tok=2,
+                   n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                   norm_topk_prob=True, max_position_embeddings=64, rms_norm_eps=1e-6, rope_interleave=True,
+                   rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
+                                    "original_max_position_embeddings": 16, "mscale": 0.8, "mscale_all_dim": 0.9})
 GEMMA3 = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
               num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20, sliding_window=5,
               max_position_embeddings=64, rms_norm_eps=1e-6,
@@ -48,6 +57,7 @@ def config(kind: str, **overrides):
     cls, base = {"qwen3": (transformers.Qwen3Config, QWEN3), "qwen3_moe": (transformers.Qwen3MoeConfig, QWEN3_MOE),
                  "mixtral": (transformers.MixtralConfig, MIXTRAL), "olmoe": (transformers.OlmoeConfig, OLMOE),
                  "gpt_oss": (transformers.GptOssConfig, GPT_OSS),
+                 "deepseek_v3": (transformers.DeepseekV3Config, DEEPSEEK_V3),
                  "gemma3": (transformers.Gemma3TextConfig, GEMMA3)}[kind]
     # a deep copy: transformers writes into a rope_parameters dict it is given
     return cls(**copy.deepcopy({**base, **overrides}))
@@ -61,6 +71,9 @@ def perturb(model, seed: int = 0) -> None:
             p.add_(0.3 * torch.randn(p.shape, generator=g))
         elif name.endswith(("mlp.gate.weight", "mlp.router.weight", "self_attn.sinks")):
             p.normal_(0.0, 1.0, generator=g)  # router: spread the logits apart; sinks that matter
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's selection bias must matter too
+            b.normal_(0.0, 0.5, generator=g)
 
 
 def hf_model(kind: str, seed: int = 0, **overrides):

@@ -58,9 +58,11 @@ from lit_modules.checkpoints.model_dir import (
 QWEN3, QWEN3_MOE, GEMMA3, GEMMA3_MM = (
     "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 MIXTRAL, OLMOE, GPT_OSS = "MixtralForCausalLM", "OlmoeForCausalLM", "GptOssForCausalLM"
-SUPPORTED = (QWEN3, QWEN3_MOE, MIXTRAL, OLMOE, GPT_OSS, GEMMA3, GEMMA3_MM)
-MOE_ARCHS = (QWEN3_MOE, MIXTRAL, OLMOE, GPT_OSS)
+DEEPSEEK_V3 = "DeepseekV3ForCausalLM"
+SUPPORTED = (QWEN3, QWEN3_MOE, MIXTRAL, OLMOE, GPT_OSS, DEEPSEEK_V3, GEMMA3, GEMMA3_MM)
+MOE_ARCHS = (QWEN3_MOE, MIXTRAL, OLMOE, GPT_OSS, DEEPSEEK_V3)
 _BY_MODEL_TYPE = {"qwen3": QWEN3, "qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL, "olmoe": OLMOE, "gpt_oss": GPT_OSS,
+                  "deepseek_v3": DEEPSEEK_V3,
                   "gemma3_text": GEMMA3, "gemma3": GEMMA3_MM}
 SILU, GELU_TANH = "silu", "gelu_pytorch_tanh"
 
@@ -117,7 +119,7 @@ SIZE_FIELDS = (("vocab_size",), ("hidden_size",), ("intermediate_size",), ("num_
                ("num_attention_heads",), ("num_key_value_heads",), ("head_dim",))
 MOE_SIZE_FIELDS = {QWEN3_MOE: (("num_experts", "num_local_experts"), ("moe_intermediate_size",)),
                    MIXTRAL: (("num_local_experts",),), OLMOE: (("num_experts",),),
-                   GPT_OSS: (("num_local_experts",),)}
+                   GPT_OSS: (("num_local_experts",),), DEEPSEEK_V3: (("n_routed_experts",), ("moe_intermediate_size",))}
 
 
 def _left_out(hf_dir, arch: str) -> List[str]:
@@ -235,7 +237,12 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
     else:
         if g("hidden_act") != SILU:
             raise _cannot(arch, "hidden_act", g("hidden_act"), f"{arch}'s FFN and experts are SwiGLU (silu)")
-        if arch == GPT_OSS:
+        if arch == DEEPSEEK_V3:
+            if kv != heads:
+                raise _cannot(arch, "num_key_value_heads", kv, f"multi-head latent attention expands a key and a "
+                              f"value per head: it must equal num_attention_heads ({heads})")
+            layer_types, window = ["full_attention"] * n_layers, None
+        elif arch == GPT_OSS:
             if getattr(text, "quantization_config", None):
                 raise _cannot(arch, "quantization_config", "mxfp4", "moelab reads unquantized weights; save a "
                               "dequantized copy first (transformers: from_pretrained with "
@@ -273,6 +280,12 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
                                     qk_norm=arch not in (MIXTRAL, GPT_OSS),
                                     qk_norm_scope="all_heads" if arch == OLMOE else "head",
                                     bias=arch != MIXTRAL and bool(g("attention_bias")), sinks=arch == GPT_OSS)
+        if arch == DEEPSEEK_V3:  # transformers' latent norms keep their default eps 1e-6
+            attention = AttentionConfig(kind="mla", n_heads=heads, q_lora_rank=g("q_lora_rank"),
+                                        kv_lora_rank=g("kv_lora_rank"), qk_nope_head_dim=g("qk_nope_head_dim"),
+                                        qk_rope_head_dim=g("qk_rope_head_dim"), v_head_dim=g("v_head_dim"),
+                                        rope_interleave=bool(g("rope_interleave")), bias=bool(g("attention_bias")),
+                                        latent_norm_eps=1e-6)
         ffn = FFNConfig(kind="swiglu", d_ff=g("intermediate_size"))
         final_softcap, placement, scale_emb = None, "pre", False
 
@@ -302,6 +315,17 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
             every=step, first_k_dense=step - 1,
         )
         overrides = {i: LayerOverride(moe=False) for i in (g("mlp_only_layers") or []) if 0 <= i < n_layers}
+    elif arch == DEEPSEEK_V3 and g("n_routed_experts"):
+        # sigmoid scores, group-limited top-k with the correction bias (imported into
+        # router.expert_bias), renormalised and scaled; one shared FFN of n x the width
+        moe = MoEConfig(
+            n_experts=g("n_routed_experts"), top_k=g("num_experts_per_tok"), d_expert=g("moe_intermediate_size"),
+            expert_ffn="swiglu", n_shared_experts=g("n_shared_experts") or 0, d_shared=g("moe_intermediate_size"),
+            router=RouterConfig(kind="sigmoid_topk", renormalize=bool(g("norm_topk_prob")),
+                                scale=float(g("routed_scaling_factor")), n_group=g("n_group") or 1,
+                                topk_group=g("topk_group") or 1),
+            first_k_dense=g("first_k_dense_replace") or 0,
+        )
     elif arch == GPT_OSS:  # every layer MoE: biased clamped-SwiGLU experts, top-k then softmax
         moe = MoEConfig(
             n_experts=g("num_local_experts"), top_k=g("num_experts_per_tok"), d_expert=g("intermediate_size"),
@@ -367,6 +391,8 @@ def signature(m: ModelConfig) -> Dict[str, object]:
         "model.attention.n_kv_heads": a.n_kv_heads, "model.attention.head_dim": a.head_dim,
         "model.attention.qk_norm": a.qk_norm, "model.attention.bias": a.bias,
         "model.attention.qk_norm_scope": a.qk_norm_scope if a.qk_norm else None,
+        "model.attention (mla)": (a.q_lora_rank, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim,
+                                  a.v_head_dim, a.rope_interleave, a.latent_norm_eps) if a.kind == "mla" else None,
         "model.attention.query_pre_attn_scalar": float(a.query_pre_attn_scalar or a.head_dim),
         "model.attention.softcap": a.softcap, "model.attention.sinks": a.sinks,
         "model.norm.kind": m.norm.kind, "model.norm.eps": m.norm.eps,
@@ -391,6 +417,7 @@ def signature(m: ModelConfig) -> Dict[str, object]:
             "model.moe.expert_bias": mo.expert_bias,
             "model.moe.router.kind": r.kind, "model.moe.router.renormalize": r.renormalize,
             "model.moe.router.bias": r.bias, "model.moe.router.scale": r.scale,
+            "model.moe.router groups": (r.n_group, r.topk_group) if r.n_group > 1 else None,
             # a learned selection bias changes which experts run at inference
             "model.moe.router.bias_update_rate > 0": r.bias_update_rate > 0,
             "model.moe.n_shared_experts": mo.n_shared_experts, "model.moe.capacity_factor": mo.capacity_factor,
@@ -413,7 +440,8 @@ def _rope_signature(rope: RopeConfig, max_seq_len: int) -> tuple:
 # ------------------------------------------------------------------ tensor names
 
 _SLOTS = {"i": r"\d+", "proj": "q_proj|k_proj|v_proj|o_proj", "wb": "weight|bias", "qk": "q_norm|k_norm",
-          "mlp": "gate_proj|up_proj|down_proj"}
+          "mlp": "gate_proj|up_proj|down_proj",
+          "mla": "q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj", "mlanorm": "q_a_layernorm|kv_a_layernorm"}
 _COMMON = [
     ("embed_tokens.weight", "embed.weight"),
     ("norm.weight", "norm.weight"),
@@ -441,7 +469,14 @@ _GPT_OSS = [
     ("layers.{i}.mlp.experts.down_proj", "layers.{i}.ffn.w_out"),  # (E, F, D)
     ("layers.{i}.mlp.experts.down_proj_bias", "layers.{i}.ffn.b_out"),
 ]
+_DEEPSEEK = [
+    ("layers.{i}.self_attn.{mla}.{wb}", "layers.{i}.attn.{mla}.{wb}"),
+    ("layers.{i}.self_attn.{mlanorm}.weight", "layers.{i}.attn.{mlanorm}.weight"),
+    ("layers.{i}.mlp.gate.e_score_correction_bias", "layers.{i}.ffn.router.expert_bias"),
+    ("layers.{i}.mlp.shared_experts.{mlp}.weight", "layers.{i}.ffn.shared.{mlp}.weight"),
+]
 RULES = {QWEN3: _COMMON + _QWEN, QWEN3_MOE: _COMMON + _QWEN + _MOE, MIXTRAL: _COMMON + _QWEN + _MOE,
+         DEEPSEEK_V3: _COMMON + _QWEN + _MOE + _DEEPSEEK,
          OLMOE: _COMMON + _QWEN + _MOE, GPT_OSS: _COMMON + _QWEN + _GPT_OSS, GEMMA3: _COMMON + _GEMMA,
          GEMMA3_MM: _COMMON + _GEMMA}
 _PER_EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
@@ -540,7 +575,7 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor) -> List[Tuple[str, to
     """HF (name, tensor) pairs for one moelab tensor, in the per-expert hub layout."""
     if name == "head.weight":
         return [("lm_head.weight", tensor)]
-    if name.endswith("ffn.router.expert_bias"):
+    if name.endswith("ffn.router.expert_bias") and arch != DEEPSEEK_V3:
         return []  # selection bias: zero unless bias_update_rate > 0, which export refuses
     prefix = "model."
     hub = (lambda n: n.replace(_MIXTRAL_HUB[1], _MIXTRAL_HUB[0])) if arch == MIXTRAL else (lambda n: n)
@@ -647,8 +682,9 @@ def iter_hf_as_ours(hf_dir, dtype: Optional[torch.dtype] = None
     stats = {"peak_pending_bytes": 0}
 
     def stream():
-        for ours, t in meta.items():  # HF has no selection bias
-            if ours.endswith("router.expert_bias"):
+        supplied = {part.ours for part in plan.values()}
+        for ours, t in meta.items():  # HF has no selection bias (but DeepSeek-V3)
+            if ours.endswith("router.expert_bias") and ours not in supplied:
                 yield ours, torch.zeros(t.shape, dtype=torch.float32)
         pending: Dict[str, Tuple[torch.Tensor, int]] = {}
         need = {}
@@ -719,6 +755,8 @@ def export_family(m: ModelConfig) -> str:
     apart (the signature comparison then refuses anything else that differs)."""
     if any(s.moe for s in layer_specs(m)):
         a = m.attention
+        if a.kind == "mla":
+            return DEEPSEEK_V3
         if a.sinks or m.moe.expert_bias:
             return GPT_OSS
         if not a.qk_norm:
@@ -768,6 +806,16 @@ def hf_config_kwargs(arch: str, m: ModelConfig) -> dict:
         return kw
     kw.update(hidden_act=SILU, rope_parameters=_rope_dict(specs[0].rope))
     mo = m.moe
+    if arch == DEEPSEEK_V3:
+        dense = [s.index for s in specs if not s.moe]
+        kw.update(moe_intermediate_size=mo.d_expert, n_routed_experts=mo.n_experts, num_experts_per_tok=mo.top_k,
+                  n_shared_experts=mo.n_shared_experts, routed_scaling_factor=mo.router.scale,
+                  n_group=mo.router.n_group, topk_group=mo.router.topk_group, norm_topk_prob=mo.router.renormalize,
+                  first_k_dense_replace=len(dense), q_lora_rank=a.q_lora_rank, kv_lora_rank=a.kv_lora_rank,
+                  qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
+                  v_head_dim=a.v_head_dim, rope_interleave=a.rope_interleave)
+        del kw["head_dim"]  # transformers sets it to qk_rope_head_dim itself
+        return kw
     if arch == GPT_OSS:
         kw.update(intermediate_size=mo.d_expert, num_local_experts=mo.n_experts, num_experts_per_tok=mo.top_k,
                   router_aux_loss_coef=mo.balance.aux_coef, output_router_logits=False, layer_types=layer_types,
@@ -805,6 +853,7 @@ def hf_config_for(m: ModelConfig):
     arch = export_family(m)
     cls = {QWEN3: transformers.Qwen3Config, QWEN3_MOE: transformers.Qwen3MoeConfig,
            MIXTRAL: transformers.MixtralConfig, OLMOE: transformers.OlmoeConfig, GPT_OSS: transformers.GptOssConfig,
+           DEEPSEEK_V3: transformers.DeepseekV3Config,
            GEMMA3: transformers.Gemma3TextConfig}[arch]
     try:
         cfg = cls(**hf_config_kwargs(arch, m))

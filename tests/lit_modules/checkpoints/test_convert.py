@@ -29,6 +29,8 @@ ROUND_TRIP = {
     # the hub's Mixtral names (block_sparse_moe, w1 / w3 / w2) both ways
     "mixtral": ("mixtral", dict(sliding_window=5)),
     "olmoe": ("olmoe", dict(norm_topk_prob=False, attention_bias=True)),
+    # MLA, the correction bias and the shared expert both ways
+    "deepseek_v3": ("deepseek_v3", dict()),
     # gpt-oss's fused, interleaved expert layout both ways
     "gpt_oss": ("gpt_oss", dict()),
 }
@@ -140,6 +142,7 @@ def _write_config(tmp_path, cfg, arch=None):
     ("mixtral", dict(router_jitter_noise=0.1), None, "router_jitter_noise"),
     ("olmoe", dict(clip_qkv=8.0), None, "clip_qkv"),
     ("gpt_oss", dict(swiglu_limit=5.0), None, "swiglu_limit"),
+    ("deepseek_v3", dict(num_key_value_heads=2), None, "num_key_value_heads"),
     ("gemma3", dict(attn_logit_softcapping=50.0), None, "attn_logit_softcapping"),
     ("gemma3", dict(hidden_activation="gelu"), None, "hidden_activation"),
     ("gemma3", dict(use_bidirectional_attention=True), None, "use_bidirectional_attention"),

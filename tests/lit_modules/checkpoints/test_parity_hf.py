@@ -46,6 +46,11 @@ CASES = {
     "olmoe-raw-bias": ("olmoe", dict(norm_topk_prob=False, attention_bias=True, tie_word_embeddings=False)),
     # renormalised top-k, tied, MHA
     "olmoe-norm-tied": ("olmoe", dict(norm_topk_prob=True, tie_word_embeddings=True, num_key_value_heads=4)),
+    # MLA, group-limited sigmoid routing with the correction bias, a shared expert, dense first layer
+    "deepseek_v3-untied": ("deepseek_v3", dict(tie_word_embeddings=False)),
+    # no query bottleneck, plain RoPE layout, 2 of 4 groups, raw weights, tied
+    "deepseek_v3-tied-noqlora": ("deepseek_v3", dict(tie_word_embeddings=True, q_lora_rank=None, rope_interleave=False,
+                                                     n_group=4, topk_group=2, norm_topk_prob=False)),
     # sinks, biased clamped-SwiGLU experts, router bias, top-k then softmax, YaRN, windows
     "gpt_oss-untied": ("gpt_oss", dict(tie_word_embeddings=False)),
     "gpt_oss-tied-mha": ("gpt_oss", dict(tie_word_embeddings=True, num_key_value_heads=4, num_experts_per_tok=3)),
@@ -78,7 +83,10 @@ def test_logits_match_transformers(case, tmp_path):
         assert specs_windows == {None, 5} and recipe.model.layer_pattern[:6] == ["local"] * 5 + ["global"]
     if "yarn" in case:
         assert {k.rope.scaling for k in recipe.model.layer_kinds.values()} >= {"yarn"}
-    if kind == "olmoe":  # QK-norm over all heads needs head_dim = d_model / heads
+    if kind == "deepseek_v3":
+        assert recipe.model.attention.kind == "mla" and recipe.model.moe.router.n_group > 1
+        assert recipe.model.moe.first_k_dense == 1
+    elif kind == "olmoe":  # QK-norm over all heads needs head_dim = d_model / heads
         assert recipe.model.attention.qk_norm_scope == "all_heads"
         assert recipe.model.moe.router.renormalize == overrides["norm_topk_prob"]
     else:
