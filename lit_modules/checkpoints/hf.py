@@ -248,7 +248,10 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
                               "dequantized copy first (transformers: from_pretrained with "
                               "Mxfp4Config(dequantize=True), then save_pretrained)")
             for field, want in (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)):
-                if g(field) != want:
+                value = g(field)
+                if value is None and field == "swiglu_alpha":
+                    value = want  # older transformers have no such field: their gpt-oss hard-codes 1.702
+                if value != want:
                     raise _cannot(arch, field, g(field), f"moelab's swiglu_clamped has {field} {want} "
                                   "(every released gpt-oss)")
             layer_types = list(g("layer_types") or ["full_attention"] * n_layers)
