@@ -868,6 +868,9 @@ def hf_config_for(m: ModelConfig):
     except ConvertError as e:
         raise ConvertError(f"this model cannot be written as {arch}: {e}") from None
     ours, theirs = signature(m), signature(back)
+    if arch == DEEPSEEK_V3:  # the selection bias travels as e_score_correction_bias; its update rate is training-only
+        ours.pop("model.moe.router.bias_update_rate > 0", None)
+        theirs.pop("model.moe.router.bias_update_rate > 0", None)
     diffs = [f"{k} is {ours.get(k)!r} here but would be {theirs.get(k)!r}"
              for k in list(ours) + [k for k in theirs if k not in ours] if ours.get(k) != theirs.get(k)]
     if diffs:
@@ -875,7 +878,11 @@ def hf_config_for(m: ModelConfig):
         raise ConvertError(f"this model cannot be written as {arch} without changing what it computes: {shown}.")
     notes = []
     b = m.moe.balance
-    if arch in MOE_ARCHS and (b.aux_scope != "pooled" or b.z_coef > 0 or m.moe.router.jitter > 0):
+    if arch == DEEPSEEK_V3 and (b.aux_coef > 0 or b.z_coef > 0 or m.moe.router.bias_update_rate > 0):
+        notes.append(f"training-only settings that {arch} has no field for were not written (aux_coef={b.aux_coef}, "
+                     f"z_coef={b.z_coef}, bias_update_rate={m.moe.router.bias_update_rate}); transformers' "
+                     "DeepSeek-V3 trains with no balancing of its own")
+    elif arch in MOE_ARCHS and (b.aux_scope != "pooled" or b.z_coef > 0 or m.moe.router.jitter > 0):
         notes.append(f"training-only settings that {arch} has no field for were not written "
                      f"(aux_scope={b.aux_scope}, z_coef={b.z_coef}, jitter={m.moe.router.jitter}); "
                      "transformers trains with its pooled auxiliary loss")

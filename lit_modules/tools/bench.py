@@ -334,8 +334,11 @@ def hf_twin(model: nn.Module, recipe: Recipe) -> Tuple[nn.Module, List[str]]:
     except RecipeError as e:  # ConvertError: one sentence naming what HF cannot express
         raise BenchError(f"--vs-hf: {e}") from None
     kwargs = {"attn_implementation": "sdpa"}
+    if arch == hf.GPT_OSS:  # transformers runs its sinks on the eager path only (as moelab does)
+        kwargs["attn_implementation"] = "eager"
+        notes.append(f"{arch} has no sdpa attention in transformers: both sides run eager attention")
     cfg.use_cache = False
-    if getattr(cfg, "num_experts", 0):
+    if any(getattr(cfg, k, 0) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
         cfg.output_router_logits = True
         if hasattr(cfg, "_experts_implementation"):  # transformers 5.x
             kwargs["experts_implementation"] = "grouped_mm"
