@@ -249,8 +249,8 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
                               "Mxfp4Config(dequantize=True), then save_pretrained)")
             for field, want in (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)):
                 value = g(field)
-                if value is None and field == "swiglu_alpha":
-                    value = want  # older transformers have no such field: their gpt-oss hard-codes 1.702
+                if value is None:
+                    value = want  # older transformers (5.17) have neither field: their gpt-oss hard-codes both
                 if value != want:
                     raise _cannot(arch, field, g(field), f"moelab's swiglu_clamped has {field} {want} "
                                   "(every released gpt-oss)")
