@@ -243,10 +243,11 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
                               f"value per head: it must equal num_attention_heads ({heads})")
             layer_types, window = ["full_attention"] * n_layers, None
         elif arch == GPT_OSS:
-            if getattr(text, "quantization_config", None):
-                raise _cannot(arch, "quantization_config", "mxfp4", "moelab reads unquantized weights; save a "
-                              "dequantized copy first (transformers: from_pretrained with "
-                              "Mxfp4Config(dequantize=True), then save_pretrained)")
+            quant = getattr(text, "quantization_config", None) or {}
+            method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+            if quant and method != "mxfp4":
+                raise _cannot(arch, "quantization_config.quant_method", method, "moelab dequantizes gpt-oss's MXFP4 "
+                              "experts (exactly) and nothing else; give an unquantized or MXFP4 checkpoint")
             for field, want in (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)):
                 value = g(field)
                 if value is None:
@@ -527,6 +528,21 @@ def _halves_to_interleaved(t: torch.Tensor) -> torch.Tensor:
     return torch.stack((gate, up), dim=-1).flatten(-2)
 
 
+# MXFP4 (gpt-oss's released expert weights): per row, blocks of 32 FP4 (e2m1) values packed
+# two to a byte (the low nibble first), each block scaled by 2^(scale - 127)
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(E, R, G, 16) uint8 blocks and (E, R, G) uint8 scales -> (E, R, G x 32) values,
+    exact in bf16 and float32 (an FP4 value times a power of two)."""
+    lut = torch.tensor(FP4_E2M1, dtype=torch.float32)
+    b = blocks.to(torch.uint8).long()
+    vals = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1).flatten(-2)  # (E, R, G, 32)
+    vals = torch.ldexp(vals, (scales.to(torch.int32) - 127)[..., None].float())
+    return vals.flatten(-2).to(dtype)
+
+
 def to_ours(part: Part, t: torch.Tensor) -> torch.Tensor:
     """An HF tensor in moelab's layout: gpt-oss keeps experts as (E, in, out) with gate
     and up interleaved; moelab as (E, out, in) with [gate; up] halves."""
@@ -539,10 +555,16 @@ def to_ours(part: Part, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _hf_shape(part: Part, shape: tuple) -> tuple:
-    """The moelab shape an HF tensor of `shape` takes under `part`'s layout."""
+def _hf_shape(part: Part, shape: tuple, target: tuple) -> tuple:
+    """The moelab shape an HF tensor of `shape` takes under `part`'s layout (MXFP4
+    scales: the target's shape when their shape fits its blocks of 32)."""
     if part.layout in ("gate_up", "transpose"):
         return (shape[0], shape[2], shape[1])
+    if part.layout and part.layout.startswith("mxfp4_blocks"):
+        return tuple(shape[:-2]) + (shape[-2] * shape[-1] * 2,) if len(shape) == 4 else tuple(shape)
+    if part.layout and part.layout.startswith("mxfp4_scales"):
+        fits = len(shape) == 3 and len(target) == 3 and tuple(shape) == (target[0], target[1], target[2] // 32)
+        return tuple(target) if fits else tuple(shape)
     return tuple(shape)
 
 
@@ -567,6 +589,10 @@ def hf_to_ours(arch: str, name: str, d_expert: int) -> Optional[Part]:
                 return Part(f"layers.{layer}.ffn.w_out", (e,))
             rows = slice(0, d_expert) if which in ("gate_proj", "w1") else slice(d_expert, 2 * d_expert)
             return Part(f"layers.{layer}.ffn.w_in", (e, rows))
+    m = re.match(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)_(blocks|scales)$", body)
+    if m and arch == GPT_OSS:  # MXFP4: both halves of one moelab tensor, dequantized once both arrive
+        ours = f"layers.{m.group(1)}.ffn.{'w_in' if m.group(2) == 'gate_up_proj' else 'w_out'}"
+        return Part(ours, layout=f"mxfp4_{m.group(3)}_{m.group(2)}")
     ours = _rename(RULES[arch], body, forward=True)
     if ours is not None and arch == GPT_OSS:
         layout = {"w_in": "gate_up", "b_in": "gate_up_bias", "w_out": "transpose"}.get(ours.rsplit(".", 1)[-1])
@@ -636,18 +662,20 @@ def _plan(arch: str, recipe: Recipe, tied: bool, src: TensorSource, hf_dir, meta
                 unexpected.append(name)
                 continue
             target = target[part.index]
-        shape = _hf_shape(part, tuple(shape))
+        shape = _hf_shape(part, tuple(shape), tuple(target.shape))
         if tuple(shape) != tuple(target.shape):
             bad_shape.append(f"{name} {tuple(shape)} (expected {tuple(target.shape)})")
             continue
-        key = "whole" if part.index is None else repr(part.index)
+        key = part.layout if (part.layout or "").startswith("mxfp4") else (
+            "whole" if part.index is None else repr(part.index))
         seen = parts_of.setdefault(part.ours, {})
         if key in seen or (seen and (key == "whole") != ("whole" in seen)):
             other = seen.get(key) or next(iter(seen.values()))
             raise ConvertError(f"{hf_dir} supplies {part.ours} twice ({other} and {name}); keep one layout "
                                "of the expert weights (fused or per-expert), not both.")
         seen[key] = name
-        covered[part.ours] = covered.get(part.ours, 0) + target.numel()
+        if not (part.layout or "").startswith("mxfp4_scales"):  # the blocks cover the tensor
+            covered[part.ours] = covered.get(part.ours, 0) + target.numel()
         plan[name] = part
     # parts are disjoint (distinct experts / row halves), so a full count means full coverage
     missing = [ours for ours, t in meta.items()
@@ -693,9 +721,20 @@ def iter_hf_as_ours(hf_dir, dtype: Optional[torch.dtype] = None
         need = {}
         for name, part in plan.items():
             need[part.ours] = need.get(part.ours, 0) + 1
+        mxfp4: Dict[str, Dict[str, torch.Tensor]] = {}  # moelab name -> {"blocks": .., "scales": ..}
         for name, tensor in src.tensors():
             part = plan.get(name)
             if part is None:
+                continue
+            if (part.layout or "").startswith("mxfp4"):
+                halves = mxfp4.setdefault(part.ours, {})
+                halves[part.layout.split("_")[1]] = tensor
+                if len(halves) == 2:
+                    del mxfp4[part.ours]
+                    t = dequantize_mxfp4(halves["blocks"], halves["scales"], dtype or torch.bfloat16)
+                    # rows: gate_up's interleave gate and up; down_proj's are already (E, D, F)
+                    yield part.ours, (_interleaved_to_halves(t.transpose(1, 2)).transpose(1, 2).contiguous()
+                                      if part.layout.endswith("gate_up_proj") else t)
                 continue
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)

@@ -142,6 +142,7 @@ def _write_config(tmp_path, cfg, arch=None):
     ("mixtral", dict(router_jitter_noise=0.1), None, "router_jitter_noise"),
     ("olmoe", dict(clip_qkv=8.0), None, "clip_qkv"),
     ("gpt_oss", dict(swiglu_limit=5.0), None, "swiglu_limit"),
+    ("gpt_oss", dict(quantization_config={"quant_method": "fp8"}), None, "quant_method"),
     ("deepseek_v3", dict(num_key_value_heads=2), None, "num_key_value_heads"),
     ("gemma3", dict(attn_logit_softcapping=50.0), None, "attn_logit_softcapping"),
     ("gemma3", dict(hidden_activation="gelu"), None, "hidden_activation"),

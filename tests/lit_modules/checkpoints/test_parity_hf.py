@@ -145,3 +145,33 @@ def test_gemma3_multimodal_transformers5_names(tmp_path):
     ids = tokens()
     with torch.no_grad():
         assert max_diff(ours(ids).logits, hf(input_ids=ids).logits) <= TOL
+
+
+def test_gpt_oss_mxfp4_experts_dequantize_exactly(tmp_path):
+    """gpt-oss as released: expert weights in MXFP4 (uint8 blocks of packed FP4 pairs and
+    power-of-two scales). import-hf dequantizes them to what transformers' own
+    dequantization gives (the oracle), and the logits equal those of the transformers
+    model holding those weights."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    hf = hf_model("gpt_oss", intermediate_size=32)  # MXFP4 packs blocks of 32 along each input
+    g = torch.Generator().manual_seed(3)
+    state = {k: v for k, v in hf.state_dict().items()}
+    with torch.no_grad():
+        for i in range(hf.config.num_hidden_layers):
+            for proj in ("gate_up_proj", "down_proj"):
+                name = f"model.layers.{i}.mlp.experts.{proj}"
+                E, rows_in, cols = state.pop(name).shape  # (E, in, out): MXFP4 packs along `in`
+                blocks = torch.randint(0, 256, (E, cols, rows_in // 32, 16), generator=g, dtype=torch.uint8)
+                scales = torch.randint(127 - 6, 127 - 1, (E, cols, rows_in // 32), generator=g, dtype=torch.uint8)
+                state[f"{name}_blocks"], state[f"{name}_scales"] = blocks, scales
+                getattr(hf.model.layers[i].mlp.experts, proj).copy_(
+                    convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    hf.config.quantization_config = {"quant_method": "mxfp4"}
+    _, ours = import_and_load(hf, tmp_path, state=state, dtype=torch.float32)
+    ids = tokens()
+    with torch.no_grad():
+        assert max_diff(ours(ids).logits, hf(ids).logits) <= TOL
+    w = ours.layers[0].ffn.w_in  # [gate; up] rows, from gate/up interleaved columns
+    theirs = hf.model.layers[0].mlp.experts.gate_up_proj  # (E, D, 2F)
+    assert torch.equal(w[:, :w.shape[1] // 2], theirs[..., 0::2].transpose(1, 2))
