@@ -83,7 +83,8 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_attn(q, k, v, scale: float, window: Optional[int], softcap: Optional[float], block_mask=None):
+def flex_attn(q, k, v, scale: float, window: Optional[int], softcap: Optional[float], block_mask=None,
+              sinks: Optional[torch.Tensor] = None):
     """flex_attention with a block-sparse causal/window mask: a local layer costs what
     its window costs (SDPA with a dense boolean mask pays for the whole square).
 
@@ -100,7 +101,11 @@ def flex_attn(q, k, v, scale: float, window: Optional[int], softcap: Optional[fl
     fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
     if block_mask is None:
         block_mask = _block_mask(q.shape[2], window, str(q.device))
-    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
+    if sinks is None:
+        return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
+    # a sink s joins each row's softmax: p_j e^lse / (e^lse + e^s) = p_j sigmoid(lse - s)
+    out, lse = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
+    return out * torch.sigmoid(lse - sinks.float().view(1, -1, 1))[..., None].to(out.dtype)
 
 
 @ATTENTION.register("gqa")
@@ -157,11 +162,15 @@ class Attention(nn.Module):
         CUDA flex_attention needs head_dim >= 16 (Inductor's kernel): auto falls back
         below that, an explicit flex says so."""
         flex_ok = not is_cuda or self.head_dim >= FLEX_MIN_HEAD_DIM
-        if self.sinks is not None:  # SDPA and flex have no softmax term without a key
-            if self.impl not in ("auto", "eager"):
-                raise ValueError(f"model.attention.impl = '{self.impl}' cannot add attention sinks; use impl "
-                                 "'auto' or 'eager' with model.attention.sinks.")
-            return "eager"
+        if self.sinks is not None:  # SDPA has no softmax term without a key; flex adds it through its lse
+            if self.impl == "sdpa":
+                raise ValueError("model.attention.impl = 'sdpa' cannot add attention sinks; use impl 'auto', "
+                                 "'flex' or 'eager' with model.attention.sinks.")
+            if self.impl == "flex" and not flex_ok:
+                raise ValueError(f"model.attention.impl = 'flex' needs head_dim >= {FLEX_MIN_HEAD_DIM} on CUDA "
+                                 f"(got {self.head_dim}); use impl 'auto' or 'eager'.")
+            # flex's backward runs on CUDA only
+            return "flex" if self.impl == "flex" or (self.impl == "auto" and is_cuda and flex_ok) else "eager"
         if self.impl == "flex" and not flex_ok:
             raise ValueError(f"model.attention.impl = 'flex' needs head_dim >= {FLEX_MIN_HEAD_DIM} on CUDA "
                              f"(got {self.head_dim}); use impl 'auto' or 'sdpa'.")
@@ -182,7 +191,7 @@ class Attention(nn.Module):
     def _attend(self, q, k, v, block_mask=None):
         impl = self._impl(q.shape[2], q.is_cuda)
         if impl == "flex":
-            return flex_attn(q, k, v, self.scale, self.window, self.softcap, block_mask)
+            return flex_attn(q, k, v, self.scale, self.window, self.softcap, block_mask, self.sinks)
         if impl == "eager" or self.softcap is not None:
             return eager_attention(q, k, v, self.scale, self.window, self.softcap, self.sinks)
         return sdpa_attention(q, k, v, self.scale, self.window)

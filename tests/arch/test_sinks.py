@@ -40,10 +40,13 @@ def test_a_sink_of_minus_infinity_is_no_sink_and_large_sinks_take_the_attention(
     assert eager_attention(q, k, v, 0.3, None, None, torch.full((4,), 50.0)).abs().max() < 1e-12
 
 
-def test_sinks_learn_and_force_the_eager_path():
+def test_sinks_learn_and_pick_their_path():
     cfg = AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=8, sinks=True)
     attn = Attention(32, cfg, NormConfig(), window=None)
-    assert attn.sinks.shape == (4,) and attn._impl(16, is_cuda=True) == "eager"
+    assert attn.sinks.shape == (4,) and attn._impl(16, is_cuda=False) == "eager"
+    assert Attention(32, AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=16, sinks=True), NormConfig(),
+                     window=None)._impl(16, is_cuda=True) == "flex"  # flex with the sink term through its lse
+    assert attn._impl(16, is_cuda=True) == "eager"  # head_dim 8: too small for CUDA flex
     x = torch.randn(2, 5, 32)
     cos, sin = torch.ones(5, 8), torch.zeros(5, 8)
     attn(x, (cos, sin)).sum().backward()
@@ -51,3 +54,25 @@ def test_sinks_learn_and_force_the_eager_path():
     with pytest.raises(ValueError, match="cannot add attention sinks"):
         Attention(32, AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=8, sinks=True, impl="sdpa"),
                   NormConfig(), window=None)._impl(16, is_cuda=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("window", [None, 5])
+def test_flex_sinks_match_eager_cuda(window):
+    """On CUDA, flex_attention with the sink term (through its logsumexp) gives the
+    eager reference's output and gradients, sinks included."""
+    from arch.attention import _block_mask, flex_attn
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, h, 64, 16, device="cuda", generator=g, requires_grad=True) for h in (4, 2, 2))
+    sinks = torch.randn(4, device="cuda", generator=g, requires_grad=True)
+    out_g = torch.randn(2, 4, 64, 16, device="cuda", generator=g)
+    inputs = (q, k, v, sinks)
+    ref = eager_attention(q, k, v, 0.25, window, None, sinks)
+    grads_ref = torch.autograd.grad((ref * out_g).sum(), inputs)
+    out = flex_attn(q, k, v, 0.25, window, None, _block_mask(64, window, "cuda"), sinks)
+    grads = torch.autograd.grad((out * out_g).sum(), inputs)
+    assert torch.allclose(out, ref, atol=2e-5)
+    for a, b in zip(grads, grads_ref):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
