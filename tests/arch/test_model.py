@@ -215,7 +215,7 @@ def test_flex_block_masks_are_built_once_per_kind_outside_the_blocks(monkeypatch
     built, passed = [], []
     make, flex = Attention.block_mask, arch.attention.flex_attn
     monkeypatch.setattr(Attention, "block_mask", lambda self, T, d: built.append(self.window) or make(self, T, d))
-    monkeypatch.setattr(arch.attention, "flex_attn", lambda *a: passed.append(a[-1]) or flex(*a))
+    monkeypatch.setattr(arch.attention, "flex_attn", lambda *a: passed.append(a[6]) or flex(*a))  # a[6]: block_mask
     ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
     with torch.no_grad():
         logits = model(ids).logits
