@@ -92,9 +92,13 @@ class MultiHeadLatentAttention(Attention):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _impl(self, T: int, is_cuda: bool) -> str:
-        # flex wants equal query and value widths; SDPA and eager take any
+        """auto never picks flex for MLA (its value width differs from the query's, which
+        flex was not checked with): SDPA, with a mask for a window, or eager for a
+        soft-cap. An explicit impl is honoured."""
         impl = super()._impl(T, is_cuda)
-        return "sdpa" if impl == "flex" and self.window is None and self.softcap is None else impl
+        if impl == "flex" and self.impl == "auto":
+            return "eager" if self.softcap is not None else "sdpa"
+        return impl
 
     def extra_repr(self) -> str:
         return (f"nope={self.nope}, rope={self.rope_dim}, v={self.v_dim}, kv_lora={self.kv_lora_rank}, "

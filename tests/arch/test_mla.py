@@ -54,3 +54,12 @@ def test_mla_needs_its_widths_and_counts_its_latent_cache():
         load_recipe("proxies/qwen3_moe_tiny", ["model.attention.kind=mla"])
     acc = count(load_recipe("deepseek_v3/671b").model)
     assert acc.kv_bytes_per_token == 61 * (512 + 64) * 2  # the latent and the shared rotary key
+
+
+def test_auto_never_takes_flex_for_mla():
+    a = AttentionConfig(kind="mla", n_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                        v_head_dim=8)
+    assert MultiHeadLatentAttention(32, a, NormConfig(), window=8)._impl(64, is_cuda=True) == "sdpa"
+    assert MultiHeadLatentAttention(32, a, NormConfig(), window=None)._impl(64, is_cuda=True) == "sdpa"
+    a.softcap = 30.0
+    assert MultiHeadLatentAttention(32, a, NormConfig(), window=8)._impl(64, is_cuda=True) == "eager"
