@@ -543,6 +543,10 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return vals.flatten(-2).to(dtype)
 
 
+# gpt-oss's expert tensors: moelab name -> the layout `to_ours` / `from_ours` convert
+_GPT_OSS_LAYOUTS = {"w_in": "gate_up", "b_in": "gate_up_bias", "w_out": "transpose"}
+
+
 def to_ours(part: Part, t: torch.Tensor) -> torch.Tensor:
     """An HF tensor in moelab's layout: gpt-oss keeps experts as (E, in, out) with gate
     and up interleaved; moelab as (E, out, in) with [gate; up] halves."""
@@ -551,6 +555,17 @@ def to_ours(part: Part, t: torch.Tensor) -> torch.Tensor:
     if part.layout == "gate_up_bias":
         return _interleaved_to_halves(t).contiguous()
     if part.layout == "transpose":  # down_proj (E, F, D) -> w_out (E, D, F)
+        return t.transpose(1, 2).contiguous()
+    return t
+
+
+def from_ours(layout: Optional[str], t: torch.Tensor) -> torch.Tensor:
+    """The inverse of `to_ours` for a layout."""
+    if layout == "gate_up":  # (E, 2F, D) -> (E, D, 2F)
+        return _halves_to_interleaved(t.transpose(1, 2)).contiguous()
+    if layout == "gate_up_bias":
+        return _halves_to_interleaved(t).contiguous()
+    if layout == "transpose":
         return t.transpose(1, 2).contiguous()
     return t
 
@@ -595,7 +610,7 @@ def hf_to_ours(arch: str, name: str, d_expert: int) -> Optional[Part]:
         return Part(ours, layout=f"mxfp4_{m.group(3)}_{m.group(2)}")
     ours = _rename(RULES[arch], body, forward=True)
     if ours is not None and arch == GPT_OSS:
-        layout = {"w_in": "gate_up", "b_in": "gate_up_bias", "w_out": "transpose"}.get(ours.rsplit(".", 1)[-1])
+        layout = _GPT_OSS_LAYOUTS.get(ours.rsplit(".", 1)[-1])
         return Part(ours, layout=layout)
     return None if ours is None else Part(ours)
 
@@ -610,9 +625,8 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor) -> List[Tuple[str, to
     hub = (lambda n: n.replace(_MIXTRAL_HUB[1], _MIXTRAL_HUB[0])) if arch == MIXTRAL else (lambda n: n)
     m = re.match(r"layers\.(\d+)\.ffn\.(w_in|w_out|b_in|b_out)$", name)
     if m and arch == GPT_OSS:  # gpt-oss's fused layouts: (E, in, out), gate / up interleaved
-        t = {"w_in": lambda: _halves_to_interleaved(tensor.transpose(1, 2)), "b_in": lambda: _halves_to_interleaved(tensor),
-             "w_out": lambda: tensor.transpose(1, 2), "b_out": lambda: tensor}[m.group(2)]()
-        return [(prefix + _rename(RULES[arch], name, forward=False), t.contiguous())]
+        t = from_ours(_GPT_OSS_LAYOUTS.get(m.group(2)), tensor)
+        return [(prefix + _rename(RULES[arch], name, forward=False), t)]
     if m:
         base = hub(f"{prefix}layers.{m.group(1)}.mlp.experts")
         g_name, u_name, d_name = _EXPERT_NAMES.get(arch, ("gate_proj", "up_proj", "down_proj"))
@@ -733,7 +747,8 @@ def iter_hf_as_ours(hf_dir, dtype: Optional[torch.dtype] = None
                     del mxfp4[part.ours]
                     t = dequantize_mxfp4(halves["blocks"], halves["scales"], dtype or torch.bfloat16)
                     # rows: gate_up's interleave gate and up; down_proj's are already (E, D, F)
-                    yield part.ours, (_interleaved_to_halves(t.transpose(1, 2)).transpose(1, 2).contiguous()
+                    # dequantized (E, out, in), gate_up's rows interleaved: through (E, in, out)
+                    yield part.ours, (to_ours(Part(part.ours, layout="gate_up"), t.transpose(1, 2))
                                       if part.layout.endswith("gate_up_proj") else t)
                 continue
             if dtype is not None and tensor.is_floating_point():
