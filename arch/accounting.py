@@ -8,6 +8,9 @@ Conventions (those of the Qwen3 and Gemma 3 reports and model cards):
 - training FLOPs per token = 6 x active matmul parameters (the head included, the
   embedding gather and norms not) + causal attention: 12 x heads x head_dim x the mean
   number of keys a query sees (a sliding window caps it at its window).
+- multi-token prediction modules (model.mtp) are training-only: their parameters are
+  counted apart ("mtp", in no other figure, as DeepSeek-V3's 671B leaves out its 14B),
+  their FLOPs are in the training FLOPs per token.
 - KV cache: 2 (k and v) x kv_heads x head_dim x bytes per layer per token; a
   sliding-window layer holds at most `window` tokens.
 """
@@ -45,6 +48,7 @@ class Accounting:
     params_shared_experts: int
     params_router: int
     params_norms: int
+    params_mtp: int  # multi-token prediction modules, in no other figure
     matmul_params_active: int
     flops_per_token: float  # training (fwd + bwd) at seq_len
     flops_per_token_forward: float
@@ -116,11 +120,18 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
     inactive = n_moe * (m.n_experts - m.top_k) * expert
     active = total - inactive
 
-    matmul_active = (cfg.vocab_size * d + len(specs) * attn_mm + n_dense * dense_ffn_mm
-                     + n_moe * (m.top_k * expert + shared + shared_gate + router_mm))
+    moe_mm = m.top_k * expert + shared + shared_gate + router_mm
+    matmul_active = (cfg.vocab_size * d + len(specs) * attn_mm + n_dense * dense_ffn_mm + n_moe * moe_mm)
     # scores (q . k) and the weighted values, 2 FLOPs per multiply-add, x3 for training
     attn_flops = sum(6 * a.n_heads * (a.head_dim + v_dim) * mean_keys(seq_len, s.window) for s in specs)
     flops = 6 * matmul_active + attn_flops
+
+    # MTP: each module is the last layer's block, its norms, eh_proj, and a pass of the head
+    last, depth = specs[-1], cfg.mtp.depth
+    ffn_last = (m.n_experts * expert + shared + shared_gate + router) if last.moe else dense_ffn
+    p_mtp = depth * (attn + ffn_last + block_norms + qk_norm + 3 * d + 2 * d * d)
+    mtp_mm = cfg.vocab_size * d + 2 * d * d + attn_mm + (moe_mm if last.moe else dense_ffn_mm)
+    flops += depth * (6 * mtp_mm + 6 * a.n_heads * (a.head_dim + v_dim) * mean_keys(seq_len, last.window))
 
     kv_layer = kv_elements * kv_bytes_per_element
     return Accounting(
@@ -135,6 +146,7 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
         params_shared_experts=p_shared,
         params_router=p_router,
         params_norms=p_norms,
+        params_mtp=p_mtp,
         matmul_params_active=matmul_active,
         flops_per_token=flops,
         flops_per_token_forward=flops / 3,

@@ -156,6 +156,18 @@ class MoEConfig:
 
 
 @dataclass
+class MTPConfig:
+    """Multi-token prediction (DeepSeek-V3 section 2.2; arch/mtp.py): `depth` modules
+    after the model, the k-th predicting at position i the token i + k + 1. A training
+    objective: the logits and the validation loss are the next-token model's alone."""
+
+    depth: int = 0  # 0: off (DeepSeek-V3: 1)
+    # the MTP loss = loss_weight / depth x the sum over depths of their mean
+    # cross-entropies (DeepSeek-V3: 0.3 for the first 10T tokens, then 0.1)
+    loss_weight: float = 0.3
+
+
+@dataclass
 class LayerOverride:
     kind: Optional[str] = None  # a key of model.layer_kinds
     moe: Optional[bool] = None  # force this layer MoE (true) or dense (false)
@@ -170,6 +182,7 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
     norm: NormConfig = field(default_factory=NormConfig)
     # pre: x + f(norm(x)); sandwich: x + norm(f(norm(x))) (Gemma 2/3); post: x + norm(f(x))
     norm_placement: str = "pre"

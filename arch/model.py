@@ -15,6 +15,7 @@ from .loss import fused_linear_cross_entropy
 from .norm import RMSNorm, build_norm
 from .resolve import layer_specs
 from .mla import rope_head_dim
+from .mtp import MTPModule, mtp_specs, shift_left
 from .rope import RoPE
 
 
@@ -26,7 +27,8 @@ class LMOutput:
 
 
 class Transformer(nn.Module):
-    """Embedding -> blocks (one RoPE table per layer kind) -> final norm -> head."""
+    """Embedding -> blocks (one RoPE table per layer kind) -> final norm -> head
+    [-> multi-token prediction modules, in training]."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -40,52 +42,92 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, spec) for spec in self.specs)
         self.norm = build_norm(cfg.d_model, cfg.norm)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # multi-token prediction modules (empty unless model.mtp.depth > 0), training only
+        self.mtp = nn.ModuleList(MTPModule(cfg, spec) for spec in mtp_specs(cfg, self.specs[-1]))
 
     @property
     def moe_layers(self) -> List[nn.Module]:
-        return [b.ffn for b in self.layers if b.spec.moe]
+        return [b.ffn for b in self.layers if b.spec.moe]  # the MTP modules' apart: see forward
 
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.head is None else self.head.weight
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        if self.cfg.scale_embeddings:  # Gemma: the scale is rounded to the weight dtype
+            x = x * torch.tensor(math.sqrt(self.cfg.d_model), dtype=self.embed.weight.dtype)
+        return x
+
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                return_logits: bool = True) -> LMOutput:
+                return_logits: bool = True, heads: bool = True) -> LMOutput:
         """Logits, and the mean next-token loss when `targets` is given.
 
         With `return_logits=False` and `model.fused_ce_chunk > 0` the head and the loss
         are fused (arch/loss.py) and `logits` is None: the training path. With
-        `return_logits=False` and no targets the head is skipped altogether."""
-        x = self.embed(input_ids)
-        if self.cfg.scale_embeddings:  # Gemma: the scale is rounded to the weight dtype
-            x = x * torch.tensor(math.sqrt(self.cfg.d_model), dtype=self.embed.weight.dtype)
+        `return_logits=False` and no targets, or `heads=False`, the heads are skipped
+        altogether (the bodies only, e.g. to count expert selections). In training mode
+        with targets, the multi-token prediction modules run too (arch/mtp.py) and
+        their weighted loss joins `aux` as "mtp_loss"."""
+        x = self.embed_tokens(input_ids)
         T = input_ids.shape[1]
         ropes = {kind: rope(T, input_ids.device) for kind, rope in self.ropes.items()}
         # flex block masks, once per kind and outside the (compiled) blocks: built
         # inside a compiled block, a mask would be rebuilt on every call
         masks = {}
-        for block in self.layers:
+        for block in self.blocks():
             if block.spec.kind not in masks:
                 make_mask = getattr(block.attn, "block_mask", None)  # registered kinds may have none
                 masks[block.spec.kind] = make_mask(T, input_ids.device) if make_mask else None
         for block in self.layers:
             x = block(x, ropes[block.spec.kind], masks[block.spec.kind])
         h = self.norm(x)
-        cap = self.cfg.final_softcap
         logits = loss = None
-        if targets is None and not return_logits:
-            pass  # the body only (e.g. to count expert selections): no head, no logits
-        elif targets is not None and not return_logits and self.cfg.fused_ce_chunk > 0:
-            loss = fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight(), targets.flatten(),
-                                              self.cfg.fused_ce_chunk, cap, compiled=self.cfg.fused_ce_compile)
-        else:
-            logits = F.linear(h, self.head_weight())
-            if cap is not None:
-                logits = cap * torch.tanh(logits / cap)
-            if targets is not None:
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        moe = self.moe_layers
-        aux = type(moe[0]).gather_aux(moe) if moe else {}
+        if heads and (targets is not None or return_logits):
+            if targets is not None and not return_logits and self.cfg.fused_ce_chunk > 0:
+                loss = self._loss(h, targets)
+            else:
+                logits = self._logits(h)
+                if targets is not None:
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        moe, aux = self.moe_layers, {}
+        if len(self.mtp) and targets is not None and self.training:
+            mtp_loss = self._mtp(h, targets, ropes, masks, heads)
+            moe = moe + [m.block.ffn for m in self.mtp if m.block.spec.moe]
+            if mtp_loss is not None:
+                aux["mtp_loss"] = mtp_loss
+        if moe:
+            aux = {**type(moe[0]).gather_aux(moe), **aux}
         return LMOutput(logits=logits, loss=loss, aux=aux)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.head_weight())
+        cap = self.cfg.final_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the head on `h` (B, T, D) against `targets` (B, T)."""
+        if self.cfg.fused_ce_chunk > 0:
+            return fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight(), targets.flatten(),
+                                              self.cfg.fused_ce_chunk, self.cfg.final_softcap,
+                                              compiled=self.cfg.fused_ce_compile)
+        return F.cross_entropy(self._logits(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    def _mtp(self, h, targets, ropes, masks, heads: bool) -> Optional[torch.Tensor]:
+        """The multi-token prediction loss (arch/mtp.py), None when `heads` is off."""
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            ids = shift_left(targets, k - 1)  # token i + k, as target i + k - 1 holds it
+            y = shift_left(targets, k).masked_fill(ids < 0, -100)  # token i + k + 1
+            kind = module.block.spec.kind
+            h = module(h, self.embed_tokens(ids.clamp_min(0)), ropes[kind], masks[kind])
+            if heads:
+                losses.append(self._loss(h, y))
+        return self.cfg.mtp.loss_weight / len(self.mtp) * sum(losses) if heads else None
+
+    def blocks(self) -> List[Block]:
+        """Every block: the model's layers, then the MTP modules' (compile, activation
+        checkpointing and FSDP2 wrap each)."""
+        return list(self.layers) + [m.block for m in self.mtp]
 
     # ------------------------------------------------------------------ init
 

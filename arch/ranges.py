@@ -62,6 +62,7 @@ RANGES: Dict[str, Tuple[str, str]] = {
     "model.moe.every": (f"[1, {MAX_LAYERS}]", "the spacing of MoE layers"),
     "model.moe.first_k_dense": (f"[0, {MAX_LAYERS}]", "the number of leading dense layers"),
     "model.layer_kinds.*.window": (f"[1, {MAX_CONTEXT}]", "the sliding window in tokens (null: global)"),
+    "model.mtp.depth": ("[0, 64]", "the number of multi-token prediction modules (0: off)"),
     "model.fused_ce_chunk": (f"[0, {MAX_CE_CHUNK}]", "rows per fused cross-entropy chunk (0: off)"),
     # model numbers
     "model.norm.eps": ("(0, inf)", "the RMSNorm epsilon"),
@@ -91,6 +92,7 @@ RANGES: Dict[str, Tuple[str, str]] = {
     "model.moe.router.scale": ("(0, inf)", "the routed-weight multiplier"),
     "model.moe.balance.aux_coef": ("[0, inf)", "the load-balancing loss weight (0: off)"),
     "model.moe.balance.z_coef": ("[0, inf)", "the router z-loss weight (0: off)"),
+    "model.mtp.loss_weight": ("[0, inf)", "the weight of the multi-token prediction loss"),
     "model.moe.capacity_factor": ("(0, inf)", "the expert capacity factor (null: dropless)"),
     # proxy: the model's caps; null: derived from the reference
     "proxy.d_model": (f"[1, {MAX_WIDTH}]", "the proxy's residual width"),

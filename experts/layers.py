@@ -29,6 +29,10 @@ from .moe import MoE
 from .parallel import ExpertParallel, all_reduce_sum, average_shard_grads, group_rank, group_size
 
 
+# a layer's per-expert tensors (stacked along dim 0), the ones expert parallelism shards
+EXPERT_TENSORS = ("w_in", "w_out", "b_in", "b_out")
+
+
 def named_moe_layers(model: nn.Module) -> List[Tuple[str, MoE]]:
     """(module path, layer) for every MoE layer of `model`, in module order."""
     return [(path, m) for path, m in model.named_modules() if isinstance(m, MoE)]
@@ -49,9 +53,11 @@ def set_dp_group(model: nn.Module, group) -> None:
 
 
 @torch.no_grad()
-def precompute_global_counts(model: nn.Module, micro_batches: Iterable[torch.Tensor], group=None) -> bool:
+def precompute_global_counts(model: nn.Module, micro_batches: Iterable, group=None) -> bool:
     """Count expert selections over one optimizer step's micro-batches (input ids
-    (B, T) each, on the model's device), sum them over the data-parallel `group`
+    (B, T) each, on the model's device, or (input ids, targets) pairs: a model with
+    multi-token prediction needs the targets to run its MTP layers), sum them over the
+    data-parallel `group`
     (None: each layer's `balance.dp_group`, itself None = the world) and store them
     on the layers, whose training forwards then use them as f^G of the global-batch
     loss.
@@ -69,8 +75,11 @@ def precompute_global_counts(model: nn.Module, micro_batches: Iterable[torch.Ten
     for layer in layers:
         layer.balance.start_counting()
     try:
-        for ids in micro_batches:
-            model(ids, return_logits=False)  # the head is not needed to count experts
+        for batch in micro_batches:
+            if isinstance(batch, (tuple, list)):  # the heads are not needed to count experts
+                model(batch[0], targets=batch[1], return_logits=False, heads=False)
+            else:
+                model(batch, return_logits=False)
     finally:
         counted = [layer.balance.stop_counting() for layer in layers]
     if counted[0] is None or counted[0][1] == 0:
@@ -122,8 +131,8 @@ def check_expert_parallel(n_experts: int, ep: int) -> None:
 
 @torch.no_grad()
 def shard_experts(model: nn.Module, group) -> List[str]:
-    """Keep only this rank's contiguous slice of every MoE layer's w_in / w_out (the
-    full weights must already hold their values: every rank slices the same
+    """Keep only this rank's contiguous slice of every MoE layer's w_in / w_out (and
+    b_in / b_out where the experts have biases; the full weights must already hold their values: every rank slices the same
     initialisation, so EP starts from the single-process model) and make each
     layer's backend the all-to-all exchange over `group` (None: the world) around
     it. Returns the names (relative to `model`) of the sharded parameters."""
@@ -131,8 +140,10 @@ def shard_experts(model: nn.Module, group) -> List[str]:
     for layer in moe_layers(model):
         check_expert_parallel(layer.n_experts, ep)
         n = layer.n_experts // ep
-        layer.w_in = nn.Parameter(layer.w_in[rank * n:(rank + 1) * n].clone())
-        layer.w_out = nn.Parameter(layer.w_out[rank * n:(rank + 1) * n].clone())
+        for name in EXPERT_TENSORS:
+            full = getattr(layer, name)
+            if full is not None:
+                setattr(layer, name, nn.Parameter(full[rank * n:(rank + 1) * n].clone()))
         layer.backend = ExpertParallel(layer.backend, group, layer.cfg.capacity_factor, layer.top_k)
     return [name for name, _ in model.named_parameters() if is_expert_shard(model, name)]
 
@@ -144,15 +155,17 @@ def _is_sharded(layer: MoE) -> bool:
 def is_expert_shard(model: nn.Module, name: str) -> bool:
     """Whether parameter `name` of `model` is an expert-parallel shard."""
     module_name, _, leaf = name.rpartition(".")
-    if leaf not in ("w_in", "w_out"):
+    if leaf not in EXPERT_TENSORS:
         return False
     layer = model.get_submodule(module_name)
     return isinstance(layer, MoE) and _is_sharded(layer)
 
 
 def expert_shards(model: nn.Module) -> List[nn.Parameter]:
-    """The expert-parallel shards of `model` (w_in, w_out of every sharded layer)."""
-    return [p for layer in moe_layers(model) if _is_sharded(layer) for p in (layer.w_in, layer.w_out)]
+    """The expert-parallel shards of `model` (w_in, w_out, and the biases where they
+    exist, of every sharded layer)."""
+    return [p for layer in moe_layers(model) if _is_sharded(layer)
+            for p in (getattr(layer, name) for name in EXPERT_TENSORS) if p is not None]
 
 
 def reduce_expert_grads(model: nn.Module, world_size: int, group=None) -> None:

@@ -70,11 +70,11 @@ def all_to_all(x: torch.Tensor, out_splits: Optional[List[int]] = None, in_split
 
 
 def expert_parallel(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tensor, w_in_LID: torch.Tensor,
-                    w_out_LDF: torch.Tensor, kind: str, group) -> torch.Tensor:
+                    w_out_LDF: torch.Tensor, kind: str, group, *biases: torch.Tensor) -> torch.Tensor:
     """The expert backend, with the experts spread over `group`: same contract as a
     backend (rows sorted by global expert, counts_E over all E experts, rows past
-    counts_E.sum() dropped and unspecified in the result), but w_in / w_out hold only
-    this rank's E_local = E / EP experts.
+    counts_E.sum() dropped and unspecified in the result), but w_in / w_out (and the
+    optional biases b_in / b_out) hold only this rank's E_local = E / EP experts.
 
     Host syncs: the split sizes (Python ints that all_to_all_single needs), one per
     call, which breaks a compiled block's graph there; nothing else reads a device
@@ -100,7 +100,8 @@ def expert_parallel(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tenso
     inverse[order] = torch.arange(order.numel(), device=order.device)
     # permutations both ways; _GatherRows' backward is the gather by the inverse
     # permutation, not autograd's scatter-add of an index
-    y_local = backend(_GatherRows.apply(x_recv, order, inverse, 1), recv_RL.sum(0), w_in_LID, w_out_LDF, kind)
+    y_local = backend(_GatherRows.apply(x_recv, order, inverse, 1), recv_RL.sum(0), w_in_LID, w_out_LDF, kind,
+                      *biases)
     y_kept = all_to_all(_GatherRows.apply(y_local, inverse, order, 1), send, recv, group)
     if n_kept == x_SD.shape[0]:
         return y_kept
@@ -110,7 +111,7 @@ def expert_parallel(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tenso
 
 def expert_parallel_capacity(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tensor,
                              w_in_LID: torch.Tensor, w_out_LDF: torch.Tensor, kind: str, group,
-                             capacity: int) -> torch.Tensor:
+                             capacity: int, *biases: torch.Tensor) -> torch.Tensor:
     """`expert_parallel` for capacity-bounded dispatch, with static shapes: no host
     sync, and the whole exchange compiles with the block.
 
@@ -139,7 +140,7 @@ def expert_parallel_capacity(backend: Callable, x_SD: torch.Tensor, counts_E: to
     x_recv = all_to_all(x_pad, group=group)  # (ep_src, L, C, D), flat
     x_local = x_recv.view(ep, L, C, D).transpose(0, 1).reshape(L * ep * C, D)
     rows_L = torch.full((L,), ep * C, dtype=counts_E.dtype, device=dev)
-    y_local = backend(x_local, rows_L, w_in_LID, w_out_LDF, kind)
+    y_local = backend(x_local, rows_L, w_in_LID, w_out_LDF, kind, *biases)
     y_pad = all_to_all(y_local.view(L, ep, C, -1).transpose(0, 1).reshape(E * C, -1), group=group)
     # sorted row r of expert e is slot r - first_E[e]; dropped rows (past the kept ones)
     # read some slot: their values are unspecified, as the backend contract allows
@@ -160,13 +161,13 @@ class ExpertParallel:
         self.backend, self.group = backend, group
         self.capacity_factor, self.top_k = capacity_factor, top_k
 
-    def __call__(self, x_SD, counts_E, w_in_LID, w_out_LDF, kind: str) -> torch.Tensor:
+    def __call__(self, x_SD, counts_E, w_in_LID, w_out_LDF, kind: str, *biases) -> torch.Tensor:
         if self.capacity_factor is None:
-            return expert_parallel(self.backend, x_SD, counts_E, w_in_LID, w_out_LDF, kind, self.group)
+            return expert_parallel(self.backend, x_SD, counts_E, w_in_LID, w_out_LDF, kind, self.group, *biases)
         # the capacity dispatch used: the same function on the same numbers
         capacity = expert_capacity(x_SD.shape[0] // self.top_k, self.top_k, counts_E.numel(), self.capacity_factor)
         return expert_parallel_capacity(self.backend, x_SD, counts_E, w_in_LID, w_out_LDF, kind, self.group,
-                                        capacity)
+                                        capacity, *biases)
 
 
 def group_rank(group) -> int:

@@ -375,6 +375,10 @@ def recipe_from_hf(hf_dir) -> Tuple[str, Recipe, bool]:
                            "check its types against the model's documented config.") from None
     if arch == GEMMA3_MM:  # the multimodal wrapper owns the tying flag
         mc.tie_embeddings = bool(getattr(top, "tie_word_embeddings", mc.tie_embeddings))
+    if arch == DEEPSEEK_V3:  # MTP modules: as many as the checkpoint holds (transformers' model has none)
+        names = set(safetensors_source(hf_dir).shapes())
+        while f"model.layers.{mc.n_layers + mc.mtp.depth}.eh_proj.weight" in names:
+            mc.mtp.depth += 1
     recipe = Recipe(name=Path(hf_dir).resolve().name, model=mc)
     recipe.train.seq_len = min(recipe.train.seq_len, mc.max_seq_len)
     try:
@@ -583,9 +587,36 @@ def _hf_shape(part: Part, shape: tuple, target: tuple) -> tuple:
     return tuple(shape)
 
 
-def hf_to_ours(arch: str, name: str, d_expert: int) -> Optional[Part]:
+# DeepSeek-V3's multi-token prediction modules are stored as layers after the model's
+# (model.layers.{n_layers + k}.*): a decoder layer's tensors plus these of its own, and
+# copies of the shared embedding and head (which transformers ignores, and so does moelab)
+_MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+            "shared_head.norm.weight": "norm.weight"}
+_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
+_LAYER = re.compile(r"(model\.)?layers\.(\d+)\.(.+)$")
+
+
+def _mtp_depth(name: str, n_layers: Optional[int]) -> Optional[Tuple[int, str]]:
+    """(k, the rest of the name) for a tensor of MTP module k, else None."""
+    m = _LAYER.match(name)
+    if n_layers is None or m is None or int(m.group(2)) < n_layers:
+        return None
+    return int(m.group(2)) - n_layers, m.group(3)
+
+
+def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = None) -> Optional[Part]:
     """Where HF tensor `name` goes in the moelab state dict; None if it belongs to no
-    moelab tensor (the caller decides whether that is an error)."""
+    moelab tensor (the caller decides whether that is an error). With `n_layers`,
+    DeepSeek-V3's layers past the model's are its MTP modules (model.mtp.*)."""
+    mtp = _mtp_depth(name, n_layers) if arch == DEEPSEEK_V3 else None
+    if mtp is not None:
+        k, rest = mtp
+        if rest in _MTP_OWN:
+            return Part(f"mtp.{k}.{_MTP_OWN[rest]}")
+        part = hf_to_ours(arch, f"model.layers.{n_layers}.{rest}", d_expert)  # as the block of a layer
+        if part is None:
+            return None
+        return Part(part.ours.replace(f"layers.{n_layers}.", f"mtp.{k}.block.", 1), part.index, part.layout)
     if name in _HEAD.get(arch, ("lm_head.weight",)):
         return Part("head.weight")
     for prefix in _BODY.get(arch, ("model.",)):
@@ -615,8 +646,20 @@ def hf_to_ours(arch: str, name: str, d_expert: int) -> Optional[Part]:
     return None if ours is None else Part(ours)
 
 
-def ours_to_hf(arch: str, name: str, tensor: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
-    """HF (name, tensor) pairs for one moelab tensor, in the per-expert hub layout."""
+def ours_to_hf(arch: str, name: str, tensor: torch.Tensor,
+               n_layers: Optional[int] = None) -> List[Tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs for one moelab tensor, in the per-expert hub layout.
+    MTP modules (DeepSeek-V3 only) need `n_layers`: they become the layers after it."""
+    m = re.match(r"mtp\.(\d+)\.(.+)$", name)
+    if m:
+        if arch != DEEPSEEK_V3 or n_layers is None:
+            raise ConvertError(f"moelab tensor {name} is a multi-token prediction module, which {arch} cannot "
+                               "store; set model.mtp.depth=0 to export the next-token model alone.")
+        layer, rest = n_layers + int(m.group(1)), m.group(2)
+        own = {v: k for k, v in _MTP_OWN.items()}
+        if rest in own:
+            return [(f"model.layers.{layer}.{own[rest]}", tensor)]
+        return ours_to_hf(arch, f"layers.{layer}.{rest[len('block.'):]}", tensor)
     if name == "head.weight":
         return [("lm_head.weight", tensor)]
     if name.endswith("ffn.router.expert_bias") and arch != DEEPSEEK_V3:
@@ -648,8 +691,11 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor) -> List[Tuple[str, to
 # ------------------------------------------------------------------------ import
 
 
-def _ignorable(arch: str, name: str, tied: bool) -> bool:
+def _ignorable(arch: str, name: str, tied: bool, n_layers: Optional[int] = None) -> bool:
     if name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports saved
+        return True
+    mtp = _mtp_depth(name, n_layers) if arch == DEEPSEEK_V3 else None
+    if mtp is not None and mtp[1] in _MTP_SHARED:
         return True
     if arch == GEMMA3_MM and name.startswith(_IGNORED):
         return True
@@ -664,9 +710,9 @@ def _plan(arch: str, recipe: Recipe, tied: bool, src: TensorSource, hf_dir, meta
     parts_of: Dict[str, Dict[object, str]] = {}  # moelab name -> {part index: HF name}
     covered: Dict[str, int] = {}  # moelab name -> elements supplied
     for name, shape in src.shapes().items():
-        if _ignorable(arch, name, tied):
+        if _ignorable(arch, name, tied, recipe.model.n_layers):
             continue
-        part = hf_to_ours(arch, name, recipe.model.moe.d_expert)
+        part = hf_to_ours(arch, name, recipe.model.moe.d_expert, recipe.model.n_layers)
         if part is None or part.ours not in meta:
             unexpected.append(name)
             continue
@@ -871,6 +917,8 @@ def hf_config_kwargs(arch: str, m: ModelConfig) -> dict:
                   first_k_dense_replace=len(dense), q_lora_rank=a.q_lora_rank, kv_lora_rank=a.kv_lora_rank,
                   qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
                   v_head_dim=a.v_head_dim, rope_interleave=a.rope_interleave)
+        if m.mtp.depth:  # the MTP modules' tensors follow as layers n_layers, n_layers + 1, ...
+            kw["num_nextn_predict_layers"] = m.mtp.depth
         del kw["head_dim"]  # transformers sets it to qk_rope_head_dim itself
         return kw
     if arch == GPT_OSS:
@@ -908,6 +956,9 @@ def hf_config_for(m: ModelConfig):
     import transformers
 
     arch = export_family(m)
+    if m.mtp.depth and arch != DEEPSEEK_V3:
+        raise ConvertError(f"model.mtp.depth = {m.mtp.depth}: {arch} has no multi-token prediction modules; set "
+                           "model.mtp.depth=0 to export the next-token model alone.")
     cls = {QWEN3: transformers.Qwen3Config, QWEN3_MOE: transformers.Qwen3MoeConfig,
            MIXTRAL: transformers.MixtralConfig, OLMOE: transformers.OlmoeConfig, GPT_OSS: transformers.GptOssConfig,
            DEEPSEEK_V3: transformers.DeepseekV3Config,
@@ -957,7 +1008,7 @@ def export_hf(source, out_dir, dtype: Optional[torch.dtype] = None, max_shard_by
                 tensor = tensor.to(dtype)
             if name == "embed.weight":
                 first_dtype = tensor.dtype
-            for hf_name, t in ours_to_hf(arch, name, tensor):
+            for hf_name, t in ours_to_hf(arch, name, tensor, recipe.model.n_layers):
                 writer.add(hf_name, t)
         files = writer.close()
         if first_dtype is not None:

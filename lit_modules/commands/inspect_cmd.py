@@ -118,8 +118,14 @@ def format_table(recipe: Recipe, acc: Accounting, proxy_changes=()) -> str:
     rows += [
         ("  non-embedding", human(acc.params_non_embedding)),
         ("params active", f"{human(acc.params_active)} ({acc.params_active:,})"),
+    ]
+    if acc.params_mtp:
+        rows.append(("MTP modules", f"{m.mtp.depth} x {human(acc.params_mtp // m.mtp.depth)} (training only, in "
+                                    f"no figure above; loss weight {m.mtp.loss_weight:g})"))
+    mtp = " + the MTP modules" if acc.params_mtp else ""
+    rows += [
         ("FLOPs/token", f"{human(acc.flops_per_token)} train (6 x {human(acc.matmul_params_active)} matmul params "
-                        f"+ {human(acc.attention_flops_per_token)} attention at seq {acc.seq_len})"),
+                        f"+ {human(acc.attention_flops_per_token)} attention at seq {acc.seq_len}{mtp})"),
         ("KV cache", f"{human_bytes(acc.kv_bytes_per_token)}/token (bf16), "
                      f"{human_bytes(acc.kv_bytes_at_context)} for one {acc.context}-token sequence"),
     ]

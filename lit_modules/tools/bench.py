@@ -325,6 +325,9 @@ def hf_twin(model: nn.Module, recipe: Recipe) -> Tuple[nn.Module, List[str]]:
         raise BenchError("--vs-hf needs the transformers package; pip install 'moelab[hf]'.") from None
     from lit_modules.checkpoints import hf
 
+    if recipe.model.mtp.depth:
+        raise BenchError(f"--vs-hf: model.mtp.depth = {recipe.model.mtp.depth}, and transformers trains no "
+                         "multi-token prediction modules; set model.mtp.depth=0 to compare like with like.")
     try:
         arch, cfg, notes = hf.hf_config_for(recipe.model)
         state = {}

@@ -30,7 +30,9 @@ def layout_rows(recipe: Recipe, acc: Accounting, precision: str = "bf16-mixed") 
     devices = t.devices if isinstance(t.devices, int) else (len(t.devices) if isinstance(t.devices, list) else 4)
     world = max(1, devices * t.num_nodes)
     b = bytes_per_param(precision)
-    total, experts = acc.params_total, acc.params_experts
+    total, experts = acc.params_total + acc.params_mtp, acc.params_experts  # MTP modules train too
+    if acc.params_mtp and acc.layer_moe[-1]:  # their blocks are MoE when the last layer is
+        experts += recipe.model.mtp.depth * acc.params_experts // acc.n_moe_layers
     rest = total - experts
     rows = [("1 device", total * b)]
     if world > 1:

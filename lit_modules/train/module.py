@@ -115,7 +115,7 @@ class CausalLM(L.LightningModule):
         # micro-batches, all ranks) before the first micro-batch's backward; with one
         # micro-batch the layers all-reduce them inside the forward. False (at once)
         # when no layer has the global scope.
-        precompute = n > 1 and precompute_global_counts(self.model, list(xs), group=None)
+        precompute = n > 1 and precompute_global_counts(self.model, list(zip(xs, ys)), group=None)
         sums: Dict[str, torch.Tensor] = {}
         try:
             for i, (xi, yi) in enumerate(zip(xs, ys)):

@@ -163,9 +163,6 @@ def check_scale(recipe) -> None:
         raise RecipeError(f"train.expert_parallel = {ep} but the model has no MoE layers; set "
                           f"train.expert_parallel=1 for a dense model.")
     check_expert_parallel(moe.n_experts, ep)
-    if moe.expert_bias:
-        raise RecipeError(f"train.expert_parallel = {ep} with model.moe.expert_bias: biased experts are not "
-                          "sharded yet; set train.expert_parallel=1 (data parallelism and FSDP2 work).")
 
 
 # ------------------------------------------------------------- model preparation
@@ -193,10 +190,10 @@ def parallelize(model: nn.Module, train: TrainConfig, device_mesh=None) -> nn.Mo
     compile time to one block's and survives any change to the outer loop."""
     # 1. expert parallel: shard experts over device_mesh["ep"] (model_parallel strategy)
     if train.activation_checkpointing:  # 2.
-        for block in model.layers:
+        for block in model.blocks():
             checkpoint_block(block)
     if train.compile:  # 3.
-        for block in model.layers:
+        for block in model.blocks():
             block.compile()
     # 4. FSDP2 fully_shard per block, then the root (fsdp / model_parallel strategies)
     return model
@@ -292,7 +289,7 @@ def shard_model(model: nn.Module, train: TrainConfig, device: torch.device,
         ignored = {p for n, p in model.named_parameters() if n in set(plan.expert_names)}
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if precision == "bf16-mixed" else MixedPrecisionPolicy())
-        for block in model.layers:
+        for block in model.blocks():
             fully_shard(block, mesh=world_mesh, ignored_params=ignored or None, mp_policy=mp)
         fully_shard(model, mesh=world_mesh, ignored_params=ignored or None, mp_policy=mp)
     return plan

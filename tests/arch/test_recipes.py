@@ -84,7 +84,9 @@ def test_recipe_builds_on_meta_and_counts_match(name):
     recipe = load_recipe(name)
     model = build_model(recipe.model, device="meta")
     acc = count(recipe.model)
-    assert sum(p.numel() for p in model.parameters()) == acc.params_total
+    # the multi-token prediction modules (training only) are counted apart
+    assert sum(p.numel() for p in model.parameters()) == acc.params_total + acc.params_mtp
+    assert acc.params_mtp == sum(p.numel() for p in model.mtp.parameters())
     assert all(p.is_meta for p in model.parameters())
     moe_layers = model.moe_layers
     if moe_layers:  # active = total minus the experts a token is not routed to

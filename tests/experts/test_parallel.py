@@ -21,13 +21,18 @@ WORLD, N_TOK, SEQ = 2, 24, 12
 MODEL = GLOBAL_BALANCE
 
 
-def make_layer(backend, capacity, skew):
+def make_layer(backend, capacity, skew, bias=False):
     extra = ("model.moe.router.bias_update_rate=0.01",) if skew else ()
+    if bias:  # gpt-oss's experts: biases (sharded with their experts) and the clamped SwiGLU
+        extra += ("model.moe.expert_bias=true", "model.moe.expert_ffn=swiglu_clamped")
     model = tiny_model("qwen3_moe", f"model.moe.backend={backend}", f"model.moe.capacity_factor={capacity}",
                        "model.n_layers=1", *extra).train()
     layer = model.moe_layers[0]
     with torch.no_grad():
         layer.router.gate.weight.normal_(std=0.5)  # uneven loads
+        if bias:
+            layer.b_in.normal_(std=0.5)
+            layer.b_out.normal_(std=0.5)
         if skew:  # the selection bias makes experts 0-3 (rank 0's) win every token:
             layer.router.expert_bias[:4] = 10.0  # rank 1 receives no rows, rank 0 sends it none
     return layer
@@ -35,7 +40,7 @@ def make_layer(backend, capacity, skew):
 
 def layer_cases():
     return [("grouped_mm", "null", False), ("loop", "null", False), ("grouped_mm", 1.0, False),
-            ("grouped_mm", "null", True)]
+            ("grouped_mm", "null", True), ("grouped_mm", "null", False, True), ("loop", 1.0, False, True)]
 
 
 def layer_reference(case, x, g):
@@ -59,7 +64,7 @@ def _worker(rank, port, path):
         for case, r, compiled in runs:
             layer = make_layer(*case)
             names = shard_experts(layer, None)
-            assert names == ["w_in", "w_out"]
+            assert names == ["w_in", "w_out"] + (["b_in", "b_out"] if case[3:] == (True,) else [])
             if compiled:
                 torch._dynamo.reset()
                 layer.compile(backend="aot_eager")

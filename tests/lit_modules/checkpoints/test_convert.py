@@ -181,6 +181,7 @@ def test_tensors_not_matching_config(tmp_path):
     ("qwen3_moe", ["model.moe.n_shared_experts=1"], "model.moe.n_shared_experts"),
     ("qwen3_moe", ["model.moe.capacity_factor=1.25"], "model.moe.capacity_factor"),
     ("qwen3_moe", ["model.moe.router.kind=sigmoid_topk"], "model.moe.router.kind"),
+    ("qwen3_moe", ["model.mtp.depth=1"], "model.mtp.depth"),
 ])
 def test_export_refuses_what_transformers_cannot_express(name, extra, needle):
     from conftest import tiny_recipe
@@ -274,3 +275,33 @@ def test_export_from_a_training_run_directory(tmp_path):
     ids = torch.randint(0, recipe.model.vocab_size, (2, 12))
     with torch.no_grad():
         assert max_diff(model(ids).logits, hf(ids).logits) <= 1e-4
+
+
+def test_deepseek_v3_mtp_round_trip(tmp_path):
+    """A DeepSeek-V3 model with MTP modules exports them as the release stores them
+    (layers after the model's; transformers' model skips them, its MtpModel reads them)
+    and imports back to the same tensors and depth."""
+    from transformers import AutoModelForCausalLM
+
+    from arch import build_model, load_recipe
+    from lit_modules.checkpoints.model_dir import load_model_dir
+
+    recipe = load_recipe("proxies/deepseek_v3_tiny", ["model.mtp.depth=2"])
+    torch.manual_seed(0)
+    model = build_model(recipe.model, "cpu").float()
+    save_model_dir(model, recipe, tmp_path / "m")
+    export_hf(tmp_path / "m", tmp_path / "hf")
+    n = recipe.model.n_layers
+    hf, loading = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager",
+                                                       output_loading_info=True)
+    assert not loading["missing_keys"]
+    assert {k.split(".")[2] for k in loading["unexpected_keys"]} <= {str(n), str(n + 1)}
+    ids = torch.randint(0, recipe.model.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert max_diff(model.eval()(ids).logits, hf.eval()(ids).logits) <= 1e-4
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    back_recipe, back = load_model_dir(tmp_path / "back")
+    assert back_recipe.model.mtp.depth == 2
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if k.startswith("mtp."))

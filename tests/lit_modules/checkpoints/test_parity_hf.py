@@ -175,3 +175,80 @@ def test_gpt_oss_mxfp4_experts_dequantize_exactly(tmp_path):
     w = ours.layers[0].ffn.w_in  # [gate; up] rows, from gate/up interleaved columns
     theirs = hf.model.layers[0].mlp.experts.gate_up_proj  # (E, D, 2F)
     assert torch.equal(w[:, :w.shape[1] // 2], theirs[..., 0::2].transpose(1, 2))
+
+
+def test_deepseek_v3_mtp_matches_transformers(tmp_path):
+    """DeepSeek-V3's MTP modules, stored as its release stores them (model.layers.{n+k}.*,
+    with copies of the embedding and head), import into model.mtp and give the logits of
+    transformers' MtpModel at every depth, then export back to the same tensors."""
+    layers = pytest.importorskip("transformers.modeling_layers")
+    if not hasattr(layers, "MtpModel"):
+        pytest.skip("this transformers has no MtpModel (5.24 has)")
+    from _hf_tiny import perturb
+
+    from lit_modules.checkpoints.hf import ours_to_hf
+
+    depth = 2
+    hf = hf_model("deepseek_v3", tie_word_embeddings=False)
+    torch.manual_seed(3)
+    mtp = layers.MtpModel(hf, depth)
+    with torch.no_grad():  # MtpModel leaves its stacked experts uninitialised
+        for name, p in mtp.layers.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.1)
+    perturb(mtp, seed=3)
+    mtp.eval()
+    n = hf.config.num_hidden_layers
+    state = dict(hf.state_dict())
+    own = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+           "post_norm.weight": "shared_head.norm.weight"}
+    for name, t in mtp.state_dict().items():
+        if not name.startswith("layers."):
+            continue
+        _, k, rest = name.split(".", 2)
+        rest = own.get(rest) or rest[len("mtp_block."):]
+        state[f"model.layers.{n + int(k)}.{rest}"] = t
+    for k in range(depth):  # the release's copies of the shared tensors
+        state[f"model.layers.{n + k}.embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+        state[f"model.layers.{n + k}.shared_head.head.weight"] = state["lm_head.weight"].clone()
+    recipe, ours = import_and_load(hf, tmp_path, state=state)
+    assert recipe.model.mtp.depth == depth
+
+    ids = tokens()
+    T = ids.shape[1]
+    with torch.no_grad():
+        h = ours.norm(_ours_body(ours, ids))
+        theirs_h = hf.model(ids).last_hidden_state
+        assert max_diff(h, theirs_h) <= TOL
+        pos = torch.arange(T).unsqueeze(0).expand(ids.shape[0], -1)
+        for k, module in enumerate(ours.mtp, start=1):
+            n_k = T - k
+            kind = module.block.spec.kind
+            h = module(h[:, :n_k], ours.embed_tokens(ids[:, k:]), ours.ropes[kind](n_k, ids.device))
+            theirs_h = mtp.forward_layer(k - 1, theirs_h[:, :n_k], pos[:, k:], None, input_ids=ids[:, k:])
+            diff = max_diff(ours._logits(h), mtp._project_to_logits(theirs_h))
+            assert diff <= TOL, f"depth {k}: max |logit diff| = {diff:.3g}"
+    # export: each MTP tensor goes back to its layer after the model's, under the
+    # release's names (the experts in the per-expert hub layout, as for every layer)
+    from lit_modules.checkpoints.hf import hf_to_ours
+
+    d_expert = recipe.model.moe.d_expert
+    for name, t in ours.state_dict().items():
+        if not name.startswith("mtp."):
+            continue
+        k = int(name.split(".")[1])
+        for hf_name, hf_t in ours_to_hf("DeepseekV3ForCausalLM", name, t, n):
+            assert hf_name.startswith(f"model.layers.{n + k}."), hf_name
+            back = hf_to_ours("DeepseekV3ForCausalLM", hf_name, d_expert, n)
+            assert back.ours == name, (hf_name, back)
+            if hf_name in state:
+                assert torch.equal(hf_t, state[hf_name]), hf_name
+            else:  # one expert's slice of a stacked tensor
+                assert torch.equal(hf_t, t[back.index]), hf_name
+
+
+def _ours_body(model, ids):
+    x = model.embed_tokens(ids)
+    T = ids.shape[1]
+    for block in model.layers:
+        x = block(x, model.ropes[block.spec.kind](T, ids.device))
+    return x

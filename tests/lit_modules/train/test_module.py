@@ -42,17 +42,23 @@ def max_rel_diff(a, b):
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
 
 
-@pytest.mark.parametrize("scope", ["global", "micro"])
+@pytest.mark.parametrize("scope", ["global", "micro", "global+mtp"])
 def test_split_into_micro_batches(cache, tmp_path, scope):
     """One global batch of 8 sequences as 1 x 8, 2 x 4 and 4 x 2 micro-batches. With the
-    global-batch loss (aux_scope global) the gradient is the same for every split; with
-    the per-micro-batch loss it is not (which shows the comparison can tell)."""
-    moe = [f"model.moe.balance.aux_scope={scope}", "model.moe.balance.aux_coef=0.5"]
+    global-batch loss (aux_scope global) the gradient is the same for every split, also
+    with a multi-token prediction module (an MoE block whose global counts the routing
+    pre-pass must include); with the per-micro-batch loss it is not (which shows the
+    comparison can tell)."""
+    moe = [f"model.moe.balance.aux_scope={scope.split('+')[0]}", "model.moe.balance.aux_coef=0.5"]
+    if scope.endswith("mtp"):
+        moe.append("model.mtp.depth=1")
     g = {accum: first_gradients(cache, tmp_path / f"a{accum}", *moe, f"train.micro_batch_size={8 // accum}",
                                 f"train.grad_accum={accum}")
          for accum in (1, 2, 4)}
     router = [k for k in g[1] if "router" in k]
-    if scope == "global":
+    if scope.endswith("mtp"):
+        assert any(k.startswith("mtp.0.block.ffn.router") for k in router)
+    if scope.startswith("global"):
         assert max_rel_diff(g[2], g[1]) < 1e-5 and max_rel_diff(g[4], g[1]) < 1e-5
     else:
         assert max(max_rel_diff({k: g[4][k]}, {k: g[1][k]}) for k in router) > 1e-3
