@@ -83,7 +83,7 @@ class Transformer(nn.Module):
         h = self.norm(x)
         logits = loss = None
         if heads and (targets is not None or return_logits):
-            if targets is not None and not return_logits and self.cfg.fused_ce_chunk > 0:
+            if targets is not None and not return_logits and (self.cfg.fused_ce_chunk or 0) > 0:
                 loss = self._loss(h, targets)
             else:
                 logits = self._logits(h)
@@ -106,10 +106,10 @@ class Transformer(nn.Module):
 
     def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the head on `h` (B, T, D) against `targets` (B, T)."""
-        if self.cfg.fused_ce_chunk > 0:
+        if (self.cfg.fused_ce_chunk or 0) > 0:
             return fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight(), targets.flatten(),
                                               self.cfg.fused_ce_chunk, self.cfg.final_softcap,
-                                              compiled=self.cfg.fused_ce_compile)
+                                              compiled=bool(self.cfg.fused_ce_compile))
         return F.cross_entropy(self._logits(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def _mtp(self, h, targets, ropes, masks, heads: bool) -> Optional[torch.Tensor]:

@@ -1,6 +1,6 @@
 """Where and how a run computes, resolved once for train, bench and eval: the
-accelerator and devices, the precision, and the peak FLOP/s that MFU is measured
-against.
+accelerator and devices, the precision, the speed switches left to auto, and the
+peak FLOP/s that MFU is measured against.
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from arch.config import TrainConfig
+from arch.config import Recipe, TrainConfig
 from arch.registry import RecipeError, nearest
 
 
@@ -99,3 +99,27 @@ def peak_flops_per_device(peak_tflops: Optional[float], precision: str) -> Optio
 
 
 # ------------------------------------------------------------------ throughput
+
+
+# the fused cross-entropy's rows per chunk when left to auto on CUDA: 4096 rows of a
+# 152K vocabulary are 2.3 GiB of float32 logits, of a 32K one 0.5 GiB
+AUTO_CE_CHUNK = 4096
+
+
+def resolve_speed(recipe: Recipe, device_type: str) -> Recipe:
+    """Fill, in place, the speed switches a recipe leaves to auto (train.compile: auto,
+    model.fused_ce_chunk / fused_ce_compile: null) with what is fastest on `device_type`:
+    on CUDA compiled blocks and the compiled, chunked fused cross-entropy (what the
+    tuned GPU proxies set by hand), elsewhere eager blocks and the plain loss. Values a
+    recipe sets are kept. Returns the recipe."""
+    t, m = recipe.train, recipe.model
+    cuda = device_type == "cuda"
+    if t.compile not in (True, False, "auto"):
+        raise RecipeError(f"train.compile = {t.compile!r} must be true, false or auto (on with CUDA).")
+    if t.compile == "auto":
+        t.compile = cuda
+    if m.fused_ce_chunk is None:  # fused_ce_compile: true asks for the fused loss anywhere
+        m.fused_ce_chunk = AUTO_CE_CHUNK if cuda or m.fused_ce_compile else 0
+    if m.fused_ce_compile is None:
+        m.fused_ce_compile = cuda and m.fused_ce_chunk > 0
+    return recipe

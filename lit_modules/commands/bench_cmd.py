@@ -50,11 +50,11 @@ def add_parser(sub) -> None:
 
 def run_bench(args) -> int:
     from arch import load_recipe
-    from lit_modules.runtime import resolve_device
+    from lit_modules.runtime import resolve_device, resolve_speed
     from lit_modules.tools import bench
 
-    recipe = load_recipe(args.recipe, args.overrides)
     device = resolve_device(args.device)
+    recipe = resolve_speed(load_recipe(args.recipe, args.overrides), device.type)
     if args.vs_hf and args.layer:
         raise bench.BenchError("--vs-hf compares whole models; drop it or --layer.")
     precision = bench.resolve_precision(args.dtype, device, recipe.train.precision, layer=args.layer)
@@ -64,7 +64,8 @@ def run_bench(args) -> int:
     if args.variant and not args.layer:
         raise bench.BenchError("--variant adds rows to --layer; add --layer or drop --variant.")
     if args.layer:
-        variants = [(v, load_recipe(args.recipe, list(args.overrides) + v.split())) for v in args.variant]
+        variants = [(v, resolve_speed(load_recipe(args.recipe, list(args.overrides) + v.split()), device.type))
+                    for v in args.variant]
         report = bench.bench_layer(recipe, tokens=args.tokens, with_loop=args.with_loop, variants=variants,
                                    seed=recipe.train.seed, **common)
     else:

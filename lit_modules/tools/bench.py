@@ -369,7 +369,9 @@ def bench_model(recipe: Recipe, *, device: torch.device, precision: Precision, w
                 vs_hf: bool = False) -> Dict:
     """Time training steps of the recipe's model (and of its HF twin with `vs_hf`).
     Returns a plain dict (the --json output)."""
-    m = recipe.model
+    from lit_modules.runtime import resolve_speed
+
+    m = resolve_speed(recipe, device.type).model
     B, T = recipe.train.micro_batch_size, recipe.train.seq_len
     if T > m.max_seq_len:
         raise BenchError(f"train.seq_len {T} exceeds model.max_seq_len {m.max_seq_len}; "
@@ -495,7 +497,9 @@ def bench_layer(recipe: Recipe, *, device: torch.device, precision: Precision, t
     The input gets a gradient too, as inside a model. With `loop` in the run, every
     MoE row that differs from it only in the backend reports its relative error
     against it (output and input gradient)."""
-    m = recipe.model
+    from lit_modules.runtime import resolve_speed
+
+    m = resolve_speed(recipe, device.type).model
     moe = m.moe
     if moe.n_experts <= 0:
         raise BenchError(f"--layer needs a recipe with MoE layers; {recipe.name} has model.moe.n_experts = 0.")

@@ -275,10 +275,11 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
     from lightning.pytorch.utilities import rank_zero_only
 
     from lit_modules.data.datamodule import TokenDataModule
-    from lit_modules.runtime import resolve_accelerator, resolve_precision
+    from lit_modules.runtime import resolve_accelerator, resolve_precision, resolve_speed
     from lit_modules.train.strategy import build_strategy, check_scale
 
     accelerator = resolve_accelerator(t)
+    resolve_speed(recipe, "cuda" if accelerator in ("gpu", "cuda") else accelerator)
     check_on_accelerator(recipe, accelerator)
     precision = resolve_precision(t, accelerator)
     strategy = build_strategy(t)

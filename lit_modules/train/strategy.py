@@ -192,7 +192,7 @@ def parallelize(model: nn.Module, train: TrainConfig, device_mesh=None) -> nn.Mo
     if train.activation_checkpointing:  # 2.
         for block in model.blocks():
             checkpoint_block(block)
-    if train.compile:  # 3.
+    if train.compile is True:  # 3. ("auto" is resolved before: lit_modules/runtime.py resolve_speed)
         for block in model.blocks():
             block.compile()
     # 4. FSDP2 fully_shard per block, then the root (fsdp / model_parallel strategies)

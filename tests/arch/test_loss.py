@@ -74,7 +74,9 @@ def test_compile_switch_needs_the_fused_loss():
     from conftest import tiny_recipe
 
     with pytest.raises(RecipeError, match="model.fused_ce_compile compiles the fused cross-entropy, which is off"):
-        tiny_recipe("qwen3", "model.fused_ce_compile=true")
+        tiny_recipe("qwen3", "model.fused_ce_chunk=0", "model.fused_ce_compile=true")
+    # left to auto (null), the chunk follows the switch: lit_modules/runtime.py resolve_speed
+    assert tiny_recipe("qwen3", "model.fused_ce_compile=true").model.fused_ce_chunk is None
 
 
 def test_body_only_forward_skips_the_head():
