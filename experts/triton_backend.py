@@ -97,7 +97,6 @@ _INTERPRET_META = {"rows": dict(BN=16, BK=32), "wgrad": dict(BM=32, BN=32, BK=16
 _ROW_SHAPES = {"glu": [(64, 64, 8, 3), (64, 64, 4, 4), (128, 64, 8, 3), (64, 32, 4, 5)],
                "mm": [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3)]}
 _WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4)]
-_MIN_BN_GLU = 16  # the narrowest BN glu_bwd may get: sizes its per-n-tile partial sums
 
 _tuned = {}
 
@@ -202,7 +201,8 @@ class _Rows:
         S, F, D = src.numel(), w_out.shape[2], w_out.shape[1]
         dgu = gu.new_empty(S, 2 * F)
         # one partial sum per (row, n-tile); zeros where the tuned BN leaves columns
-        dwp = torch.zeros(S, -(-F // _MIN_BN_GLU), dtype=torch.float32, device=gu.device)
+        min_bn = _INTERPRET_META["rows"]["BN"] if interpreting() else min(c[0] for c in _ROW_SHAPES["glu"])
+        dwp = torch.zeros(S, -(-F // min_bn), dtype=torch.float32, device=gu.device)
         _launch("glu_bwd_kernel", self.programs(F), dy, src, w_out, gu, w_S, b_out if b_out is not None else w_out,
                 dgu, dwp, self.e, self.lo, self.hi, D, F, dy.stride(0), w_out.stride(0), w_out.stride(1),
                 gu.stride(0), dgu.stride(0), dwp.stride(0), KIND=kind, HAS_BIAS=b_out is not None, **self.meta)
