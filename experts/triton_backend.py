@@ -96,7 +96,8 @@ _INTERPRET_META = {"rows": dict(BN=16, BK=32), "wgrad": dict(BM=32, BN=32, BK=16
 # an accumulator and an epilogue of loads, hence narrower tiles
 _ROW_SHAPES = {"glu": [(64, 64, 8, 3), (64, 64, 4, 4), (128, 64, 8, 3), (64, 32, 4, 5)],
                "mm": [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3)]}
-_WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4)]
+# (BM, BN, BK, warps, stages); BK runs over an expert's rows (~T K / E of them)
+_WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 2), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
 
 _tuned = {}
 
