@@ -9,10 +9,11 @@ no tile straddles two experts. An expert's rows are cut into ceil(n_e / BM) tile
 its last tile partial (rows past hi masked on load and store); experts with no rows
 own no tile; table entries past the real tiles have lo = hi and return at once.
 
-    sorted rows   |e0: 0..37       |e1: 38..39|e3: 40..99         | dropped
-    BM = 32 tiles [0,32)[32,38)     [38,40)    [40,72)[72,100)      (none)
+    sorted rows   |e0: 0..37       |e1: 38..39|e3: 40..99         | dropped (capacity)
+    BM = 32 tiles [0,32)[32,38)     [38,40)    [40,72)[72,100)      no tile
+                  (e2 has no rows and no tile; 6 tiles, table length ceil(S/32) + E)
 
-Kernels (K, KD: the reduction; dtype: the compute dtype, float32 accumulators):
+Kernels (operands in the compute dtype, float32 accumulators):
   glu_fwd       gu = x[src] @ w_in[e].T (+ b_in)  -> h = glu(gate, up)     gathered A
   grouped_mm    c = a @ B[e] (+ bias[e])          (down projection, dX rows)
   glu_bwd       G = dy[src] @ w_out[e]            -> d[gate; up], dweight partials
@@ -25,15 +26,16 @@ bound is a loaded value are while loops, because its `range` cannot take one. On
 GPU both are the plain forms (a for loop is what Triton software-pipelines). For
 the same reason the reduction widths (D, F, 2F, top_k) are constexprs: the
 interpreter's `range` takes no runtime bound at all; on a GPU it means one compile
-per model width, and loops of known trip count.
+per model width, and loops of known trip count. The interpreter also re-patches
+triton.language at every call of a jit helper (milliseconds each), so the per-tile
+helpers are written inline and sigmoid is spelled out (tl.sigmoid is such a helper).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-# glu kinds (experts/triton_backend.py maps the recipe's names onto these)
-SWIGLU, GEGLU, SWIGLU_CLAMPED = 0, 1, 2
+# KIND: 0 swiglu, 1 geglu, 2 swiglu_clamped (triton_backend.KINDS maps the recipe's names)
 # arch.ffn's gpt-oss constants, repeated as literals: a jit function reads globals only
 # when they are constexpr; triton_backend checks at import that they still agree
 CLAMP_ALPHA = tl.constexpr(1.702)
