@@ -148,7 +148,9 @@ class MoEConfig:
     n_shared_experts: int = 0
     d_shared: Optional[int] = None  # null: d_expert
     shared_gate: bool = False  # sigmoid gate on the shared experts' output
-    backend: str = "grouped_mm"  # loop | grouped_mm
+    # loop | grouped_mm | triton (fused gather + GLU + combine kernels; CUDA, or
+    # TRITON_INTERPRET=1 on CPU; gated expert_ffn kinds only)
+    backend: str = "grouped_mm"
     capacity_factor: Optional[float] = None  # null: dropless
     # placement: layer i is MoE iff i >= first_k_dense and (i - first_k_dense) % every == 0
     every: int = 1

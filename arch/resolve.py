@@ -201,6 +201,12 @@ def _ffn_and_experts(cfg: ModelConfig, errors: List[str], sane) -> None:
         elif r.topk_group > r.n_group or r.topk_group * (m.n_experts // r.n_group) < m.top_k:
             errors.append(f"model.moe.router.topk_group ({r.topk_group}) must be at most n_group ({r.n_group}) and "
                           f"leave at least top_k ({m.top_k}) experts: topk_group x n_experts / n_group >= top_k.")
+    backend = EXPERT_BACKEND.get(m.backend) if m.backend in EXPERT_BACKEND else None
+    # a backend may refuse a recipe it cannot compute (triton: an expert FFN without a
+    # fused kernel); where it runs (device, triton installed) is checked at setup
+    problem = getattr(backend, "unsupported_kind", lambda kind: None)(m.expert_ffn)
+    if problem and m.expert_ffn in FFN:
+        errors.append(problem)
     if m.backend == "grouped_mm":  # its kernels need rows of a multiple of 16 bytes (8 bf16)
         for path, width in (("model.d_model", cfg.d_model), ("model.moe.d_expert", m.d_expert)):
             if sane(path) and width > 0 and width % 8:

@@ -10,6 +10,7 @@ Shape convention (suffixes on tensor names, used in every module here):
     MoE.forward:  x_TD -> router -> (weights_TK, ids_TK, scores_TE)     router.py
                   -> dispatch: permute to x_SD, sorted by expert        dispatch.py
                   -> backend (loop | grouped_mm) -> y_SD                backends.py
+                  (triton: gather, experts and combine fused)           triton_backend.py
                   -> combine: unpermute, weight, sum over k -> y_TD     dispatch.py
                   (+ shared experts)                                    moe.py
 
@@ -22,7 +23,7 @@ torch.distributed (collectives, the expert-parallel exchange): parallel.py only.
 Importing this package registers the `moe` layer, the routers and the backends in
 arch's registries.
 """
-from . import backends, moe, router  # noqa: F401  (registration)
+from . import backends, moe, router, triton_backend  # noqa: F401  (registration)
 from . import balance, layers, stats  # noqa: F401
 from .moe import MoE
 

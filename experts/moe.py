@@ -45,7 +45,9 @@ class MoE(nn.Module):
     detached router statistics (experts/stats.py reads them). `balance` holds the
     counts kept between forwards (experts/balance.py). `backend` computes the
     experts' rows: the registered backend, or under expert parallelism that backend
-    wrapped in the all-to-all exchange (experts.layers.shard_experts).
+    wrapped in the all-to-all exchange (experts.layers.shard_experts). A backend
+    with a `fused` entry (triton) takes the token rows and the dispatch and returns
+    the combined y_TD: it replaces permute -> backend -> combine.
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig):
@@ -99,8 +101,12 @@ class MoE(nn.Module):
         cf = self.cfg.capacity_factor
         d = dispatch(r.ids_TK, self.n_experts, None if cf is None else expert_capacity(T, self.top_k, self.n_experts, cf))
         biases = () if self.b_in is None else (self.b_in, self.b_out)
-        y_SD = self.backend(permute(x_TD, d), d.counts_E, self.w_in, self.w_out, self.cfg.expert_ffn, *biases)
-        y_TD = combine(y_SD, r.weights_TK, d, T).to(x.dtype)
+        fused = getattr(self.backend, "fused", None)
+        if fused is not None:  # the backend gathers the token rows and combines them itself
+            y_TD = fused(x_TD, r.weights_TK, d, self.w_in, self.w_out, self.cfg.expert_ffn, *biases).to(x.dtype)
+        else:
+            y_SD = self.backend(permute(x_TD, d), d.counts_E, self.w_in, self.w_out, self.cfg.expert_ffn, *biases)
+            y_TD = combine(y_SD, r.weights_TK, d, T).to(x.dtype)
         if self.shared is not None:
             s_TD = self.shared(x_TD)
             if self.shared_gate is not None:

@@ -61,6 +61,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_expert_backend(model, device_type: str) -> None:
+    """Refuse, before any work, an expert backend that cannot run on `device_type`
+    (a backend says so through its `unavailable(device_type)`: triton without the
+    package, or off CUDA outside Triton's interpreter). `model`: a ModelConfig."""
+    from arch.registry import EXPERT_BACKEND
+
+    if model.moe.n_experts <= 0:
+        return
+    problem = getattr(EXPERT_BACKEND.get(model.moe.backend, "model.moe.backend"), "unavailable", lambda _: None)(
+        device_type)
+    if problem:
+        raise RecipeError(problem)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -50,11 +50,12 @@ def add_parser(sub) -> None:
 
 def run_bench(args) -> int:
     from arch import load_recipe
-    from lit_modules.runtime import resolve_device, resolve_speed
+    from lit_modules.runtime import check_expert_backend, resolve_device, resolve_speed
     from lit_modules.tools import bench
 
     device = resolve_device(args.device)
     recipe = resolve_speed(load_recipe(args.recipe, args.overrides), device.type)
+    check_expert_backend(recipe.model, device.type)
     if args.vs_hf and args.layer:
         raise bench.BenchError("--vs-hf compares whole models; drop it or --layer.")
     precision = bench.resolve_precision(args.dtype, device, recipe.train.precision, layer=args.layer)

@@ -107,7 +107,7 @@ def load_tokenizer(path: Path, what: str):
 def run_eval(args) -> int:
     import torch
 
-    from lit_modules.runtime import resolve_device
+    from lit_modules.runtime import check_expert_backend, resolve_device
 
     if args.batch_size < 1:
         raise RecipeError(f"--batch-size {args.batch_size} must be at least 1.")
@@ -120,6 +120,7 @@ def run_eval(args) -> int:
     tokenizer = load_tokenizer(Path(args.tokenizer), "--tokenizer") if args.tokenizer else None
 
     recipe, model, tok_path = load_source(args.source, device, dtype)
+    check_expert_backend(recipe.model, device.type)
     if tokenizer is None:
         if tok_path is None:
             raise RecipeError(f"{args.source} comes with no tokenizer.json; pass --tokenizer PATH.")

@@ -75,6 +75,9 @@ def check_train(recipe: Recipe) -> None:
 
 def check_on_accelerator(recipe: Recipe, accelerator: str) -> None:
     """Checks that depend on where the run goes, still before any data work."""
+    from lit_modules.runtime import check_expert_backend
+
+    check_expert_backend(recipe.model, "cuda" if accelerator in ("gpu", "cuda") else accelerator)
     a = recipe.model.attention
     if accelerator == "cpu" and a.impl == "flex":
         raise RecipeError("model.attention.impl = flex has no backward pass on CPU; use auto (SDPA on CPU, "

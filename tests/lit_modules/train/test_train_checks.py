@@ -63,6 +63,21 @@ def test_flex_attention_is_refused_on_cpu_only():
         check_on_accelerator(small, "gpu")
 
 
+def test_triton_expert_backend_is_refused_where_it_cannot_run(monkeypatch):
+    """Before any data work: on a CPU outside Triton's interpreter, and anywhere
+    without the triton package; one sentence naming the field and the way out."""
+    import experts.triton_backend as tb
+
+    recipe = load_recipe(RECIPE, ["model.moe.backend=triton"])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RecipeError, match="model.moe.backend = 'triton'") as exc:
+        check_on_accelerator(recipe, "cpu")
+    assert "\n" not in str(exc.value) and "grouped_mm" in str(exc.value)
+    monkeypatch.setattr(tb.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RecipeError, match="needs the triton package"):
+        check_on_accelerator(recipe, "gpu")
+
+
 def test_resume_auto_takes_the_newest_run_of_the_recipe(tmp_path):
     def run(name, age):
         last = tmp_path / name / "checkpoints" / "last.ckpt"
