@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import Block
+from .cache import KVCache
 from .config import ModelConfig
 from .loss import fused_linear_cross_entropy
 from .norm import RMSNorm, build_norm
@@ -49,26 +50,31 @@ class Transformer(nn.Module):
         return self.embed.weight if self.head is None else self.head.weight
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                return_logits: bool = True) -> LMOutput:
+                return_logits: bool = True, cache: Optional[KVCache] = None) -> LMOutput:
         """Logits, and the mean next-token loss when `targets` is given.
 
         With `return_logits=False` and `model.fused_ce_chunk > 0` the head and the loss
         are fused (arch/loss.py) and `logits` is None: the training path. With
-        `return_logits=False` and no targets the head is skipped altogether."""
+        `return_logits=False` and no targets the head is skipped altogether.
+        With a `cache` (arch/cache.py), `input_ids` continue the sequence it holds: their
+        positions start at `cache.pos`, and their keys and values join it."""
         x = self.embed(input_ids)
         if self.cfg.scale_embeddings:  # Gemma: the scale is rounded to the weight dtype
             x = x * torch.tensor(math.sqrt(self.cfg.d_model), dtype=self.embed.weight.dtype)
         T = input_ids.shape[1]
-        ropes = {kind: rope(T, input_ids.device) for kind, rope in self.ropes.items()}
+        start = 0 if cache is None else cache.pos
+        ropes = {kind: rope(T, input_ids.device, start) for kind, rope in self.ropes.items()}
         # flex block masks, once per kind and outside the (compiled) blocks: built
         # inside a compiled block, a mask would be rebuilt on every call
         masks = {}
         for block in self.layers:
-            if block.spec.kind not in masks:
+            if cache is not None:  # cached attention masks by position (arch/cache.py)
+                masks[block.spec.kind] = None
+            elif block.spec.kind not in masks:
                 make_mask = getattr(block.attn, "block_mask", None)  # registered kinds may have none
                 masks[block.spec.kind] = make_mask(T, input_ids.device) if make_mask else None
-        for block in self.layers:
-            x = block(x, ropes[block.spec.kind], masks[block.spec.kind])
+        for i, block in enumerate(self.layers):
+            x = block(x, ropes[block.spec.kind], masks[block.spec.kind], None if cache is None else cache.layers[i])
         h = self.norm(x)
         cap = self.cfg.final_softcap
         logits = loss = None
