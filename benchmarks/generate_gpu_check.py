@@ -49,8 +49,9 @@ def main() -> None:
             pieces = [model(ids[:, :args.prompt], cache=cache).logits]
             pieces += [model(ids[:, i:i + 1], cache=cache).logits for i in range(args.prompt, ids.shape[1])]
             diff = (torch.cat(pieces, 1).float() - full).abs().max().item()
-            print(f"{name} {str(dtype)[6:]}: max |cached - full| logit = {diff:.3g} (logit scale {full.abs().max():.3g})")
-        model = base.to(torch.float32)
+            print(f"{name} {str(dtype)[6:]}: max |cached - full| logit = {diff:.3g} "
+                  f"(largest logit {full.abs().max():.3g})")
+        model = base.to(torch.float32)  # (Module.to is in place: the weights now hold bf16 values)
         prompt = ids[:1, :args.prompt]
         toks, t_cached = timed(lambda: torch.stack(list(generate(model, prompt, args.new)), 1), dev)
 
