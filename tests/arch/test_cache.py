@@ -167,3 +167,16 @@ def test_sampling_rules():
     assert set(sample_next(logits, 1.0, generator=g).tolist()) == set(range(5))
     a = sample_next(logits, 0.7, generator=torch.Generator().manual_seed(9))
     assert torch.equal(a, sample_next(logits, 0.7, generator=torch.Generator().manual_seed(9)))
+
+
+@pytest.mark.parametrize("rope_cfg", [dict(), dict(scaling="linear", factor=8.0),
+                                      dict(scaling="yarn", factor=4.0, original_max_seq_len=16)])
+def test_rope_tables_from_an_offset_are_rows_of_the_whole_table(rope_cfg):
+    from arch.config import RopeConfig
+    from arch.rope import RoPE
+
+    rope = RoPE(16, RopeConfig(**rope_cfg))
+    whole = rope(40, "cpu")
+    for start, n in ((0, 40), (17, 1), (30, 10)):
+        part = rope(n, "cpu", start)
+        assert all(torch.equal(p, w[start:start + n]) for p, w in zip(part, whole))
