@@ -40,17 +40,19 @@ def causal_mask(T: int, window: Optional[int], device) -> torch.Tensor:
 
 
 def eager_attention(q, k, v, scale: float, window: Optional[int], softcap: Optional[float],
-                    sinks: Optional[torch.Tensor] = None):
+                    sinks: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
     """The obviously correct path: explicit scores, float32 softmax. q: (B,H,T,D).
     `sinks` (H,): one more logit per head in each row's softmax, whose share of the
-    attention goes nowhere (gpt-oss)."""
+    attention goes nowhere (gpt-oss). `mask` (T, S): what each query may see, in place
+    of the causal (and window) mask of a square (decoding with a KV cache)."""
     rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(-1, -2)).float() * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    mask = causal_mask(q.shape[2], window, q.device)
+    if mask is None:
+        mask = causal_mask(q.shape[2], window, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     if sinks is None:
         return scores.softmax(dim=-1).to(v.dtype) @ v
@@ -142,9 +144,11 @@ class Attention(nn.Module):
         if self.sinks is not None:
             nn.init.zeros_(self.sinks)
 
-    def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], block_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], block_mask=None,
+                cache=None) -> torch.Tensor:
         """`block_mask`: what `self.block_mask(T, device)` returns, when the caller
-        built it already (flex layers only; None otherwise or to build it here)."""
+        built it already (flex layers only; None otherwise or to build it here).
+        `cache`: this layer's arch.cache.LayerCache when decoding (x: the new tokens)."""
         B, T, _ = x.shape
         q, k = self.q_proj(x), self.k_proj(x)
         if self.qk_norm_all_heads:
@@ -154,7 +158,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = self._attend(q, k, v, block_mask)
+        y = self._attend(q, k, v, block_mask) if cache is None else self._attend_cached(q, k, v, cache)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _impl(self, T: int, is_cuda: bool) -> str:
@@ -195,6 +199,15 @@ class Attention(nn.Module):
         if impl == "eager" or self.softcap is not None:
             return eager_attention(q, k, v, self.scale, self.window, self.softcap, self.sinks)
         return sdpa_attention(q, k, v, self.scale, self.window)
+
+    def _attend_cached(self, q, k, v, cache):
+        """The new queries over the cached and new keys, masked by position (the cache
+        builds the mask). Eager for sinks or a soft-cap (or when asked), else SDPA; flex
+        is not used here: a decoding step is one query row."""
+        k, v, mask = cache.update(k, v)
+        if self.sinks is not None or self.softcap is not None or self.impl == "eager":
+            return eager_attention(q, k, v, self.scale, None, self.softcap, self.sinks, mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, window={self.window}, scale={self.scale:.5g}"

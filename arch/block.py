@@ -43,10 +43,14 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg, spec)
         self.ffn_post_norm = norm(post)
 
-    def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], block_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], block_mask=None,
+                cache=None) -> torch.Tensor:
         h = self.attn_norm(x)
-        # an attention kind without flex masks keeps the (x, rope) call
-        h = self.attn(h, rope) if block_mask is None else self.attn(h, rope, block_mask)
+        # an attention kind without flex masks keeps the (x, rope) call; `cache`: decoding
+        if cache is not None:
+            h = self.attn(h, rope, cache=cache)
+        else:
+            h = self.attn(h, rope) if block_mask is None else self.attn(h, rope, block_mask)
         x = x + self.attn_post_norm(h)
         x = x + self.ffn_post_norm(self.ffn(self.ffn_norm(x)))
         return x

@@ -73,7 +73,9 @@ class MultiHeadLatentAttention(Attention):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, d_model, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], block_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], block_mask=None,
+                cache=None) -> torch.Tensor:
+        """`cache`: as for `Attention`; it keeps the per-head keys and values (arch/cache.py)."""
         B, T, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -88,7 +90,7 @@ class MultiHeadLatentAttention(Attention):
         q_rot, k_rot = rotate(q_rot, *rope), rotate(k_rot, *rope)
         q = torch.cat((q_nope, q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
-        y = self._attend(q, k, v, block_mask)
+        y = self._attend(q, k, v, block_mask) if cache is None else self._attend_cached(q, k, v, cache)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _impl(self, T: int, is_cuda: bool) -> str:

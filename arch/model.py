@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import Block
+from .cache import KVCache
 from .config import ModelConfig
 from .loss import fused_linear_cross_entropy
 from .norm import RMSNorm, build_norm
@@ -59,7 +60,7 @@ class Transformer(nn.Module):
         return x
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                return_logits: bool = True, heads: bool = True) -> LMOutput:
+                return_logits: bool = True, heads: bool = True, cache: Optional[KVCache] = None) -> LMOutput:
         """Logits, and the mean next-token loss when `targets` is given.
 
         With `return_logits=False` and `model.fused_ce_chunk > 0` the head and the loss
@@ -67,19 +68,24 @@ class Transformer(nn.Module):
         `return_logits=False` and no targets, or `heads=False`, the heads are skipped
         altogether (the bodies only, e.g. to count expert selections). In training mode
         with targets, the multi-token prediction modules run too (arch/mtp.py) and
-        their weighted loss joins `aux` as "mtp_loss"."""
+        their weighted loss joins `aux` as "mtp_loss". With a `cache` (arch/cache.py),
+        `input_ids` continue the sequence it holds: their positions start at
+        `cache.pos`, and their keys and values join it."""
         x = self.embed_tokens(input_ids)
         T = input_ids.shape[1]
-        ropes = {kind: rope(T, input_ids.device) for kind, rope in self.ropes.items()}
+        start = 0 if cache is None else cache.pos
+        ropes = {kind: rope(T, input_ids.device, start) for kind, rope in self.ropes.items()}
         # flex block masks, once per kind and outside the (compiled) blocks: built
         # inside a compiled block, a mask would be rebuilt on every call
         masks = {}
         for block in self.blocks():
-            if block.spec.kind not in masks:
+            if cache is not None:  # cached attention masks by position (arch/cache.py)
+                masks[block.spec.kind] = None
+            elif block.spec.kind not in masks:
                 make_mask = getattr(block.attn, "block_mask", None)  # registered kinds may have none
                 masks[block.spec.kind] = make_mask(T, input_ids.device) if make_mask else None
-        for block in self.layers:
-            x = block(x, ropes[block.spec.kind], masks[block.spec.kind])
+        for i, block in enumerate(self.layers):
+            x = block(x, ropes[block.spec.kind], masks[block.spec.kind], None if cache is None else cache.layers[i])
         h = self.norm(x)
         logits = loss = None
         if heads and (targets is not None or return_logits):

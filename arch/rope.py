@@ -61,7 +61,8 @@ def inv_frequencies(dim: int, cfg: RopeConfig, device=None) -> torch.Tensor:
 
 
 class RoPE(nn.Module):
-    """Produces (cos, sin) of shape (T, rotary_dim) in float32 for positions 0..T-1.
+    """Produces (cos, sin) of shape (T, rotary_dim) in float32 for positions
+    start..start+T-1 (start > 0: the new tokens of a decoding step).
 
     No buffers: tables are recomputed per forward (cheap, and meta-init friendly).
     """
@@ -75,9 +76,9 @@ class RoPE(nn.Module):
         self.factor = cfg.factor if cfg.scaling == "linear" else 1.0
         self.scale = yarn_attention_factor(cfg) if cfg.scaling == "yarn" else 1.0
 
-    def forward(self, seq_len: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, seq_len: int, device: torch.device, start: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         inv_freq = inv_frequencies(self.dim, self.cfg, device)
-        pos = torch.arange(seq_len, device=device, dtype=torch.float32) / self.factor
+        pos = torch.arange(start, start + seq_len, device=device, dtype=torch.float32) / self.factor
         freqs = torch.outer(pos, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         if self.scale == 1.0:

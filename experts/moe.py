@@ -72,6 +72,11 @@ class MoE(nn.Module):
                 self.shared_gate = nn.Linear(d_model, 1, bias=False)
 
         self.balance = BalanceState(E)
+        # False: dropless whatever capacity_factor says. Capacity applies in eval as in
+        # training, with C growing with the tokens of one forward; generation
+        # (arch/generate.py) turns it off, so that a token's output does not depend on
+        # how its sequence was cut into forwards (prompt chunks, one-token steps)
+        self.apply_capacity = True
         self.track_stats = True
         self.aux: Dict[str, torch.Tensor] = {}
         self.stats: Dict[str, torch.Tensor] = {}
@@ -98,7 +103,7 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
         r = self.router(x_TD)
-        cf = self.cfg.capacity_factor
+        cf = self.cfg.capacity_factor if self.apply_capacity else None
         d = dispatch(r.ids_TK, self.n_experts, None if cf is None else expert_capacity(T, self.top_k, self.n_experts, cf))
         biases = () if self.b_in is None else (self.b_in, self.b_out)
         fused = getattr(self.backend, "fused", None)

@@ -6,7 +6,7 @@ and a `run(args)`; heavy imports (lightning, transformers) stay inside `run`, so
     moelab inspect RECIPE [a.b=c ...] [--json] [--seq-len N] [--context N]
     moelab train   RECIPE [a.b=c ...]
     moelab bench   RECIPE [a.b=c ...]
-    moelab eval | import-hf | export-hf | convert ...
+    moelab eval | generate | import-hf | export-hf | convert ...
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "export-hf": "lit_modules.commands.convert_cmd",
     "convert": "lit_modules.commands.convert_cmd",
     "eval": "lit_modules.commands.eval_cmd",
+    "generate": "lit_modules.commands.generate_cmd",
 }
 
 
