@@ -7,6 +7,7 @@ and a `run(args)`; heavy imports (lightning, transformers) stay inside `run`, so
     moelab train   RECIPE [a.b=c ...]
     moelab bench   RECIPE [a.b=c ...]
     moelab eval | import-hf | export-hf | convert ...
+    moelab analyze RUN [--batches N] [--data FILE] [--out DIR]
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ SUBCOMMANDS = {
     "export-hf": "lit_modules.commands.convert_cmd",
     "convert": "lit_modules.commands.convert_cmd",
     "eval": "lit_modules.commands.eval_cmd",
+    "analyze": "lit_modules.commands.analyze_cmd",
 }
 
 
