@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 from arch.registry import RecipeError
 
@@ -54,40 +54,6 @@ def run_dir_of(source: Path) -> Optional[Path]:
     if source.parent.name == layout.CHECKPOINT_DIR and layout.is_run_dir(source.parent.parent):
         return source.parent.parent
     return None
-
-
-def text_batches(ids: List[int], seq_len: int, batch_size: int, n: int) -> Iterator:
-    """Up to `n` batches of consecutive windows of `seq_len` tokens; a shorter last
-    window goes in a batch of its own."""
-    import torch
-
-    windows = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
-    full = [w for w in windows if len(w) == seq_len]
-    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
-    if len(windows[-1]) < seq_len:
-        batches.append([windows[-1]])
-    for b in batches[:n]:
-        yield torch.tensor(b, dtype=torch.long)
-
-
-def val_batches(recipe, tokenizer_path: Optional[Path], batch_size: int, seq_len: int, n: int) -> Iterator:
-    """Up to `n` batches of the run's validation split (the data its recipe names, read
-    as `moelab train` read it, tokenized with the run's tokenizer.json)."""
-    import dataclasses
-
-    from lit_modules.data.datamodule import TokenDataModule
-
-    data = recipe.data if tokenizer_path is None else dataclasses.replace(recipe.data,
-                                                                          tokenizer=str(tokenizer_path))
-    train = dataclasses.replace(recipe.train, micro_batch_size=batch_size, seq_len=seq_len, val_batches=n)
-    dm = TokenDataModule(dataclasses.replace(recipe, data=data, train=train), verbose=False, rank=0, world_size=1)
-    loader = dm.val_dataloader()
-    if not loader:
-        raise RecipeError("the run's recipe has no validation split (data.val_fraction = 0); pass --data FILE.")
-    for i, batch in enumerate(loader):
-        if i >= n:
-            break
-        yield batch[:, :-1]  # the extra token is the last target
 
 
 def _write_json(path: Path, obj) -> None:
@@ -165,10 +131,10 @@ def run_analyze(args) -> int:
             if max(ids) >= m.vocab_size:
                 raise RecipeError(f"tokenizer {tok_path} produces token id {max(ids)} but the model's vocabulary "
                                   f"has {m.vocab_size} entries; use the tokenizer the model was trained with.")
-            batches = text_batches(ids, seq_len, batch_size, args.batches)
+            batches = ra.text_batches(ids, seq_len, batch_size, args.batches)
             result["data"] = str(args.data)
         else:
-            batches = val_batches(recipe, tok_path, batch_size, seq_len, args.batches)
+            batches = ra.val_batches(recipe, tok_path, batch_size, seq_len, args.batches)
             result["data"] = "the run's validation split"
         cap, tokens = ra.run_batches(model, batches, device)
         n_batches = len(cap.ids[next(iter(cap.ids))]) if cap.ids else 0

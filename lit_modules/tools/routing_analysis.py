@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import numpy as np
 import torch
@@ -129,6 +129,40 @@ def top_tokens(ids_NK: np.ndarray, tokens_N: np.ndarray, n_experts: int, n: int 
 
 
 # ================================================================== final model
+
+
+def text_batches(ids: List[int], seq_len: int, batch_size: int, n: int) -> Iterator:
+    """Up to `n` batches of consecutive windows of `seq_len` tokens; a shorter last
+    window goes in a batch of its own."""
+    windows = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+    full = [w for w in windows if len(w) == seq_len]
+    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    if len(windows[-1]) < seq_len:
+        batches.append([windows[-1]])
+    for b in batches[:n]:
+        yield torch.tensor(b, dtype=torch.long)
+
+
+def val_batches(recipe, tokenizer_path: Optional[Path], batch_size: int, seq_len: int, n: int) -> Iterator:
+    """Up to `n` batches of the run's validation split (the data its recipe names, read
+    as `moelab train` read it, tokenized with the run's tokenizer.json)."""
+    import dataclasses
+
+    from lit_modules.data.datamodule import TokenDataModule
+
+    data = recipe.data if tokenizer_path is None else dataclasses.replace(recipe.data,
+                                                                          tokenizer=str(tokenizer_path))
+    train = dataclasses.replace(recipe.train, micro_batch_size=batch_size, seq_len=seq_len, val_batches=n)
+    dm = TokenDataModule(dataclasses.replace(recipe, data=data, train=train), verbose=False, rank=0, world_size=1)
+    loader = dm.val_dataloader()
+    if not loader:
+        from arch.registry import RecipeError
+
+        raise RecipeError("the run's recipe has no validation split (data.val_fraction = 0); pass --data FILE.")
+    for i, batch in enumerate(loader):
+        if i >= n:
+            break
+        yield batch[:, :-1]  # the extra token is the last target
 
 
 class RoutingCapture:

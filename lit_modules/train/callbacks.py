@@ -151,9 +151,15 @@ class RouterStats(Callback):
         if trainer.is_global_zero and path is not None and path.is_file():
             import json
 
+            def before(line: str) -> bool:  # a line cut short by a kill is dropped too
+                try:
+                    return int(json.loads(line)["step"]) <= trainer.global_step
+                except (ValueError, KeyError, TypeError):
+                    return False
+
             # lines written after the resumed checkpoint belong to a future that was lost
             lines = path.read_text().splitlines()
-            keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= trainer.global_step]
+            keep = [ln for ln in lines if before(ln)]
             if len(keep) != len(lines):
                 path.write_text("".join(ln + "\n" for ln in keep))
 

@@ -194,7 +194,10 @@ def test_router_loads_record(tmp_path):
             assert rec["dropped"] == sum(dropped[i][a:b])
             assert rec["entropy"] == pytest.approx(np.mean([h for _, h in chosen[i][a:b]]), rel=1e-6)
 
-    # resumed from step 3: the lines of steps 6 and 7 go, the next line covers 4..6
+    # resumed from step 3: the lines of steps 6 and 7 go (and a line cut short by a
+    # kill), the next line covers 4..6
+    with open(path, "a") as f:
+        f.write('{"step": 8, "ste')
     trainer.global_step = 3
     cb = RouterStats(log_every=100, image_every=3, record_path=path)
     cb.on_train_start(trainer, pl_module)
