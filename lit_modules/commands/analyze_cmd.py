@@ -150,17 +150,13 @@ def run_analyze(args) -> int:
                        "dtype": str(dtype).removeprefix("torch."),
                        "final": ra.analyze_routing(ids, experts, tokens, cap.entropy_sum, cap.probs_sum,
                                                    cap.dropped, decode, args.top_tokens, args.min_count)})
-        slots = t.micro_batch_size * t.seq_len * m.moe.top_k
-    else:
-        slots = None
-        if run_dir is not None:
-            from arch import load_recipe
-            from lit_modules.checkpoints.layout import RECIPE_FILE
-
-            r = load_recipe(run_dir / RECIPE_FILE)
-            slots = r.train.micro_batch_size * r.train.seq_len * r.model.moe.top_k
     if run_dir is not None:
-        result["history"] = ra.history(run_dir, slots)
+        from arch import load_recipe
+        from lit_modules.checkpoints.layout import RECIPE_FILE
+
+        r = load_recipe(run_dir / RECIPE_FILE)
+        # the slots of rank 0's micro-batch, which the TensorBoard scalars describe
+        result["history"] = ra.history(run_dir, r.train.micro_batch_size * r.train.seq_len * r.model.moe.top_k)
 
     with writing("the analysis", out, fix):
         out.mkdir(parents=True, exist_ok=True)

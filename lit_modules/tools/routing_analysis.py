@@ -51,16 +51,22 @@ Key = Union[int, str]
 
 
 def multi_hot(ids_NK: np.ndarray, n_experts: int) -> np.ndarray:
-    """(N, E) 0/1 matrix: which experts each token chose."""
-    out = np.zeros((ids_NK.shape[0], n_experts), dtype=np.int64)
-    np.put_along_axis(out, ids_NK.astype(np.int64), 1, axis=1)
+    """(N, E) float32 0/1 matrix: which experts each token chose. float32 so that the
+    count matrices below are BLAS products; sums of 0/1 are exact in float32 up to
+    2^24 (16.7M) tokens."""
+    out = np.zeros((ids_NK.shape[0], n_experts), dtype=np.float32)
+    np.put_along_axis(out, ids_NK.astype(np.int64), 1.0, axis=1)
     return out
+
+
+def _counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.rint(a.T @ b).astype(np.int64)
 
 
 def coselection(ids_NK: np.ndarray, n_experts: int) -> np.ndarray:
     """(E, E) int64: C[i, j] = tokens that chose both i and j; C[i, i] = tokens that chose i."""
     h = multi_hot(ids_NK, n_experts)
-    return h.T @ h
+    return _counts(h, h)
 
 
 def coselection_lift(c_EE: np.ndarray, n_tokens: int) -> np.ndarray:
@@ -76,7 +82,7 @@ def coselection_lift(c_EE: np.ndarray, n_tokens: int) -> np.ndarray:
 
 def transitions(a_NK: np.ndarray, b_NK: np.ndarray, e_a: int, e_b: int) -> np.ndarray:
     """(E_a, E_b) int64: over tokens, pairs (i chosen at a, j chosen at b)."""
-    return multi_hot(a_NK, e_a).T @ multi_hot(b_NK, e_b)
+    return _counts(multi_hot(a_NK, e_a), multi_hot(b_NK, e_b))
 
 
 def entropy(p: np.ndarray) -> float:
@@ -119,7 +125,7 @@ def top_tokens(ids_NK: np.ndarray, tokens_N: np.ndarray, n_experts: int, n: int 
             ok = np.nonzero((seen >= min_count) & (counts[e] > 0))[0]
             share = counts[e, ok] / seen[ok]
             lift = share / p_e[e]
-            order = sorted(range(len(ok)), key=lambda i: (-lift[i], -counts[e, ok[i]], vocab[ok[i]]))[:n]
+            order = np.lexsort((vocab[ok], -counts[e, ok], -lift))[:n]  # last key sorts first
             for i in order:
                 v = int(vocab[ok[i]])
                 rows.append({"token": decode(v) if decode else str(v), "id": v, "count": int(counts[e, ok[i]]),
