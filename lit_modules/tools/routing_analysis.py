@@ -282,8 +282,10 @@ def read_router_loads(path: Path) -> Dict[str, Dict[str, list]]:
     for line in Path(path).read_text().splitlines():
         try:
             rec = json.loads(line)
-            by_step[int(rec["step"])] = rec
-        except (ValueError, KeyError, TypeError):
+            step = int(rec["step"])
+            if all(isinstance(s["tokens_per_expert"], list) for s in rec["layers"].values()):
+                by_step[step] = rec
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue
     out: Dict[str, Dict[str, list]] = {}
     for step in sorted(by_step):
