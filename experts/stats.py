@@ -26,15 +26,21 @@ from .layers import named_moe_layers
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
+def layer_key(path: str) -> Union[int, str]:
+    """How a MoE layer at module path `path` is named in statistics: its block index
+    (the `layers.<i>.` in the path), or the path itself when there is none (a bare MoE
+    layer: "moe")."""
+    hit = _LAYER_INDEX.search(path + ".")
+    return int(hit.group(1)) if hit else (path or "moe")
+
+
 def router_stats(model: nn.Module) -> Dict[Union[int, str], Dict[str, torch.Tensor]]:
     """{layer: {stat name: detached tensor}} for every MoE layer that has run a forward
-    with `track_stats` on. The key is the block index (the `layers.<i>.` in the module
-    path), or the module path when there is none (a bare MoE layer: "moe")."""
+    with `track_stats` on, keyed by `layer_key`."""
     out = {}
     for path, layer in named_moe_layers(model):
         if layer.stats:
-            hit = _LAYER_INDEX.search(path + ".")
-            out[int(hit.group(1)) if hit else (path or "moe")] = dict(layer.stats)
+            out[layer_key(path)] = dict(layer.stats)
     return out
 
 

@@ -7,6 +7,7 @@ and a `run(args)`; heavy imports (lightning, transformers) stay inside `run`, so
     moelab train   RECIPE [a.b=c ...]
     moelab bench   RECIPE [a.b=c ...]
     moelab eval | generate | import-hf | export-hf | convert ...
+    moelab analyze RUN [--batches N] [--data FILE] [--out DIR]
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ SUBCOMMANDS = {
     "convert": "lit_modules.commands.convert_cmd",
     "eval": "lit_modules.commands.eval_cmd",
     "generate": "lit_modules.commands.generate_cmd",
+    "analyze": "lit_modules.commands.analyze_cmd",
 }
 
 

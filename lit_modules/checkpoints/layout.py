@@ -9,6 +9,9 @@
                              with train.checkpoint_format=sharded, folders stepNNNNNNNN.dcp/
                              (lit_modules.checkpoints.sharded) + last.dcp, a symlink
         summary.json         written at the end
+        router_loads.jsonl   per MoE layer, tokens per expert, dropped slots and router
+                             entropy every train.expert_image_every steps (RouterStats)
+        analysis/            what `moelab analyze RUN` writes (PNGs, analysis.json)
         .lock                held by the running process (RunLock)
 
 A moelab model directory shares the recipe.yaml / tokenizer.json names
@@ -40,6 +43,8 @@ TOKENIZER_FILE = "tokenizer.json"
 LOG_FILE = "train.log"
 SUMMARY_FILE = "summary.json"
 TB_DIR = "tb"
+ROUTER_LOADS_FILE = "router_loads.jsonl"
+ANALYSIS_DIR = "analysis"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 LOCK_FILE = ".lock"

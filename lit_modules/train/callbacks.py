@@ -121,17 +121,47 @@ class RouterStats(Callback):
     aux_loss, z_loss} (the losses unweighted) every `log_every` steps, and router/layer{i}/load, an experts x steps image of the
     last `image_every` steps' expert loads, every `image_every` steps.
 
+    With `record_path` (the run's router_loads.jsonl), the same steps' numbers are also
+    appended there as one JSON line every `image_every` steps and at the last step:
+    per layer, the tokens per expert summed over the steps since the previous line,
+    the dropped slots summed likewise and the mean entropy (`moelab analyze` plots
+    them). A resumed run first drops the lines past its checkpoint's step.
+
     Loads are the tokens per expert of the step's last micro-batch on rank 0 (no extra
-    communication); they stay on the device until an image is drawn."""
+    communication); they stay on the device until an image or a line is written, then
+    all layers come to the host in one transfer."""
 
     # TensorBoard name -> experts.stats.router_stats key
     SCALARS = {"max_over_mean_load": "load_max_over_mean", "entropy": "entropy", "dropped": "dropped_tokens",
                "bias_norm": "bias_norm", "aux_loss": "aux_loss", "z_loss": "z_loss"}
 
-    def __init__(self, log_every: int, image_every: int):
+    def __init__(self, log_every: int, image_every: int, record_path: Optional[Path] = None):
         self.log_every = log_every
         self.image_every = image_every
+        self.record_path = Path(record_path) if record_path is not None else None
+        # per layer, per step: float64 (E + 2,) = tokens per expert, dropped slots, entropy
+        # (float64: sums of many steps' counts stay exact)
         self.history: Dict[int, List[torch.Tensor]] = {}
+        self.steps: List[int] = []  # the step of each history entry
+        self.last_record = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.last_record = trainer.global_step
+        path = self.record_path
+        if trainer.is_global_zero and path is not None and path.is_file():
+            import json
+
+            def before(line: str) -> bool:  # a line cut short by a kill is dropped too
+                try:
+                    return int(json.loads(line)["step"]) <= trainer.global_step
+                except (ValueError, KeyError, TypeError):
+                    return False
+
+            # lines written after the resumed checkpoint belong to a future that was lost
+            lines = path.read_text().splitlines()
+            keep = [ln for ln in lines if before(ln)]
+            if len(keep) != len(lines):
+                path.write_text("".join(ln + "\n" for ln in keep))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         from experts.layers import moe_layers
@@ -145,8 +175,11 @@ class RouterStats(Callback):
         if self.image_every > 0:
             for i, s in stats.items():
                 h = self.history.setdefault(i, [])
-                h.append(s["tokens_per_expert"].detach().clone())
+                h.append(torch.cat([s["tokens_per_expert"].double(), s["dropped_tokens"].double().reshape(1),
+                                    s["entropy"].double().reshape(1)]))
                 del h[:-self.image_every]
+            self.steps.append(step)
+            del self.steps[:-self.image_every]
         if step % self.log_every == 0 or step >= trainer.max_steps:
             metrics = {}
             for i, s in stats.items():
@@ -154,13 +187,34 @@ class RouterStats(Callback):
                     if key in s:
                         metrics[f"router/layer{i}/{name}"] = float(s[key])
             pl_module.log_scalars(metrics)
-        if self.image_every > 0 and step % self.image_every == 0:
-            tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-            if tb is not None:
-                for i, h in self.history.items():
-                    loads_ES = torch.stack(h, dim=1).float().cpu().numpy()
-                    tb.experiment.add_image(f"router/layer{i}/load", load_image(loads_ES), step,
-                                            dataformats="CHW")
+        if self.image_every <= 0 or not self.history:
+            return
+        image = step % self.image_every == 0
+        record = self.record_path is not None and (image or step >= trainer.max_steps) and step > self.last_record
+        tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None) if image else None
+        if tb is None and not record:
+            return
+        # one host transfer for every layer: (layers, steps, E + 2)
+        table = torch.stack([torch.stack(h) for h in self.history.values()]).cpu().numpy()
+        if tb is not None:
+            for i, t in zip(self.history, table):
+                tb.experiment.add_image(f"router/layer{i}/load", load_image(t[:, :-2].T.astype(np.float32)), step,
+                                        dataformats="CHW")
+        if record:
+            self._record(step, table)
+
+    def _record(self, step: int, table: np.ndarray) -> None:
+        import json
+
+        n = sum(1 for s in self.steps if s > self.last_record)
+        window = table[:, len(self.steps) - n:]
+        layers = {str(i): {"tokens_per_expert": [int(round(x)) for x in t[:, :-2].sum(0)],
+                           "dropped": int(round(t[:, -2].sum())), "entropy": float(t[:, -1].mean())}
+                  for i, t in zip(self.history, window)}
+        line = json.dumps({"step": step, "steps": n, "layers": layers}, separators=(",", ":"))
+        with open(self.record_path, "a") as f:
+            f.write(line + "\n")
+        self.last_record = step
 
 
 # ------------------------------------------------------------------ progress bar

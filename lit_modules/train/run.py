@@ -341,6 +341,7 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
     stop = StopOnInterrupt()
     throughput = Throughput(module.accounting.flops_per_token, peak_flops_per_device(t.peak_tflops, precision),
                             t.log_every)
+    router_stats = RouterStats(t.log_every, t.expert_image_every, run_dir / layout.ROUTER_LOADS_FILE)
     validate = t.val_every > 0 and t.val_batches > 0
     tb_kwargs = {"purge_step": resume_step + 1} if resume else {}
     trainer = L.Trainer(
@@ -353,7 +354,7 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
         num_sanity_val_steps=t.val_batches if (validate and not resume) else 0,
         logger=TensorBoardLogger(str(run_dir), name=layout.TB_DIR, version="", default_hp_metric=False,
                                  **tb_kwargs),
-        callbacks=[throughput, RouterStats(t.log_every, t.expert_image_every), ckpt, stop,
+        callbacks=[throughput, router_stats, ckpt, stop,
                    StepProgressBar(refresh_rate=t.log_every),
                    *([StepProfiler(run_dir / "profile", t.profile_steps)] if t.profile_steps else []), *callbacks],
         plugins=[AtomicCheckpointIO()],

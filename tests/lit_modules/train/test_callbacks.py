@@ -147,3 +147,66 @@ def test_peak_flops(monkeypatch):
     assert peak_flops_per_device(None, "32-true") is None  # the table holds bf16 peaks only
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
     assert peak_flops_per_device(None, "bf16-true") is None  # unknown device: set train.peak_tflops
+
+
+def test_router_loads_record(tmp_path):
+    """router_loads.jsonl: per layer, the tokens per expert summed over the steps since
+    the previous line (here checked against bincounts of the routers' own choices),
+    the dropped slots, the mean entropy; a line every image_every steps and at the
+    last step; a resumed run drops the lines past its step."""
+    import json
+
+    from conftest import tiny_model
+    from experts.layers import named_moe_layers
+    from experts.losses import router_entropy
+    from lit_modules.train.callbacks import RouterStats
+
+    model = tiny_model("qwen3_moe", "model.moe.capacity_factor=1.0")  # capacity: some slots dropped
+    E = 8
+    chosen = {}  # layer index -> per step (E,) bincount, entropy
+    for path, layer in named_moe_layers(model):
+        i = int(path.split(".")[1])
+        layer.router.register_forward_hook(
+            lambda m, a, r, i=i: chosen.setdefault(i, []).append(
+                (torch.bincount(r.ids_TK.flatten(), minlength=E), float(router_entropy(r.probs_TE)))))
+    pl_module = SimpleNamespace(model=model, log_scalars=lambda metrics: None)
+    trainer = SimpleNamespace(is_global_zero=True, global_step=0, max_steps=7, loggers=[])
+    path = tmp_path / "router_loads.jsonl"
+    cb = RouterStats(log_every=100, image_every=3, record_path=path)
+    cb.on_train_start(trainer, pl_module)
+    torch.manual_seed(1)
+    dropped = {0: [], 1: []}
+    for step in range(1, 8):
+        with torch.no_grad():
+            model(torch.randint(0, 256, (2, 16)))
+        for path_, layer in named_moe_layers(model):
+            dropped[int(path_.split(".")[1])].append(int(layer.stats["dropped_tokens"]))
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, pl_module, None, None, step - 1)
+    lines = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert [(ln["step"], ln["steps"]) for ln in lines] == [(3, 3), (6, 3), (7, 1)]
+    assert sum(dropped[0]) > 0
+    for ln, (a, b) in zip(lines, [(0, 3), (3, 6), (6, 7)]):
+        for i in (0, 1):
+            rec = ln["layers"][str(i)]
+            want = torch.stack([c for c, _ in chosen[i][a:b]]).sum(0)
+            assert rec["tokens_per_expert"] == want.tolist()
+            assert rec["dropped"] == sum(dropped[i][a:b])
+            assert rec["entropy"] == pytest.approx(np.mean([h for _, h in chosen[i][a:b]]), rel=1e-6)
+
+    # resumed from step 3: the lines of steps 6 and 7 go (and a line cut short by a
+    # kill), the next line covers 4..6
+    with open(path, "a") as f:
+        f.write('{"step": 8, "ste')
+    trainer.global_step = 3
+    cb = RouterStats(log_every=100, image_every=3, record_path=path)
+    cb.on_train_start(trainer, pl_module)
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [3]
+    for step in range(4, 7):
+        with torch.no_grad():
+            model(torch.randint(0, 256, (2, 16)))
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, pl_module, None, None, step - 1)
+    lines = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert [(ln["step"], ln["steps"]) for ln in lines] == [(3, 3), (6, 3)]
+    assert sum(lines[1]["layers"]["0"]["tokens_per_expert"]) == 3 * 2 * 16 * 2  # steps x tokens x top-k
