@@ -4,10 +4,16 @@ Tiny configs are made by overriding the real recipes from the command-line dotli
 so the tests go through the same recipe path users do."""
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
 import torch
+
+# Without a GPU, the triton expert backend's kernels run through Triton's interpreter
+# (tests/experts/test_triton_backend.py); set before anything imports triton
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from arch import build_model, load_recipe
 
