@@ -130,6 +130,11 @@ class BalanceConfig:
     # does; global: Qwen's global-batch loss (frequencies reduced over DP ranks and
     # gradient-accumulation steps)
     aux_scope: str = "micro"
+    # global scope with gradient accumulation: where f^G comes from. exact: the whole
+    # step's counts, from a routing pre-pass (one extra no-grad forward per step);
+    # running: the counts of the step's micro-batches so far, this one included
+    # (Megatron-LM's and Qwen's form: no pre-pass, and micro-batch i sees i of them)
+    global_counts: str = "exact"
     z_coef: float = 0.0  # router z-loss
 
 

@@ -193,6 +193,7 @@ def _ffn_and_experts(cfg: ModelConfig, errors: List[str], sane) -> None:
     _check_key(errors, ROUTER, m.router.kind, "model.moe.router.kind")
     _check_key(errors, EXPERT_BACKEND, m.backend, "model.moe.backend")
     _check_choice(errors, m.balance.aux_scope, AUX_SCOPES, "model.moe.balance.aux_scope")
+    _check_choice(errors, m.balance.global_counts, ("exact", "running"), "model.moe.balance.global_counts")
     r = m.router
     if sane("model.moe.router.n_group", "model.moe.router.topk_group", "model.moe.n_experts", "model.moe.top_k") \
             and r.n_group > 1:

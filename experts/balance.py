@@ -22,6 +22,11 @@ side, collective under data parallelism) drive it:
 With grad_accum = 1 nothing is precomputed: `step_counts` all-reduces this
 micro-batch's counts inside the training forward, which then is the whole step.
 
+The running form (balance.global_counts: running) skips the pre-pass: each training
+forward all-reduces its micro-batch's counts and adds those of the step's earlier
+micro-batches (`next_micro_batch` closes one; activation checkpointing's re-run of a
+forward reuses its micro-batch's sum instead of adding it twice).
+
 Plain attributes, not buffers: DDP would broadcast rank 0's copy over them, and
 none of it belongs in a checkpoint (a step never spans a save).
 """
@@ -49,10 +54,14 @@ class BalanceState:
         self._counting = False
         self._step: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # precomputed (counts_E, tokens)
         self._loads_E: Optional[torch.Tensor] = None  # selections since the last bias update
+        self.running = False  # global_counts: running (set by the layer from its config)
+        self._before: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the step's closed micro-batches
+        self._current: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # this micro-batch, all ranks
 
     def reset(self) -> None:
         """Forget every count (keeps `dp_group`)."""
         self._counted, self._counting, self._step, self._loads_E = None, False, None, None
+        self._before = self._current = None
 
     # ---------------------------------------------------- global-batch counts (f^G)
 
@@ -85,7 +94,15 @@ class BalanceState:
         self._step = (counts_E, tokens)
 
     def clear_step_counts(self) -> None:
-        self._step = None
+        self._step = self._before = self._current = None
+
+    def next_micro_batch(self) -> None:
+        """Running form: the micro-batch whose counts `step_counts` summed is done;
+        the next training forward adds its own to them."""
+        if self._current is not None:
+            c = self._current
+            self._before = c if self._before is None else (self._before[0] + c[0], self._before[1] + c[1])
+            self._current = None
 
     def step_counts(self, counts_E: torch.Tensor, T: int, training: bool) -> Tuple[torch.Tensor, Tokens]:
         """(selection counts, tokens) over the optimizer-step batch, for f^G of the
@@ -97,11 +114,20 @@ class BalanceState:
         if self._step is not None:
             return self._step
         if training and torch.is_grad_enabled():
+            if self.running and self._current is not None:  # a re-run of this micro-batch's forward
+                return self._running_sum()
             # torch.full, not a tensor from a Python list: no host-to-device copy
             n = torch.full((1,), T, dtype=counts_E.dtype, device=counts_E.device)
             both = all_reduce_sum(torch.cat([counts_E, n]), self.dp_group)
+            if self.running:
+                self._current = (both[:-1], both[-1])
+                return self._running_sum()
             return both[:-1], both[-1]
         return counts_E, T
+
+    def _running_sum(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        c, b = self._current, self._before
+        return c if b is None else (b[0] + c[0], b[1] + c[1])
 
     # ---------------------------------------------------- aux-loss-free bias loads
 

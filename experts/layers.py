@@ -68,8 +68,8 @@ def precompute_global_counts(model: nn.Module, micro_batches: Iterable, group=No
     training forwards route as this one does: router jitter (or anything random
     before the routers) makes them an approximation. Clear them after the optimizer
     step with `clear_global_counts`."""
-    layers = [m for m in moe_layers(model)
-              if m.cfg.balance.aux_scope == "global" and m.cfg.balance.aux_coef > 0]
+    layers = [m for m in moe_layers(model) if m.cfg.balance.aux_scope == "global" and m.cfg.balance.aux_coef > 0
+              and m.cfg.balance.global_counts == "exact"]  # the running form needs no pre-pass
     if not layers:
         return False
     for layer in layers:
@@ -93,9 +93,17 @@ def precompute_global_counts(model: nn.Module, micro_batches: Iterable, group=No
 
 
 def clear_global_counts(model: nn.Module) -> None:
-    """Forget the counts of `precompute_global_counts` (call after the optimizer step)."""
+    """Forget the step's global counts, precomputed or running (call after the
+    optimizer step)."""
     for layer in moe_layers(model):
         layer.balance.clear_step_counts()
+
+
+def next_micro_batch(model: nn.Module) -> None:
+    """Before each micro-batch's forward but the step's first: the running form of
+    the global counts closes the previous micro-batch (experts/balance.py)."""
+    for layer in moe_layers(model):
+        layer.balance.next_micro_batch()
 
 
 @torch.no_grad()

@@ -72,6 +72,7 @@ class MoE(nn.Module):
                 self.shared_gate = nn.Linear(d_model, 1, bias=False)
 
         self.balance = BalanceState(E)
+        self.balance.running = cfg.balance.global_counts == "running"
         # False: dropless whatever capacity_factor says. Capacity applies in eval as in
         # training, with C growing with the tokens of one forward; generation
         # (arch/generate.py) turns it off, so that a token's output does not depend on

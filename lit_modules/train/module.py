@@ -5,7 +5,8 @@ accumulation, the global-batch balancing loss and the router-bias update sit in 
 place, `training_step`:
 
     batch (B = micro_batch_size x grad_accum, seq_len + 1) -> inputs / targets
-    [global aux scope: expert counts of all micro-batches, all ranks, precomputed]
+    [global aux scope: expert counts of all micro-batches, all ranks, precomputed
+     (global_counts exact) or summed as the micro-batches go (running)]
     for each micro-batch: loss = CE + sum(weighted balancing losses)
                           backward(loss / grad_accum)   (DDP syncs on the last only)
     clip -> finite check -> router-bias update -> AdamW step -> LR schedule step
@@ -28,7 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from arch import build_model, count, materialize, recipe_to_yaml
 from arch.config import Recipe
 from arch.registry import RecipeError
-from experts.layers import clear_global_counts, precompute_global_counts, update_router_biases
+from experts.layers import clear_global_counts, next_micro_batch, precompute_global_counts, update_router_biases
 
 from lit_modules.checkpoints.training import check_checkpoint_recipe
 from lit_modules.train.optim import build_optimizer
@@ -113,12 +114,16 @@ class CausalLM(L.LightningModule):
         n = len(xs)
         # Qwen's global-batch loss needs the expert frequencies of the whole step (all
         # micro-batches, all ranks) before the first micro-batch's backward; with one
-        # micro-batch the layers all-reduce them inside the forward. False (at once)
-        # when no layer has the global scope.
-        precompute = n > 1 and precompute_global_counts(self.model, list(zip(xs, ys)), group=None)
+        # micro-batch the layers all-reduce them inside the forward. Returns at once
+        # when no layer has the global scope with exact counts (the running form sums
+        # them as the micro-batches go).
+        if n > 1:
+            precompute_global_counts(self.model, list(zip(xs, ys)), group=None)
         sums: Dict[str, torch.Tensor] = {}
         try:
             for i, (xi, yi) in enumerate(zip(xs, ys)):
+                if i > 0:  # the running form of the global counts (a no-op for the exact one)
+                    next_micro_batch(self.model)
                 # gradients are all-reduced only in the last micro-batch's backward
                 if n > 1:  # one micro-batch: FSDP2's default (reduce every backward) is right
                     self.scale_plan.sync_grads(self.model, i == n - 1)
@@ -130,8 +135,7 @@ class CausalLM(L.LightningModule):
                     v = value.detach() / n
                     sums[name] = sums[name] + v if name in sums else v
         finally:
-            if precompute:
-                clear_global_counts(self.model)
+            clear_global_counts(self.model)
 
         self.scale_plan.finish_grads(self.model)
         grad_norm = self._clip_gradients()

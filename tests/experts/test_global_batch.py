@@ -122,3 +122,24 @@ def test_global_batch_loss_is_split_invariant(tmp_path):
     path = tmp_path / "ref.pt"
     torch.save(ref, path)
     mp.spawn(_worker, args=(2, free_port(), str(path)), nprocs=2, join=True)
+
+
+def test_running_counts_sum_the_micro_batches_so_far():
+    """BalanceState's running form, by hand: micro-batch i gets the sum of the counts of
+    micro-batches 1..i; a repeated forward of the same micro-batch (activation
+    checkpointing) gets the same sum; clearing the step starts over."""
+    from experts.balance import BalanceState
+
+    b = BalanceState(3)
+    b.running = True
+    with torch.enable_grad():
+        c1, n1 = b.step_counts(torch.tensor([1, 2, 3]), 6, training=True)
+        assert c1.tolist() == [1, 2, 3] and int(n1) == 6
+        again, _ = b.step_counts(torch.tensor([9, 9, 9]), 27, training=True)  # AC re-run
+        assert again.tolist() == [1, 2, 3]
+        b.next_micro_batch()
+        c2, n2 = b.step_counts(torch.tensor([4, 0, 2]), 6, training=True)
+        assert c2.tolist() == [5, 2, 5] and int(n2) == 12
+        b.clear_step_counts()
+        c3, _ = b.step_counts(torch.tensor([1, 0, 0]), 1, training=True)
+        assert c3.tolist() == [1, 0, 0]

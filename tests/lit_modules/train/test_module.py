@@ -149,3 +149,21 @@ def test_compiled_blocks_match_eager(cache, tmp_path):
     eager = first_gradients(cache, tmp_path / "eager", *dense)
     compiled = first_gradients(cache, tmp_path / "compiled", *dense, "train.compile=true")
     assert max_rel_diff(compiled, eager) < 1e-4
+
+
+def test_running_global_counts(cache, tmp_path):
+    """balance.global_counts running: with one micro-batch it is the exact form; split
+    in 4, micro-batch i sees the counts of micro-batches 1..i (no pre-pass), so the
+    gradient moves away from the exact one, and activation checkpointing, which re-runs
+    every forward in backward, does not count a micro-batch twice."""
+    moe = ["model.moe.balance.aux_scope=global", "model.moe.balance.aux_coef=0.5"]
+    running = moe + ["model.moe.balance.global_counts=running"]
+    exact1 = first_gradients(cache, tmp_path / "e1", *moe)
+    assert max_rel_diff(first_gradients(cache, tmp_path / "r1", *running), exact1) < 1e-6
+    split = ["train.micro_batch_size=2", "train.grad_accum=4"]
+    exact4 = first_gradients(cache, tmp_path / "e4", *moe, *split)
+    run4 = first_gradients(cache, tmp_path / "r4", *running, *split)
+    router = [k for k in exact4 if "router" in k]
+    assert max(max_rel_diff({k: run4[k]}, {k: exact4[k]}) for k in router) > 1e-3
+    assert max_rel_diff(first_gradients(cache, tmp_path / "r4ac", *running, *split,
+                                        "train.activation_checkpointing=true"), run4) < 1e-5
