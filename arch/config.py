@@ -254,6 +254,10 @@ class TrainConfig:
     # a checkpoint path or run directory; "auto": the newest run of this recipe under
     # run_dir with a checkpoint (or of run_name, which resumes by itself anyway)
     resume: Optional[str] = None
+    # a model directory, .ckpt, sharded .dcp folder or run directory whose model weights
+    # start a new run (step 0, a fresh optimizer; `moelab upcycle` writes it into its
+    # recipe); its architecture must be this recipe's. A resumed run ignores it.
+    init_from: Optional[str] = None
     peak_tflops: Optional[float] = None  # MFU denominator; null: looked up for the device
     accelerator: str = "auto"
     devices: Any = "auto"

@@ -7,6 +7,8 @@ and a `run(args)`; heavy imports (lightning, transformers) stay inside `run`, so
     moelab train   RECIPE [a.b=c ...]
     moelab bench   RECIPE [a.b=c ...]
     moelab eval | import-hf | export-hf | convert ...
+    moelab upcycle SOURCE OUT_DIR --experts E --top-k K [...]
+    moelab compare RUN RUN ... [--out DIR]
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ SUBCOMMANDS = {
     "export-hf": "lit_modules.commands.convert_cmd",
     "convert": "lit_modules.commands.convert_cmd",
     "eval": "lit_modules.commands.eval_cmd",
+    "upcycle": "lit_modules.commands.upcycle_cmd",
+    "compare": "lit_modules.commands.compare_cmd",
 }
 
 
@@ -42,7 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # a.b=c overrides after the options (`upcycle SRC OUT --experts 8 a.b=c`): argparse
+        # stops a positional list at the first option
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-")
+                                                                       for e in extra):
+            args.overrides += extra
+        else:
+            parser.parse_args(argv)  # argparse's own message and exit
     try:
         return int(args.func(args) or 0)
     except RecipeError as e:
