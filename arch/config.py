@@ -269,8 +269,9 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    # "stdlib" (the embedded corpus: this Python's standard library), or paths/globs of
-    # .txt / .jsonl files
+    # "stdlib" (the embedded corpus: this Python's standard library), "site-packages"
+    # (every *.py of this Python's installed packages: a larger corpus for GPU runs), or
+    # paths/globs of .txt / .jsonl files
     source: Any = "stdlib"
     text_field: str = "text"  # JSONL key holding the text
     # how the data files' bytes are decoded (any Python codec: utf-8, latin-1, cp1252,
