@@ -57,7 +57,7 @@ from arch.registry import RecipeError
 from arch.resolve import layer_specs
 
 from lit_modules.checkpoints.layout import RECIPE_FILE
-from lit_modules.checkpoints.model_dir import ShardWriter, finish_dir, load_model, writing_dir
+from lit_modules.checkpoints.model_dir import ShardWriter, finish_dir, load_model, open_checkpoint, writing_dir
 
 
 class UpcycleError(RecipeError):
@@ -285,10 +285,12 @@ def upcycle(source, out_dir, opts: UpcycleOptions, check: bool = True,
     model directory, .ckpt, sharded folder or run directory). Returns what was done;
     with `check`, the largest logit difference from the dense model on random tokens
     (loading the output back)."""
-    check_options(opts)  # before any loading
-    dense_recipe, dense_model, tok = load_model(source)
+    check_options(opts)
+    # every refusal before the weights are read: the recipe alone, then OUT_DIR
+    dense_recipe, _, _ = open_checkpoint(source)
     recipe = upcycled_recipe(dense_recipe, opts, out_dir)
     with writing_dir(out_dir) as work:
+        dense_recipe, dense_model, tok = load_model(source)
         writer = ShardWriter(work, max_shard_bytes)
         for name, t in upcycled_tensors(dense_model, recipe, opts):
             writer.add(name, t)

@@ -136,3 +136,15 @@ def test_cli_prints_the_check(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "max |logit difference|" in out and "equal to the dense model's" in out
     assert (tmp_path / "out" / "recipe.yaml").is_file()
+
+
+def test_existing_output_refused_before_reading(tmp_path, capsys, monkeypatch):
+    src, _ = dense_dir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    import lit_modules.checkpoints.upcycle as up
+
+    monkeypatch.setattr(up, "load_model", lambda *a, **k: pytest.fail("weights read before the checks"))
+    assert main(["upcycle", str(src), str(tmp_path / "out"), "--experts", "4", "--top-k", "2"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
