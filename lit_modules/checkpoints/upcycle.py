@@ -226,8 +226,8 @@ def router_tensors(meta_router: nn.Module, recipe: Recipe, opts: UpcycleOptions,
     base = torch.randn(E // G, D, generator=gen) * recipe.model.init_std
     out = {"gate.weight": base.repeat_interleave(G, dim=0).to(dtype)}
     for name, t in meta_router.state_dict().items():
-        if name not in out:  # the gate's bias, the balancing bias buffer
-            out[name] = torch.zeros(t.shape, dtype=dtype if t.is_floating_point() else t.dtype)
+        if name not in out:  # the gate's bias (the weights' dtype), the balancing bias buffer (its own)
+            out[name] = torch.zeros(t.shape, dtype=dtype if name.startswith("gate.") else t.dtype)
     return out
 
 

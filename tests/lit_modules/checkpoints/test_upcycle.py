@@ -148,3 +148,15 @@ def test_existing_output_refused_before_reading(tmp_path, capsys, monkeypatch):
     assert main(["upcycle", str(src), str(tmp_path / "out"), "--experts", "4", "--top-k", "2"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_bfloat16_source_keeps_its_dtype(tmp_path):
+    """Weights stay in the source's dtype; the balancing-bias buffer stays float32, as
+    a freshly built model has it."""
+    recipe = tiny_recipe("qwen3")
+    save_model_dir(tiny_model("qwen3").to(torch.bfloat16), recipe, tmp_path / "dense")
+    upcycle(tmp_path / "dense", tmp_path / "moe", UpcycleOptions(4, 2), check=False)
+    _, moe, _ = load_model(tmp_path / "moe")
+    layer = moe.layers[0].ffn
+    assert layer.w_in.dtype == layer.router.gate.weight.dtype == moe.embed.weight.dtype == torch.bfloat16
+    assert layer.router.expert_bias.dtype == torch.float32
