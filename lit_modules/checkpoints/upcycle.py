@@ -138,6 +138,9 @@ def upcycled_recipe(dense: Recipe, opts: UpcycleOptions, out_dir: Optional[Path]
             "model.moe.d_shared=null", f"model.moe.router.scale={float(G)}",
             f"name={Path(dense.name).name or 'model'}-upcycled-e{opts.n_experts}k{opts.top_k}"
             + (f"g{G}" if G > 1 else "")]
+    # the dense run's own name and resume point would send `moelab train` back to the
+    # dense run's directory and checkpoints
+    sets += ["train.run_name=null", "train.resume=null"]
     if out_dir is not None:
         sets.append(f"train.init_from={Path(out_dir).resolve()}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,7 @@ CASES = {  # name: (dense overrides, options)
 
 
 def dense_dir(tmp_path, *extra):
-    recipe = tiny_recipe("qwen3", *extra)
+    recipe = tiny_recipe("qwen3", "train.run_name=dense", "train.resume=auto", *extra)
     model = tiny_model("qwen3", *extra)
     if recipe.model.ffn.bias:  # zero-initialised biases would hide a wrong split
         with torch.no_grad():
@@ -47,6 +47,7 @@ def test_upcycled_logits_equal_dense(tmp_path, case):
     assert (m.n_experts, m.top_k, m.d_expert, m.router.scale) == (opts.n_experts, opts.top_k, d_ff // G, float(G))
     assert m.expert_ffn == dense.cfg.ffn.kind and m.expert_bias == dense.cfg.ffn.bias
     assert recipe.train.init_from == str((tmp_path / "moe").resolve())
+    assert recipe.train.run_name is None and recipe.train.resume is None  # not the dense run's
     assert all(s.moe for s in layer_specs(recipe.model)) and info["moe_layers"] == recipe.model.n_layers
     assert recipe.model.attention == dense.cfg.attention and recipe.model.d_model == dense.cfg.d_model
 
