@@ -29,12 +29,12 @@ import hashlib
 import json
 import os
 import sys
-from stat import S_ISREG
 import sysconfig
 import zlib
 from dataclasses import dataclass
 from glob import glob, has_magic
 from pathlib import Path
+from stat import S_ISREG
 from typing import Iterator, List, Optional, Tuple
 
 from arch.config import DataConfig
