@@ -279,6 +279,10 @@ class TrainConfig:
     # a checkpoint path or run directory; "auto": the newest run of this recipe under
     # run_dir with a checkpoint (or of run_name, which resumes by itself anyway)
     resume: Optional[str] = None
+    # a model directory, .ckpt, sharded .dcp folder or run directory whose model weights
+    # start a new run (step 0, a fresh optimizer; `moelab upcycle` writes it into its
+    # recipe); its architecture must be this recipe's. A resumed run ignores it.
+    init_from: Optional[str] = None
     peak_tflops: Optional[float] = None  # MFU denominator; null: looked up for the device
     accelerator: str = "auto"
     devices: Any = "auto"
@@ -290,8 +294,9 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    # "stdlib" (the embedded corpus: this Python's standard library), or paths/globs of
-    # .txt / .jsonl files
+    # "stdlib" (the embedded corpus: this Python's standard library), "site-packages"
+    # (every *.py of this Python's installed packages: a larger corpus for GPU runs), or
+    # paths/globs of .txt / .jsonl files
     source: Any = "stdlib"
     text_field: str = "text"  # JSONL key holding the text
     # how the data files' bytes are decoded (any Python codec: utf-8, latin-1, cp1252,

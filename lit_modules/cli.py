@@ -8,6 +8,8 @@ and a `run(args)`; heavy imports (lightning, transformers) stay inside `run`, so
     moelab bench   RECIPE [a.b=c ...]
     moelab eval | generate | import-hf | export-hf | convert ...
     moelab analyze RUN [--batches N] [--data FILE] [--out DIR]
+    moelab upcycle SOURCE OUT_DIR --experts E --top-k K [...]
+    moelab compare RUN RUN ... [--out DIR]
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ SUBCOMMANDS = {
     "eval": "lit_modules.commands.eval_cmd",
     "generate": "lit_modules.commands.generate_cmd",
     "analyze": "lit_modules.commands.analyze_cmd",
+    "upcycle": "lit_modules.commands.upcycle_cmd",
+    "compare": "lit_modules.commands.compare_cmd",
 }
 
 
@@ -45,7 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # a.b=c overrides after the options (`upcycle SRC OUT --experts 8 a.b=c`): argparse
+        # stops a positional list at the first option
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-")
+                                                                       for e in extra):
+            args.overrides += extra
+        else:
+            parser.parse_args(argv)  # argparse's own message and exit
     try:
         return int(args.func(args) or 0)
     except RecipeError as e:

@@ -162,3 +162,22 @@ class MarkerPayload:
         from pathlib import Path
 
         return (Path.touch, (Path(self.marker),))
+
+
+@pytest.fixture(scope="session")
+def dense_and_upcycled_runs(cache, tmp_path_factory):
+    """Two very short runs of the tiny proxy on the shared data cache: a dense one (the
+    MoE layers turned off), and the MoE upcycled from its last checkpoint (4 copies,
+    top-2), trained from those weights by `moelab train OUT/recipe.yaml`. Returns
+    (dense summary, upcycled summary, upcycled model directory)."""
+    from lit_modules.checkpoints.upcycle import UpcycleOptions, upcycle
+    from lit_modules.train.run import train
+
+    base = tmp_path_factory.mktemp("two_runs")
+    dense = train(RECIPE, overrides(cache, base / "runs", "model.moe.n_experts=0", "train.run_name=dense",
+                                    "train.max_steps=4", "train.val_every=2", "train.ckpt_every=0",
+                                    "train.optim.warmup_steps=1"))
+    model_dir = base / "upcycled"
+    upcycle(dense["run_dir"], model_dir, UpcycleOptions(4, 2), check=False)
+    moe = train(str(model_dir / "recipe.yaml"), ["train.run_name=upcycled"])
+    return dense, moe, model_dir

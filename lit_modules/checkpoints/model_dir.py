@@ -394,3 +394,30 @@ def save_model_dir(model: nn.Module, recipe: Recipe, out_dir, tokenizer_path=Non
         files = writer.close()
         finish_dir(work, out_dir, recipe, tokenizer_path)
     return files
+
+
+def _plain_name(name: str) -> str:
+    """A parameter's name without the wrappers of torch.compile and activation checkpointing."""
+    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, path) -> int:
+    """Copy the weights of the checkpoint at `path` into an already materialised
+    `model` (train.init_from): each tensor cast to its parameter's dtype and device as
+    it is read. Every parameter and persistent buffer must be given, and nothing else.
+    Returns the number of tensors copied."""
+    _, src, _ = open_checkpoint(path)
+    targets = {_plain_name(n): t for n, t in model.state_dict(keep_vars=True).items()}
+    done = set()
+    for name, t in src.tensors():
+        if name not in targets:
+            raise CheckpointError(f"{path} holds {name}, which the model does not have; it was saved from "
+                                  f"another architecture.")
+        targets[name].copy_(t)
+        done.add(name)
+    missing = [n for n in targets if n not in done]
+    if missing:
+        raise CheckpointError(f"{path} gives no value for {len(missing)} tensors of the model "
+                              f"({', '.join(missing[:3])}); it was saved from another architecture.")
+    return len(done)

@@ -273,3 +273,23 @@ def check_resume(path: Path, recipe: Recipe) -> int:
                           f"checkpoints/*.ckpt written by `moelab train`.")
     check_checkpoint_recipe(ckpt, recipe, f"checkpoint {path}")
     return int(ckpt.get("global_step", 0))
+
+
+# ------------------------------------------------------------------ init_from
+
+
+def check_init_from(path, recipe: Recipe) -> None:
+    """train.init_from: refuse, before any data work, a path that is not a moelab
+    checkpoint, one of another architecture, or one whose tensors do not match it
+    (the tensors' names and shapes are read, not their values)."""
+    from lit_modules.checkpoints.model_dir import check_tensors, open_checkpoint
+
+    try:
+        source_recipe, src, _ = open_checkpoint(path)
+        check_tensors(source_recipe, src.shapes(), path)
+    except CheckpointError as e:
+        raise RecipeError(f"train.init_from = {path}: {e}") from None
+    diff = model_mismatch(recipe_to_yaml(source_recipe), recipe)
+    if diff:
+        raise RecipeError(f"train.init_from = {path} holds another architecture ({diff}); start from weights of "
+                          f"this recipe's model, or train this recipe from scratch (train.init_from=null).")

@@ -4,12 +4,17 @@ A corpus is an ordered stream of documents `(name, text)` named by `data.source`
 
     "stdlib"            this Python's standard library (*.py, tests and generated
                         tables left out) plus the pydoc_data documentation topics
+    "site-packages"     every *.py of this Python's installed packages (the
+                        site-packages / purelib / platlib folders): hundreds of
+                        millions of characters where torch and transformers are
+                        installed, for GPU-sized runs without a download
     "notes/*.txt"       plain-text files (a glob, a file or a folder; .gz works)
     "dump.jsonl"        JSON Lines, one document per line under `data.text_field`
     [a, b, ...]         several of the above, in order
 
-The order is fixed (sorted paths; for the standard library a hash of each path, so a
-`data.max_chars` cap samples the whole library instead of its first letters), and
+The order is fixed (sorted paths; for the standard library and site-packages a hash of
+each path, so a `data.max_chars` cap samples the whole library instead of its first
+letters), and
 `data.max_chars` cuts the stream after that many characters. Documents go to the
 validation split by a hash of their name (the relative path, `path:line` for JSONL),
 so the split is the same on every machine and does not move when files are added.
@@ -29,6 +34,7 @@ import zlib
 from dataclasses import dataclass
 from glob import glob, has_magic
 from pathlib import Path
+from stat import S_ISREG
 from typing import Iterator, List, Optional, Tuple
 
 from arch.config import DataConfig
@@ -173,6 +179,16 @@ def _python_source(path: Path) -> str:
     return read_text(path, encoding)
 
 
+def _site_source(path: Path) -> Optional[str]:
+    """An installed package's source, or None for one that is not Python text (a bad
+    coding cookie, bytes that do not decode, NUL bytes): third-party files are outside
+    the user's hands, so they are left out, the same ones on every read."""
+    try:
+        return _python_source(path)
+    except (DataError, SyntaxError, LookupError, OSError):
+        return None
+
+
 def check_encoding(encoding) -> None:
     try:
         # b"" would not look the codec up; this also refuses codecs that are not text
@@ -201,6 +217,55 @@ def stdlib_files() -> List[Tuple[str, Path]]:
     return sorted(out)
 
 
+# site-packages files that are this machine's installation, not code: editable-install
+# finders hold absolute paths, so the corpus would differ between machines
+SITE_SKIP_PREFIXES = ("__editable__", "_virtualenv", "distutils-precedence")
+
+
+def site_roots() -> List[Path]:
+    """This Python's package folders (site-packages, purelib, platlib; the user's own
+    when Python would read it), each once, in a fixed order."""
+    import site
+
+    folders = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
+    paths = sysconfig.get_paths()
+    folders += [paths["purelib"], paths["platlib"]]
+    if site.ENABLE_USER_SITE:
+        folders.append(site.getusersitepackages())
+    out, seen = [], set()
+    for f in folders:
+        p = Path(f)
+        if p.is_dir() and (real := p.resolve()) not in seen:
+            seen.add(real)
+            out.append(p)
+    return out
+
+
+def site_files() -> List[Tuple[str, Path]]:
+    """(relative posix path, path) of every *.py under the package folders, sorted; a
+    file reached twice (a link, nested folders) counts once, by its first name."""
+    out, seen = [], set()
+    for i, root in enumerate(site_roots()):
+        # the first folder's names stay short; others get their index, so names never collide
+        prefix = "" if i == 0 else f"{i}/"
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
+            rel_dir = Path(dirpath).relative_to(root).as_posix()
+            for f in filenames:
+                if not f.endswith(".py") or f.startswith(SITE_SKIP_PREFIXES):
+                    continue
+                p = Path(dirpath) / f
+                try:
+                    st = os.stat(p)  # one stat: a file reached twice (a link) has one (device, inode)
+                except OSError:  # a dangling link
+                    continue
+                if not S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                out.append((prefix + (f if rel_dir == "." else f"{rel_dir}/{f}"), p))
+    return sorted(out)
+
+
 def _topics() -> dict:
     try:
         from pydoc_data.topics import topics
@@ -216,6 +281,12 @@ class Source:
     spec: str  # as written in the recipe
     files: Tuple[Tuple[str, Path], ...]  # (document-name prefix, path)
     stdlib: bool = False
+    site: bool = False  # site-packages: Python sources in hash order, like stdlib
+
+    @property
+    def builtin(self) -> bool:
+        """A corpus of this Python's own files (named and ordered by moelab)."""
+        return self.stdlib or self.site
 
 
 def _match_name(pattern: str, name: str) -> bool:
@@ -316,6 +387,12 @@ class Corpus:
             if spec == "stdlib":
                 files = tuple((f"stdlib/{rel}", p) for rel, p in stdlib_files())
                 self.sources.append(Source(spec, files, stdlib=True))
+            elif spec == "site-packages":
+                files = tuple((f"site-packages/{rel}", p) for rel, p in site_files())
+                if not files:
+                    raise DataError(f"{where} 'site-packages': this Python ({sys.executable}) has no installed "
+                                    f"package sources; use 'stdlib' or paths/globs of text files.")
+                self.sources.append(Source(spec, files, site=True))
             else:
                 found = []
                 for p in _expand(spec, where):
@@ -329,7 +406,7 @@ class Corpus:
         if user_files:
             common = Path(os.path.commonpath([str(p.parent) for p in user_files]))
             self.sources = [
-                s if s.stdlib else Source(s.spec, tuple((p.relative_to(common).as_posix(), p) for _, p in s.files))
+                s if s.builtin else Source(s.spec, tuple((p.relative_to(common).as_posix(), p) for _, p in s.files))
                 for s in self.sources
             ]
 
@@ -342,6 +419,9 @@ class Corpus:
                 v = sys.version_info
                 parts.append(f"the Python {v.major}.{v.minor}.{v.micro} standard library "
                              f"({len(s.files)} files + {len(_topics())} doc topics)")
+            elif s.site:
+                parts.append(f"the installed packages' Python sources ({len(s.files)} files under "
+                             f"{', '.join(str(r) for r in site_roots())})")
             else:
                 parts.append(f"{s.spec} ({len(s.files)} file{'s' * (len(s.files) != 1)})")
         cap = f", first {self.cfg.max_chars:,} chars" if self.cfg.max_chars else ""
@@ -356,8 +436,9 @@ class Corpus:
             for name, p in s.files:
                 st = p.stat()
                 entry["files"].append([name or str(p), st.st_size, st.st_mtime_ns])
-            if s.stdlib:
+            if s.builtin:
                 entry["python"] = sys.version
+            if s.stdlib:
                 topics_py = stdlib_root() / "pydoc_data" / "topics.py"
                 entry["topics"] = [topics_py.stat().st_size, topics_py.stat().st_mtime_ns] if topics_py.exists() else None
             sources.append(entry)
@@ -386,6 +467,13 @@ class Corpus:
                 for name, what in docs:
                     # Python sources: their own encoding (PEP 263), whatever data.encoding says
                     yield name, _python_source(what) if isinstance(what, Path) else topics[what]
+                continue
+            if s.site:
+                # the same salted hash order as stdlib: a capped corpus samples every package
+                for name, p in sorted(s.files, key=lambda d: (name_hash("order/" + d[0]), d[0])):
+                    text = _site_source(p)
+                    if text is not None:
+                        yield name, text
                 continue
             for name, p in s.files:
                 if _is_jsonl(p):

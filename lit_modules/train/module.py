@@ -70,6 +70,8 @@ class CausalLM(L.LightningModule):
         self.train_cfg = recipe.train
         self.automatic_optimization = False
         self.model = None  # built in configure_model
+        # weights to start from (train.init_from); set by the run for a fresh run only
+        self.init_from: Optional[str] = None
         self.scale_plan = ScalePlan()  # expert parallel / FSDP layout (lit_modules/train/strategy.py)
         self.accounting = count(recipe.model, seq_len=recipe.train.seq_len)
         self.val_loss = MeanMetric()
@@ -88,6 +90,11 @@ class CausalLM(L.LightningModule):
         parallelize(model, self.train_cfg)
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         model = materialize(model, device)
+        if self.init_from is not None:  # whole tensors, before expert parallel or FSDP slices them
+            from lit_modules.checkpoints.model_dir import load_weights
+
+            n = load_weights(model, self.init_from)
+            log.info("model weights from %s (%d tensors)", self.init_from, n)
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         self.scale_plan = shard_model(model, self.train_cfg, device, precision)
         # expert shards differ between ranks: DDP must neither broadcast nor average them

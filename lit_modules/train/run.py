@@ -32,7 +32,7 @@ from arch.config import Recipe
 from arch.registry import RecipeError
 from lit_modules.checkpoints import layout
 from lit_modules.checkpoints.layout import RunLock, check_run_name
-from lit_modules.checkpoints.training import check_resume
+from lit_modules.checkpoints.training import check_init_from, check_resume
 from lit_modules.disk import REASONS, check_folder, reason, writing
 
 # A multi-process launch re-runs this command in every rank; the launching process
@@ -289,6 +289,8 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
     check_scale(recipe)
     run_dir, resume = resolve_run(recipe)
     resume_step = check_resume(resume, recipe) if resume else 0
+    if t.init_from and not resume:
+        check_init_from(t.init_from, recipe)
     rank0 = rank_zero_only.rank == 0
     dm = TokenDataModule(recipe)
     lock, created, runlog = None, False, None
@@ -336,6 +338,7 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
     t = recipe.train
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = CausalLM(recipe)
+    module.init_from = t.init_from if not resume else None  # a resumed run has its own weights
     ckpt = Checkpointing(layout.checkpoint_dir(run_dir), t.ckpt_every, t.keep_checkpoints,
                          sharded=t.checkpoint_format == "sharded")
     stop = StopOnInterrupt()
