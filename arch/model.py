@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ class LMOutput:
     logits: Optional[torch.Tensor]  # (B, T, V); may be None when only the loss is asked
     loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy (ignore_index -100)
     aux: Dict[str, torch.Tensor] = field(default_factory=dict)  # weighted balancing losses
+    hidden: Optional[torch.Tensor] = None  # (B, T, D) after the final norm, with return_hidden
 
 
 class Transformer(nn.Module):
@@ -49,12 +50,15 @@ class Transformer(nn.Module):
         return self.embed.weight if self.head is None else self.head.weight
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                return_logits: bool = True) -> LMOutput:
+                return_logits: bool = True, return_hidden: bool = False,
+                head_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> LMOutput:
         """Logits, and the mean next-token loss when `targets` is given.
 
         With `return_logits=False` and `model.fused_ce_chunk > 0` the head and the loss
         are fused (arch/loss.py) and `logits` is None: the training path. With
-        `return_logits=False` and no targets the head is skipped altogether."""
+        `return_logits=False` and no targets the head is skipped altogether.
+        `head_loss(h_ND, head_weight)` replaces the loss (distillation): called here,
+        inside forward, where a sharded (FSDP2) head weight is whole."""
         x = self.embed(input_ids)
         if self.cfg.scale_embeddings:  # Gemma: the scale is rounded to the weight dtype
             x = x * torch.tensor(math.sqrt(self.cfg.d_model), dtype=self.embed.weight.dtype)
@@ -72,7 +76,9 @@ class Transformer(nn.Module):
         h = self.norm(x)
         cap = self.cfg.final_softcap
         logits = loss = None
-        if targets is None and not return_logits:
+        if head_loss is not None:
+            loss = head_loss(h.flatten(0, 1), self.head_weight())
+        elif targets is None and not return_logits:
             pass  # the body only (e.g. to count expert selections): no head, no logits
         elif targets is not None and not return_logits and self.cfg.fused_ce_chunk > 0:
             loss = fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight(), targets.flatten(),
@@ -85,7 +91,7 @@ class Transformer(nn.Module):
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         moe = self.moe_layers
         aux = type(moe[0]).gather_aux(moe) if moe else {}
-        return LMOutput(logits=logits, loss=loss, aux=aux)
+        return LMOutput(logits=logits, loss=loss, aux=aux, hidden=h if return_hidden else None)
 
     # ------------------------------------------------------------------ init
 
