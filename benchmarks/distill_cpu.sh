@@ -9,13 +9,12 @@
 #                                      # smaller MoE proxy of the same recipe
 #
 # Environment: OUT (output folder, must not exist; default runs/distill_<mode>),
-# TEACHER_STEPS, STUDENT_STEPS, KINDS (default "sampled topk full"), K, ALPHA, TEMPERATURE.
+# TEACHER_STEPS, STUDENT_STEPS, KINDS (cpu: "sampled topk full", gpu: "sampled"), K, ALPHA, TEMPERATURE, SEED.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 MODE=${1:-cpu}
 OUT=${OUT:-runs/distill_$MODE}
-KINDS=${KINDS:-sampled topk full}
 if [ -e "$OUT" ]; then
   echo "distill_cpu.sh: $OUT exists (a rerun would resume its runs, not redo them); remove it or set OUT." >&2
   exit 2
@@ -36,6 +35,7 @@ cpu)
   STUDENT="model.d_model=48 model.n_layers=2 model.attention.n_heads=2 model.attention.n_kv_heads=1
            model.attention.head_dim=24 model.ffn.d_ff=128 train.max_steps=${STUDENT_STEPS:-300}"
   K=${K:-64}
+  KINDS=${KINDS:-sampled topk full}
   ;;
 gpu)
   # the W2 recipe as it is (491M parameters, 139M active; 600 steps of 8 x 2048 tokens)
@@ -47,18 +47,20 @@ gpu)
   STUDENT="model.d_model=512 model.n_layers=4 model.attention.n_heads=8 model.attention.n_kv_heads=2
            model.moe.n_experts=32 model.moe.d_expert=128 train.max_steps=${STUDENT_STEPS:-600}"
   K=${K:-256}
+  KINDS=${KINDS:-sampled}
   ;;
 *)
   echo "distill_cpu.sh: the mode is cpu or gpu, not '$MODE'." >&2
   exit 2
   ;;
 esac
+COMMON="$COMMON train.seed=${SEED:-1234}"  # the seed sets the data order too: the same for every run
 KD="train.distill.k=$K train.distill.alpha=${ALPHA:-0.5} train.distill.temperature=${TEMPERATURE:-1.0}"
 
 run() {  # run NAME OVERRIDES...
   local name=$1
   shift
-  echo "== $name: moelab train $RECIPE $* train.run_dir=$OUT train.run_name=$name" | tr -s ' \n' ' '
+  echo "== $name: moelab train $RECIPE $COMMON $* train.run_dir=$OUT train.run_name=$name" | tr -s ' \n' ' '
   echo
   python3 -m lit_modules.cli train "$RECIPE" $COMMON "$@" "train.run_dir=$OUT" "train.run_name=$name" \
     > "$OUT/$name.out" 2>&1 || { tail -20 "$OUT/$name.out"; exit 1; }
