@@ -3,6 +3,7 @@ the student's forward with the teacher's head loss, and `moelab train` with a te
 (grad accumulation, an MoE student's balancing losses, TensorBoard, checkpoints)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,16 @@ def test_tokenizer_mismatch_is_refused(tmp_path):
     with pytest.raises(RecipeError, match="uses another tokenizer than the student .*differing; .*data.tokenizer="):
         check_teacher(recipe, Tokenizer.from_file(str(ours)))
     check_teacher(recipe, Tokenizer.from_file(str(theirs)))  # the same one passes
+    # the same tokens and size, two ids swapped: refused too (the ids are compared, not the size)
+    spec = json.loads(theirs.read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[100], list(vocab)[110]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    swapped = tmp_path / "swapped.json"
+    swapped.write_text(json.dumps(spec))
+    n = Tokenizer.from_file(str(theirs)).get_vocab_size(with_added_tokens=True)
+    with pytest.raises(RecipeError, match=rf"\({n} vs {n} tokens, 2 differing; the student's token"):
+        check_teacher(recipe, Tokenizer.from_file(str(swapped)))
     recipe.train.distill.teacher = str(_teacher_dir(tmp_path / "bare", None))
     with pytest.raises(RecipeError, match="has no tokenizer.json beside it"):
         check_teacher(recipe, Tokenizer.from_file(str(ours)))
@@ -155,3 +166,27 @@ def test_ddp_and_fsdp_match_one_process(tmp_path):
     from test_train import scalars
 
     assert "train/distill_loss" in scalars(ddp_dir).Tags()["scalars"]
+
+
+def test_hugging_face_teacher(tmp_path):
+    """A Hugging Face directory serves as a teacher as it is: its tokenizer is checked,
+    and the model loaded from it computes the moelab teacher's hidden states."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    from lit_modules.checkpoints.hf import export_hf
+
+    tok = _bpe(tmp_path, "tok", "def add(a, b):\n    return a + b\n" * 50)
+    ours = _teacher_dir(tmp_path / "ours", tok)
+    export_hf(ours, tmp_path / "hf")
+    recipe = load_recipe(RECIPE, [f"train.distill.teacher={tmp_path / 'hf'}", "train.seq_len=64"])
+    check_teacher(recipe, Tokenizer.from_file(str(tok)))
+    teacher = Teacher.load(recipe.train.distill, torch.device("cpu"), None, 512)
+    from lit_modules.checkpoints.model_dir import load_model
+
+    reference = load_model(ours)[1]
+    x = torch.randint(0, 300, (1, 10))
+    with torch.no_grad():
+        want = reference(x, return_logits=False, return_hidden=True).hidden
+    torch.testing.assert_close(teacher.head_loss(x, x).h_t, want.flatten(0, 1))
+    assert not any(p.requires_grad for p in teacher.model.parameters()) and not teacher.model.training
