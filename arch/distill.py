@@ -97,9 +97,9 @@ def _chunk(h_s, w_s, h_t, w_t, y, valid, inv_n, kind, k, tau, alpha, cap_s, cap_
     g = torch.zeros_like(z)
     if alpha > 0:
         g[:, :V] = (alpha * tau) * (logq.exp_() - P)
-    if alpha < 1:
-        onehot = torch.arange(z.shape[1], device=z.device)[None, :] == y_safe[:, None]
-        g += (1 - alpha) * (torch.exp(z - lse[:, None]) - onehot.float())
+    if alpha < 1:  # the one-hot subtracted in place: no second (rows x vocab) tensor
+        g += (1 - alpha) * torch.exp(z - lse[:, None])
+        g.scatter_add_(1, y_safe[:, None], torch.full_like(lse[:, None], alpha - 1))
     g *= (vf * inv_n)[:, None]
     if cap_s is not None:
         g *= 1.0 - t * t

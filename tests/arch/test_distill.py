@@ -106,7 +106,8 @@ def test_chunked_values_and_gradients_match_plain(kind, softcap, alpha):
     torch.manual_seed(0)
     N, V = 40, 33
     h_s = torch.randn(N, 16, dtype=torch.float64, requires_grad=True)
-    w_s = torch.randn(V, 16, dtype=torch.float64, requires_grad=True)
+    # heads padded past the shared vocabulary V (by 2 and by 3 rows): the distributions cover V
+    w_s = torch.randn(V + 2, 16, dtype=torch.float64, requires_grad=True)
     h_t, w_t = torch.randn(N, 24, dtype=torch.float64), torch.randn(V + 3, 24, dtype=torch.float64)
     y = torch.randint(0, V, (N,))
     y[[2, 30]] = -100  # ignored rows count in neither loss
