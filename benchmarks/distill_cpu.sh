@@ -4,21 +4,18 @@
 # once on the next-token loss alone, once per distillation kind from the teacher.
 # Prints the validation losses as a markdown table (results: benchmarks/results/).
 #
-#   benchmarks/distill_cpu.sh          # CPU: tiny dense teacher -> tinier student, ~15 min on 2 cores
+#   benchmarks/distill_cpu.sh          # CPU: tiny dense teacher -> tinier student, ~9 min on 2 shared cores
 #   benchmarks/distill_cpu.sh gpu      # one GPU: the W2 MoE proxy (proxies/qwen3_moe_w2) -> a
 #                                      # smaller MoE proxy of the same recipe
 #
-# Environment: OUT (output folder, must not exist; default runs/distill_<mode>),
+# A rerun with the same OUT keeps the runs that finished and does the rest (remove OUT
+# to start over). Environment: OUT (default runs/distill_<mode>),
 # TEACHER_STEPS, STUDENT_STEPS, KINDS (cpu: "sampled topk full", gpu: "sampled"), K, ALPHA, TEMPERATURE, SEED.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 MODE=${1:-cpu}
 OUT=${OUT:-runs/distill_$MODE}
-if [ -e "$OUT" ]; then
-  echo "distill_cpu.sh: $OUT exists (a rerun would resume its runs, not redo them); remove it or set OUT." >&2
-  exit 2
-fi
 
 case "$MODE" in
 cpu)
@@ -60,6 +57,10 @@ KD="train.distill.k=$K train.distill.alpha=${ALPHA:-0.5} train.distill.temperatu
 run() {  # run NAME OVERRIDES...
   local name=$1
   shift
+  if [ -f "$OUT/$name/summary.json" ]; then  # finished by an earlier call: a rerun goes on from here
+    echo "== $name: finished before, kept ($OUT/$name)"
+    return
+  fi
   echo "== $name: moelab train $RECIPE $COMMON $* train.run_dir=$OUT train.run_name=$name" | tr -s ' \n' ' '
   echo
   python3 -m lit_modules.cli train "$RECIPE" $COMMON "$@" "train.run_dir=$OUT" "train.run_name=$name" \
