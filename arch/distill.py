@@ -8,7 +8,7 @@ the teacher's distribution p = softmax(z_t / tau), the target P is
     full      P = p
     topk      P = p on the teacher's k most likely ids, renormalised; 0 elsewhere
     sampled   P = c / k, c_v = how often id v came up in k draws *with replacement*
-              from p; 0 for ids never drawn (Gemma 3's sampled distillation)
+              from p; 0 for ids never drawn (after Gemma 3's sampled distillation)
 
 and the distillation loss is tau^2 * H(P, q) = -tau^2 * sum_v P_v log q_v, with
 q = softmax(z_s / tau) (tau^2 keeps the gradient's scale independent of tau, as in
