@@ -82,12 +82,21 @@ def vocab_difference(student: Tokenizer, teacher: Tokenizer) -> Optional[str]:
 def check_teacher(recipe: Recipe, student_tok: Tokenizer) -> None:
     """One sentence if train.distill.teacher cannot serve this student."""
     cfg, t = recipe.train.distill, recipe.train
-    t_recipe, tok_path, _ = _open(cfg.teacher)
     where = f"train.distill.teacher = {cfg.teacher}"
+    try:
+        t_recipe, tok_path, _ = _open(cfg.teacher)
+    except RecipeError as e:
+        msg = str(e)
+        raise RecipeError(msg if msg.startswith("train.distill.teacher") else f"{where}: {msg}") from None
     if tok_path is None:
         raise RecipeError(f"{where} has no tokenizer.json beside it, so its token ids cannot be checked against "
                           f"the student's; copy the tokenizer it was trained with into that folder.")
-    diff = vocab_difference(student_tok, Tokenizer.from_file(str(tok_path)))
+    try:
+        teacher_tok = Tokenizer.from_file(str(tok_path))
+    except Exception as e:  # the tokenizers error is a one-line serde message
+        raise RecipeError(f"{where}: its tokenizer {tok_path} cannot be read ({str(e).splitlines()[0]}); "
+                          f"replace it with the tokenizer.json the teacher was trained with.") from None
+    diff = vocab_difference(student_tok, teacher_tok)
     if diff is not None:
         raise RecipeError(f"{where} uses another tokenizer than the student ({diff}); distillation compares the "
                           f"two distributions id by id, so train the student with the teacher's tokenizer "

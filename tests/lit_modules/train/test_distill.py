@@ -81,6 +81,13 @@ def test_tokenizer_mismatch_is_refused(tmp_path):
     recipe.train.distill.teacher = str(tmp_path / "missing")
     with pytest.raises(RecipeError, match="no such file or directory"):
         check_teacher(recipe, Tokenizer.from_file(str(ours)))
+    recipe.train.distill.teacher = str(tmp_path)  # a folder that is no checkpoint
+    with pytest.raises(RecipeError, match=r"^train.distill.teacher = .*: .* is not a moelab checkpoint"):
+        check_teacher(recipe, Tokenizer.from_file(str(ours)))
+    (tmp_path / "t" / "tokenizer.json").write_text("{not json")
+    recipe.train.distill.teacher = str(tmp_path / "t")
+    with pytest.raises(RecipeError, match="its tokenizer .* cannot be read"):
+        check_teacher(recipe, Tokenizer.from_file(str(ours)))
 
 
 @pytest.mark.parametrize("kind", ["topk", "full"])
