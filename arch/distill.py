@@ -82,7 +82,7 @@ def _chunk(h_s, w_s, h_t, w_t, y, valid, inv_n, kind, k, tau, alpha, cap_s, cap_
     if cap_s is not None:
         t = torch.tanh(z / cap_s)
         z = cap_s * t
-    z_t = _cap((h_t @ w_t.T).float(), cap_t)
+    z_t = _cap((h_t.to(w_t.dtype) @ w_t.T).float(), cap_t)  # the teacher's own dtype (bf16 on a GPU)
     y_safe = torch.where(valid, y, 0)
     vf = valid.float()
     P = teacher_target(z_t[:, :V], kind, k, tau, generator)

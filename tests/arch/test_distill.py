@@ -142,3 +142,24 @@ def test_no_gradient_without_grad_and_unknown_kind():
     assert not out["loss"].requires_grad
     with pytest.raises(ValueError, match="not one of"):
         fused_distill_loss(h, torch.randn(10, 8), h, torch.randn(10, 8), torch.zeros(4, dtype=torch.long), "kl")
+
+
+def test_bf16_teacher_and_autocast_student():
+    """The GPU layout on a CPU: the student under bf16 autocast (float32 weights), the
+    teacher's hidden states and head in bf16 (a float32 hidden state too): the loss
+    and gradients stay near the float32 ones."""
+    torch.manual_seed(0)
+    h_s = torch.randn(24, 16, requires_grad=True)
+    w_s = torch.randn(40, 16, requires_grad=True)
+    h_t, w_t = torch.randn(24, 8), torch.randn(40, 8)
+    y = torch.randint(0, 40, (24,))
+    ref = fused_distill_loss(h_s, w_s, h_t, w_t, y, "full", alpha=0.5, chunk=10)
+    g_ref = torch.autograd.grad(ref["loss"], [h_s, w_s])
+    for teacher_h in (h_t.bfloat16(), h_t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fused_distill_loss(h_s, w_s, teacher_h, w_t.bfloat16(), y, "full", alpha=0.5, chunk=10)
+        assert got["loss"].dtype == torch.float32
+        torch.testing.assert_close(got["loss"], ref["loss"], rtol=3e-2, atol=3e-2)
+        for a, b in zip(torch.autograd.grad(got["loss"], [h_s, w_s]), g_ref):
+            assert a.dtype == b.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
