@@ -252,6 +252,23 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (arch/distill.py); off without a teacher."""
+
+    # a moelab model directory, run directory, .ckpt, sharded .dcp folder or Hugging
+    # Face directory; its tokenizer.json must map every token to the student's id
+    teacher: Optional[str] = None
+    kind: str = "sampled"  # sampled (k draws from the teacher) | topk (its k likeliest ids) | full
+    k: int = 256  # draws (sampled) or ids kept (topk) per token
+    temperature: float = 1.0  # both distributions are softmax(logits / temperature)
+    alpha: float = 0.5  # loss = alpha * distillation + (1 - alpha) * next-token cross-entropy
+    # online: the teacher runs beside the student (bf16 on a GPU); offline (targets
+    # cached to disk first, for teachers that do not fit beside the student) is not built
+    mode: str = "online"
+    chunk: int = 4096  # rows per chunk: the two models' logits exist for this many tokens at a time
+
+
+@dataclass
 class TrainConfig:
     seed: int = 1234
     seq_len: int = 2048
@@ -290,6 +307,7 @@ class TrainConfig:
     expert_parallel: int = 1
     num_nodes: int = 1  # hosts in a multi-node launch (torchrun / SLURM); devices is per host
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass

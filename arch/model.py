@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ class LMOutput:
     logits: Optional[torch.Tensor]  # (B, T, V); may be None when only the loss is asked
     loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy (ignore_index -100)
     aux: Dict[str, torch.Tensor] = field(default_factory=dict)  # weighted balancing losses
+    hidden: Optional[torch.Tensor] = None  # (B, T, D) after the final norm, with return_hidden
 
 
 class Transformer(nn.Module):
@@ -60,7 +61,9 @@ class Transformer(nn.Module):
         return x
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                return_logits: bool = True, heads: bool = True, cache: Optional[KVCache] = None) -> LMOutput:
+                return_logits: bool = True, heads: bool = True, cache: Optional[KVCache] = None,
+                return_hidden: bool = False,
+                head_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> LMOutput:
         """Logits, and the mean next-token loss when `targets` is given.
 
         With `return_logits=False` and `model.fused_ce_chunk > 0` the head and the loss
@@ -70,7 +73,10 @@ class Transformer(nn.Module):
         with targets, the multi-token prediction modules run too (arch/mtp.py) and
         their weighted loss joins `aux` as "mtp_loss". With a `cache` (arch/cache.py),
         `input_ids` continue the sequence it holds: their positions start at
-        `cache.pos`, and their keys and values join it."""
+        `cache.pos`, and their keys and values join it. `head_loss(h_ND, head_weight)`
+        replaces the next-token loss (distillation): called here, inside forward, where
+        a sharded (FSDP2) head weight is whole. `return_hidden`: the final-normed
+        hidden states in `hidden` too."""
         x = self.embed_tokens(input_ids)
         T = input_ids.shape[1]
         start = 0 if cache is None else cache.pos
@@ -88,7 +94,9 @@ class Transformer(nn.Module):
             x = block(x, ropes[block.spec.kind], masks[block.spec.kind], None if cache is None else cache.layers[i])
         h = self.norm(x)
         logits = loss = None
-        if heads and (targets is not None or return_logits):
+        if heads and head_loss is not None:
+            loss = head_loss(h.flatten(0, 1), self.head_weight())
+        elif heads and (targets is not None or return_logits):
             if targets is not None and not return_logits and (self.cfg.fused_ce_chunk or 0) > 0:
                 loss = self._loss(h, targets)
             else:
@@ -103,7 +111,7 @@ class Transformer(nn.Module):
                 aux["mtp_loss"] = mtp_loss
         if moe:
             aux = {**type(moe[0]).gather_aux(moe), **aux}
-        return LMOutput(logits=logits, loss=loss, aux=aux)
+        return LMOutput(logits=logits, loss=loss, aux=aux, hidden=h if return_hidden else None)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = F.linear(h, self.head_weight())

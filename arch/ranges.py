@@ -129,6 +129,10 @@ RANGES: Dict[str, Tuple[str, str]] = {
     "train.optim.eps": ("(0, inf)", "the Adam epsilon (0 divides an unused expert's zero moments by zero)"),
     "train.optim.warmup_steps": (f"[0, {MAX_STEPS}]", "the learning-rate warmup in steps"),
     "train.optim.decay_fraction": ("[0, 1]", "the share of steps spent decaying (WSD)"),
+    "train.distill.k": (f"[1, {MAX_VOCAB}]", "the ids drawn or kept per token for distillation"),
+    "train.distill.temperature": ("(0, inf)", "the distillation temperature"),
+    "train.distill.alpha": ("[0, 1]", "the weight of the distillation loss against the next-token loss"),
+    "train.distill.chunk": (f"[1, {MAX_CE_CHUNK}]", "the rows per distillation chunk"),
     # data
     "data.val_fraction": ("[0, 1)", "the share of documents kept for validation (0: none)"),
     "data.max_chars": ("[1, inf)", "the corpus cap in characters (null: all)"),

@@ -8,6 +8,7 @@ place, `training_step`:
     [global aux scope: expert counts of all micro-batches, all ranks, precomputed
      (global_counts exact) or summed as the micro-batches go (running)]
     for each micro-batch: loss = CE + sum(weighted balancing losses)
+                          (with train.distill: alpha * distill + (1 - alpha) * CE + ...)
                           backward(loss / grad_accum)   (DDP syncs on the last only)
     clip -> finite check -> router-bias update -> AdamW step -> LR schedule step
 
@@ -72,6 +73,7 @@ class CausalLM(L.LightningModule):
         self.model = None  # built in configure_model
         # weights to start from (train.init_from); set by the run for a fresh run only
         self.init_from: Optional[str] = None
+        self.teacher = None  # train.distill's (lit_modules/train/distill.py), loaded in configure_model
         self.scale_plan = ScalePlan()  # expert parallel / FSDP layout (lit_modules/train/strategy.py)
         self.accounting = count(recipe.model, seq_len=recipe.train.seq_len)
         self.val_loss = MeanMetric()
@@ -100,6 +102,11 @@ class CausalLM(L.LightningModule):
         # expert shards differ between ranks: DDP must neither broadcast nor average them
         self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.scale_plan.expert_names]
         self.model = model
+        if self.train_cfg.distill.teacher:
+            from lit_modules.train.distill import Teacher
+
+            self.teacher = Teacher.load(self.train_cfg.distill, device, self.recipe.model.final_softcap,
+                                        self.recipe.model.vocab_size)
 
     def configure_optimizers(self):
         opt, sched = build_optimizer(self.model, self.train_cfg.optim, self.train_cfg.max_steps, self.device.type)
@@ -135,10 +142,17 @@ class CausalLM(L.LightningModule):
                 if n > 1:  # one micro-batch: FSDP2's default (reduce every backward) is right
                     self.scale_plan.sync_grads(self.model, i == n - 1)
                 with opt.toggle_model(sync_grad=(i == n - 1)):
-                    out = self.model(xi, targets=yi, return_logits=False)
+                    if self.teacher is None:
+                        out = self.model(xi, targets=yi, return_logits=False)
+                        parts = {"ce_loss": out.loss}
+                    else:  # out.loss: alpha * distill + (1 - alpha) * CE
+                        head = self.teacher.head_loss(xi, yi)
+                        # targets too: multi-token prediction modules still train on them
+                        out = self.model(xi, targets=yi, return_logits=False, head_loss=head)
+                        parts = head.parts
                     loss = out.loss + sum(out.aux.values())
                     self.manual_backward(loss / n)
-                for name, value in {"loss": loss, "ce_loss": out.loss, **out.aux}.items():
+                for name, value in {"loss": loss, **parts, **out.aux}.items():
                     v = value.detach() / n
                     sums[name] = sums[name] + v if name in sums else v
         finally:

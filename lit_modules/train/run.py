@@ -67,10 +67,12 @@ def check_train(recipe: Recipe) -> None:
         raise RecipeError(f"train.checkpoint_format = '{t.checkpoint_format}' is not a checkpoint format"
                           f"{nearest(t.checkpoint_format, layout.CHECKPOINT_FORMATS)}; choose "
                           f"{' or '.join(layout.CHECKPOINT_FORMATS)}.")
+    from lit_modules.train.distill import check_distill_config
     from lit_modules.train.optim import check_optim
 
     check_run_name(t.run_name)
     check_optim(t.optim, t.max_steps)
+    check_distill_config(t.distill)
 
 
 def check_on_accelerator(recipe: Recipe, accelerator: str) -> None:
@@ -296,6 +298,10 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
     lock, created, runlog = None, False, None
     if rank0:
         print(f"moelab train: run directory {run_dir}", flush=True)
+        if t.distill.teacher:  # before the corpus is tokenized
+            from lit_modules.train.distill import check_teacher
+
+            check_teacher(recipe, dm.prepare_tokenizer())
         prepare_data(dm, recipe)
         created = not run_dir.exists()
         lock = open_run_dir(run_dir, recipe, dm.tokenizer_path)
