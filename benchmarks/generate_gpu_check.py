@@ -38,7 +38,8 @@ def main() -> None:
     args = p.parse_args()
     dev = torch.device(args.device)
     for name in RECIPES:
-        recipe = load_recipe(name)
+        # SDPA for the full recomputations too: flex would recompile for every length
+        recipe = load_recipe(name, ["model.attention.impl=sdpa"])
         torch.manual_seed(0)
         base = build_model(recipe.model, device=dev).eval()
         ids = torch.randint(0, recipe.model.vocab_size, (2, args.prompt + args.new), device=dev)

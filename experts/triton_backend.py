@@ -337,7 +337,8 @@ def triton_moe(x_TD: Tensor, weights_TK: Tensor, token_S: Tensor, order_S: Tenso
                b_out: Optional[Tensor] = None) -> Tensor:
     """sum_k w_tk expert_(e_tk)(x_t) for each token t, in the compute dtype (the
     autocast dtype under autocast, like grouped_mm; routing weights as given)."""
-    _check(x_TD, kind)
+    if not torch.compiler.is_compiling():  # checked eagerly; Dynamo cannot trace find_spec
+        _check(x_TD, kind)
     dtype = _compute_dtype(x_TD)
 
     def cast(t):
