@@ -7,18 +7,21 @@ the teacher's distribution p = softmax(z_t / tau), the target P is
 
     full      P = p
     topk      P = p on the teacher's k most likely ids, renormalised; 0 elsewhere
-    sampled   P = c / k, c_v = how often id v came up in k draws *with replacement*
-              from p; 0 for ids never drawn (after Gemma 3's sampled distillation)
+    sampled   Gemma 3's: k draws *with replacement* from p; P = p on the distinct ids
+              drawn, renormalised over them; 0 for ids never drawn
+    sampled_counts
+              P = c / k, c_v = how often id v came up in the same k draws
 
 and the distillation loss is tau^2 * H(P, q) = -tau^2 * sum_v P_v log q_v, with
 q = softmax(z_s / tau) (tau^2 keeps the gradient's scale independent of tau, as in
 Hinton et al.). For `full` this is tau^2 * (KL(p || q) + H(p)): the forward KL plus
 the teacher's entropy, which has no gradient.
 
-Why counts / k for `sampled`: E[c_v / k] = p_v, so the sampled loss and its gradient
-are unbiased estimates of the `full` ones while the target has at most k non-zeros.
-The alternative, p renormalised over the distinct ids drawn, is biased toward the
-teacher's mode (p = (0.9, 0.1), k = 2: E[P_0] = 0.81 + 0.18 * 0.9 = 0.972, not 0.9).
+The two sampled targets differ in bias: E[c_v / k] = p_v, so `sampled_counts` gives
+unbiased estimates of the `full` loss and gradient, while Gemma 3's renormalised
+target leans toward the teacher's mode (p = (0.9, 0.1), k = 2: E[P_0] = 0.81 + 0.18 *
+0.9 = 0.972, not 0.9); with k = 256 draws over a peaked distribution the two are close.
+`sampled` is the report's; `sampled_counts` the unbiased alternative.
 
 The optimised loss mixes it with the next-token loss on the true labels:
 
@@ -36,7 +39,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-KINDS = ("sampled", "topk", "full")
+KINDS = ("sampled", "sampled_counts", "topk", "full")
 
 
 def _cap(z: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
@@ -52,9 +55,12 @@ def teacher_target(zt_NV: torch.Tensor, kind: str, k: int, temperature: float,
     if kind == "topk":
         vals, ids = p.topk(min(k, p.shape[-1]), dim=-1)
         return torch.zeros_like(p).scatter_(1, ids, vals / vals.sum(-1, keepdim=True))
-    if kind == "sampled":
+    if kind in ("sampled", "sampled_counts"):
         ids = torch.multinomial(p, k, replacement=True, generator=generator)
-        return torch.zeros_like(p).scatter_add_(1, ids, torch.full(ids.shape, 1.0 / k, device=p.device))
+        if kind == "sampled_counts":
+            return torch.zeros_like(p).scatter_add_(1, ids, torch.full(ids.shape, 1.0 / k, device=p.device))
+        kept = torch.zeros_like(p).scatter_(1, ids, 1.0) * p  # p on the distinct ids drawn
+        return kept / kept.sum(-1, keepdim=True)
     raise ValueError(f"distillation kind {kind!r} is not one of {', '.join(KINDS)}")
 
 
