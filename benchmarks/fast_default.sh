@@ -6,7 +6,7 @@
 #   off       the switches off (the defaults before auto)
 # "auto" must match "tuned"; "off" shows what auto saves. Also the tuned W2 recipe.
 #
-#   bash benchmarks/fast_default.sh [--dtype bf16|bf16-mixed]
+#   DTYPE=bf16 ROWS="auto tuned off" bash benchmarks/fast_default.sh
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -18,7 +18,7 @@ declare -A ROW=(
     [tuned]="train.compile=true model.fused_ce_chunk=4096 model.fused_ce_compile=true"
     [off]="train.compile=false model.fused_ce_chunk=0 model.fused_ce_compile=false"
 )
-for name in auto tuned off; do
+for name in ${ROWS:-auto tuned off}; do
     echo "=== derived, $name: ${ROW[$name]}"
     # shellcheck disable=SC2086
     timeout 240 "$PY" -m lit_modules.cli bench "${DERIVED[@]}" ${ROW[$name]} --dtype "$DTYPE" --warmup 3 --steps 10 \
