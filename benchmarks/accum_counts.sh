@@ -60,7 +60,7 @@ for name in ("m8", "m4x2_exact", "m4x2_running"):
     data[name] = sc
     loads = [v for tag, series in sc.items() if tag.endswith("max_over_mean_load") for v in series.values()]
     imbalance = sum(loads) / len(loads) if loads else float("nan")
-    rows.append(f"| {name} | {s['tokens_per_s']:,.0f} | {s['val_loss']:.4f} | {s['loss']:.4f} | {imbalance:.3f} |")
+    rows.append(f"| {name} | {s['tokens_per_s']:,.0f} | {s['val_loss']:.4f} | {s['train_loss']:.4f} | {imbalance:.3f} |")
 drift = "-"
 if {"m4x2_exact", "m4x2_running"} <= set(data):
     a, b = data["m4x2_exact"]["train/loss"], data["m4x2_running"]["train/loss"]

@@ -10,7 +10,7 @@
 #
 # A rerun with the same OUT keeps the runs that finished and does the rest (remove OUT
 # to start over). Environment: OUT (default runs/distill_<mode>),
-# TEACHER_STEPS, STUDENT_STEPS, KINDS (cpu: "sampled topk full", gpu: "sampled"), K, ALPHA, TEMPERATURE, SEED.
+# TEACHER_STEPS, STUDENT_STEPS, KINDS (cpu: "sampled sampled_counts topk full", gpu: "sampled"), K, ALPHA, TEMPERATURE, SEED.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -32,7 +32,7 @@ cpu)
   STUDENT="model.d_model=48 model.n_layers=2 model.attention.n_heads=2 model.attention.n_kv_heads=1
            model.attention.head_dim=24 model.ffn.d_ff=128 train.max_steps=${STUDENT_STEPS:-300}"
   K=${K:-64}
-  KINDS=${KINDS:-sampled topk full}
+  KINDS=${KINDS:-sampled sampled_counts topk full}
   ;;
 gpu)
   # the W2 recipe as it is (491M parameters, 139M active; 600 steps of 8 x 2048 tokens)
