@@ -13,6 +13,7 @@ from .block import Block
 from .config import ModelConfig
 from .loss import fused_linear_cross_entropy
 from .norm import RMSNorm, build_norm
+from .quant import read_weight
 from .resolve import layer_specs
 from .mla import rope_head_dim
 from .rope import RoPE
@@ -46,7 +47,7 @@ class Transformer(nn.Module):
         return [b.ffn for b in self.layers if b.spec.moe]
 
     def head_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.head is None else self.head.weight
+        return read_weight(self.embed if self.head is None else self.head)  # fake-quantized under QAT
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 return_logits: bool = True) -> LMOutput:

@@ -127,6 +127,7 @@ RANGES: Dict[str, Tuple[str, str]] = {
     "train.optim.eps": ("(0, inf)", "the Adam epsilon (0 divides an unused expert's zero moments by zero)"),
     "train.optim.warmup_steps": (f"[0, {MAX_STEPS}]", "the learning-rate warmup in steps"),
     "train.optim.decay_fraction": ("[0, 1]", "the share of steps spent decaying (WSD)"),
+    "train.qat.start_step": (f"[0, {MAX_STEPS}]", "the optimizer steps before quantization-aware training"),
     # data
     "data.val_fraction": ("[0, 1)", "the share of documents kept for validation (0: none)"),
     "data.max_chars": ("[1, inf)", "the corpus cap in characters (null: all)"),
