@@ -109,7 +109,8 @@ def weight_bytes(shape, fmt: str) -> int:
     bits, group = STORAGE[fmt]
     if group == 0:
         return n * bits // 8
-    scales = n // shape[-1] if group is None else -(-n // group)
+    rows = n // shape[-1]
+    scales = rows if group is None else rows * -(-shape[-1] // group)  # a partial block still has a scale
     return (n * bits + 7) // 8 + SCALE_BYTES * scales
 
 

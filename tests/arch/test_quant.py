@@ -283,3 +283,32 @@ def test_weight_bytes_by_hand():
     assert weight_bytes((64, 128), "int4") == 64 * 128 // 2 + 2 * 64
     assert weight_bytes((64, 128), "int4_b32") == 64 * 128 // 2 + 2 * 64 * 4
     assert weight_bytes((8, 64, 128), "fp8") == 8 * 64 * 128 + 2 * 8 * 64
+
+
+def test_memory_table_by_hand():
+    """`moelab inspect`'s memory table for the tiny Qwen3-MoE and Gemma 3 configs,
+    computed here from their dimensions."""
+    import experts  # noqa: F401
+
+    from arch.accounting import memory_table
+
+    def matrix(rows, cols, fmt):  # rows x cols weights, bf16 scales
+        return {"bf16": 2 * rows * cols, "int4": rows * cols // 2 + 2 * rows,
+                "int4_b32": rows * cols // 2 + 2 * rows * -(-cols // 32), "fp8": rows * cols + 2 * rows}[fmt]
+
+    # qwen3_moe: d 64, 4 heads x 16 (1 kv head), vocab 256, 2 layers of 8 experts x 32, untied head
+    cfg = tiny_recipe("qwen3_moe").model
+    table = memory_table(cfg, context=100)
+    for fmt in ("bf16", "int4", "int4_b32", "fp8"):
+        layer = (matrix(64, 64, fmt) + 2 * matrix(16, 64, fmt) + matrix(64, 64, fmt)  # q, k, v, o
+                 + matrix(8, 64, fmt)  # router
+                 + 8 * (matrix(64, 64, fmt) + matrix(64, 32, fmt)))  # experts: [gate; up], down
+        norms = 2 * (2 * 64 + 2 * 16) + 64  # block norms, q/k norms, final norm: bf16
+        weights = 2 * layer + 2 * matrix(256, 64, fmt) + 2 * norms
+        kv = 2 * (2 * 1 * 16 * 2) * 100  # layers x (k, v) x kv heads x head_dim x bf16 x tokens
+        assert table[fmt] == {"weights": weights, "with_kv": weights + kv, "with_kv_all_global": weights + kv}
+    # gemma3 (7 layers: 6 local with window 8, 1 global; 2 kv heads x 16): windows honoured or not
+    t = memory_table(tiny_recipe("gemma3").model, context=100)["bf16"]
+    per_token_layer = 2 * 2 * 16 * 2
+    assert t["with_kv"] - t["weights"] == per_token_layer * (6 * 8 + 100)
+    assert t["with_kv_all_global"] - t["weights"] == per_token_layer * 7 * 100
