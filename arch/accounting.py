@@ -165,15 +165,25 @@ def weight_memory(cfg: ModelConfig) -> Dict[str, int]:
     caller must have registered the MoE layer (import experts) for an MoE recipe."""
     import torch
 
-    from .model import Transformer
+    from .block import Block
     from .quant import EXTRA_KINDS, STORAGE, quant_targets, weight_bytes
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    matrices = {id(getattr(m, n)): getattr(m, n) for _, m, names in quant_targets(model, EXTRA_KINDS)
-                for n in names}
-    rest = sum(p.numel() for p in model.parameters() if id(p) not in matrices)
-    return {fmt: 2 * rest + sum(weight_bytes(p.shape, fmt) for p in matrices.values()) for fmt in STORAGE}
+    # blocks differ in their weights only by MoE or dense: one block of each kind is
+    # built (on meta), so the cost stays linear in nothing but the recipe's size
+    specs = layer_specs(cfg)
+    shapes: List[tuple] = [(cfg.vocab_size, cfg.d_model)] * (1 if cfg.tie_embeddings else 2)
+    rest = cfg.d_model  # the final norm
+    for moe in (False, True):
+        n = sum(s.moe == moe for s in specs)
+        if n == 0:
+            continue
+        with torch.device("meta"):
+            block = Block(cfg, next(s for s in specs if s.moe == moe))
+        matrices = {id(getattr(m, w)): getattr(m, w) for _, m, names in quant_targets(block, EXTRA_KINDS)
+                    for w in names}
+        shapes += [tuple(p.shape) for p in matrices.values()] * n
+        rest += n * sum(p.numel() for p in block.parameters() if id(p) not in matrices)
+    return {fmt: 2 * rest + sum(weight_bytes(shape, fmt) for shape in shapes) for fmt in STORAGE}
 
 
 def memory_table(cfg: ModelConfig, context: int = MEMORY_CONTEXT) -> Dict[str, Dict[str, int]]:

@@ -307,6 +307,11 @@ def test_memory_table_by_hand():
         weights = 2 * layer + 2 * matrix(256, 64, fmt) + 2 * norms
         kv = 2 * (2 * 1 * 16 * 2) * 100  # layers x (k, v) x kv heads x head_dim x bf16 x tokens
         assert table[fmt] == {"weights": weights, "with_kv": weights + kv, "with_kv_all_global": weights + kv}
+    from arch import count
+
+    for name in ("qwen3_moe", "qwen3", "gemma3"):  # bf16: 2 bytes x every parameter
+        cfg = tiny_recipe(name).model
+        assert memory_table(cfg, 10)["bf16"]["weights"] == 2 * count(cfg).params_total
     # gemma3 (7 layers: 6 local with window 8, 1 global; 2 kv heads x 16): windows honoured or not
     t = memory_table(tiny_recipe("gemma3").model, context=100)["bf16"]
     per_token_layer = 2 * 2 * 16 * 2
