@@ -9,8 +9,8 @@
 # (about 10 minutes at the defaults on 2 idle CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-T=${1:-200}
-N=${2:-60}
+T=${1:-400}
+N=${2:-200}
 WORK=${WORK:-/tmp/moelab_qat_cpu}
 FORMATS="int4 int4_b32 fp8"
 RECIPE=proxies/qwen3_moe_tiny
