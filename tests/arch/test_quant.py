@@ -96,6 +96,18 @@ def test_int4_b32_refuses_widths_not_divisible():
         apply_fake_quant(model, "int4", ["embedding"])
 
 
+def test_train_refuses_bad_qat_before_any_work():
+    from lit_modules.train.run import check_train
+
+    ok = ["train.seq_len=64"]
+    check_train(tiny_recipe("qwen3_moe", *ok, "train.qat.format=int4_b32", "train.qat.include=[router,head]"))
+    for extra, match in ((["train.qat.format=int3"], "train.qat.format = 'int3' is not a quantization format"),
+                         (["train.qat.include=[routers]"], "train.qat.include has 'routers'"),
+                         (["train.qat.format=int4_b32", "model.moe.d_expert=40"], "ffn.w_out has 40 inputs")):
+        with pytest.raises(RecipeError, match=match):
+            check_train(tiny_recipe("qwen3_moe", *ok, *extra))
+
+
 # ------------------------------------------------------------------ the model
 
 
