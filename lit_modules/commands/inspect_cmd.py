@@ -94,7 +94,7 @@ def inspect_dict(recipe: Recipe, acc: Accounting) -> dict:
 
 def memory_rows(table: dict, context: int) -> list:
     """The memory table by weight format, in GB (1e9 bytes, as the Gemma 3 report)."""
-    rows = [(f"memory (GB)", f"weights / + bf16 KV of one {context}-token sequence, windows honoured / "
+    rows = [("memory (GB)", f"weights / + bf16 KV of one {context}-token sequence, windows honoured / "
                              f"+ KV with every layer global")]
     for fmt, r in table.items():
         rows.append((f"  {fmt}", " / ".join(f"{r[k] / 1e9:.2f}" for k in ("weights", "with_kv", "with_kv_all_global"))))

@@ -10,7 +10,6 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-from torch import nn
 
 from arch.quant import (FORMATS, FakeQuantLinear, apply_fake_quant, fake_quant, qdq_fp8, qdq_int4,
                         qdq_int4_b32, quantize_weights_, read_weight, weight_bytes)
