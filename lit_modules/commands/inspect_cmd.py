@@ -92,12 +92,17 @@ def inspect_dict(recipe: Recipe, acc: Accounting) -> dict:
     return out
 
 
+def decimal_bytes(n: float) -> str:
+    """GB / MB in powers of 10, the units of the Gemma 3 report's memory table."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 def memory_rows(table: dict, context: int) -> list:
-    """The memory table by weight format, in GB (1e9 bytes, as the Gemma 3 report)."""
-    rows = [("memory (GB)", f"weights / + bf16 KV of one {context}-token sequence, windows honoured / "
-                             f"+ KV with every layer global")]
+    """The memory table by weight format (1 GB = 1e9 bytes)."""
+    rows = [("memory", f"weights / + bf16 KV of one {context}-token sequence, windows honoured / "
+                       f"+ KV with every layer global")]
     for fmt, r in table.items():
-        rows.append((f"  {fmt}", " / ".join(f"{r[k] / 1e9:.2f}" for k in ("weights", "with_kv", "with_kv_all_global"))))
+        rows.append((f"  {fmt}", " / ".join(decimal_bytes(r[k]) for k in ("weights", "with_kv", "with_kv_all_global"))))
     return rows
 
 
