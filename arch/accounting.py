@@ -161,3 +161,47 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
         layer_kinds=[s.kind for s in specs],
         layer_moe=[s.moe for s in specs],
     )
+
+
+# ------------------------------------------------------------------ memory by format
+
+MEMORY_CONTEXT = 32_768  # the context of the memory table (the Gemma 3 report's)
+
+
+def weight_memory(cfg: ModelConfig) -> Dict[str, int]:
+    """Bytes of the weights stored in bf16, int4, int4_b32 and fp8 (arch/quant.py's
+    formats, bf16 scales). Every weight matrix is quantized, the embedding, head and
+    routers included (what a quantized checkpoint holds, as the Gemma 3 report
+    counts); norms, biases and sinks stay bf16. A width not divisible by 32 pays a
+    scale for its partial block. Built on the meta device: nothing allocated. The
+    caller must have registered the MoE layer (import experts) for an MoE recipe."""
+    import torch
+
+    from .block import Block
+    from .quant import EXTRA_KINDS, STORAGE, quant_targets, weight_bytes
+
+    # blocks differ in their weights only by MoE or dense: one block of each kind is
+    # built (on meta), so the cost stays linear in nothing but the recipe's size
+    specs = layer_specs(cfg)
+    shapes: List[tuple] = [(cfg.vocab_size, cfg.d_model)] * (1 if cfg.tie_embeddings else 2)
+    rest = cfg.d_model  # the final norm
+    for moe in (False, True):
+        n = sum(s.moe == moe for s in specs)
+        if n == 0:
+            continue
+        with torch.device("meta"):
+            block = Block(cfg, next(s for s in specs if s.moe == moe))
+        matrices = {id(getattr(m, w)): getattr(m, w) for _, m, names in quant_targets(block, EXTRA_KINDS)
+                    for w in names}
+        shapes += [tuple(p.shape) for p in matrices.values()] * n
+        rest += n * sum(p.numel() for p in block.parameters() if id(p) not in matrices)
+    return {fmt: 2 * rest + sum(weight_bytes(shape, fmt) for shape in shapes) for fmt in STORAGE}
+
+
+def memory_table(cfg: ModelConfig, context: int = MEMORY_CONTEXT) -> Dict[str, Dict[str, int]]:
+    """Per format: weights, weights + a bf16 KV cache of one `context`-token sequence
+    with the sliding windows honoured, and the same with every layer global."""
+    acc = count(cfg, context=context)
+    windowed, every_global = acc.kv_bytes_at_context, acc.kv_bytes_per_token * context
+    return {fmt: {"weights": w, "with_kv": w + windowed, "with_kv_all_global": w + every_global}
+            for fmt, w in weight_memory(cfg).items()}

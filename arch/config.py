@@ -269,6 +269,19 @@ class DistillConfig:
 
 
 @dataclass
+class QATConfig:
+    """Quantization-aware training: fake-quantized weights in forward, straight-through
+    gradients (arch/quant.py). Applied to every linear layer and the stacked expert
+    weights; the embedding, the head and the routers keep full precision unless listed."""
+
+    format: Optional[str] = None  # int4 | int4_b32 | fp8; null: off
+    start_step: int = 0  # optimizer steps done before the weights are fake-quantized
+    # extra module kinds to quantize: embed, head (the same matrix when tied), router
+    # (the routers' and the shared-expert gate's linear layers)
+    include: List[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     seed: int = 1234
     seq_len: int = 2048
@@ -308,6 +321,7 @@ class TrainConfig:
     num_nodes: int = 1  # hosts in a multi-node launch (torchrun / SLURM); devices is per host
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
 
 
 @dataclass

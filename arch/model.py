@@ -14,6 +14,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .loss import fused_linear_cross_entropy
 from .norm import RMSNorm, build_norm
+from .quant import read_weight
 from .resolve import layer_specs
 from .mla import rope_head_dim
 from .mtp import MTPModule, mtp_specs, shift_left
@@ -52,7 +53,7 @@ class Transformer(nn.Module):
         return [b.ffn for b in self.layers if b.spec.moe]  # the MTP modules' apart: see forward
 
     def head_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.head is None else self.head.weight
+        return read_weight(self.embed if self.head is None else self.head)  # fake-quantized under QAT
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids)

@@ -133,6 +133,7 @@ RANGES: Dict[str, Tuple[str, str]] = {
     "train.distill.temperature": ("(0, inf)", "the distillation temperature"),
     "train.distill.alpha": ("[0, 1]", "the weight of the distillation loss against the next-token loss"),
     "train.distill.chunk": (f"[1, {MAX_CE_CHUNK}]", "the rows per distillation chunk"),
+    "train.qat.start_step": (f"[0, {MAX_STEPS}]", "the optimizer steps before quantization-aware training"),
     # data
     "data.val_fraction": ("[0, 1)", "the share of documents kept for validation (0: none)"),
     "data.max_chars": ("[1, inf)", "the corpus cap in characters (null: all)"),

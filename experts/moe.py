@@ -27,6 +27,7 @@ from torch import nn
 
 from arch.config import MoEConfig
 from arch.ffn import GATED
+from arch.quant import read_weight
 from arch.registry import EXPERT_BACKEND, FFN, MOE, ROUTER
 
 from .balance import BalanceState
@@ -49,6 +50,9 @@ class MoE(nn.Module):
     with a `fused` entry (triton) takes the token rows and the dispatch and returns
     the combined y_TD: it replaces permute -> backend -> combine.
     """
+
+    # the stacked weights quantization-aware training fake-quantizes (arch/quant.py)
+    expert_weight_names = ("w_in", "w_out")
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
@@ -107,11 +111,12 @@ class MoE(nn.Module):
         cf = self.cfg.capacity_factor if self.apply_capacity else None
         d = dispatch(r.ids_TK, self.n_experts, None if cf is None else expert_capacity(T, self.top_k, self.n_experts, cf))
         biases = () if self.b_in is None else (self.b_in, self.b_out)
+        w_in, w_out = self.expert_weights()  # fake-quantized under QAT (arch/quant.py)
         fused = getattr(self.backend, "fused", None)
         if fused is not None:  # the backend gathers the token rows and combines them itself
-            y_TD = fused(x_TD, r.weights_TK, d, self.w_in, self.w_out, self.cfg.expert_ffn, *biases).to(x.dtype)
+            y_TD = fused(x_TD, r.weights_TK, d, w_in, w_out, self.cfg.expert_ffn, *biases).to(x.dtype)
         else:
-            y_SD = self.backend(permute(x_TD, d), d.counts_E, self.w_in, self.w_out, self.cfg.expert_ffn, *biases)
+            y_SD = self.backend(permute(x_TD, d), d.counts_E, w_in, w_out, self.cfg.expert_ffn, *biases)
             y_TD = combine(y_SD, r.weights_TK, d, T).to(x.dtype)
         if self.shared is not None:
             s_TD = self.shared(x_TD)
@@ -120,6 +125,12 @@ class MoE(nn.Module):
             y_TD = y_TD + s_TD
         self._record(r, d, T)
         return y_TD.view(shape)
+
+    def expert_weights(self):
+        """(w_in, w_out) as every backend must compute with them: fake-quantized when
+        quantization-aware training gave this layer a quantizer (arch/quant.py), so a
+        backend never needs to know about QAT."""
+        return read_weight(self, "w_in"), read_weight(self, "w_out")
 
     # ------------------------------------------------------------ losses, stats
 

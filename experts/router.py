@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch.config import RouterConfig
+from arch.quant import read_weight
 from arch.registry import ROUTER
 
 
@@ -107,7 +108,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         # Router math in float32 explicitly: top-k on bf16 scores ties and flips often.
-        w = self.gate.weight
+        w = read_weight(self.gate)  # fake-quantized only when QAT lists the routers
         jitter = self.training and self.jitter > 0
         with torch.autocast(x_TD.device.type, enabled=False):
             if self.fast_logits and not jitter and x_TD.dtype == w.dtype == torch.bfloat16:

@@ -8,6 +8,10 @@ non-overlapping windows of --seq-len tokens; each window is scored on its own,
 predicting its tokens 2..n from the ones before. The loss is the mean over all
 predicted tokens of all windows (a last, shorter window included), and perplexity =
 exp(loss).
+
+`--quantize FORMAT` scores the model with its weights quantized and dequantized
+(post-training quantization, arch/quant.py), the same layers and the same arithmetic
+as quantization-aware training's forward: PTQ and QAT compare on the same data.
 """
 from __future__ import annotations
 
@@ -31,6 +35,10 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--quantize", default=None, metavar="FORMAT",
+                   help="post-training quantization of the weights before scoring: int4, int4_b32 or fp8 (the "
+                        "layers train.qat quantizes: linear layers and experts, plus the recipe's "
+                        "train.qat.include)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_eval)
 
@@ -111,6 +119,10 @@ def run_eval(args) -> int:
 
     if args.batch_size < 1:
         raise RecipeError(f"--batch-size {args.batch_size} must be at least 1.")
+    if args.quantize is not None:
+        from arch.quant import check_format
+
+        check_format(args.quantize, "--quantize")
     data = Path(args.data)
     text = read_text_file(data, "--data")
     device = resolve_device(args.device)
@@ -121,6 +133,10 @@ def run_eval(args) -> int:
 
     recipe, model, tok_path = load_source(args.source, device, dtype)
     check_expert_backend(recipe.model, device.type)
+    if args.quantize is not None:
+        from arch.quant import quantize_weights_
+
+        quantize_weights_(model, args.quantize, recipe.train.qat.include)
     if tokenizer is None:
         if tok_path is None:
             raise RecipeError(f"{args.source} comes with no tokenizer.json; pass --tokenizer PATH.")
@@ -138,11 +154,12 @@ def run_eval(args) -> int:
         raise RecipeError(f"--data {args.data} gives {len(ids)} token(s); at least 2 are needed to score anything.")
     out = window_loss(model, ids, seq_len, args.batch_size, device)
     out.update({"source": str(args.source), "data": str(data), "tokenizer": str(tok_path), "seq_len": seq_len,
-                "tokens": len(ids), "device": str(device), "dtype": str(dtype).removeprefix("torch.")})
+                "tokens": len(ids), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                "quantize": args.quantize})
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         print(f"{args.source} on {data}: loss {out['loss']:.4f} nats/token, perplexity {out['perplexity']:.3f} "
               f"({out['tokens_predicted']} predicted tokens in {out['windows']} windows of <= {seq_len}; "
-              f"{device}, {out['dtype']})")
+              f"{device}, {out['dtype']}{', weights ' + args.quantize if args.quantize else ''})")
     return 0

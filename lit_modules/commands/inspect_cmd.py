@@ -6,7 +6,7 @@ from collections import Counter
 from itertools import groupby
 
 from arch import available_recipes, count, load_recipe
-from arch.accounting import Accounting
+from arch.accounting import MEMORY_CONTEXT, Accounting, memory_table
 from arch.config import Recipe
 from arch.registry import RecipeError
 
@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=None,
                    help="sequence length for FLOPs/token (default: the recipe's train.seq_len)")
     p.add_argument("--context", type=int, default=None,
-                   help="context length for the KV cache total (default: model.max_seq_len)")
+                   help="context length for the KV cache total (default: model.max_seq_len) and for the "
+                        f"memory table by weight format (default: {MEMORY_CONTEXT})")
     p.set_defaults(func=run_inspect)
     r = sub.add_parser("recipes", help="list the recipes under recipes/")
     r.set_defaults(func=run_recipes)
@@ -91,7 +92,21 @@ def inspect_dict(recipe: Recipe, acc: Accounting) -> dict:
     return out
 
 
-def format_table(recipe: Recipe, acc: Accounting, proxy_changes=()) -> str:
+def decimal_bytes(n: float) -> str:
+    """GB / MB in powers of 10, the units of the Gemma 3 report's memory table."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def memory_rows(table: dict, context: int) -> list:
+    """The memory table by weight format (1 GB = 1e9 bytes)."""
+    rows = [("memory", f"weights / + bf16 KV of one {context}-token sequence, windows honoured / "
+                       f"+ KV with every layer global")]
+    for fmt, r in table.items():
+        rows.append((f"  {fmt}", " / ".join(decimal_bytes(r[k]) for k in ("weights", "with_kv", "with_kv_all_global"))))
+    return rows
+
+
+def format_table(recipe: Recipe, acc: Accounting, proxy_changes=(), memory=None) -> str:
     m, a = recipe.model, recipe.model.attention
     rows = [
         ("recipe", recipe.name),
@@ -135,6 +150,8 @@ def format_table(recipe: Recipe, acc: Accounting, proxy_changes=()) -> str:
     rows.append(("train memory", "model state per device (fp32 weights + grads + AdamW moments; activations "
                                  "extra):"))
     rows += [(f"  {name}", human_bytes(n)) for name, n in layouts]
+    if memory is not None:
+        rows += memory_rows(*memory)
     if proxy_changes:
         rows.append(("proxy", "derived from the reference: " + "; ".join(proxy_changes)))
     width = max(len(k) for k, _ in rows)
@@ -149,10 +166,15 @@ def run_inspect(args) -> int:
     seq_len = args.seq_len if args.seq_len is not None else recipe.train.seq_len
     acc = count(recipe.model, seq_len=seq_len, context=args.context)
     changes = proxy_derivation(args.recipe, args.overrides, recipe)
+    import experts  # noqa: F401  (registers the MoE layer the meta-device build needs)
+
+    mem_context = args.context if args.context is not None else MEMORY_CONTEXT
+    memory = memory_table(recipe.model, mem_context)
     if args.json:
-        print(json.dumps({**inspect_dict(recipe, acc), "proxy_changes": changes}, indent=2))
+        print(json.dumps({**inspect_dict(recipe, acc), "proxy_changes": changes,
+                          "memory_bytes": {"context": mem_context, **memory}}, indent=2))
     else:
-        print(format_table(recipe, acc, changes))
+        print(format_table(recipe, acc, changes, (memory, mem_context)))
     return 0
 
 

@@ -34,7 +34,7 @@ from experts.layers import clear_global_counts, next_micro_batch, precompute_glo
 
 from lit_modules.checkpoints.training import check_checkpoint_recipe
 from lit_modules.train.optim import build_optimizer
-from lit_modules.train.strategy import ScalePlan, parallelize, shard_model
+from lit_modules.train.strategy import ScalePlan, parallelize, set_qat_step, shard_model
 
 log = logging.getLogger("moelab.train")
 
@@ -123,6 +123,7 @@ class CausalLM(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         opt = self.optimizers()
         sched = self.lr_schedulers()
+        set_qat_step(self.model, self.train_cfg, self.global_step)
         x, y = batch[:, :-1], batch[:, 1:]
         xs, ys = x.split(self.train_cfg.micro_batch_size), y.split(self.train_cfg.micro_batch_size)
         n = len(xs)
@@ -194,6 +195,10 @@ class CausalLM(L.LightningModule):
             logger.log_metrics(metrics, step=step)
 
     # ------------------------------------------------------------------ validation
+
+    def on_validation_epoch_start(self) -> None:
+        # validation at step n sees the weights step n+1 trains with (quantized from start_step)
+        set_qat_step(self.model, self.train_cfg, self.global_step)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         x, y = batch[:, :-1], batch[:, 1:]

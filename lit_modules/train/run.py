@@ -70,9 +70,28 @@ def check_train(recipe: Recipe) -> None:
     from lit_modules.train.distill import check_distill_config
     from lit_modules.train.optim import check_optim
 
+    check_qat(recipe)
     check_run_name(t.run_name)
     check_optim(t.optim, t.max_steps)
     check_distill_config(t.distill)
+
+
+def check_qat(recipe: Recipe) -> None:
+    """train.qat's format, its include list and, for int4_b32, every quantized width
+    (read from the model built on the meta device), before any data work."""
+    from torch import nn
+
+    from arch.quant import check_format, check_targets, quant_targets
+
+    q = recipe.train.qat
+    quant_targets(nn.Module(), q.include)  # the names in include, whatever the format
+    if q.format is None:
+        return
+    check_format(q.format, "train.qat.format")
+    import experts  # noqa: F401  (registers the MoE layer)
+    from arch import build_model
+
+    check_targets(quant_targets(build_model(recipe.model, "meta"), q.include), q.format, "train.qat.format")
 
 
 def check_on_accelerator(recipe: Recipe, accelerator: str) -> None:

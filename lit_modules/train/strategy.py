@@ -17,8 +17,9 @@ Every rank reads its own data (the DataModule shards by global rank), so the
 global-batch counts and the router-bias loads are summed over the whole world.
 
 How a model is prepared (LightningModule.configure_model):
-  1. `parallelize(model, train)` on the meta-device model: activation checkpointing,
-     regional compile (also what `moelab bench` uses; no process group needed);
+  1. `parallelize(model, train)` on the meta-device model: quantization-aware
+     training's fake quantizers (train.qat), activation checkpointing, regional
+     compile (also what `moelab bench` uses; no process group needed);
   2. materialise on the device: every rank initialises the whole model from the same
      seed, so any layout starts from the single-process weights (cost: one full
      float32 copy per rank for a moment; fine for the proxies, not for a model that
@@ -189,6 +190,13 @@ def parallelize(model: nn.Module, train: TrainConfig, device_mesh=None) -> nn.Mo
     Regional compilation (one `torch.compile` per block, all blocks alike) keeps
     compile time to one block's and survives any change to the outer loop."""
     # 1. expert parallel: shard experts over device_mesh["ep"] (model_parallel strategy)
+    if train.qat.format is not None:
+        # QAT first, so that AC's recomputation and compile's graphs include it. It only
+        # tags modules (arch/quant.py read_weight says why that survives compile and
+        # FSDP2); off until train.qat.start_step (set_qat_step).
+        from arch.quant import apply_fake_quant
+
+        apply_fake_quant(model, train.qat.format, train.qat.include, active=train.qat.start_step == 0)
     if train.activation_checkpointing:  # 2.
         for block in model.blocks():
             checkpoint_block(block)
@@ -197,6 +205,13 @@ def parallelize(model: nn.Module, train: TrainConfig, device_mesh=None) -> nn.Mo
             block.compile()
     # 4. FSDP2 fully_shard per block, then the root (fsdp / model_parallel strategies)
     return model
+
+
+def set_qat_step(model: nn.Module, train: TrainConfig, step: int) -> None:
+    """Fake quantization on from train.qat.start_step optimizer steps done (`step`)."""
+    q = getattr(model, "fake_quantizer", None)
+    if q is not None:
+        q.active = step >= train.qat.start_step
 
 
 # ------------------------------------------------------------- sharding (after materialisation)

@@ -16,9 +16,18 @@ from conftest import tiny_model
     # a sliding-window layer through flex_attention, as on CUDA (forward only: CPU flex
     # has no backward)
     ("gemma3", ["model.attention.impl=flex"], torch.float32),
+    # quantization-aware training: the fake quantizers (every linear layer, the stacked
+    # experts, the routers) trace into the same one graph
+    ("qwen3_moe", ["qat:fp8"], torch.bfloat16),
 ])
 def test_a_block_is_one_graph(name, extra, dtype):
+    qat = [e[4:] for e in extra if e.startswith("qat:")]
+    extra = [e for e in extra if not e.startswith("qat:")]
     model = tiny_model(name, *extra).to(dtype)
+    if qat:
+        from arch.quant import apply_fake_quant
+
+        apply_fake_quant(model, qat[0], ["router"])
     torch._dynamo.reset()
     T = 32
     for block in {b.spec.kind: b for b in model.layers}.values():  # one of each kind
