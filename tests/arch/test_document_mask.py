@@ -166,3 +166,37 @@ def test_cuda_flex_document_masks_match_eager(name):
     for (n, p), q in zip(fast.named_parameters(), ref.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("impl", ["flex", "sdpa"])
+def test_a_block_with_documents_is_one_graph(impl):
+    """The document masks (a flex block mask whose mask_mod reads doc_ids, or the
+    dense mask) and per-document RoPE tables enter a compiled block as inputs: one
+    graph, no break (see tests/arch/test_graph_breaks.py)."""
+    model = make_model("gemma3", f"model.attention.impl={impl}")
+    ids = packed()[0]
+    kw = doc_kwargs(ids, True)
+    torch._dynamo.reset()
+    for block in {b.spec.kind: b for b in model.layers}.values():
+        x = torch.randn(*ids.shape, model.cfg.d_model)
+        rope = model.ropes[block.spec.kind].at(kw["positions"])
+        mask = block.attn.block_mask(ids.shape[1], "cpu", kw["doc_ids"])
+        assert isinstance(mask, torch.Tensor) == (impl == "sdpa")
+        with torch.no_grad():
+            explained = torch._dynamo.explain(block)(x, rope, mask)
+        assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+        assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3", "gpt_oss"])
+@torch.no_grad()  # CPU flex has no backward; tests/arch's CUDA test above compares gradients
+def test_flex_document_block_masks_match_eager_on_cpu(name):
+    """The flex path's mask_mod (per sequence b: its own documents) against the eager
+    reference's dense mask, rows with different documents in one batch."""
+    flex = make_model(name, "model.attention.impl=flex")
+    ref = make_model(name, "model.attention.impl=eager")
+    ids = torch.cat([packed(B=1)[0], packed(B=1, lengths=(5, 20, 9), seed=1)[0]])
+    kw = doc_kwargs(ids, True)
+    assert not torch.equal(kw["doc_ids"][0], kw["doc_ids"][1])
+    with dropless(flex), dropless(ref):
+        torch.testing.assert_close(flex(ids, **kw).logits, ref(ids, **kw).logits, rtol=1e-5, atol=2e-5)
