@@ -91,7 +91,7 @@ class CausalLM(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.train_cfg.document_mask and self.eos_id is None:  # the data module is set up by now
-            dm = getattr(self.trainer, "datamodule", None)
+            dm = getattr(self._trainer, "datamodule", None)
             if dm is None or not hasattr(dm, "eos_id"):
                 raise RecipeError("train.document_mask = true needs the end-of-text id that separates documents; "
                                   "fit with moelab's TokenDataModule or set CausalLM.eos_id.")

@@ -57,3 +57,21 @@ def test_document_mask_trains_and_changes_the_loss(corpus, tmp_path):
     # the same weights and batches: step 0's validation and every training loss differ
     assert masked["val_history"][0]["loss"] != pytest.approx(plain["val_history"][0]["loss"], abs=1e-4)
     assert masked["train_loss"] != pytest.approx(plain["train_loss"], abs=1e-4)
+
+
+def test_the_module_needs_an_eos_id():
+    """Without moelab's data module the end-of-text id must be given; given, the
+    module turns inputs into the model's document arguments."""
+    from arch import RecipeError, load_recipe
+    from lit_modules.train.module import CausalLM
+
+    module = CausalLM(load_recipe(RECIPE, TINY_MOE_TRAIN + ["train.document_mask=true"]))
+    with pytest.raises(RecipeError, match="needs the end-of-text id"):
+        module.setup("fit")
+    module.eos_id = 3
+    module.setup("fit")  # an eos id given by hand is kept
+    docs = module.documents(torch.tensor([[5, 3, 6, 7, 3, 8]]))
+    assert docs["doc_ids"].tolist() == [[0, 0, 1, 1, 1, 2]] and docs["positions"] is None
+    plain = CausalLM(load_recipe(RECIPE, TINY_MOE_TRAIN))
+    plain.setup("fit")
+    assert plain.documents(torch.tensor([[5, 3, 6]])) == {}
