@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .config import AttentionConfig, NormConfig
+from .documents import document_block_mask, document_mask
 from .norm import build_norm
 from .registry import ATTENTION
 from .rope import apply_rope
@@ -43,8 +44,9 @@ def eager_attention(q, k, v, scale: float, window: Optional[int], softcap: Optio
                     sinks: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
     """The obviously correct path: explicit scores, float32 softmax. q: (B,H,T,D).
     `sinks` (H,): one more logit per head in each row's softmax, whose share of the
-    attention goes nowhere (gpt-oss). `mask` (T, S): what each query may see, in place
-    of the causal (and window) mask of a square (decoding with a KV cache)."""
+    attention goes nowhere (gpt-oss). `mask` (T, S) or (B, 1, T, S): what each query may
+    see, in place of the causal (and window) mask of a square (decoding with a KV cache,
+    or documents of a packed sequence: arch/documents.py)."""
     rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
@@ -146,8 +148,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], block_mask=None,
                 cache=None) -> torch.Tensor:
-        """`block_mask`: what `self.block_mask(T, device)` returns, when the caller
-        built it already (flex layers only; None otherwise or to build it here).
+        """`block_mask`: what `self.block_mask(T, device[, doc_ids])` returns, when the
+        caller built it already (flex layers, or any layer with documents; None
+        otherwise or to build a flex layer's plain mask here).
         `cache`: this layer's arch.cache.LayerCache when decoding (x: the new tokens)."""
         B, T, _ = x.shape
         q, k = self.q_proj(x), self.k_proj(x)
@@ -161,10 +164,12 @@ class Attention(nn.Module):
         y = self._attend(q, k, v, block_mask) if cache is None else self._attend_cached(q, k, v, cache)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def _impl(self, T: int, is_cuda: bool) -> str:
+    def _impl(self, T: int, is_cuda: bool, documents: bool = False) -> str:
         """The path a sequence of length T takes: the configured impl, or auto's pick.
         CUDA flex_attention needs head_dim >= 16 (Inductor's kernel): auto falls back
-        below that, an explicit flex says so."""
+        below that, an explicit flex says so. `documents` (a document mask): auto takes
+        flex on CUDA, which skips the other documents' blocks (SDPA would take a dense
+        mask and leave flash attention)."""
         flex_ok = not is_cuda or self.head_dim >= FLEX_MIN_HEAD_DIM
         if self.sinks is not None:  # SDPA has no softmax term without a key; flex adds it through its lse
             if self.impl == "sdpa":
@@ -181,19 +186,29 @@ class Attention(nn.Module):
         if self.impl != "auto":
             return self.impl
         windowed = self.window is not None and self.window < T
-        if is_cuda and flex_ok and (windowed or self.softcap is not None):
+        if is_cuda and flex_ok and (windowed or self.softcap is not None or documents):
             return "flex"
         return "eager" if self.softcap is not None else "sdpa"
 
-    def block_mask(self, T: int, device: torch.device):
-        """The flex block mask this layer needs for length T (cached per (T, window,
-        device)), or None when it does not use flex. Call it outside compiled code."""
-        if self._impl(T, torch.device(device).type == "cuda") != "flex":
-            return None
-        return _block_mask(T, self.window, str(device))
+    def block_mask(self, T: int, device: torch.device, doc_ids: Optional[torch.Tensor] = None):
+        """The mask this layer needs for length T; call it outside compiled code.
+        Without `doc_ids`: the flex block mask (cached per (T, window, device)), or None
+        when the layer does not use flex. With `doc_ids` (B, T) (arch/documents.py): a
+        flex block mask of the documents, or a boolean (B, 1, T, T) mask for the SDPA
+        and eager paths."""
+        flex = self._impl(T, torch.device(device).type == "cuda", documents=doc_ids is not None) == "flex"
+        if doc_ids is None:
+            return _block_mask(T, self.window, str(device)) if flex else None
+        return document_block_mask(doc_ids, self.window) if flex else document_mask(doc_ids, self.window)
 
     def _attend(self, q, k, v, block_mask=None):
-        impl = self._impl(q.shape[2], q.is_cuda)
+        if isinstance(block_mask, torch.Tensor):  # documents, on the SDPA or eager path
+            if self.impl == "eager" or self.softcap is not None or self.sinks is not None:
+                return eager_attention(q, k, v, self.scale, self.window, self.softcap, self.sinks, mask=block_mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, scale=self.scale, enable_gqa=True)
+        # a block mask comes only for flex (a document mask may choose flex where the
+        # plain layer would not)
+        impl = "flex" if block_mask is not None else self._impl(q.shape[2], q.is_cuda)
         if impl == "flex":
             return flex_attn(q, k, v, self.scale, self.window, self.softcap, block_mask, self.sinks)
         if impl == "eager" or self.softcap is not None:

@@ -294,6 +294,13 @@ class TrainConfig:
     # ~1.6x tokens/s; off on a CPU, where compiling costs more than it saves)
     compile: Any = "auto"
     activation_checkpointing: bool = False
+    # packed sequences (documents each ended by the tokenizer's end-of-text token):
+    # attention stops at document boundaries, a token sees only its own document's
+    # earlier tokens (arch/documents.py), in training and validation
+    document_mask: bool = False
+    # with document_mask: RoPE positions restart at 0 in each document, as the
+    # document would see them alone (RoPE is relative: this changes rounding only)
+    document_positions: bool = False
     val_every: int = 200
     val_batches: int = 20
     log_every: int = 10

@@ -93,11 +93,11 @@ class MultiHeadLatentAttention(Attention):
         y = self._attend(q, k, v, block_mask) if cache is None else self._attend_cached(q, k, v, cache)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def _impl(self, T: int, is_cuda: bool) -> str:
+    def _impl(self, T: int, is_cuda: bool, documents: bool = False) -> str:
         """auto never picks flex for MLA (its value width differs from the query's, which
-        flex was not checked with): SDPA, with a mask for a window, or eager for a
-        soft-cap. An explicit impl is honoured."""
-        impl = super()._impl(T, is_cuda)
+        flex was not checked with): SDPA, with a mask for a window or documents, or
+        eager for a soft-cap. An explicit impl is honoured."""
+        impl = super()._impl(T, is_cuda, documents)
         if impl == "flex" and self.impl == "auto":
             return "eager" if self.softcap is not None else "sdpa"
         return impl

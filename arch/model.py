@@ -64,7 +64,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 return_logits: bool = True, heads: bool = True, cache: Optional[KVCache] = None,
                 return_hidden: bool = False,
-                head_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> LMOutput:
+                head_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                doc_ids: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None) -> LMOutput:
         """Logits, and the mean next-token loss when `targets` is given.
 
         With `return_logits=False` and `model.fused_ce_chunk > 0` the head and the loss
@@ -77,11 +78,22 @@ class Transformer(nn.Module):
         `cache.pos`, and their keys and values join it. `head_loss(h_ND, head_weight)`
         replaces the next-token loss (distillation): called here, inside forward, where
         a sharded (FSDP2) head weight is whole. `return_hidden`: the final-normed
-        hidden states in `hidden` too."""
+        hidden states in `hidden` too.
+
+        Packed documents (arch/documents.py): `doc_ids` (B, T) numbers each position's
+        document, and attention stops at their boundaries; `positions` (B, T) gives
+        each token its RoPE position (document_positions: restarting per document; None:
+        0..T-1). Neither goes with a `cache` (decoding is one document)."""
         x = self.embed_tokens(input_ids)
         T = input_ids.shape[1]
         start = 0 if cache is None else cache.pos
-        ropes = {kind: rope(T, input_ids.device, start) for kind, rope in self.ropes.items()}
+        if cache is not None and (doc_ids is not None or positions is not None):
+            raise ValueError("doc_ids and positions are for packed training sequences, not for decoding with a "
+                             "KV cache; leave them out when passing a cache.")
+        if positions is None:
+            ropes = {kind: rope(T, input_ids.device, start) for kind, rope in self.ropes.items()}
+        else:
+            ropes = {kind: rope.at(positions) for kind, rope in self.ropes.items()}
         # flex block masks, once per kind and outside the (compiled) blocks: built
         # inside a compiled block, a mask would be rebuilt on every call
         masks = {}
@@ -90,7 +102,13 @@ class Transformer(nn.Module):
                 masks[block.spec.kind] = None
             elif block.spec.kind not in masks:
                 make_mask = getattr(block.attn, "block_mask", None)  # registered kinds may have none
-                masks[block.spec.kind] = make_mask(T, input_ids.device) if make_mask else None
+                if doc_ids is None:
+                    masks[block.spec.kind] = make_mask(T, input_ids.device) if make_mask else None
+                elif make_mask is None:
+                    raise ValueError(f"the attention kind '{self.cfg.attention.kind}' builds no masks, so it cannot "
+                                     "stop at document boundaries; turn train.document_mask off.")
+                else:
+                    masks[block.spec.kind] = make_mask(T, input_ids.device, doc_ids)
         for i, block in enumerate(self.layers):
             x = block(x, ropes[block.spec.kind], masks[block.spec.kind], None if cache is None else cache.layers[i])
         h = self.norm(x)

@@ -85,6 +85,17 @@ class RoPE(nn.Module):
             return emb.cos(), emb.sin()
         return emb.cos() * self.scale, emb.sin() * self.scale
 
+    def at(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of shape (B, 1, T, rotary_dim) for per-token positions (B, T)
+        (documents restarting at 0 in a packed sequence: arch/documents.py); each entry
+        is the one `forward` gives for that position."""
+        inv_freq = inv_frequencies(self.dim, self.cfg, positions.device)
+        freqs = (positions.to(torch.float32) / self.factor)[..., None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        if self.scale == 1.0:
+            return emb.cos(), emb.sin()
+        return emb.cos() * self.scale, emb.sin() * self.scale
+
     def extra_repr(self) -> str:
         extra = f", rotary_dim={self.dim}" if self.dim != self.head_dim else ""
         if self.cfg.scaling == "yarn":
@@ -93,7 +104,8 @@ class RoPE(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (T, R) float32 with R <= D, cast to x's dtype as HF
+    """x: (B, H, T, D); cos/sin: (T, R) (or (B, 1, T, R): per-sequence positions)
+    float32 with R <= D, cast to x's dtype as HF
     does. The first R dimensions rotate; the rest pass through."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     R = cos.shape[-1]

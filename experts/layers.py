@@ -56,7 +56,8 @@ def set_dp_group(model: nn.Module, group) -> None:
 def precompute_global_counts(model: nn.Module, micro_batches: Iterable, group=None) -> bool:
     """Count expert selections over one optimizer step's micro-batches (input ids
     (B, T) each, on the model's device, or (input ids, targets) pairs: a model with
-    multi-token prediction needs the targets to run its MTP layers), sum them over the
+    multi-token prediction needs the targets to run its MTP layers; a third item: the
+    model's document arguments, train.document_mask), sum them over the
     data-parallel `group`
     (None: each layer's `balance.dp_group`, itself None = the world) and store them
     on the layers, whose training forwards then use them as f^G of the global-batch
@@ -77,7 +78,8 @@ def precompute_global_counts(model: nn.Module, micro_batches: Iterable, group=No
     try:
         for batch in micro_batches:
             if isinstance(batch, (tuple, list)):  # the heads are not needed to count experts
-                model(batch[0], targets=batch[1], return_logits=False, heads=False)
+                model(batch[0], targets=batch[1], return_logits=False, heads=False,
+                      **(batch[2] if len(batch) > 2 else {}))
             else:
                 model(batch, return_logits=False)
     finally:

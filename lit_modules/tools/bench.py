@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import statistics
 import time
@@ -243,10 +244,35 @@ def make_batches(vocab_size: int, batch: int, seq_len: int, n: int, seed: int,
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
-def moelab_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+BENCH_EOS = 0  # the id that ends a document in the bench's random batches (train.document_mask)
+BENCH_DOCS_PER_SEQ = 4
+
+
+def with_documents(batches, seq_len: int):
+    """train.document_mask: random batches hold BENCH_DOCS_PER_SEQ documents per
+    sequence, BENCH_EOS ending each (random tokens carry no document structure)."""
+    every = max(seq_len // BENCH_DOCS_PER_SEQ, 2)
+    out = []
+    for x, y in batches:
+        x, y = x.clone(), y.clone()
+        x[:, every - 1::every] = BENCH_EOS
+        y[:, every - 2::every] = BENCH_EOS
+        out.append((x, y))
+    return out
+
+
+def moelab_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, documents: Optional[bool] = None):
     """(loss that is backpropagated, its cross-entropy part); the same call and loss as
-    training (no logits kept: the fused head + loss when model.fused_ce_chunk > 0)."""
-    out = model(x, targets=y, return_logits=False)
+    training (no logits kept: the fused head + loss when model.fused_ce_chunk > 0).
+    `documents`: None, or document masks made per step as training makes them, with
+    (True) or without (False) per-document positions."""
+    docs = {}
+    if documents is not None:
+        from arch.documents import document_ids, document_positions
+
+        doc = document_ids(x, BENCH_EOS)
+        docs = {"doc_ids": doc, "positions": document_positions(doc) if documents else None}
+    out = model(x, targets=y, return_logits=False, **docs)
     total = out.loss
     for value in out.aux.values():
         total = total + value
@@ -378,6 +404,12 @@ def bench_model(recipe: Recipe, *, device: torch.device, precision: Precision, w
                          "lower train.seq_len or raise model.max_seq_len.")
     acc = count(m, seq_len=T)
     batches = make_batches(m.vocab_size, B, T, warmup + steps + 1, recipe.train.seed, device)
+    loss_fn = moelab_loss
+    if recipe.train.document_mask:
+        if vs_hf:
+            raise BenchError("--vs-hf compares plain causal attention; set train.document_mask=false for it.")
+        batches = with_documents(batches, T)
+        loss_fn = functools.partial(moelab_loss, documents=recipe.train.document_positions)
 
     torch.manual_seed(recipe.train.seed)
     model = prepare_model(recipe, device, precision)
@@ -386,7 +418,7 @@ def bench_model(recipe: Recipe, *, device: torch.device, precision: Precision, w
     twin, hf_notes = hf_twin(model, recipe) if vs_hf else (None, [])
     args = dict(recipe=recipe, batches=batches, precision=precision, device=device, warmup=warmup,
                 steps=steps, flops_per_token=acc.flops_per_token, peak_tflops=peak_tflops)
-    results = [run_training_steps("moelab", model, moelab_loss, detail=model_detail(recipe), **args)]
+    results = [run_training_steps("moelab", model, loss_fn, detail=model_detail(recipe), **args)]
     del model
     _free(device)
     if twin is not None:
@@ -443,6 +475,8 @@ def model_detail(recipe: Recipe) -> str:
         parts.append("plain CE")
     if m.attention.impl != "auto":
         parts.append(f"attention {m.attention.impl}")
+    if t.document_mask:
+        parts.append(f"document masks ({BENCH_DOCS_PER_SEQ} per sequence)")
     return ", ".join(parts)
 
 

@@ -131,9 +131,11 @@ class Teacher:
         model.eval().requires_grad_(False)
         return cls(model, cfg, student_softcap, student_vocab)
 
-    def head_loss(self, x: torch.Tensor, y: torch.Tensor) -> "DistillHeadLoss":
+    def head_loss(self, x: torch.Tensor, y: torch.Tensor, documents: Optional[Dict] = None) -> "DistillHeadLoss":
+        """`documents`: the student's document arguments (train.document_mask), so the
+        teacher sees the documents as the student does."""
         with torch.no_grad():
-            h_t = self.model(x, return_logits=False, return_hidden=True).hidden
+            h_t = self.model(x, return_logits=False, return_hidden=True, **(documents or {})).hidden
         return DistillHeadLoss(self, h_t.flatten(0, 1), y.flatten())
 
 

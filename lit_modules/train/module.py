@@ -29,6 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from arch import build_model, count, materialize, recipe_to_yaml
 from arch.config import Recipe
+from arch.documents import document_ids, document_positions
 from arch.registry import RecipeError
 from experts.layers import clear_global_counts, next_micro_batch, precompute_global_counts, update_router_biases
 
@@ -74,6 +75,9 @@ class CausalLM(L.LightningModule):
         # weights to start from (train.init_from); set by the run for a fresh run only
         self.init_from: Optional[str] = None
         self.teacher = None  # train.distill's (lit_modules/train/distill.py), loaded in configure_model
+        # the end-of-text id that ends each packed document (train.document_mask): set
+        # by hand, or read from the Trainer's data module in setup
+        self.eos_id: Optional[int] = None
         self.scale_plan = ScalePlan()  # expert parallel / FSDP layout (lit_modules/train/strategy.py)
         self.accounting = count(recipe.model, seq_len=recipe.train.seq_len)
         self.val_loss = MeanMetric()
@@ -84,6 +88,22 @@ class CausalLM(L.LightningModule):
         self.val_history: List[Dict[str, float]] = []
 
     # ------------------------------------------------------------------ build
+
+    def setup(self, stage: str) -> None:
+        if self.train_cfg.document_mask and self.eos_id is None:  # the data module is set up by now
+            dm = getattr(self._trainer, "datamodule", None)
+            if dm is None or not hasattr(dm, "eos_id"):
+                raise RecipeError("train.document_mask = true needs the end-of-text id that separates documents; "
+                                  "fit with moelab's TokenDataModule or set CausalLM.eos_id.")
+            self.eos_id = int(dm.eos_id)
+
+    def documents(self, x: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
+        """The model's document arguments for inputs `x` (arch/documents.py): none
+        unless train.document_mask."""
+        if not self.train_cfg.document_mask:
+            return {}
+        doc = document_ids(x, self.eos_id)
+        return {"doc_ids": doc, "positions": document_positions(doc) if self.train_cfg.document_positions else None}
 
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning may call this hook more than once
@@ -126,6 +146,7 @@ class CausalLM(L.LightningModule):
         set_qat_step(self.model, self.train_cfg, self.global_step)
         x, y = batch[:, :-1], batch[:, 1:]
         xs, ys = x.split(self.train_cfg.micro_batch_size), y.split(self.train_cfg.micro_batch_size)
+        docs = [self.documents(xi) for xi in xs]
         n = len(xs)
         # Qwen's global-batch loss needs the expert frequencies of the whole step (all
         # micro-batches, all ranks) before the first micro-batch's backward; with one
@@ -133,7 +154,7 @@ class CausalLM(L.LightningModule):
         # when no layer has the global scope with exact counts (the running form sums
         # them as the micro-batches go).
         if n > 1:
-            precompute_global_counts(self.model, list(zip(xs, ys)), group=None)
+            precompute_global_counts(self.model, list(zip(xs, ys, docs)), group=None)
         sums: Dict[str, torch.Tensor] = {}
         try:
             for i, (xi, yi) in enumerate(zip(xs, ys)):
@@ -144,12 +165,12 @@ class CausalLM(L.LightningModule):
                     self.scale_plan.sync_grads(self.model, i == n - 1)
                 with opt.toggle_model(sync_grad=(i == n - 1)):
                     if self.teacher is None:
-                        out = self.model(xi, targets=yi, return_logits=False)
+                        out = self.model(xi, targets=yi, return_logits=False, **docs[i])
                         parts = {"ce_loss": out.loss}
                     else:  # out.loss: alpha * distill + (1 - alpha) * CE
-                        head = self.teacher.head_loss(xi, yi)
+                        head = self.teacher.head_loss(xi, yi, docs[i])
                         # targets too: multi-token prediction modules still train on them
-                        out = self.model(xi, targets=yi, return_logits=False, head_loss=head)
+                        out = self.model(xi, targets=yi, return_logits=False, head_loss=head, **docs[i])
                         parts = head.parts
                     loss = out.loss + sum(out.aux.values())
                     self.manual_backward(loss / n)
@@ -202,7 +223,7 @@ class CausalLM(L.LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         x, y = batch[:, :-1], batch[:, 1:]
-        out = self.model(x, targets=y)
+        out = self.model(x, targets=y, **self.documents(x))
         self.val_loss.update(out.loss, weight=y.numel())
         self.val_acc.update(out.logits.argmax(-1), y)
 

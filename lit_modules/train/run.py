@@ -71,6 +71,7 @@ def check_train(recipe: Recipe) -> None:
     from lit_modules.train.optim import check_optim
 
     check_qat(recipe)
+    check_documents(recipe)
     check_run_name(t.run_name)
     check_optim(t.optim, t.max_steps)
     check_distill_config(t.distill)
@@ -92,6 +93,21 @@ def check_qat(recipe: Recipe) -> None:
     from arch import build_model
 
     check_targets(quant_targets(build_model(recipe.model, "meta"), q.include), q.format, "train.qat.format")
+
+
+def check_documents(recipe: Recipe) -> None:
+    """train.document_mask / document_positions: positions restart only where attention
+    stops, and the attention kind must build masks (arch/documents.py)."""
+    t = recipe.train
+    if t.document_positions and not t.document_mask:
+        raise RecipeError("train.document_positions = true needs train.document_mask = true (positions restart "
+                          "per document only where attention stops at documents); set both, or neither.")
+    from arch.registry import ATTENTION
+
+    kind = recipe.model.attention.kind
+    if t.document_mask and kind in ATTENTION and not hasattr(ATTENTION.get(kind, "model.attention.kind"), "block_mask"):
+        raise RecipeError(f"train.document_mask = true needs an attention kind that builds masks, and "
+                          f"model.attention.kind = '{kind}' builds none; turn train.document_mask off.")
 
 
 def check_on_accelerator(recipe: Recipe, accelerator: str) -> None:

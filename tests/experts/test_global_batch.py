@@ -143,3 +143,29 @@ def test_running_counts_sum_the_micro_batches_so_far():
         b.clear_step_counts()
         c3, _ = b.step_counts(torch.tensor([1, 0, 0]), 1, training=True)
         assert c3.tolist() == [1, 0, 0]
+
+
+@torch.no_grad()
+def test_precomputed_counts_route_with_the_document_masks():
+    """train.document_mask: the pre-pass gets each micro-batch's document arguments
+    (a third item), so its counts are those of the training forwards."""
+    from arch.documents import document_ids
+
+    model = make_model()
+    ids = torch.randint(4, 256, (N_SEQ, SEQ), generator=torch.Generator().manual_seed(5))
+    ids[:, 3::4] = 3  # documents of 4 tokens
+    halves = [(x, x.roll(-1, dims=1), {"doc_ids": document_ids(x, 3)}) for x in ids.chunk(2)]
+    layer = model.moe_layers[0]
+
+    def counted(batches):
+        layer.balance.start_counting()
+        for x, y, docs in batches:
+            model(x, targets=y, **docs)
+        return layer.balance.stop_counting()[0]
+
+    want = counted(halves)
+    precompute_global_counts(model, halves)
+    assert torch.equal(layer.balance._step[0], want)
+    precompute_global_counts(model, [h[:2] for h in halves])  # without them: other routes
+    assert not torch.equal(layer.balance._step[0], want)
+    clear_global_counts(model)

@@ -266,3 +266,26 @@ def test_compiled_layer_rows_match_loop():
     assert "compiled" in d["results"][-1]["detail"]  # the dense floor is compiled too
     err = rows["MoE, grouped_mm"]["rel_err_vs_loop"]
     assert err["output"] < 2e-2 and err["input_grad"] < 2e-2
+
+
+def test_document_mask_bench_steps_with_document_masks(capsys):
+    """train.document_mask: the timed steps are training's, with document masks over
+    BENCH_DOCS_PER_SEQ documents per sequence (recomputed here)."""
+    from arch.documents import document_ids, document_positions
+
+    args = tiny_args("gemma3", "train.seq_len=32", "train.document_mask=true", "train.document_positions=true")
+    d = run_json(capsys, *args, "--steps", "1", "--warmup", "1")
+    plain = run_json(capsys, *tiny_args("gemma3", "train.seq_len=32"), "--steps", "1", "--warmup", "1")
+    assert "document masks" in d["results"][0]["detail"]
+    recipe = tiny_recipe("gemma3", *SHAPE, "train.seq_len=32")
+    torch.manual_seed(recipe.train.seed)
+    model = materialize(build_model(recipe.model, device="meta"), "cpu")
+    tokens = torch.randint(0, 256, (1, 2, 33), generator=torch.Generator().manual_seed(recipe.train.seed))[0]
+    tokens[:, 7::8] = bench.BENCH_EOS  # 32 / 4 tokens per document
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    doc = document_ids(x, bench.BENCH_EOS)
+    assert int(doc.max()) == bench.BENCH_DOCS_PER_SEQ - 1
+    with torch.no_grad():
+        want = model(x, targets=y, doc_ids=doc, positions=document_positions(doc)).loss
+    assert d["results"][0]["first_step_ce"] == pytest.approx(want.item(), abs=1e-5)
+    assert d["results"][0]["first_step_ce"] != pytest.approx(plain["results"][0]["first_step_ce"], abs=1e-4)

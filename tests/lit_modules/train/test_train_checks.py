@@ -41,6 +41,7 @@ RECIPE = "proxies/qwen3_moe_tiny"
     ("data.val_fraction=1.0", "data.val_fraction = 1.0 is out of range"),
     ("data.max_chars=0", "data.max_chars = 0 is out of range"),
     ("train.checkpoint_format=shards", "train.checkpoint_format = 'shards' is not a checkpoint format (did you mean"),
+    ("train.document_positions=true", "train.document_positions = true needs train.document_mask = true"),
 ])
 def test_train_settings_fail_in_one_sentence(override, words):
     with pytest.raises(RecipeError) as exc:
@@ -126,3 +127,35 @@ def test_non_finite_message_names_the_value_and_the_fields_that_cause_it(loss, g
                   "model.init_std (now", "model.norm.eps (now", "model.layer_kinds.local.rope.theta (now",
                   "model.layer_kinds.global.rope.theta (now"):
         assert field in msg, field
+
+
+def test_document_mask_needs_an_attention_kind_that_builds_masks(monkeypatch):
+    """A registered attention kind without `block_mask` cannot stop at documents:
+    refused by check_train, and by the model's forward if called anyway."""
+    import torch
+    from torch import nn
+
+    from arch import build_model
+    from arch.attention import Attention
+    from arch.documents import document_ids
+    from arch.registry import ATTENTION
+
+    class Maskless(nn.Module):
+        def __init__(self, d_model, cfg, norm, window, rope=None):
+            super().__init__()
+            self.inner = Attention(d_model, cfg, norm, window)
+
+        def forward(self, x, rope):
+            return self.inner(x, rope)
+
+    monkeypatch.setitem(ATTENTION._entries, "maskless", Maskless)
+    small = ["model.attention.kind=maskless", "model.n_layers=1", "model.d_model=32", "model.vocab_size=64",
+             "model.moe.n_experts=0"]
+    check_train(load_recipe(RECIPE, small))
+    with pytest.raises(RecipeError, match="model.attention.kind = 'maskless' builds none") as exc:
+        check_train(load_recipe(RECIPE, small + ["train.document_mask=true"]))
+    assert "\n" not in str(exc.value)
+    model = build_model(load_recipe(RECIPE, small).model, device="cpu")
+    ids = torch.randint(0, 64, (1, 8))
+    with pytest.raises(ValueError, match="cannot stop at document boundaries"):
+        model(ids, doc_ids=document_ids(ids, 3))

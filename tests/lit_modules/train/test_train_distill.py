@@ -119,6 +119,23 @@ def test_student_forward_with_the_teacher_head_loss(kind):
     assert all(p.grad is None for p in teacher.model.parameters())
 
 
+@torch.no_grad()
+def test_the_teacher_sees_the_students_documents():
+    """train.document_mask: the teacher's hidden states come from the same document
+    masks and positions as the student's forward."""
+    from arch.documents import document_ids, document_positions
+
+    teacher = Teacher(tiny_model("qwen3", "model.d_model=32", "model.attention.head_dim=8", seed=2),
+                      DistillConfig(teacher="x", kind="full"), None, 256)
+    x, y = torch.randint(4, 256, (2, 12)), torch.randint(0, 256, (2, 12))
+    x[:, 4] = 3
+    doc = document_ids(x, 3)
+    docs = {"doc_ids": doc, "positions": document_positions(doc)}
+    want = teacher.model(x, return_hidden=True, return_logits=False, **docs).hidden.flatten(0, 1)
+    torch.testing.assert_close(teacher.head_loss(x, y, docs).h_t, want, rtol=0, atol=0)
+    assert (teacher.head_loss(x, y).h_t - want).abs().max() > 1e-3
+
+
 def test_train_with_a_teacher(cache, tmp_path):
     """Three steps of two micro-batches each, distilled from a saved teacher with the
     corpus's tokenizer: the parts are logged apart, the MoE student's balancing losses
