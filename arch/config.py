@@ -316,7 +316,7 @@ class DataConfig:
     # (every *.py of this Python's installed packages: a larger corpus for GPU runs), or
     # paths/globs of .txt / .jsonl files
     source: Any = "stdlib"
-    text_field: str = "text"  # JSONL key holding the text
+    text_field: str = "text"  # JSONL key, or Parquet / datasets (Arrow) column, holding the text
     # how the data files' bytes are decoded (any Python codec: utf-8, latin-1, cp1252,
     # utf-16); a file that does not decode is refused, never read with replacements
     encoding: str = "utf-8"
