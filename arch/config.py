@@ -311,6 +311,15 @@ class TrainConfig:
 
 
 @dataclass
+class MixSource:
+    """One source of a weighted data mixture (`data.mix`)."""
+
+    source: Any = None  # what data.source accepts: "stdlib", a path/glob, a list of them
+    weight: float = 1.0  # share of training windows, relative to the other entries' weights
+    name: Optional[str] = None  # in logs (val/<name>/loss); null: derived from the source
+
+
+@dataclass
 class DataConfig:
     # "stdlib" (the embedded corpus: this Python's standard library), "site-packages"
     # (every *.py of this Python's installed packages: a larger corpus for GPU runs), or
@@ -323,8 +332,12 @@ class DataConfig:
     val_fraction: float = 0.02
     tokenizer: Optional[str] = None  # a tokenizer.json path; null: train a BPE
     cache_dir: str = ".cache/moelab"
-    max_chars: Optional[int] = None  # cap on corpus size (characters), null = all
+    max_chars: Optional[int] = None  # cap on corpus size (characters), null = all; per source in a mix
     num_workers: int = 0
+    # a weighted mixture instead of data.source (which it then replaces): each entry is
+    # tokenized and cached on its own, training windows are drawn by weight, and each
+    # source's validation loss is logged as val/<name>/loss
+    mix: Optional[List[MixSource]] = None
 
 
 @dataclass

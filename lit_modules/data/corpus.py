@@ -461,30 +461,32 @@ def _as_list(source) -> List[str]:
 class Corpus:
     """The documents that a DataConfig names, in a fixed order, capped at max_chars."""
 
-    def __init__(self, cfg: DataConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DataConfig, where: str = "data.source"):
+        """`where`: the recipe key that named the source, for messages (a mix's
+        entries are data.mix[i].source)."""
+        self.cfg, self.where = cfg, where
         specs = _as_list(cfg.source)
         if not specs:
-            raise DataError("data.source is empty; set it to 'stdlib' or to paths/globs of .txt or .jsonl files.")
+            raise DataError(f"{where} is empty; set it to 'stdlib' or to paths/globs of .txt or .jsonl files.")
         require_numbers(cfg, "data", DataError)  # val_fraction, max_chars: load_recipe's rules
         check_encoding(cfg.encoding)
         self.sources: List[Source] = []
         user_files: List[Path] = []
         read = set()  # a file reached twice (two globs, a symbolic link) is read once, by its first name
         for i, spec in enumerate(specs):
-            where = "data.source" if len(specs) == 1 else f"data.source[{i}]"
+            where_i = where if len(specs) == 1 else f"{where}[{i}]"
             if spec == "stdlib":
                 files = tuple((f"stdlib/{rel}", p) for rel, p in stdlib_files())
                 self.sources.append(Source(spec, files, stdlib=True))
             elif spec == "site-packages":
                 files = tuple((f"site-packages/{rel}", p) for rel, p in site_files())
                 if not files:
-                    raise DataError(f"{where} 'site-packages': this Python ({sys.executable}) has no installed "
+                    raise DataError(f"{where_i} 'site-packages': this Python ({sys.executable}) has no installed "
                                     f"package sources; use 'stdlib' or paths/globs of text files.")
                 self.sources.append(Source(spec, files, site=True))
             else:
                 found = []
-                for p in _expand(spec, where):
+                for p in _expand(spec, where_i):
                     if (real := p.resolve()) not in read:
                         read.add(real)
                         found.append(p)
@@ -681,7 +683,7 @@ class Corpus:
                 progress(len(text))
         if n == 0:
             specs = ", ".join(s.spec for s in self.sources)
-            raise DataError(f"the corpus is empty: data.source ({specs}) holds no text; "
+            raise DataError(f"the corpus is empty: {self.where} ({specs}) holds no text; "
                             f"point it at files with text in them.")
         forced_val = forced_train = None
         if n == 1:
