@@ -334,6 +334,9 @@ class DataConfig:
     cache_dir: str = ".cache/moelab"
     max_chars: Optional[int] = None  # cap on corpus size (characters), null = all; per source in a mix
     num_workers: int = 0
+    # processes that tokenize the corpus into the cache (1: this process alone); the
+    # cache is the same whatever the number, so it is not part of the cache key
+    num_proc: int = 1
     # a weighted mixture instead of data.source (which it then replaces): each entry is
     # tokenized and cached on its own, training windows are drawn by weight, and each
     # source's validation loss is logged as val/<name>/loss

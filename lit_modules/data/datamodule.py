@@ -68,8 +68,8 @@ from lit_modules.data.corpus import Corpus, DataError, SplitPlan, chunks
 from lit_modules.data.mix import MixEntry, MixWindows, mix_entries
 from lit_modules.disk import check_folder, writing
 from lit_modules.data.tokenizer import (
-    BPE_MAX_CHARS, BPE_VERSION, Tokenizer, check_vocab, default_log, eos_id,
-    load_tokenizer_file, save_atomic, tokenizer_file, tokenizer_sha,
+    BPE_MAX_CHARS, BPE_VERSION, Tokenizer, check_vocab, default_log, encode_pieces, eos_id,
+    init_encode_worker, load_tokenizer_file, save_atomic, tokenizer_file, tokenizer_sha,
     train_bpe,
     vocab_size,
 )
@@ -144,6 +144,56 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+class _Encoder:
+    """Encodes batches of pieces here (num_proc 1) or in a pool of worker processes,
+    handing the results to `write` in submission order. At most 2 x num_proc batches
+    are in flight, so a large corpus is never held in memory whole."""
+
+    def __init__(self, tok: Tokenizer, eos: int, dtype: str, num_proc: int):
+        self.tok, self.eos, self.dtype, self.num_proc = tok, eos, dtype, int(num_proc)
+        self.pool, self.inflight = None, []
+
+    def __enter__(self):
+        if self.num_proc > 1:
+            import multiprocessing as mp
+
+            # fork where there is one (no re-import of torch per worker); the workers'
+            # tokenizers run single-threaded (the variable also silences tokenizers'
+            # warning about forking after its thread pool started)
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            saved = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            try:
+                self.pool = mp.get_context(method).Pool(self.num_proc, initializer=init_encode_worker,
+                                                         initargs=(self.tok.to_str(),))
+            finally:
+                if saved is None:
+                    os.environ.pop("TOKENIZERS_PARALLELISM", None)
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = saved
+        return self
+
+    def submit(self, pieces: List[str], ends: List[bool], size: int, write) -> None:
+        if self.pool is None:
+            write(encode_pieces(pieces, ends, self.eos, self.dtype, self.tok), size)
+            return
+        self.inflight.append((self.pool.apply_async(encode_pieces, (pieces, ends, self.eos, self.dtype)), size))
+        while len(self.inflight) > 2 * self.num_proc:
+            result, n = self.inflight.pop(0)
+            write(result.get(), n)
+
+    def drain(self, write) -> None:
+        while self.inflight:
+            result, n = self.inflight.pop(0)
+            write(result.get(), n)
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate()  # after drain() all work is done; on an error, stop at once
+            self.pool.join()
+        return False
 
 
 # ----------------------------------------------------------------------- batches
@@ -560,29 +610,22 @@ class TokenDataModule(pl.LightningDataModule):
                   f"{time.time() - t0:.1f}s, cached in {folder}")
         return meta
 
-    @staticmethod
-    def _encode(tok: Tokenizer, texts, eos: int, dtype: str, out: Path, bar) -> Tuple[int, int]:
-        """Encode documents in batches, append them to `out` each followed by eos;
-        returns (tokens, characters)."""
+    def _encode(self, tok: Tokenizer, texts, eos: int, dtype: str, out: Path, bar) -> Tuple[int, int]:
+        """Encode documents in batches of about ENCODE_BATCH_CHARS, append them to `out`
+        each followed by eos; returns (tokens, characters). With data.num_proc > 1 the
+        batches are encoded by worker processes and written in their order, so the
+        file is the one a single process writes."""
         n_tok = n_chars = 0
-        pending: List[str] = []
-        ends: List[bool] = []
-        size = 0
-        with open(out, "wb") as f:
-            def flush():
-                nonlocal n_tok, size
-                ids: List[int] = []
-                for enc, end in zip(tok.encode_batch(pending, add_special_tokens=False), ends):
-                    ids.extend(enc.ids)
-                    if end:
-                        ids.append(eos)
-                arr = np.asarray(ids, dtype=dtype)
+        with open(out, "wb") as f, _Encoder(tok, eos, dtype, self.cfg.num_proc) as enc:
+            def write(arr: np.ndarray, size: int) -> None:
+                nonlocal n_tok
                 arr.tofile(f)
                 n_tok += arr.size
                 bar.update(size)
-                pending.clear(), ends.clear()
-                size = 0
 
+            pending: List[str] = []
+            ends: List[bool] = []
+            size = 0
             for text in texts:
                 n_chars += len(text)
                 pieces = list(chunks(text, CHUNK_CHARS))
@@ -591,9 +634,11 @@ class TokenDataModule(pl.LightningDataModule):
                     ends.append(i == len(pieces) - 1)
                     size += len(piece)
                     if size >= ENCODE_BATCH_CHARS:
-                        flush()
+                        enc.submit(pending, ends, size, write)
+                        pending, ends, size = [], [], 0
             if pending:
-                flush()
+                enc.submit(pending, ends, size, write)
+            enc.drain(write)
         return n_tok, n_chars
 
     # ------------------------------------------------------------------- setup
