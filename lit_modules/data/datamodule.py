@@ -43,6 +43,10 @@ the run is a window of the source and position that lit_modules/data/mix.py comp
 from (seed, j) alone, so the position (and resume) works as above. An "epoch" of a
 mix is as many windows as all sources hold together. Validation is one fixed set of
 batches per source, a loader each, in data.mix's order.
+
+Streaming (data.streaming): the loaders are litdata's, over token chunks written
+beforehand (lit_modules/data/streaming.py); nothing is read or tokenized here, and
+the position is litdata's loader state.
 """
 from __future__ import annotations
 
@@ -353,6 +357,10 @@ class TokenDataModule(pl.LightningDataModule):
         # a mixture: one data module per source, sharing this one's tokenizer
         self._where, self._label = "data.source", ""
         self._mix: Optional[List[MixEntry]] = mix_entries(self.cfg)
+        self._stream = None  # data.streaming's StreamingData, made in setup
+        if self.cfg.streaming is not None and self._mix is not None:
+            raise DataError("data.streaming and data.mix are both set; stream one exported source "
+                            "(data.mix=null), or mix local sources (data.streaming=null).")
         self._parts: List[TokenDataModule] = []
         for i, e in enumerate(self._mix or []):
             part = TokenDataModule(dataclasses.replace(recipe, data=dataclasses.replace(self.cfg, source=e.source,
@@ -423,7 +431,13 @@ class TokenDataModule(pl.LightningDataModule):
         missing. Checks it against model.vocab_size. Idempotent."""
         if self._tok is not None:
             return self._tok
-        corpora = [p.corpus for p in self._parts] if self._mix is not None else [self.corpus]  # path errors first
+        if self.cfg.streaming is not None and not self.cfg.tokenizer:
+            raise DataError(f"data.streaming needs data.tokenizer, the tokenizer its chunks were written with "
+                            f"(the export puts it at {self.cfg.streaming.rstrip('/')}/tokenizer.json).")
+        if self.cfg.streaming is not None:
+            corpora = []  # no corpus is read
+        else:
+            corpora = [p.corpus for p in self._parts] if self._mix is not None else [self.corpus]  # path errors first
         model_vocab = self.recipe.model.vocab_size
         if self.cfg.tokenizer:
             what = f"'{self.cfg.tokenizer}'"
@@ -501,6 +515,13 @@ class TokenDataModule(pl.LightningDataModule):
         tok = self.prepare_tokenizer()
         if self._mix is not None:
             self._meta = self._mix_meta(tok)
+            return
+        if self.cfg.streaming is not None:
+            from lit_modules.data.streaming import litdata
+
+            litdata()  # installed: said now, before any work
+            self._meta = {"streaming": self.cfg.streaming, "tokenizer": str(self._tok_path),
+                          "tokenizer_sha": tokenizer_sha(tok)}
             return
         check_folder(self.cache_dir, "data.cache_dir", "set data.cache_dir to a folder")
         folder = self.cache_dir / f"tokens-{_hash(self.corpus.key(), tokenizer_sha(tok), CACHE_VERSION)}"
@@ -647,6 +668,15 @@ class TokenDataModule(pl.LightningDataModule):
         if self._train is not None:
             return
         self.prepare_data()  # cheap when the cache exists (every rank finds it)
+        if self.cfg.streaming is not None:
+            if self._stream is None:
+                from lit_modules.data.streaming import StreamingData
+
+                self._stream = StreamingData(self.cfg.streaming, self.recipe, self.cfg.num_workers)
+                if self._loaded is not None:
+                    self._stream.load_state_dict(self._loaded)
+                    self._loaded = None
+            return
         if self._mix is not None:
             self._setup_mix()
         else:
@@ -756,6 +786,8 @@ class TokenDataModule(pl.LightningDataModule):
     def batches_per_epoch(self) -> int:
         """Training batches (= optimizer steps) per epoch, per rank."""
         self.setup()
+        if self._stream is not None:
+            return len(self._stream.train_loader())
         return self._train.batches_per_epoch
 
     # ------------------------------------------------------------- dataloaders
@@ -770,6 +802,8 @@ class TokenDataModule(pl.LightningDataModule):
         """Batches of shape (micro_batch_size * grad_accum, seq_len + 1), one per
         optimizer step; iterating again continues from the data position."""
         self.setup()
+        if self._stream is not None:
+            return self._stream.train_loader()
         return _TrainLoader(self._train, self, **self._loader_kwargs())
 
     def val_dataloader(self):
@@ -777,6 +811,8 @@ class TokenDataModule(pl.LightningDataModule):
         data.val_fraction is 0; for a mixture, a list of loaders, one per source in
         data.mix's order (the module logs each as val/<name>/loss)."""
         self.setup()
+        if self._stream is not None:
+            return self._stream.val_loader()
         if self._val is None:
             return []
         if isinstance(self._val, list):
@@ -810,6 +846,8 @@ class TokenDataModule(pl.LightningDataModule):
     def state_dict(self) -> Dict:
         """Where the training data stands: epoch and windows consumed in it (over all
         ranks), with what they depend on. Saved by Lightning in every checkpoint."""
+        if self._stream is not None:
+            return self._stream.state_dict()
         if self._train is None:
             return dict(self._loaded) if self._loaded else {"version": 1, **self._anchor}
         epoch, b = self._position()
@@ -824,7 +862,9 @@ class TokenDataModule(pl.LightningDataModule):
     def load_state_dict(self, state: Dict) -> None:
         """Continue from a saved position. Before setup() the state is kept and applied
         there (Lightning restores the data module after setup)."""
-        if self._train is None:
+        if self._stream is not None:
+            self._stream.load_state_dict(state)
+        elif self._train is None:
             self._loaded = dict(state)
         else:
             self._apply_state(state)
