@@ -87,6 +87,9 @@ def mix_entries(cfg) -> Optional[List[MixEntry]]:
                             f"data.mix[*].name.")
         seen.add(name)
         out.append(MixEntry(name, float(e.weight) / total, e.source))
+    if len(out) > MIX_CHUNK:
+        raise DataError(f"data.mix has {len(out):,} sources, more than the {MIX_CHUNK:,} windows of a mixing chunk; "
+                        f"merge small sources into one entry (its source may be a list).")
     return out
 
 
@@ -129,17 +132,19 @@ class MixSchedule:
 
     def locate(self, slots: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(source, draw) of each slot."""
+        slots = np.asarray(slots, dtype=np.int64)
+        # chunk_start(m) lies in (m*chunk - sources, m*chunk] (sources <= chunk, checked
+        # in mix_entries), so slot j is in chunk j // chunk or the next one
+        m = slots // self.chunk
+        starts = {int(c): self.chunk_start(int(c)) for c in np.unique(np.concatenate([m, m + 1]))}
+        m = m + (slots >= np.array([starts[int(c) + 1] for c in m], dtype=np.int64))
         src = np.empty(len(slots), dtype=np.int64)
         draws = np.empty(len(slots), dtype=np.int64)
-        for k, j in enumerate(slots.tolist()):
-            # chunk_start(m) lies in (m*chunk - sources, m*chunk], so m is j // chunk or the next
-            m = j // self.chunk
-            while m > 0 and self.chunk_start(m) > j:
-                m -= 1
-            while self.chunk_start(m + 1) <= j:
-                m += 1
-            s, d = self._chunk(m)
-            src[k], draws[k] = s[j - self.chunk_start(m)], d[j - self.chunk_start(m)]
+        for c in np.unique(m).tolist():
+            at = np.flatnonzero(m == c)
+            s, d = self._chunk(c)
+            offset = slots[at] - (starts[c] if c in starts else self.chunk_start(c))
+            src[at], draws[at] = s[offset], d[offset]
         return src, draws
 
 

@@ -89,7 +89,7 @@ def test_schedule_counts_are_exact_at_chunk_boundaries():
     for i in range(3):
         assert draws[src == i].tolist() == list(range(int((src == i).sum())))
     # located one by one from anywhere (as a resumed run does), the same
-    some = np.array([5000, 17, 12287, 4095, 4096])
+    some = np.concatenate([[5000, 17, 12287, 4095, 4096], np.random.default_rng(1).integers(0, 3 * MIX_CHUNK, 300)])
     src2, draws2 = MixSchedule(w, seed=7).locate(some)
     assert src2.tolist() == src[some].tolist() and draws2.tolist() == draws[some].tolist()
     assert MixSchedule(w, seed=8).locate(np.arange(64))[0].tolist() != src[:64].tolist()
