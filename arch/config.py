@@ -317,6 +317,7 @@ class MixSource:
     source: Any = None  # what data.source accepts: "stdlib", a path/glob, a list of them
     weight: float = 1.0  # share of training windows, relative to the other entries' weights
     name: Optional[str] = None  # in logs (val/<name>/loss); null: derived from the source
+    text_field: Optional[str] = None  # this source's JSONL key / column; null: data.text_field
 
 
 @dataclass

@@ -363,8 +363,9 @@ class TokenDataModule(pl.LightningDataModule):
                             "(data.mix=null), or mix local sources (data.streaming=null).")
         self._parts: List[TokenDataModule] = []
         for i, e in enumerate(self._mix or []):
-            part = TokenDataModule(dataclasses.replace(recipe, data=dataclasses.replace(self.cfg, source=e.source,
-                                                                                        mix=None)),
+            data = dataclasses.replace(self.cfg, source=e.source, mix=None,
+                                       text_field=e.text_field or self.cfg.text_field)
+            part = TokenDataModule(dataclasses.replace(recipe, data=data),
                                    verbose=verbose, progress=progress, rank=rank, world_size=world_size)
             part._where, part._label = f"data.mix[{i}].source", e.name
             self._parts.append(part)

@@ -44,6 +44,7 @@ class MixEntry:
     name: str
     weight: float  # normalised: the weights of a mix sum to 1
     source: Any
+    text_field: Optional[str] = None  # null: data.text_field
 
 
 def _default_name(source: Any) -> Optional[str]:
@@ -86,7 +87,7 @@ def mix_entries(cfg) -> Optional[List[MixEntry]]:
             raise DataError(f"data.mix names '{name}' twice (data.mix[{i}]); give each entry a distinct "
                             f"data.mix[*].name.")
         seen.add(name)
-        out.append(MixEntry(name, float(e.weight) / total, e.source))
+        out.append(MixEntry(name, float(e.weight) / total, e.source, e.text_field))
     if len(out) > MIX_CHUNK:
         raise DataError(f"data.mix has {len(out):,} sources, more than the {MIX_CHUNK:,} windows of a mixing chunk; "
                         f"merge small sources into one entry (its source may be a list).")

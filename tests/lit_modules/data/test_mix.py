@@ -183,6 +183,17 @@ def test_trainer_resume_and_per_source_validation(data, tmp_path):
         assert rows and all(r in windows for r in rows)
 
 
+def test_per_source_text_field(data, tmp_path):
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"body": f"dd{i} " * 30}) + "\n")
+    spec = f"[{{source: {data}/a.jsonl}}, {{source: {tmp_path}/d.jsonl, text_field: body}}]"
+    r = load_recipe("qwen3/0.6b", ["model.vocab_size=512", f"data.cache_dir={tmp_path / 'cache'}", f"data.mix={spec}"])
+    dm = TokenDataModule(r, verbose=False)
+    dm.prepare_data()
+    assert dm.mix_names == ["a", "d"] and dm._parts[1].meta["documents"] == 30
+
+
 def test_tokenizer_for_a_mix(data, tmp_path):
     # the trained BPE depends on the weights (its sample does); a given tokenizer.json is shared
     a = TokenDataModule(make_recipe(data), verbose=False).tokenizer_path
