@@ -332,20 +332,41 @@ class TrainConfig:
 
 
 @dataclass
+class MixSource:
+    """One source of a weighted data mixture (`data.mix`)."""
+
+    source: Any = None  # what data.source accepts: "stdlib", a path/glob, a list of them
+    weight: float = 1.0  # share of training windows, relative to the other entries' weights
+    name: Optional[str] = None  # in logs (val/<name>/loss); null: derived from the source
+    text_field: Optional[str] = None  # this source's JSONL key / column; null: data.text_field
+
+
+@dataclass
 class DataConfig:
     # "stdlib" (the embedded corpus: this Python's standard library), "site-packages"
     # (every *.py of this Python's installed packages: a larger corpus for GPU runs), or
     # paths/globs of .txt / .jsonl files
     source: Any = "stdlib"
-    text_field: str = "text"  # JSONL key holding the text
+    text_field: str = "text"  # JSONL key, or Parquet / datasets (Arrow) column, holding the text
     # how the data files' bytes are decoded (any Python codec: utf-8, latin-1, cp1252,
     # utf-16); a file that does not decode is refused, never read with replacements
     encoding: str = "utf-8"
     val_fraction: float = 0.02
     tokenizer: Optional[str] = None  # a tokenizer.json path; null: train a BPE
     cache_dir: str = ".cache/moelab"
-    max_chars: Optional[int] = None  # cap on corpus size (characters), null = all
+    max_chars: Optional[int] = None  # cap on corpus size (characters), null = all; per source in a mix
     num_workers: int = 0
+    # processes that tokenize the corpus into the cache (1: this process alone); the
+    # cache is the same whatever the number, so it is not part of the cache key
+    num_proc: int = 1
+    # a weighted mixture instead of data.source (which it then replaces): each entry is
+    # tokenized and cached on its own, training windows are drawn by weight, and each
+    # source's validation loss is logged as val/<name>/loss
+    mix: Optional[List[MixSource]] = None
+    # a litdata dataset (folder, shared file system or s3:// URL with train/ and val/
+    # token chunks, written by `python -m lit_modules.data.streaming`) streamed instead
+    # of the local token cache; needs data.tokenizer and the `streaming` extra
+    streaming: Optional[str] = None
 
 
 @dataclass

@@ -138,6 +138,8 @@ RANGES: Dict[str, Tuple[str, str]] = {
     "data.val_fraction": ("[0, 1)", "the share of documents kept for validation (0: none)"),
     "data.max_chars": ("[1, inf)", "the corpus cap in characters (null: all)"),
     "data.num_workers": (f"[0, {MAX_WORKERS}]", "the data-loader processes"),
+    "data.num_proc": (f"[1, {MAX_WORKERS}]", "the tokenizing processes"),
+    "data.mix[*].weight": ("(0, inf)", "a mix source's weight"),
 }
 
 

@@ -10,6 +10,11 @@ A corpus is an ordered stream of documents `(name, text)` named by `data.source`
                         installed, for GPU-sized runs without a download
     "notes/*.txt"       plain-text files (a glob, a file or a folder; .gz works)
     "dump.jsonl"        JSON Lines, one document per line under `data.text_field`
+    "shards/*.parquet"  Parquet files, one document per row of the `data.text_field`
+                        column (needs pyarrow: the `parquet` extra)
+    "my_dataset/"       a folder written by Hugging Face `datasets`' save_to_disk
+                        (a Dataset, or a DatasetDict: all its splits); its Arrow
+                        files are read with pyarrow, without the datasets package
     [a, b, ...]         several of the above, in order
 
 The order is fixed (sorted paths; for the standard library and site-packages a hash of
@@ -18,6 +23,7 @@ letters), and
 `data.max_chars` cuts the stream after that many characters. Documents go to the
 validation split by a hash of their name (the relative path, `path:line` for JSONL),
 so the split is the same on every machine and does not move when files are added.
+Rows of Parquet and Arrow files are named `path:row` (row from 1), like JSONL lines.
 """
 from __future__ import annotations
 
@@ -53,7 +59,10 @@ STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-package
 STDLIB_SKIP_FILES = ("pydoc_data/topics.py",)
 STDLIB_SKIP_PREFIXES = ("_sysconfigdata_",)
 # a folder given as a source contributes these files (recursively)
-FOLDER_SUFFIXES = (".txt", ".md", ".jsonl", ".txt.gz", ".md.gz", ".jsonl.gz")
+FOLDER_SUFFIXES = (".txt", ".md", ".jsonl", ".txt.gz", ".md.gz", ".jsonl.gz", ".parquet")
+# column files read through pyarrow: Parquet, and the Arrow IPC streams of `datasets`
+TABLE_SUFFIXES = (".parquet", ".arrow")
+TABLE_ROWS = 1024  # rows read from a Parquet file at a time
 
 
 class DataError(RecipeError):
@@ -65,6 +74,10 @@ class DataError(RecipeError):
 def name_hash(name: str) -> float:
     """A uniform number in [0, 1) from a document's name, the same on every machine."""
     return int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def _is_table(path: Path) -> bool:
+    return path.name.endswith(TABLE_SUFFIXES)
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -342,7 +355,13 @@ def _expand(spec: str, where: str) -> List[Path]:
         path = Path.cwd() / path
     if has_magic(str(path)):
         found = [p for p in _glob(path) if p.is_file()]
+    elif path.is_dir() and _is_datasets_dir(path):
+        return _datasets_files(path, spec, where)
     elif path.is_dir():
+        if next(path.rglob("*.arrow"), None) is not None and not any(path.rglob("*.parquet")):
+            raise DataError(f"{where} '{spec}' holds .arrow files but is not a datasets directory (no state.json "
+                            f"or dataset_dict.json in it); give the folder that Dataset.save_to_disk wrote, or "
+                            f"name the .arrow files with a glob such as '{spec}/**/*.arrow'.")
         found = [p for p in path.rglob("*") if p.is_file() and p.name.endswith(FOLDER_SUFFIXES)]
         if not found:
             raise DataError(
@@ -361,6 +380,76 @@ def _expand(spec: str, where: str) -> List[Path]:
     return sorted(set(found))
 
 
+def _is_datasets_dir(path: Path) -> bool:
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _inside(folder: Path, name, what: str) -> Path:
+    """A file named in `what` (a JSON file of `folder`), refused unless it stays inside
+    the folder: a crafted file must not make the corpus read elsewhere."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise DataError(f"{what} names {name!r}, not a file name inside {folder}; save the dataset again with "
+                        f"save_to_disk.")
+    p = (folder / name).resolve()
+    if not p.is_relative_to(folder.resolve()):
+        raise DataError(f"{what} names {name!r}, which lies outside {folder}; save the dataset again with "
+                        f"save_to_disk.")
+    return folder / name
+
+
+def _read_json(path: Path, spec: str, where: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{where} '{spec}': {path} is not readable JSON ({str(e).splitlines()[0]}); the folder is "
+                        f"not a complete datasets directory: save it again with save_to_disk.") from None
+
+
+def _datasets_files(folder: Path, spec: str, where: str, depth: int = 0) -> List[Path]:
+    """The Arrow files of a save_to_disk folder, in the order `datasets` reads them: a
+    Dataset's state.json lists its files; a DatasetDict's dataset_dict.json lists its
+    splits, each a Dataset folder."""
+    if (folder / "dataset_dict.json").is_file() and depth == 0:
+        what = folder / "dataset_dict.json"
+        splits = _read_json(what, spec, where)
+        splits = splits.get("splits") if isinstance(splits, dict) else None
+        if not isinstance(splits, list) or not splits:
+            raise DataError(f"{where} '{spec}': {what} lists no splits; save the DatasetDict again with "
+                            f"save_to_disk.")
+        out = []
+        for split in splits:
+            sub = _inside(folder, split, str(what))
+            if not (sub / "state.json").is_file():
+                raise DataError(f"{where} '{spec}': the split '{split}' has no {sub / 'state.json'}; save the "
+                                f"DatasetDict again with save_to_disk.")
+            out += _datasets_files(sub, spec, where, depth + 1)
+        return out
+    what = folder / "state.json"
+    state = _read_json(what, spec, where)
+    files = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(files, list) or not files:
+        raise DataError(f"{where} '{spec}': {what} lists no data files (_data_files); save the dataset again "
+                        f"with save_to_disk.")
+    out = []
+    for f in files:
+        p = _inside(folder, f.get("filename") if isinstance(f, dict) else f, str(what))
+        if not p.is_file():
+            raise DataError(f"{where} '{spec}': {p}, listed in {what}, is missing; copy the whole dataset folder.")
+        out.append(p)
+    return out
+
+
+def _pyarrow(path: Path):
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow, which is not installed; pip install 'moelab[parquet]' "
+                        f"(or pip install pyarrow).") from None
+    return pyarrow
+
+
 def _as_list(source) -> List[str]:
     if source is None:
         return []
@@ -372,35 +461,40 @@ def _as_list(source) -> List[str]:
 class Corpus:
     """The documents that a DataConfig names, in a fixed order, capped at max_chars."""
 
-    def __init__(self, cfg: DataConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DataConfig, where: str = "data.source"):
+        """`where`: the recipe key that named the source, for messages (a mix's
+        entries are data.mix[i].source)."""
+        self.cfg, self.where = cfg, where
         specs = _as_list(cfg.source)
         if not specs:
-            raise DataError("data.source is empty; set it to 'stdlib' or to paths/globs of .txt or .jsonl files.")
+            raise DataError(f"{where} is empty; set it to 'stdlib' or to paths/globs of .txt or .jsonl files.")
         require_numbers(cfg, "data", DataError)  # val_fraction, max_chars: load_recipe's rules
         check_encoding(cfg.encoding)
         self.sources: List[Source] = []
         user_files: List[Path] = []
         read = set()  # a file reached twice (two globs, a symbolic link) is read once, by its first name
         for i, spec in enumerate(specs):
-            where = "data.source" if len(specs) == 1 else f"data.source[{i}]"
+            where_i = where if len(specs) == 1 else f"{where}[{i}]"
             if spec == "stdlib":
                 files = tuple((f"stdlib/{rel}", p) for rel, p in stdlib_files())
                 self.sources.append(Source(spec, files, stdlib=True))
             elif spec == "site-packages":
                 files = tuple((f"site-packages/{rel}", p) for rel, p in site_files())
                 if not files:
-                    raise DataError(f"{where} 'site-packages': this Python ({sys.executable}) has no installed "
+                    raise DataError(f"{where_i} 'site-packages': this Python ({sys.executable}) has no installed "
                                     f"package sources; use 'stdlib' or paths/globs of text files.")
                 self.sources.append(Source(spec, files, site=True))
             else:
                 found = []
-                for p in _expand(spec, where):
+                for p in _expand(spec, where_i):
                     if (real := p.resolve()) not in read:
                         read.add(real)
                         found.append(p)
                 user_files += found
                 self.sources.append(Source(spec, tuple(("", p) for p in found)))
+                tables = [p for p in found if _is_table(p)]
+                if tables:
+                    _pyarrow(tables[0])  # before any work: the first such file is named
         # user files are named relative to their common folder, so the split does not
         # change when the data moves to another machine or folder
         if user_files:
@@ -476,10 +570,45 @@ class Corpus:
                         yield name, text
                 continue
             for name, p in s.files:
-                if _is_jsonl(p):
+                if _is_table(p):
+                    yield from self._table(name, p)
+                elif _is_jsonl(p):
                     yield from self._jsonl(name, p)
                 else:
                     yield name, read_text(p, self.cfg.encoding)
+
+    def _table(self, name: str, path: Path) -> Iterator[Tuple[str, str]]:
+        """The rows of a Parquet file or an Arrow stream (a `datasets` shard), column
+        data.text_field, read a record batch at a time; null rows are skipped."""
+        pa = _pyarrow(path)
+        field = self.cfg.text_field
+        try:
+            if path.name.endswith(".parquet"):
+                pf = pa.parquet.ParquetFile(path)
+                schema = pf.schema_arrow
+                batches = None if field not in schema.names else pf.iter_batches(batch_size=TABLE_ROWS, columns=[field])
+            else:
+                reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+                schema, batches = reader.schema, reader
+            if field not in schema.names:
+                raise DataError(f"{path} has no column '{field}' (it has: {', '.join(schema.names)}); set "
+                                f"data.text_field to the column that holds the text.")
+            kind = schema.field(field).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise DataError(f"{path} column '{field}' holds {kind}, not strings; point data.text_field at "
+                                f"the text column.")
+            row = 0
+            for batch in batches:
+                for text in batch.column(batch.schema.get_field_index(field)).to_pylist():
+                    row += 1
+                    if text is not None:
+                        yield f"{name}:{row}", text
+        except DataError:
+            raise
+        except (OSError, pa.ArrowException) as e:
+            kind = "Parquet" if path.name.endswith(".parquet") else "Arrow stream (datasets)"
+            raise DataError(f"{path} is not a readable {kind} file ({str(e).splitlines()[0] or type(e).__name__}); "
+                            f"check the file, or remove it from data.source.") from None
 
     def _jsonl(self, name: str, path: Path) -> Iterator[Tuple[str, str]]:
         """The documents of a JSON Lines file, read line by line (one DataError for a
@@ -554,7 +683,7 @@ class Corpus:
                 progress(len(text))
         if n == 0:
             specs = ", ".join(s.spec for s in self.sources)
-            raise DataError(f"the corpus is empty: data.source ({specs}) holds no text; "
+            raise DataError(f"the corpus is empty: {self.where} ({specs}) holds no text; "
                             f"point it at files with text in them.")
         forced_val = forced_train = None
         if n == 1:

@@ -34,10 +34,24 @@ position is a count of consumed batches: under a Trainer it is the trainer's
 global_step (one optimizer step per batch), otherwise the batches the loader has
 handed out. state_dict() saves it; a resumed run starts the epoch's loader at the
 next batch, whatever restarted the loader.
+
+Mixtures (data.mix). Each source is prepared as above by a data module of its own
+(its corpus, its tokens-<key>/ cache), all with one tokenizer: data.tokenizer, or a
+BPE trained on a sample of the sources' training splits in the proportions of their
+weights. Training batches take slots instead of windows of one permutation: slot j of
+the run is a window of the source and position that lit_modules/data/mix.py computes
+from (seed, j) alone, so the position (and resume) works as above. An "epoch" of a
+mix is as many windows as all sources hold together. Validation is one fixed set of
+batches per source, a loader each, in data.mix's order.
+
+Streaming (data.streaming): the loaders are litdata's, over token chunks written
+beforehand (lit_modules/data/streaming.py); nothing is read or tokenized here, and
+the position is litdata's loader state.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -55,10 +69,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from arch.config import Recipe
 from lit_modules.data.corpus import Corpus, DataError, SplitPlan, chunks
+from lit_modules.data.mix import MixEntry, MixWindows, mix_entries
 from lit_modules.disk import check_folder, writing
 from lit_modules.data.tokenizer import (
-    BPE_MAX_CHARS, BPE_VERSION, Tokenizer, check_vocab, default_log, eos_id,
-    load_tokenizer_file, save_atomic, tokenizer_file, tokenizer_sha,
+    BPE_MAX_CHARS, BPE_VERSION, Tokenizer, check_vocab, default_log, encode_pieces, eos_id,
+    init_encode_worker, load_tokenizer_file, save_atomic, tokenizer_file, tokenizer_sha,
     train_bpe,
     vocab_size,
 )
@@ -135,6 +150,56 @@ class _NoBar:
         pass
 
 
+class _Encoder:
+    """Encodes batches of pieces here (num_proc 1) or in a pool of worker processes,
+    handing the results to `write` in submission order. At most 2 x num_proc batches
+    are in flight, so a large corpus is never held in memory whole."""
+
+    def __init__(self, tok: Tokenizer, eos: int, dtype: str, num_proc: int):
+        self.tok, self.eos, self.dtype, self.num_proc = tok, eos, dtype, int(num_proc)
+        self.pool, self.inflight = None, []
+
+    def __enter__(self):
+        if self.num_proc > 1:
+            import multiprocessing as mp
+
+            # fork where there is one (no re-import of torch per worker); the workers'
+            # tokenizers run single-threaded (the variable also silences tokenizers'
+            # warning about forking after its thread pool started)
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            saved = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            try:
+                self.pool = mp.get_context(method).Pool(self.num_proc, initializer=init_encode_worker,
+                                                         initargs=(self.tok.to_str(),))
+            finally:
+                if saved is None:
+                    os.environ.pop("TOKENIZERS_PARALLELISM", None)
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = saved
+        return self
+
+    def submit(self, pieces: List[str], ends: List[bool], size: int, write) -> None:
+        if self.pool is None:
+            write(encode_pieces(pieces, ends, self.eos, self.dtype, self.tok), size)
+            return
+        self.inflight.append((self.pool.apply_async(encode_pieces, (pieces, ends, self.eos, self.dtype)), size))
+        while len(self.inflight) > 2 * self.num_proc:
+            result, n = self.inflight.pop(0)
+            write(result.get(), n)
+
+    def drain(self, write) -> None:
+        while self.inflight:
+            result, n = self.inflight.pop(0)
+            write(result.get(), n)
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate()  # after drain() all work is done; on an error, stop at once
+            self.pool.join()
+        return False
+
+
 # ----------------------------------------------------------------------- batches
 
 
@@ -195,6 +260,19 @@ class _TrainBatches(IterableDataset):
         k, n = _worker_share()
         for b in range(self.start + k, self.batches_per_epoch, n):
             yield self.windows.batch(self.batch_ids(perm, b))
+
+
+class _MixTrainBatches(_TrainBatches):
+    """Training batches of a mixture: step windows are slots of the run (counted over
+    epochs), which MixWindows maps to a source's window."""
+
+    def order(self, epoch: int) -> int:
+        return epoch  # slots need no permutation: the schedule shuffles
+
+    def batch_ids(self, epoch: int, b: int) -> np.ndarray:
+        g = self.step_windows
+        first = (epoch * self.batches_per_epoch + b) * g
+        return np.arange(first, first + g, dtype=np.int64)[self.rank::self.world]
 
 
 class _ValBatches(IterableDataset):
@@ -276,6 +354,21 @@ class TokenDataModule(pl.LightningDataModule):
         self._anchor = {"epoch": 0, "windows": 0, "step": 0}
         self._handed_out = 0
         self._loaded: Optional[Dict] = None
+        # a mixture: one data module per source, sharing this one's tokenizer
+        self._where, self._label = "data.source", ""
+        self._mix: Optional[List[MixEntry]] = mix_entries(self.cfg)
+        self._stream = None  # data.streaming's StreamingData, made in setup
+        if self.cfg.streaming is not None and self._mix is not None:
+            raise DataError("data.streaming and data.mix are both set; stream one exported source "
+                            "(data.mix=null), or mix local sources (data.streaming=null).")
+        self._parts: List[TokenDataModule] = []
+        for i, e in enumerate(self._mix or []):
+            data = dataclasses.replace(self.cfg, source=e.source, mix=None,
+                                       text_field=e.text_field or self.cfg.text_field)
+            part = TokenDataModule(dataclasses.replace(recipe, data=data),
+                                   verbose=verbose, progress=progress, rank=rank, world_size=world_size)
+            part._where, part._label = f"data.mix[{i}].source", e.name
+            self._parts.append(part)
 
     # ------------------------------------------------------------------ helpers
 
@@ -299,7 +392,7 @@ class TokenDataModule(pl.LightningDataModule):
 
     def _log(self, msg: str) -> None:
         if self._is_rank0():
-            default_log(self._verbose)(msg)
+            default_log(self._verbose)(f"[{self._label}] {msg}" if self._label else msg)
 
     def _show_progress(self) -> bool:
         show = self._progress if self._progress is not None else sys.stderr.isatty()
@@ -316,8 +409,10 @@ class TokenDataModule(pl.LightningDataModule):
 
     @property
     def corpus(self) -> Corpus:
+        if self._mix is not None:
+            raise AttributeError("a mixture has no single corpus; see its sources' data modules (_parts)")
         if self._corpus is None:
-            self._corpus = Corpus(self.cfg)  # raises when a path matches nothing
+            self._corpus = Corpus(self.cfg, self._where)  # raises when a path matches nothing
         return self._corpus
 
     def _get_plan(self) -> SplitPlan:
@@ -337,7 +432,13 @@ class TokenDataModule(pl.LightningDataModule):
         missing. Checks it against model.vocab_size. Idempotent."""
         if self._tok is not None:
             return self._tok
-        corpus = self.corpus
+        if self.cfg.streaming is not None and not self.cfg.tokenizer:
+            raise DataError(f"data.streaming needs data.tokenizer, the tokenizer its chunks were written with "
+                            f"(the export puts it at {self.cfg.streaming.rstrip('/')}/tokenizer.json).")
+        if self.cfg.streaming is not None:
+            corpora = []  # no corpus is read
+        else:
+            corpora = [p.corpus for p in self._parts] if self._mix is not None else [self.corpus]  # path errors first
         model_vocab = self.recipe.model.vocab_size
         if self.cfg.tokenizer:
             what = f"'{self.cfg.tokenizer}'"
@@ -347,7 +448,12 @@ class TokenDataModule(pl.LightningDataModule):
         else:
             what = "trained on the corpus"
             check_folder(self.cache_dir, "data.cache_dir", "set data.cache_dir to a folder")
-            path = self.cache_dir / f"bpe-{_hash(corpus.key(), model_vocab, BPE_VERSION, BPE_MAX_CHARS)}.json"
+            if self._mix is None:
+                key = _hash(corpora[0].key(), model_vocab, BPE_VERSION, BPE_MAX_CHARS)
+            else:
+                key = _hash([c.key() for c in corpora], [e.weight for e in self._mix], model_vocab, BPE_VERSION,
+                            BPE_MAX_CHARS)
+            path = self.cache_dir / f"bpe-{key}.json"
             with writing("the data cache", self.cache_dir, CACHE_FIX):
                 tok, cached = _read_or_build(path, lambda: self._cached_bpe(path),
                                              lambda: self._train_bpe(path, model_vocab))
@@ -356,6 +462,8 @@ class TokenDataModule(pl.LightningDataModule):
             check_vocab(tok, model_vocab, what)
         eos_id(tok, what)  # fails now, not at the first document
         self._tok, self._tok_path, self._tok_what = tok, path, what
+        for p in self._parts:
+            p._tok, p._tok_path, p._tok_what = tok, path, what
         return tok
 
     @staticmethod
@@ -365,21 +473,36 @@ class TokenDataModule(pl.LightningDataModule):
         except Exception:  # unreadable: train again
             return None
 
+    def _bpe_texts(self, budget: int) -> Iterator[str]:
+        """The training split's first `budget` characters, in pieces."""
+        left = budget
+        for text in self.corpus.split(self._get_plan(), "train"):
+            for piece in chunks(text[:left], CHUNK_CHARS):
+                yield piece
+            left -= len(text)
+            if left <= 0:
+                return
+
+    def _mix_bpe_texts(self) -> Iterator[str]:
+        """A sample of the sources' training splits in the proportions of their weights:
+        the largest that fits BPE_MAX_CHARS and every source's size (a source with a
+        large weight and little text shrinks everyone's share)."""
+        sizes = [p._get_plan().train_chars for p in self._parts]
+        total = min([BPE_MAX_CHARS] + [n / e.weight for n, e in zip(sizes, self._mix)])
+        for p, e in zip(self._parts, self._mix):
+            yield from p._bpe_texts(max(1, int(total * e.weight)))
+
     def _train_bpe(self, path: Path, model_vocab: int) -> Tokenizer:
-        plan = self._get_plan()
         t0 = time.time()
-        self._log(f"tokenizer: training a byte-level BPE of {model_vocab:,} tokens on the training split")
-
-        def texts():
-            left = BPE_MAX_CHARS
-            for text in self.corpus.split(plan, "train"):
-                for piece in chunks(text[:left], CHUNK_CHARS):
-                    yield piece
-                left -= len(text)
-                if left <= 0:
-                    return
-
-        tok = train_bpe(texts(), model_vocab, show_progress=self._show_progress())
+        if self._mix is None:
+            texts = self._bpe_texts(BPE_MAX_CHARS)
+            self._get_plan()
+            self._log(f"tokenizer: training a byte-level BPE of {model_vocab:,} tokens on the training split")
+        else:
+            texts = self._mix_bpe_texts()
+            self._log(f"tokenizer: training a byte-level BPE of {model_vocab:,} tokens on a weighted sample of "
+                      f"the {len(self._parts)} sources' training splits")
+        tok = train_bpe(texts, model_vocab, show_progress=self._show_progress())
         save_atomic(tok, path)
         tok = Tokenizer.from_file(str(path))  # hash and use exactly what was saved
         self._log(f"tokenizer: {vocab_size(tok):,} tokens in {time.time() - t0:.1f}s, saved to {path}")
@@ -391,6 +514,16 @@ class TokenDataModule(pl.LightningDataModule):
         if self._meta is not None:
             return
         tok = self.prepare_tokenizer()
+        if self._mix is not None:
+            self._meta = self._mix_meta(tok)
+            return
+        if self.cfg.streaming is not None:
+            from lit_modules.data.streaming import litdata
+
+            litdata()  # installed: said now, before any work
+            self._meta = {"streaming": self.cfg.streaming, "tokenizer": str(self._tok_path),
+                          "tokenizer_sha": tokenizer_sha(tok)}
+            return
         check_folder(self.cache_dir, "data.cache_dir", "set data.cache_dir to a folder")
         folder = self.cache_dir / f"tokens-{_hash(self.corpus.key(), tokenizer_sha(tok), CACHE_VERSION)}"
         with writing("the data cache", folder, CACHE_FIX):
@@ -399,6 +532,20 @@ class TokenDataModule(pl.LightningDataModule):
         if cached:
             self._log(f"tokens: cached, {meta['train_tokens']:,} train + {meta['val_tokens']:,} validation ({folder})")
         self._tokens_dir, self._meta = folder, meta
+
+    def _mix_meta(self, tok: Tokenizer) -> Dict:
+        """Each source prepared (tokenized and cached on its own); their counts summed,
+        each source's meta under "sources"."""
+        for p in self._parts:
+            p.prepare_data()
+        metas = [p._meta for p in self._parts]
+        sums = {k: sum(int(m[k]) for m in metas) for k in ("train_tokens", "val_tokens", "train_chars", "val_chars",
+                                                              "documents")}
+        return {"version": CACHE_VERSION, "dtype": metas[0]["dtype"], "eos_id": metas[0]["eos_id"],
+                "vocab_size": metas[0]["vocab_size"], **sums, "tokenizer": str(self._tok_path),
+                "tokenizer_sha": tokenizer_sha(tok),
+                "sources": {e.name: {"weight": e.weight, "cache": str(p._tokens_dir), **m}
+                            for e, p, m in zip(self._mix, self._parts, metas)}}
 
     def _read_cache(self, folder: Path, tok: Tokenizer) -> Optional[Dict]:
         """The cache's meta.json if the cache is complete and its files are what
@@ -485,29 +632,22 @@ class TokenDataModule(pl.LightningDataModule):
                   f"{time.time() - t0:.1f}s, cached in {folder}")
         return meta
 
-    @staticmethod
-    def _encode(tok: Tokenizer, texts, eos: int, dtype: str, out: Path, bar) -> Tuple[int, int]:
-        """Encode documents in batches, append them to `out` each followed by eos;
-        returns (tokens, characters)."""
+    def _encode(self, tok: Tokenizer, texts, eos: int, dtype: str, out: Path, bar) -> Tuple[int, int]:
+        """Encode documents in batches of about ENCODE_BATCH_CHARS, append them to `out`
+        each followed by eos; returns (tokens, characters). With data.num_proc > 1 the
+        batches are encoded by worker processes and written in their order, so the
+        file is the one a single process writes."""
         n_tok = n_chars = 0
-        pending: List[str] = []
-        ends: List[bool] = []
-        size = 0
-        with open(out, "wb") as f:
-            def flush():
-                nonlocal n_tok, size
-                ids: List[int] = []
-                for enc, end in zip(tok.encode_batch(pending, add_special_tokens=False), ends):
-                    ids.extend(enc.ids)
-                    if end:
-                        ids.append(eos)
-                arr = np.asarray(ids, dtype=dtype)
+        with open(out, "wb") as f, _Encoder(tok, eos, dtype, self.cfg.num_proc) as enc:
+            def write(arr: np.ndarray, size: int) -> None:
+                nonlocal n_tok
                 arr.tofile(f)
                 n_tok += arr.size
                 bar.update(size)
-                pending.clear(), ends.clear()
-                size = 0
 
+            pending: List[str] = []
+            ends: List[bool] = []
+            size = 0
             for text in texts:
                 n_chars += len(text)
                 pieces = list(chunks(text, CHUNK_CHARS))
@@ -516,9 +656,11 @@ class TokenDataModule(pl.LightningDataModule):
                     ends.append(i == len(pieces) - 1)
                     size += len(piece)
                     if size >= ENCODE_BATCH_CHARS:
-                        flush()
+                        enc.submit(pending, ends, size, write)
+                        pending, ends, size = [], [], 0
             if pending:
-                flush()
+                enc.submit(pending, ends, size, write)
+            enc.drain(write)
         return n_tok, n_chars
 
     # ------------------------------------------------------------------- setup
@@ -527,6 +669,60 @@ class TokenDataModule(pl.LightningDataModule):
         if self._train is not None:
             return
         self.prepare_data()  # cheap when the cache exists (every rank finds it)
+        if self.cfg.streaming is not None:
+            if self._stream is None:
+                from lit_modules.data.streaming import StreamingData
+
+                self._stream = StreamingData(self.cfg.streaming, self.recipe, self.cfg.num_workers)
+                if self._loaded is not None:
+                    self._stream.load_state_dict(self._loaded)
+                    self._loaded = None
+            return
+        if self._mix is not None:
+            self._setup_mix()
+        else:
+            self._setup_one()
+        if self._loaded is not None:
+            self._apply_state(self._loaded)
+            self._loaded = None
+
+    def _setup_mix(self) -> None:
+        t = self.recipe.train
+        rank, world = self._dist()
+        window = t.seq_len + 1
+        batch = t.micro_batch_size * t.grad_accum
+        trains, vals = [], []
+        for e, p in zip(self._mix, self._parts):
+            meta = p._meta
+            w = _Windows(p._tokens_dir / "train.bin", meta["dtype"], meta["train_tokens"], window)
+            if w.n == 0:
+                raise DataError(f"the training split of data.mix source '{e.name}' has {meta['train_tokens']:,} "
+                                f"tokens, fewer than one sequence of train.seq_len + 1 = {window}; raise "
+                                f"data.max_chars, lower train.seq_len, or drop the source.")
+            trains.append(w)
+            if meta["val_tokens"] > 0:
+                v = _Windows(p._tokens_dir / "val.bin", meta["dtype"], meta["val_tokens"], window)
+                if v.n == 0:
+                    raise DataError(f"the validation split of data.mix source '{e.name}' has "
+                                    f"{meta['val_tokens']:,} tokens, fewer than one sequence of train.seq_len + 1 "
+                                    f"= {window}; raise data.val_fraction or data.max_chars, or set "
+                                    f"data.val_fraction=0 to train without validation.")
+                vals.append(_ValBatches(v, t.micro_batch_size, t.val_batches, rank, world))
+        mixed = MixWindows(trains, [e.weight for e in self._mix], t.seed)
+        train = _MixTrainBatches(mixed, batch, rank, world, t.seed)
+        if train.batches_per_epoch == 0:
+            raise DataError(
+                f"the mixture's training splits hold {mixed.n:,} windows of {window} tokens, fewer than one step "
+                f"needs ({batch} x {world} rank(s)); raise data.max_chars or lower train.seq_len / "
+                f"train.micro_batch_size / train.grad_accum."
+            )
+        self._train, self._val = train, (vals or None)
+        steps = train.batches_per_epoch
+        for e, w in zip(self._mix, trains):
+            self._log(f"mix: {e.name} {e.weight:.1%} of the windows, {w.n:,} windows of its own (each seen "
+                      f"{e.weight * steps * train.step_windows / w.n:.2f} times in {steps:,} steps)")
+
+    def _setup_one(self) -> None:
         meta, t = self._meta, self.recipe.train
         rank, world = self._dist()
         window = t.seq_len + 1
@@ -551,9 +747,6 @@ class TokenDataModule(pl.LightningDataModule):
                     f"data.val_fraction=0 to train without validation."
                 )
             self._val = _ValBatches(val, t.micro_batch_size, t.val_batches, rank, world)
-        if self._loaded is not None:
-            self._apply_state(self._loaded)
-            self._loaded = None
 
     # -------------------------------------------------------------- properties
 
@@ -594,6 +787,8 @@ class TokenDataModule(pl.LightningDataModule):
     def batches_per_epoch(self) -> int:
         """Training batches (= optimizer steps) per epoch, per rank."""
         self.setup()
+        if self._stream is not None:
+            return len(self._stream.train_loader())
         return self._train.batches_per_epoch
 
     # ------------------------------------------------------------- dataloaders
@@ -608,15 +803,27 @@ class TokenDataModule(pl.LightningDataModule):
         """Batches of shape (micro_batch_size * grad_accum, seq_len + 1), one per
         optimizer step; iterating again continues from the data position."""
         self.setup()
+        if self._stream is not None:
+            return self._stream.train_loader()
         return _TrainLoader(self._train, self, **self._loader_kwargs())
 
     def val_dataloader(self):
         """Fixed validation batches (micro_batch_size, seq_len + 1); [] when
-        data.val_fraction is 0."""
+        data.val_fraction is 0; for a mixture, a list of loaders, one per source in
+        data.mix's order (the module logs each as val/<name>/loss)."""
         self.setup()
+        if self._stream is not None:
+            return self._stream.val_loader()
         if self._val is None:
             return []
+        if isinstance(self._val, list):
+            return [DataLoader(v, batch_size=None, **self._loader_kwargs()) for v in self._val]
         return DataLoader(self._val, batch_size=None, **self._loader_kwargs())
+
+    @property
+    def mix_names(self) -> Optional[List[str]]:
+        """The sources' names of a mixture (the validation loaders' order), else None."""
+        return None if self._mix is None else [e.name for e in self._mix]
 
     # ------------------------------------------------------------------ resume
 
@@ -640,6 +847,8 @@ class TokenDataModule(pl.LightningDataModule):
     def state_dict(self) -> Dict:
         """Where the training data stands: epoch and windows consumed in it (over all
         ranks), with what they depend on. Saved by Lightning in every checkpoint."""
+        if self._stream is not None:
+            return self._stream.state_dict()
         if self._train is None:
             return dict(self._loaded) if self._loaded else {"version": 1, **self._anchor}
         epoch, b = self._position()
@@ -648,22 +857,27 @@ class TokenDataModule(pl.LightningDataModule):
             "step": self._trainer_step(), "seed": self._train.seed,
             "step_windows": self._train.step_windows, "train_windows": self._train.windows.n,
             "tokenizer_sha": self._meta.get("tokenizer_sha") if self._meta else None,
+            "mix": None if self._mix is None else {e.name: e.weight for e in self._mix},
         }
 
     def load_state_dict(self, state: Dict) -> None:
         """Continue from a saved position. Before setup() the state is kept and applied
         there (Lightning restores the data module after setup)."""
-        if self._train is None:
+        if self._stream is not None:
+            self._stream.load_state_dict(state)
+        elif self._train is None:
             self._loaded = dict(state)
         else:
             self._apply_state(state)
 
     def _apply_state(self, state: Dict) -> None:
         ds = self._train
-        same = (state.get("seed", ds.seed) == ds.seed and state.get("train_windows", ds.windows.n) == ds.windows.n)
+        mix = None if self._mix is None else {e.name: e.weight for e in self._mix}
+        same = (state.get("seed", ds.seed) == ds.seed and state.get("train_windows", ds.windows.n) == ds.windows.n
+                and state.get("mix", mix) == mix)
         if not same:
             warnings.warn(
-                "the data of the checkpoint differs from this run's (another seed, corpus, tokenizer or "
+                "the data of the checkpoint differs from this run's (another seed, corpus, mix, tokenizer or "
                 "seq_len); training continues from the same epoch and position, on the new data order.",
                 stacklevel=2,
             )

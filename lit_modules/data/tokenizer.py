@@ -131,6 +131,31 @@ def save_atomic(tok: Tokenizer, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# -------------------------------------------------- worker processes (data.num_proc)
+
+_WORKER_TOK = None  # the tokenizer of a tokenizing worker process, set once at its start
+
+
+def init_encode_worker(tokenizer_json: str) -> None:
+    global _WORKER_TOK
+    _WORKER_TOK = Tokenizer.from_str(tokenizer_json)
+
+
+def encode_pieces(pieces, ends, eos: int, dtype: str, tok=None):
+    """Token ids of a batch of document pieces as one array, eos after each piece that
+    ends a document. The same function in this process and in the workers, so the
+    cache does not depend on data.num_proc."""
+    import numpy as np
+
+    tok = tok if tok is not None else _WORKER_TOK
+    ids = []
+    for enc, end in zip(tok.encode_batch(pieces, add_special_tokens=False), ends):
+        ids.extend(enc.ids)
+        if end:
+            ids.append(eos)
+    return np.asarray(ids, dtype=dtype)
+
+
 def default_log(verbose: bool) -> Callable[[str], None]:
     if not verbose:
         return lambda msg: None

@@ -165,6 +165,10 @@ def val_batches(recipe, tokenizer_path: Optional[Path], batch_size: int, seq_len
         from arch.registry import RecipeError
 
         raise RecipeError("the run's recipe has no validation split (data.val_fraction = 0); pass --data FILE.")
+    if isinstance(loader, list):  # a data mixture: one loader per source, taken in turn
+        import itertools
+
+        loader = itertools.chain.from_iterable(loader)
     for i, batch in enumerate(loader):
         if i >= n:
             break

@@ -83,6 +83,16 @@ class CausalLM(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_acc = MulticlassAccuracy(num_classes=recipe.model.vocab_size, average="micro",
                                           ignore_index=-100, validate_args=False)
+        # a data mixture validates each source with its own loader (dataloader_idx = its
+        # place in data.mix): a loss and an accuracy per source
+        from lit_modules.data.mix import mix_entries
+
+        self.val_mix = mix_entries(recipe.data)
+        if self.val_mix is not None:
+            self.val_mix_loss = torch.nn.ModuleList(MeanMetric() for _ in self.val_mix)
+            self.val_mix_acc = torch.nn.ModuleList(
+                MulticlassAccuracy(num_classes=recipe.model.vocab_size, average="micro", ignore_index=-100,
+                                   validate_args=False) for _ in self.val_mix)
         # host-side records, also carried in checkpoints so a resumed run's summary is whole
         self.last_train: Dict[str, float] = {}
         self.val_history: List[Dict[str, float]] = []
@@ -221,19 +231,41 @@ class CausalLM(L.LightningModule):
         # validation at step n sees the weights step n+1 trains with (quantized from start_step)
         set_qat_step(self.model, self.train_cfg, self.global_step)
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch[:, :-1], batch[:, 1:]
         out = self.model(x, targets=y, **self.documents(x))
+        if self.val_mix is not None:
+            self.val_mix_loss[dataloader_idx].update(out.loss, weight=y.numel())
+            self.val_mix_acc[dataloader_idx].update(out.logits.argmax(-1), y)
+            return
         self.val_loss.update(out.loss, weight=y.numel())
         self.val_acc.update(out.logits.argmax(-1), y)
 
+    def _mix_metrics(self) -> Dict[str, float]:
+        """Per source val/<name>/loss, /ppl, /acc; val/loss and val/acc are the means
+        weighted by data.mix's weights (the loss expected on the training
+        distribution), not the mean over all validation tokens."""
+        metrics, loss, acc = {}, 0.0, 0.0
+        for e, lm, am in zip(self.val_mix, self.val_mix_loss, self.val_mix_acc):
+            lv, av = float(lm.compute()), float(am.compute())
+            lm.reset(), am.reset()
+            metrics.update({f"val/{e.name}/loss": lv, f"val/{e.name}/ppl": math.exp(min(lv, 80.0)),
+                            f"val/{e.name}/acc": av})
+            loss, acc = loss + e.weight * lv, acc + e.weight * av
+        return {"val/loss": loss, "val/acc": acc, **metrics}
+
     def on_validation_epoch_end(self) -> None:
-        loss = float(self.val_loss.compute())
-        acc = float(self.val_acc.compute())
-        self.val_loss.reset()
-        self.val_acc.reset()
+        per_source = {}
+        if self.val_mix is not None:
+            per_source = self._mix_metrics()
+            loss, acc = per_source.pop("val/loss"), per_source.pop("val/acc")
+        else:
+            loss = float(self.val_loss.compute())
+            acc = float(self.val_acc.compute())
+            self.val_loss.reset()
+            self.val_acc.reset()
         ppl = math.exp(min(loss, 80.0))  # perplexity = exp(mean token cross-entropy)
-        metrics = {"val/loss": loss, "val/ppl": ppl, "val/acc": acc}
+        metrics = {"val/loss": loss, "val/ppl": ppl, "val/acc": acc, **per_source}
         self.log_scalars(metrics)
         self.log("val_ppl", ppl, prog_bar=True, logger=False)
         if not self.val_history or self.val_history[-1]["step"] != self.global_step:
