@@ -457,19 +457,23 @@ def prepare_model(recipe: Recipe, device: torch.device, precision: Precision) ->
     built on the meta device, then lit_modules.train.strategy.parallelize (activation
     checkpointing, regional compile, as train.* asks), then materialised. One place, so
     what the benchmark times is what training runs."""
+    from lit_modules.runtime import resolve_speed
+
+    resolve_speed(recipe, device.type)  # train.compile auto etc., as the run resolves them
     model = build_model(recipe.model, device="meta")
     parallelize(model, recipe.train)
     return materialize(model, device).to(precision.param_dtype)
 
 
 def model_detail(recipe: Recipe) -> str:
-    """The performance switches in force, for the table's moelab row."""
+    """The performance switches in force, for the table's moelab row (a recipe not yet
+    resolved for a device reads auto as off)."""
     m, t = recipe.model, recipe.train
     parts = [f"experts {m.moe.backend}"] if m.moe.n_experts else []
-    parts.append("compiled blocks" if t.compile else "eager")
+    parts.append("compiled blocks" if t.compile is True else "eager")
     if t.activation_checkpointing:
         parts.append("act. checkpointing")
-    if m.fused_ce_chunk > 0:
+    if (m.fused_ce_chunk or 0) > 0:
         parts.append(f"fused CE chunk {m.fused_ce_chunk}" + (" compiled" if m.fused_ce_compile else ""))
     else:
         parts.append("plain CE")
