@@ -364,7 +364,7 @@ class DataConfig:
     # source's validation loss is logged as val/<name>/loss
     mix: Optional[List[MixSource]] = None
     # a litdata dataset (folder, shared file system or s3:// URL with train/ and val/
-    # token chunks, written by `python -m lit_modules.data.streaming`) streamed instead
+    # token chunks, written by `python -m lit_modules.data.export_stream`) streamed instead
     # of the local token cache; needs data.tokenizer and the `streaming` extra
     streaming: Optional[str] = None
 

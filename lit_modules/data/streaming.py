@@ -7,7 +7,7 @@ object store such as S3, corpora larger than a node's disk), `data.streaming` na
 litdata dataset instead: token chunks that each rank downloads (and caches) as it goes,
 shuffled by litdata, with a resumable loader state that Lightning saves in checkpoints.
 
-    python -m lit_modules.data.streaming RECIPE OUT [a.b=c ...]   # tokenize (cached), then
+    python -m lit_modules.data.export_stream RECIPE OUT [a.b=c ...]   # tokenize (cached), then
                                                                   # write OUT/train, OUT/val
     moelab train RECIPE data.streaming=OUT data.tokenizer=OUT/tokenizer.json
 
@@ -18,7 +18,6 @@ windows; each rank reads its own share. moelab reads no files itself here.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -99,7 +98,7 @@ class StreamingData:
         except (FileNotFoundError, ValueError, OSError) as e:
             raise DataError(f"data.streaming '{self.root}' has no readable litdata dataset in {split}/ "
                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); write it with "
-                            f"python -m lit_modules.data.streaming.") from None
+                            f"python -m lit_modules.data.export_stream.") from None
 
     def train_loader(self):
         if self._train is None:
@@ -131,27 +130,3 @@ class StreamingData:
             self._pending = inner
         else:
             self._train.load_state_dict(inner)
-
-
-def main(argv=None) -> int:
-    from arch import load_recipe
-    from arch.registry import RecipeError
-    from lit_modules.data.datamodule import TokenDataModule
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 2:
-        print("usage: python -m lit_modules.data.streaming RECIPE OUT [a.b=c ...]", file=sys.stderr)
-        return 2
-    try:
-        recipe = load_recipe(argv[0], argv[2:])
-        counts = export(TokenDataModule(recipe), argv[1])
-    except RecipeError as e:
-        print(f"moelab streaming: error: {e}", file=sys.stderr)
-        return 2
-    print(f"moelab streaming: {counts['train']:,} train + {counts['val']:,} validation tokens written to {argv[1]} "
-          f"(train with data.streaming={argv[1]} data.tokenizer={Path(argv[1]) / 'tokenizer.json'})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
