@@ -133,15 +133,19 @@ class CausalLM(L.LightningModule):
         st = stage_of_update(self.plan, self.global_step)
         return st.rows * st.seq_len * self.trainer.world_size
 
+    def _tokens_per_stage(self, steps: int) -> List[int]:
+        """Tokens per rank that each stage holds of the first `steps` optimizer steps."""
+        last = self.plan[-1]
+        return [min(max(steps - st.start, 0), steps if st is last else st.steps) * st.rows * st.seq_len
+                for st in self.plan]
+
     def tokens_until(self, steps: int) -> int:
         """Tokens of the first `steps` optimizer steps over all ranks, stages included."""
-        return sum(min(max(steps - st.start, 0), st.steps if st is not self.plan[-1] else steps)
-                   * st.rows * st.seq_len for st in self.plan) * self.trainer.world_size
+        return sum(self._tokens_per_stage(steps)) * self.trainer.world_size
 
     def flops_until(self, steps: int) -> float:
         """Training FLOPs of the first `steps` optimizer steps over all ranks."""
-        return sum(min(max(steps - st.start, 0), st.steps if st is not self.plan[-1] else steps)
-                   * st.rows * st.seq_len * f for st, f in zip(self.plan, self.stage_flops)) * self.trainer.world_size
+        return sum(n * f for n, f in zip(self._tokens_per_stage(steps), self.stage_flops)) * self.trainer.world_size
 
     def enter_stage(self, stage: Stage) -> None:
         """Give the model `stage`'s RoPE (a no-op in the stage it is in)."""

@@ -242,3 +242,43 @@ def test_set_rope_changes_the_tables_not_the_weights():
     fresh = build_model(r2.model, device="cpu").eval()
     fresh.load_state_dict(before)
     assert torch.equal(fresh(ids).logits, b)
+
+
+def test_compile_is_static_per_stage_shape(monkeypatch):
+    """Several stage shapes: each block compiles with dynamic=False (one static graph per
+    shape, not symbolic sizes after the second), and the recompile limit leaves room for
+    them; a run of one shape compiles as before."""
+    import torch._dynamo
+
+    from lit_modules.train.strategy import parallelize, stage_shapes
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: calls.append(k))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    r = load_recipe(RECIPE, ["train.compile=true"])
+    assert stage_shapes(r.train) == [(16, 128), (8, 256), (2, 512)]
+    model = build_model(r.model, device="meta")
+    parallelize(model, r.train)
+    assert calls == [{"dynamic": False}] * len(model.blocks())
+    assert torch._dynamo.config.recompile_limit >= 2 * 3 + 4
+    calls.clear()
+    plain = load_recipe("proxies/qwen3_moe_tiny", ["train.compile=true"])
+    parallelize(build_model(plain.model, device="meta"), plain.train)
+    assert calls == [{}] * plain.model.n_layers
+
+
+@pytest.mark.slow
+def test_compiled_run_recompiles_for_new_shapes_only(cache, tmp_path):
+    """A compiled staged run (dense: grouped_mm does not compile in float32 on a CPU)
+    keeps one graph of the block per stage shape and grad mode: 3 shapes x (training,
+    validation) = 6, whatever RoPE changes stage c makes (its tables are inputs)."""
+    import torch._dynamo
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from arch.block import Block
+
+    torch._dynamo.reset()
+    s = train(RECIPE, staged(cache, tmp_path, "train.compile=true", "model.moe.n_experts=0", "train.ckpt_every=0"))
+    assert s["steps"] == 12
+    assert len(_debug_get_cache_entry_list(Block.forward.__code__)) == 6
+    torch._dynamo.reset()
