@@ -282,3 +282,20 @@ def test_compiled_run_recompiles_for_new_shapes_only(cache, tmp_path):
     assert s["steps"] == 12
     assert len(_debug_get_cache_entry_list(Block.forward.__code__)) == 6
     torch._dynamo.reset()
+
+
+def test_sharded_checkpoint_resumes_mid_stage(full_run, cache, tmp_path):
+    """The sharded format (a .dcp folder) records the stage too and resumes 2 steps into
+    stage b to the same losses as the full-format run that never stopped."""
+    _, _, rec = full_run
+    first = train(RECIPE, staged(cache, tmp_path, "train.run_name=sh", "train.checkpoint_format=sharded",
+                                 "train.ckpt_every=6", "train.keep_checkpoints=0", "train.val_every=0"))
+    dcp = Path(first["run_dir"]) / "checkpoints" / "step00000006.dcp"
+    from lit_modules.checkpoints.sharded import read_header
+
+    assert read_header(dcp)["moelab_stage"]["name"] == "b"
+    again = Record()
+    train(RECIPE, staged(cache, tmp_path, f"train.resume={dcp}", "train.run_name=sh2",
+                         "train.checkpoint_format=sharded", "train.ckpt_every=0", "train.val_every=0"),
+          callbacks=[again])
+    assert [again.train[s] for s in range(7, 13)] == [rec.train[s] for s in range(7, 13)]
