@@ -222,6 +222,10 @@ def test_32k_recipe_on_the_meta_device():
     cos, sin = model.ropes["global"](last.seq_len, torch.device("meta"))
     assert cos.shape == sin.shape == (32768, r.model.attention.head_dim) and model.ropes["global"].theta == 1e6
     assert all(p.is_meta for p in model.parameters())
+    from lit_modules.commands.inspect_cmd import stage_rows
+
+    rows = dict(stage_rows(r))  # what `moelab inspect` prints
+    assert rows["stages"] == "3, 460 steps" and "1 x 1 x 32768 tokens per rank, rope global 1e+06" in rows["  long"]
 
 
 def test_set_rope_changes_the_tables_not_the_weights():
