@@ -303,3 +303,23 @@ def test_sharded_checkpoint_resumes_mid_stage(full_run, cache, tmp_path):
                          "train.checkpoint_format=sharded", "train.ckpt_every=0", "train.val_every=0"),
           callbacks=[again])
     assert [again.train[s] for s in range(7, 13)] == [rec.train[s] for s in range(7, 13)]
+
+
+def test_rope_changes_per_layer_kind_gemma3_style():
+    """Gemma 3's extension: the global layers' RoPE interpolated x8 from the second
+    stage on, the local layers' untouched; set on a model, only the global table moves."""
+    r = load_recipe("proxies/gemma3_tiny", ["train.max_steps=null", "train.stages=[{name: short, steps: 2},"
+                                            " {name: long, steps: 2, rope: {global: {scaling: linear, factor: 8}}}]"])
+    plan = stage_plan(r)
+    base_local, base_global = (r.model.layer_kinds[k].rope for k in ("local", "global"))
+    assert plan[0].rope("global") == base_global and plan[1].rope("local") == base_local
+    assert (plan[1].rope("global").scaling, plan[1].rope("global").factor) == ("linear", 8.0)
+    assert plan[1].rope("global").theta == base_global.theta
+    final = recipe_at_step(r, 4).model.layer_kinds
+    assert final["global"].rope.factor == 8.0 and final["local"].rope == base_local
+    model = build_model(r.model, device="cpu")
+    before = {k: m(16, torch.device("cpu")) for k, m in model.ropes.items()}
+    for k in model.ropes:
+        model.set_rope(k, plan[1].rope(k))
+    after = {k: m(16, torch.device("cpu")) for k, m in model.ropes.items()}
+    assert torch.equal(before["local"][0], after["local"][0]) and not torch.equal(before["global"][0], after["global"][0])
