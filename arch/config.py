@@ -282,12 +282,37 @@ class QATConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of `train.stages` (arch/stages.py): a stretch of optimizer steps with
+    its own shapes, learning-rate segment and RoPE. Shapes and RoPE not given here
+    carry over from the stage before (the first stage: from train.* and
+    model.layer_kinds.*.rope); the learning-rate segment does not carry over."""
+
+    name: str = ""  # "": stage<i>; checkpoints and logs name the stage by it
+    steps: int = MISSING  # optimizer steps in this stage
+    seq_len: Optional[int] = None
+    micro_batch_size: Optional[int] = None
+    grad_accum: Optional[int] = None
+    # this stage's own learning-rate schedule over its steps: any of train.optim's lr (the
+    # peak), schedule, warmup_steps, min_lr_ratio, decay_fraction (the rest from
+    # train.optim); empty: the run's schedule (train.optim over train.max_steps) goes on
+    optim: Dict[str, Any] = field(default_factory=dict)
+    # RoPE from this stage on, per layer kind: fields of model.layer_kinds.<kind>.rope,
+    # e.g. {global: {theta: 1000000}} (Qwen3's long-context stage) or {global: {scaling:
+    # linear, factor: 8}} (Gemma 3's 128K extension). The weights are unchanged. A YaRN
+    # original_max_seq_len left null is the previous stage's seq_len.
+    rope: Dict[str, Any] = field(default_factory=dict)
+    # data: left to the data mixtures (data.mix); every stage reads the recipe's data
+
+
+@dataclass
 class TrainConfig:
     seed: int = 1234
     seq_len: int = 2048
     micro_batch_size: int = 8
     grad_accum: int = 1
-    max_steps: int = 1000
+    # null: the sum of train.stages' steps (filled at load; required without stages)
+    max_steps: Optional[int] = 1000
     grad_clip: float = 1.0
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
     # torch.compile each block: true, false, or auto (on with CUDA, where it is worth
@@ -327,6 +352,9 @@ class TrainConfig:
     expert_parallel: int = 1
     num_nodes: int = 1  # hosts in a multi-node launch (torchrun / SLURM); devices is per host
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # stages of one run (Qwen3's 4K general -> knowledge -> 32K long context; Gemma 3's
+    # 32K -> 128K): see StageConfig; empty: one stage made of the fields above
+    stages: List[StageConfig] = field(default_factory=list)
     distill: DistillConfig = field(default_factory=DistillConfig)
     qat: QATConfig = field(default_factory=QATConfig)
 

@@ -60,6 +60,7 @@ class MultiHeadLatentAttention(Attention):
         self.head_dim = self.nope + self.rope_dim
         self.window, self.softcap, self.impl, self.sinks = window, cfg.softcap, cfg.impl, None
         self.scale = mla_scale(cfg, rope) if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        self._cfg = cfg
         self.interleave = cfg.rope_interleave
         latent = dataclasses.replace(norm, eps=cfg.latent_norm_eps)
         if cfg.q_lora_rank is None:
@@ -73,6 +74,11 @@ class MultiHeadLatentAttention(Attention):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, d_model, bias=cfg.bias)
 
+
+    def rope_changed(self, rope: RopeConfig) -> None:
+        """A new RoPE for this layer (a training stage): YaRN's mscale_all_dim enters the softmax scale."""
+        if self._cfg.query_pre_attn_scalar is None:
+            self.scale = mla_scale(self._cfg, rope)
     def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], block_mask=None,
                 cache=None) -> torch.Tensor:
         """`cache`: as for `Attention`; it keeps the per-head keys and values (arch/cache.py)."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from .block import Block
 from .cache import KVCache
-from .config import ModelConfig
+from .config import ModelConfig, RopeConfig
 from .loss import fused_linear_cross_entropy
 from .norm import RMSNorm, build_norm
 from .quant import read_weight
@@ -156,6 +156,17 @@ class Transformer(nn.Module):
             if heads:
                 losses.append(self._loss(h, y))
         return self.cfg.mtp.loss_weight / len(self.mtp) * sum(losses) if heads else None
+
+    def set_rope(self, kind: str, cfg: RopeConfig) -> None:
+        """Give the layers of `kind` another RoPE (base, scaling, factor): context
+        extension between training stages (arch/stages.py). The weights are untouched;
+        the tables are computed per forward, outside the compiled blocks, so nothing
+        recompiles for a new base or factor. Attention that reads the RoPE config
+        itself (MLA's YaRN softmax scale) is told too."""
+        self.ropes[kind] = RoPE(rope_head_dim(self.cfg.attention), cfg)
+        for block in self.blocks():
+            if block.spec.kind == kind and hasattr(block.attn, "rope_changed"):
+                block.attn.rope_changed(cfg)
 
     def blocks(self) -> List[Block]:
         """Every block: the model's layers, then the MTP modules' (compile, activation

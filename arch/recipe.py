@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -23,11 +23,12 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from .config import ProxyConfig, Recipe
+from .config import ProxyConfig, Recipe, StageConfig
 from .proxy import derive_proxy, is_active
 from .ranges import check_numbers
 from .registry import RecipeError, nearest
 from .resolve import resolve_model
+from .stages import check_stages
 
 
 def recipes_root() -> Path:
@@ -92,9 +93,10 @@ def _load_chain(path: Path, stack: tuple = ()) -> DictConfig:
     return OmegaConf.merge(merged, raw)
 
 
-def _explain(e: OmegaConfBaseException, source: str) -> RecipeError:
-    """One sentence for OmegaConf's multi-line errors."""
-    key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+def _explain(e: OmegaConfBaseException, source: str, prefix: str = "") -> RecipeError:
+    """One sentence for OmegaConf's multi-line errors; `prefix`: the key path of the
+    list item the error happened in (OmegaConf names only the key inside the item)."""
+    key = prefix + str(getattr(e, "full_key", None) or getattr(e, "key", None) or "?")
     if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and "not in" in str(e):
         obj = getattr(e, "object_type", None)
         valid = [f.name for f in dataclasses.fields(obj)] if obj and dataclasses.is_dataclass(obj) else []
@@ -110,6 +112,19 @@ def _explain(e: OmegaConfBaseException, source: str) -> RecipeError:
     return RecipeError(f"{source}: {str(e).splitlines()[0]} (at '{key}').")
 
 
+def _check_stage_items(raw: DictConfig, source: str) -> None:
+    """Each item of train.stages against StageConfig on its own, so that an error names
+    the item's index (merged as part of the list, OmegaConf loses it)."""
+    stages = OmegaConf.select(raw, "train.stages", default=None)
+    if not isinstance(stages, ListConfig):
+        return
+    for i, item in enumerate(stages):
+        try:
+            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StageConfig), item))
+        except OmegaConfBaseException as e:
+            raise _explain(e, source, f"train.stages[{i}].") from None
+
+
 def load_recipe(name: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe:
     """Load, merge, resolve and validate a recipe. Raises RecipeError, allocates nothing."""
     path = find_recipe(name)
@@ -123,6 +138,8 @@ def load_recipe(name: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe
         raise RecipeError(f"overrides {list(overrides)} could not be parsed: {e}") from None
     schema = OmegaConf.structured(Recipe)
     source = str(path)
+    _check_stage_items(OmegaConf.merge(raw, cli), "command-line override" if "stages" in cli.get("train", {})
+                       else source)
     try:
         merged = OmegaConf.merge(schema, raw)
         source = "command-line override"
@@ -153,6 +170,9 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
         raise RecipeError("\n".join(errors))
     if is_active(recipe.proxy):
         recipe.model = resolve_model(derive_proxy(recipe.model, recipe.proxy))
+    errors = check_stages(recipe)  # against the final model: its layer kinds and context
+    if errors:
+        raise RecipeError("\n".join(errors))
     return recipe
 
 

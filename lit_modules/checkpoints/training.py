@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from arch import recipe_to_yaml
 from arch.config import Recipe
 from arch.registry import RecipeError
+from arch.stages import recipe_at_step, stage_after, stage_plan
 
 from lit_modules.checkpoints import layout
 from lit_modules.checkpoints.sharded import read_header
@@ -249,12 +250,32 @@ def model_mismatch(checkpoint_recipe_yaml: str, recipe: Recipe) -> Optional[str]
     return None
 
 
+def check_stage(checkpoint: dict, recipe: Recipe, where: str) -> None:
+    """A checkpoint records the stage it was saved in (train.stages); the recipe must
+    put its step in that stage, begun at the same step, or the run would resume in
+    another stage than the one its weights and data position belong to. Stages may
+    be lengthened, and stages after it changed or added."""
+    saved = checkpoint.get("moelab_stage")
+    if not isinstance(saved, dict):
+        return  # a run without stages, or from before them: its step alone places it
+    step = int(checkpoint.get("global_step", 0))
+    ours = stage_after(stage_plan(recipe), step)
+    if (saved.get("name"), saved.get("start")) != (ours.name, ours.start):
+        raise RecipeError(f"{where} was saved at step {step} in stage '{saved.get('name')}' (begun at step "
+                          f"{saved.get('start')}), but this recipe's train.stages put step {step} in stage "
+                          f"'{ours.name}' (begun at step {ours.start}); resume with the stages it was trained "
+                          f"with (those before its step unchanged).")
+
+
 def check_checkpoint_recipe(checkpoint: dict, recipe: Recipe, where: str) -> None:
-    """Refuse a checkpoint that is not moelab's or holds another architecture."""
+    """Refuse a checkpoint that is not moelab's, holds another architecture, or belongs
+    to another stage. Its model is compared with the recipe's at the checkpoint's step:
+    the RoPE a stage set (train.stages) is the recipe's own, not a difference."""
     if "moelab_recipe" not in checkpoint:
         raise RecipeError(f"{where} is not a moelab training checkpoint (it has no 'moelab_recipe' entry); "
                           f"resume from a checkpoints/*.ckpt written by `moelab train`.")
-    diff = model_mismatch(checkpoint["moelab_recipe"], recipe)
+    check_stage(checkpoint, recipe, where)
+    diff = model_mismatch(checkpoint["moelab_recipe"], recipe_at_step(recipe, int(checkpoint.get("global_step", 0))))
     if diff:
         raise RecipeError(f"{where} holds another architecture ({diff}); resume it with the recipe it was "
                           f"trained with, or start a new run (another train.run_name).")

@@ -144,6 +144,7 @@ def format_table(recipe: Recipe, acc: Accounting, proxy_changes=(), memory=None)
         ("KV cache", f"{human_bytes(acc.kv_bytes_per_token)}/token (bf16), "
                      f"{human_bytes(acc.kv_bytes_at_context)} for one {acc.context}-token sequence"),
     ]
+    rows += stage_rows(recipe)
     from lit_modules.train.memory import layout_rows
 
     layouts = layout_rows(recipe, acc)
@@ -156,6 +157,24 @@ def format_table(recipe: Recipe, acc: Accounting, proxy_changes=(), memory=None)
         rows.append(("proxy", "derived from the reference: " + "; ".join(proxy_changes)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def stage_rows(recipe: Recipe) -> list:
+    """train.stages, one row each: steps, tokens per step, RoPE, FLOPs/token at its seq_len."""
+    if not recipe.train.stages:
+        return []
+    from arch import count
+    from arch.stages import stage_plan
+
+    plan = stage_plan(recipe)
+    rows = [("stages", f"{len(plan)}, {recipe.train.max_steps} steps")]
+    for st in plan:
+        rope = ", ".join(f"{k} {r.theta:g}" + (f" {r.scaling} x{r.factor:g}" if r.scaling != "none" else "")
+                         for k, r in st.ropes)
+        flops = count(recipe.model, seq_len=st.seq_len).flops_per_token
+        rows.append((f"  {st.name}", f"steps {st.start + 1}-{st.end}: {st.grad_accum} x {st.micro_batch_size} x "
+                                     f"{st.seq_len} tokens per rank, rope {rope}, {human(flops)} FLOPs/token"))
+    return rows
 
 
 def run_inspect(args) -> int:

@@ -47,6 +47,10 @@ batches per source, a loader each, in data.mix's order.
 Streaming (data.streaming): the loaders are litdata's, over token chunks written
 beforehand (lit_modules/data/streaming.py); nothing is read or tokenized here, and
 the position is litdata's loader state.
+
+With train.stages, each stage has its own windows and batch size, and the batch of a
+step is a function of the step (lit_modules/data/staged.py); the position saved is
+the step.
 """
 from __future__ import annotations
 
@@ -68,8 +72,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from arch.config import Recipe
+from arch.stages import stage_after, stage_plan
 from lit_modules.data.corpus import Corpus, DataError, SplitPlan, chunks
 from lit_modules.data.mix import MixEntry, MixWindows, mix_entries
+from lit_modules.data.staged import StagedBatches, StagedValBatches
 from lit_modules.disk import check_folder, writing
 from lit_modules.data.tokenizer import (
     BPE_MAX_CHARS, BPE_VERSION, Tokenizer, check_vocab, default_log, encode_pieces, eos_id,
@@ -237,8 +243,9 @@ class _TrainBatches(IterableDataset):
     DataLoader workers, worker k makes batches start+k, start+k+n, ... and the
     loader's round-robin puts them back in order."""
 
-    def __init__(self, windows: _Windows, batch_size: int, rank: int, world: int, seed: int):
+    def __init__(self, windows: _Windows, batch_size: int, rank: int, world: int, seed: int, salt: tuple = ()):
         self.windows, self.batch_size, self.rank, self.world, self.seed = windows, batch_size, rank, world, seed
+        self.salt = tuple(salt)  # more seed words: a later training stage's own order
         self.step_windows = batch_size * world  # windows per optimizer step, all ranks
         # the tail that would leave a rank short is dropped, so ranks step together
         self.batches_per_epoch = windows.n // self.step_windows
@@ -249,7 +256,7 @@ class _TrainBatches(IterableDataset):
         return self.batches_per_epoch
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.windows.n)
+        return np.random.default_rng([self.seed, epoch, *self.salt]).permutation(self.windows.n)
 
     def batch_ids(self, perm: np.ndarray, b: int) -> np.ndarray:
         g = self.step_windows
@@ -311,8 +318,11 @@ class _TrainLoader(DataLoader):
         self._dm = dm
 
     def __iter__(self):
-        epoch, start = self._dm._position()
-        self.dataset.epoch, self.dataset.start = epoch, start
+        if isinstance(self.dataset, StagedBatches):
+            self.dataset.start_step = self._dm._next_step()
+        else:
+            epoch, start = self._dm._position()
+            self.dataset.epoch, self.dataset.start = epoch, start
         return self._count(super().__iter__())
 
     def _count(self, it):
@@ -350,6 +360,9 @@ class TokenDataModule(pl.LightningDataModule):
         self._meta: Optional[Dict] = None
         self._train: Optional[_TrainBatches] = None
         self._val: Optional[_ValBatches] = None
+        # train.stages: every stage's batches (StagedBatches), validation per stage
+        self._staged: Optional[StagedBatches] = None
+        self._staged_val: Optional[StagedValBatches] = None
         # data position: `anchor` (restored or initial) plus batches consumed since
         self._anchor = {"epoch": 0, "windows": 0, "step": 0}
         self._handed_out = 0
@@ -361,6 +374,9 @@ class TokenDataModule(pl.LightningDataModule):
         if self.cfg.streaming is not None and self._mix is not None:
             raise DataError("data.streaming and data.mix are both set; stream one exported source "
                             "(data.mix=null), or mix local sources (data.streaming=null).")
+        if recipe.train.stages and (self._mix is not None or self.cfg.streaming is not None):
+            raise DataError(f"train.stages with data.{'mix' if self._mix is not None else 'streaming'} is not "
+                            "supported yet: the stages read one local source; drop one of the two.")
         self._parts: List[TokenDataModule] = []
         for i, e in enumerate(self._mix or []):
             data = dataclasses.replace(self.cfg, source=e.source, mix=None,
@@ -725,8 +741,9 @@ class TokenDataModule(pl.LightningDataModule):
     def _setup_one(self) -> None:
         meta, t = self._meta, self.recipe.train
         rank, world = self._dist()
-        window = t.seq_len + 1
-        batch = t.micro_batch_size * t.grad_accum
+        plan = stage_plan(self.recipe)
+        window = plan[0].seq_len + 1  # without stages: train.seq_len
+        batch = plan[0].rows
         train = _Windows(self._tokens_dir / "train.bin", meta["dtype"], meta["train_tokens"], window)
         self._train = _TrainBatches(train, batch, rank, world, t.seed)
         if self._train.batches_per_epoch == 0:
@@ -746,7 +763,40 @@ class TokenDataModule(pl.LightningDataModule):
                     f"train.seq_len + 1 = {window}; raise data.val_fraction or data.max_chars, or set "
                     f"data.val_fraction=0 to train without validation."
                 )
-            self._val = _ValBatches(val, t.micro_batch_size, t.val_batches, rank, world)
+            self._val = _ValBatches(val, plan[0].micro_batch_size, t.val_batches, rank, world)
+        if t.stages:
+            self._setup_stages(plan, rank, world)
+
+    def _setup_stages(self, plan, rank: int, world: int) -> None:
+        """Each stage's training windows and validation batches (stage 0's are those
+        made above); a stage whose batch does not fit the data is refused, naming it."""
+        meta, t = self._meta, self.recipe.train
+        segments, vals = [self._train], [self._val]
+        for st in plan[1:]:
+            window = st.seq_len + 1
+            seg = _TrainBatches(_Windows(self._tokens_dir / "train.bin", meta["dtype"], meta["train_tokens"], window),
+                                st.rows, rank, world, t.seed, salt=(st.index,))
+            val = None
+            if meta["val_tokens"] > 0:
+                val = _Windows(self._tokens_dir / "val.bin", meta["dtype"], meta["val_tokens"], window)
+            if seg.batches_per_epoch == 0:
+                self._train = None
+                raise DataError(
+                    f"the training split has {meta['train_tokens']:,} tokens, fewer than one step of stage "
+                    f"'{st.name}' needs ({st.rows} x {world} rank(s) x {window} = {st.rows * world * window:,}); "
+                    f"raise data.max_chars or lower train.stages[{st.index}].seq_len / micro_batch_size / "
+                    f"grad_accum.")
+            if val is not None and val.n == 0:
+                self._train = None
+                raise DataError(
+                    f"the validation split has {meta['val_tokens']:,} tokens, fewer than one sequence of stage "
+                    f"'{st.name}' (seq_len + 1 = {window}); raise data.val_fraction or data.max_chars, or set "
+                    f"data.val_fraction=0 to train without validation.")
+            segments.append(seg)
+            vals.append(_ValBatches(val, st.micro_batch_size, t.val_batches, rank, world) if val is not None else None)
+        self._staged = StagedBatches(segments, [st.start for st in plan])
+        if self._val is not None:
+            self._staged_val = StagedValBatches(vals, lambda: stage_after(plan, self._trainer_step() or 0).index)
 
     # -------------------------------------------------------------- properties
 
@@ -805,7 +855,7 @@ class TokenDataModule(pl.LightningDataModule):
         self.setup()
         if self._stream is not None:
             return self._stream.train_loader()
-        return _TrainLoader(self._train, self, **self._loader_kwargs())
+        return _TrainLoader(self._staged or self._train, self, **self._loader_kwargs())
 
     def val_dataloader(self):
         """Fixed validation batches (micro_batch_size, seq_len + 1); [] when
@@ -818,7 +868,7 @@ class TokenDataModule(pl.LightningDataModule):
             return []
         if isinstance(self._val, list):
             return [DataLoader(v, batch_size=None, **self._loader_kwargs()) for v in self._val]
-        return DataLoader(self._val, batch_size=None, **self._loader_kwargs())
+        return DataLoader(self._staged_val or self._val, batch_size=None, **self._loader_kwargs())
 
     @property
     def mix_names(self) -> Optional[List[str]]:
@@ -830,6 +880,13 @@ class TokenDataModule(pl.LightningDataModule):
     def _trainer_step(self) -> Optional[int]:
         trainer = getattr(self, "trainer", None)
         return None if trainer is None else int(trainer.global_step)
+
+    def _next_step(self) -> int:
+        """The optimizer step whose batch comes next (staged runs: their position)."""
+        step = self._trainer_step()
+        if step is not None:
+            return step
+        return int(self._anchor.get("step") or 0) + self._handed_out
 
     def _position(self) -> Tuple[int, int]:
         """(epoch, batch within the epoch) of the next training batch."""
@@ -851,6 +908,11 @@ class TokenDataModule(pl.LightningDataModule):
             return self._stream.state_dict()
         if self._train is None:
             return dict(self._loaded) if self._loaded else {"version": 1, **self._anchor}
+        if self._staged is not None:
+            step = self._next_step()
+            k, seg, epoch, b = self._staged.locate(step)
+            return {"version": 1, "step": step, "stage": k, "epoch": epoch, "windows": b * seg.step_windows,
+                    "seed": seg.seed, "tokenizer_sha": self._meta.get("tokenizer_sha") if self._meta else None}
         epoch, b = self._position()
         return {
             "version": 1, "epoch": epoch, "windows": b * self._train.step_windows,
@@ -871,6 +933,10 @@ class TokenDataModule(pl.LightningDataModule):
             self._apply_state(state)
 
     def _apply_state(self, state: Dict) -> None:
+        if self._staged is not None:  # the step places everything
+            self._anchor = {"epoch": 0, "windows": 0, "step": int(state.get("step") or 0)}
+            self._handed_out = 0
+            return
         ds = self._train
         mix = None if self._mix is None else {e.name: e.weight for e in self._mix}
         same = (state.get("seed", ds.seed) == ds.seed and state.get("train_windows", ds.windows.n) == ds.windows.n

@@ -28,13 +28,16 @@ class Throughput(Callback):
     MFU = tokens/s x training FLOPs per token (arch.count: 6 x active matmul
     parameters + causal attention) / (peak FLOP/s x devices). Time spent in
     validation and in writing checkpoints is left out; the first interval holds
-    start-up (and compilation), so `summary()` averages over the rest."""
+    start-up (and compilation), so `summary()` averages over the rest. Tokens and FLOPs
+    come from the module's count of each step's (tokens_until / flops_until), so an
+    interval across a stage boundary (train.stages) counts each step at its stage's
+    shape."""
 
     def __init__(self, flops_per_token: float, peak_flops: Optional[float], log_every: int):
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.log_every = log_every
-        self.intervals: List[tuple] = []  # (tokens, seconds) per logging interval
+        self.intervals: List[tuple] = []  # (tokens, seconds, flops) per logging interval
         self.last_tps: Optional[float] = None
         self.last_mfu: Optional[float] = None
         self._val_seconds = 0.0
@@ -69,26 +72,27 @@ class Throughput(Callback):
             return
         now, excluded = self._now(trainer), self._excluded(trainer)
         seconds = max(1e-9, now - self._t - (excluded - self._x))
-        tokens = (step - self._step) * pl_module.tokens_per_step
+        tokens = pl_module.tokens_until(step) - pl_module.tokens_until(self._step)
+        flops = pl_module.flops_until(step) - pl_module.flops_until(self._step)
         self._t, self._step, self._x = now, step, excluded
         if tokens == 0:
             return
-        self.intervals.append((tokens, seconds))
+        self.intervals.append((tokens, seconds, flops))
         self.last_tps = tokens / seconds
-        metrics = {"perf/tokens_per_s": self.last_tps, "perf/tokens": step * pl_module.tokens_per_step}
+        metrics = {"perf/tokens_per_s": self.last_tps, "perf/tokens": pl_module.tokens_until(step)}
         if self.peak_flops:
-            self.last_mfu = self.last_tps * self.flops_per_token / (self.peak_flops * trainer.world_size)
+            self.last_mfu = flops / seconds / (self.peak_flops * trainer.world_size)
             metrics["perf/mfu"] = self.last_mfu
         pl_module.log_scalars(metrics)
         pl_module.log("tok/s", self.last_tps, prog_bar=True, logger=False)
 
     def summary(self) -> Dict[str, Optional[float]]:
         steady = self.intervals[1:] or self.intervals
-        tokens, seconds = sum(t for t, _ in steady), sum(s for _, s in steady)
+        tokens, seconds, flops = (sum(iv[i] for iv in steady) for i in range(3))
         tps = tokens / seconds if seconds > 0 else None
-        mfu = tps * self.flops_per_token / self.peak_flops / self._world if (tps and self.peak_flops) else None
+        mfu = flops / seconds / self.peak_flops / self._world if (tps and self.peak_flops) else None
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        return {"tokens_per_s": tps, "mfu": mfu, "train_seconds": sum(s for _, s in self.intervals),
+        return {"tokens_per_s": tps, "mfu": mfu, "train_seconds": sum(iv[1] for iv in self.intervals),
                 "peak_memory_gib": peak}  # this rank's device (rank 0's in summary.json)
 
     def setup(self, trainer, pl_module, stage) -> None:

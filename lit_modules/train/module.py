@@ -12,6 +12,12 @@ place, `training_step`:
                           backward(loss / grad_accum)   (DDP syncs on the last only)
     clip -> finite check -> router-bias update -> AdamW step -> LR schedule step
 
+With train.stages (arch/stages.py) the stage is a function of the step: each step
+first enters its stage (the RoPE of each layer kind set on the model when the stage
+changes) and splits its batch by the stage's micro-batch size; validation runs in the
+stage just trained; checkpoints record the stage and the RoPE the weights were
+trained with.
+
 Scalars go straight to the loggers at optimizer-step numbers (step 1 is the first
 update, validation at step 0 is the untrained model), so TensorBoard's x axis is the
 optimizer step whatever the accumulation or the number of ranks.
@@ -31,6 +37,7 @@ from arch import build_model, count, materialize, recipe_to_yaml
 from arch.config import Recipe
 from arch.documents import document_ids, document_positions
 from arch.registry import RecipeError
+from arch.stages import Stage, recipe_at_step, stage_after, stage_of_update, stage_plan
 from experts.layers import clear_global_counts, next_micro_batch, precompute_global_counts, update_router_biases
 
 from lit_modules.checkpoints.training import check_checkpoint_recipe
@@ -80,6 +87,11 @@ class CausalLM(L.LightningModule):
         self.eos_id: Optional[int] = None
         self.scale_plan = ScalePlan()  # expert parallel / FSDP layout (lit_modules/train/strategy.py)
         self.accounting = count(recipe.model, seq_len=recipe.train.seq_len)
+        self.plan = stage_plan(recipe)
+        self.staged = bool(recipe.train.stages)
+        # FLOPs per token of each stage (attention grows with its seq_len)
+        self.stage_flops = [count(recipe.model, seq_len=st.seq_len).flops_per_token for st in self.plan]
+        self.stage: Optional[Stage] = None  # the stage whose RoPE the model has now
         self.val_loss = MeanMetric()
         self.val_acc = MulticlassAccuracy(num_classes=recipe.model.vocab_size, average="micro",
                                           ignore_index=-100, validate_args=False)
@@ -96,6 +108,8 @@ class CausalLM(L.LightningModule):
         # host-side records, also carried in checkpoints so a resumed run's summary is whole
         self.last_train: Dict[str, float] = {}
         self.val_history: List[Dict[str, float]] = []
+        # per stage name: the first and last logged training loss (the summary's table)
+        self.stage_losses: Dict[str, Dict[str, float]] = {}
 
     # ------------------------------------------------------------------ build
 
@@ -139,14 +153,45 @@ class CausalLM(L.LightningModule):
                                         self.recipe.model.vocab_size)
 
     def configure_optimizers(self):
-        opt, sched = build_optimizer(self.model, self.train_cfg.optim, self.train_cfg.max_steps, self.device.type)
+        opt, sched = build_optimizer(self.model, self.train_cfg.optim, self.train_cfg.max_steps, self.device.type,
+                                     self.plan)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @property
     def tokens_per_step(self) -> int:
-        """Tokens in one optimizer step over all ranks."""
-        c = self.train_cfg
-        return c.micro_batch_size * c.grad_accum * c.seq_len * self.trainer.world_size
+        """Tokens in one optimizer step over all ranks (of the stage of the next step)."""
+        st = stage_of_update(self.plan, self.global_step)
+        return st.rows * st.seq_len * self.trainer.world_size
+
+    def _tokens_per_stage(self, steps: int) -> List[int]:
+        """Tokens per rank that each stage holds of the first `steps` optimizer steps."""
+        last = self.plan[-1]
+        return [min(max(steps - st.start, 0), steps if st is last else st.steps) * st.rows * st.seq_len
+                for st in self.plan]
+
+    def tokens_until(self, steps: int) -> int:
+        """Tokens of the first `steps` optimizer steps over all ranks, stages included."""
+        return sum(self._tokens_per_stage(steps)) * self.trainer.world_size
+
+    def flops_until(self, steps: int) -> float:
+        """Training FLOPs of the first `steps` optimizer steps over all ranks."""
+        return sum(n * f for n, f in zip(self._tokens_per_stage(steps), self.stage_flops)) * self.trainer.world_size
+
+    def enter_stage(self, stage: Stage) -> None:
+        """Give the model `stage`'s RoPE (a no-op in the stage it is in)."""
+        if self.stage is stage or self.model is None:
+            return
+        before = self.stage
+        for kind in self.model.ropes:
+            self.model.set_rope(kind, stage.rope(kind))
+        self.stage = stage
+        if self.staged and (before is None or before.index != stage.index):
+            log.info("step %d  %s", self.global_step, stage.describe())
+            if self._trainer is not None:
+                self.log_scalars({f"stage/rope_theta/{k}": r.theta for k, r in stage.ropes}
+                                 | {f"stage/rope_factor/{k}": r.factor for k, r in stage.ropes}
+                                 | {"stage/index": stage.index, "stage/seq_len": stage.seq_len,
+                                    "stage/sequences_per_step": stage.rows})
 
     # ------------------------------------------------------------------ train
 
@@ -154,8 +199,13 @@ class CausalLM(L.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         set_qat_step(self.model, self.train_cfg, self.global_step)
+        stage = stage_of_update(self.plan, self.global_step)
+        self.enter_stage(stage)
+        if batch.shape[0] != stage.rows or batch.shape[1] != stage.seq_len + 1:
+            raise RuntimeError(f"step {self.global_step + 1} of {stage.describe()} got a batch of shape "
+                               f"{tuple(batch.shape)}; the data module and the stage plan disagree")
         x, y = batch[:, :-1], batch[:, 1:]
-        xs, ys = x.split(self.train_cfg.micro_batch_size), y.split(self.train_cfg.micro_batch_size)
+        xs, ys = x.split(stage.micro_batch_size), y.split(stage.micro_batch_size)
         docs = [self.documents(xi) for xi in xs]
         n = len(xs)
         # Qwen's global-batch loss needs the expert frequencies of the whole step (all
@@ -212,6 +262,8 @@ class CausalLM(L.LightningModule):
             metrics.update({"train/lr": lr, "train/grad_norm": float(grad_norm)})
             self.log_scalars(metrics)
             self.last_train = {"step": step, **{k[len("train/"):]: v for k, v in metrics.items()}}
+            record = self.stage_losses.setdefault(stage.name, {"first": metrics["train/loss"]})
+            record["last"] = metrics["train/loss"]
             log.info("step %d  " + "  ".join(f"{k[6:]} {v:.4g}" for k, v in metrics.items()), step)
 
     def _clip_gradients(self) -> torch.Tensor:
@@ -230,6 +282,9 @@ class CausalLM(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         # validation at step n sees the weights step n+1 trains with (quantized from start_step)
         set_qat_step(self.model, self.train_cfg, self.global_step)
+
+    def on_validation_start(self) -> None:
+        self.enter_stage(stage_after(self.plan, self.global_step))
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch[:, :-1], batch[:, 1:]
@@ -280,8 +335,14 @@ class CausalLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the interop code reads the architecture from here, and resume checks it
-        checkpoint["moelab_recipe"] = recipe_to_yaml(self.recipe)
-        checkpoint["moelab_records"] = {"last_train": self.last_train, "val_history": self.val_history}
+        # the RoPE of the stage that trained these weights, for whoever loads them
+        checkpoint["moelab_recipe"] = recipe_to_yaml(recipe_at_step(self.recipe, self.global_step))
+        checkpoint["moelab_records"] = {"last_train": self.last_train, "val_history": self.val_history,
+                                        "stage_losses": self.stage_losses}
+        st = stage_after(self.plan, self.global_step)
+        if self.staged:  # a run without stages may be continued by a recipe that adds them
+            checkpoint["moelab_stage"] = {"index": st.index, "name": st.name, "start": st.start,
+                                          "steps_done": self.global_step - st.start, "seq_len": st.seq_len}
         if self.train_cfg.checkpoint_format == "sharded":  # every rank writes its own shards
             from lit_modules.checkpoints.sharded import prepare_for_saving
 
@@ -307,5 +368,6 @@ class CausalLM(L.LightningModule):
         records = checkpoint.get("moelab_records", {})
         self.last_train = dict(records.get("last_train", {}))
         self.val_history = list(records.get("val_history", []))
+        self.stage_losses = {k: dict(v) for k, v in records.get("stage_losses", {}).items()}
 
 

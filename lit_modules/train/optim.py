@@ -18,18 +18,23 @@ Schedules give a multiplier of train.optim.lr for the s-th optimizer update
 
 Cosine and WSD both reach r at s = N, one step past the last update, as the usual
 definitions do.
+
+With train.stages (arch/stages.py), a stage without `optim` follows the schedule
+above over the whole run; a stage with it runs its own: the same formulas with
+s - start and N = the stage's steps, times its peak lr / train.optim.lr.
 """
 from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from arch.config import OptimConfig
 from arch.ranges import require_numbers
+from arch.stages import Stage, stage_of_update
 from arch.registry import RecipeError, nearest
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -75,6 +80,18 @@ def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, max_steps: int
                       f"choose one of {', '.join(SCHEDULES)}.")
 
 
+def staged_lr_multiplier(step: int, *, plan: Sequence[Stage], cfg: OptimConfig, max_steps: int) -> float:
+    """`lr_multiplier` of the stage that update `step` belongs to (module docstring)."""
+    stage = stage_of_update(plan, step)
+    seg = stage.optim
+    if seg is None:
+        return lr_multiplier(step, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, max_steps=max_steps,
+                             min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
+    return seg.lr / cfg.lr * lr_multiplier(step - stage.start, schedule=seg.schedule, warmup_steps=seg.warmup_steps,
+                                           max_steps=stage.steps, min_lr_ratio=seg.min_lr_ratio,
+                                           decay_fraction=seg.decay_fraction)
+
+
 def check_optim(cfg: OptimConfig, max_steps: int) -> None:
     """Fail before any tensor exists on a schedule or optimizer setting that cannot work.
     A loaded recipe has passed the number rules already; an OptimConfig built in code
@@ -115,16 +132,23 @@ class TypeSplitAdamW(torch.optim.AdamW):
         return loss
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int, device_type: str
+def build_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int, device_type: str,
+                    plan: Optional[Sequence[Stage]] = None
                     ) -> Tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over `param_groups` plus a LambdaLR stepped once per optimizer update."""
+    """AdamW over `param_groups` plus a LambdaLR stepped once per optimizer update;
+    `plan`: the run's stages, whose own schedule segments replace the run's."""
     check_optim(cfg, max_steps)
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
     # FSDP2 + expert parallel mixes DTensors and plain tensors in one group; splitting
     # the groups instead would change the layout checkpoints are matched by
     cls = TypeSplitAdamW if mixed_tensor_types(model) else torch.optim.AdamW
     opt = cls(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
-        lr_multiplier, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, max_steps=max_steps,
-        min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction))
+    if plan is not None and any(s.optim is not None for s in plan):
+        # a partial, not a callable object: LambdaLR's state_dict would carry an object's
+        # attributes (the plan) into the checkpoint, and load them back over the recipe's
+        fn = partial(staged_lr_multiplier, plan=tuple(plan), cfg=cfg, max_steps=max_steps)
+    else:
+        fn = partial(lr_multiplier, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, max_steps=max_steps,
+                     min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
     return opt, sched

@@ -75,6 +75,14 @@ def check_train(recipe: Recipe) -> None:
     check_run_name(t.run_name)
     check_optim(t.optim, t.max_steps)
     check_distill_config(t.distill)
+    from arch.stages import stage_plan
+
+    for st in stage_plan(recipe):
+        if st.optim is not None:
+            try:
+                check_optim(st.optim, st.steps)
+            except RecipeError as e:
+                raise RecipeError(str(e).replace("train.optim.", f"train.stages[{st.index}].optim.")) from None
 
 
 def check_qat(recipe: Recipe) -> None:
@@ -348,10 +356,17 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
             if resume:
                 runlog.say(f"moelab train: resuming from {resume} (step {resume_step})")
             acc = count(recipe.model, seq_len=t.seq_len)
+            from arch.stages import stage_plan
+
+            plan = stage_plan(recipe)
+            shape = (f"{t.micro_batch_size * t.grad_accum} x {t.seq_len} tokens per rank" if not t.stages else
+                     f"{len(plan)} stages: " + ", ".join(f"{st.name} {st.steps} x {st.rows} x {st.seq_len}"
+                                                         for st in plan) + " tokens per rank")
             runlog.say(f"moelab train: {recipe.name}: {acc.params_total / 1e6:.2f}M parameters "
-                       f"({acc.params_active / 1e6:.2f}M active), {t.max_steps} steps of "
-                       f"{t.micro_batch_size * t.grad_accum} x {t.seq_len} tokens per rank, "
+                       f"({acc.params_active / 1e6:.2f}M active), {t.max_steps} steps of {shape}, "
                        f"{accelerator} {precision}")
+            for st in plan[1:] if t.stages else ():
+                runlog.loggers[0].info("moelab train: %s", st.describe())
         return _fit(recipe, run_dir, resume, resume_step, dm, accelerator, precision, strategy, callbacks, runlog)
     except BaseException:
         if created:
@@ -481,11 +496,15 @@ def _failure(e: Exception, recipe: Recipe, trainer, ckpt, run_dir: Path) -> Opti
         return TrainingFailed(f"training stopped at step {trainer.global_step}: cannot write {where}: {reason(e)}; "
                               f"{RUN_FIX}; the last good checkpoint is {ckpt.saved_path or ckpt.last_path or 'none'}.")
     if isinstance(e, torch.cuda.OutOfMemoryError):
+        from arch.stages import stage_of_update, stage_plan
+
+        st = stage_of_update(stage_plan(recipe), trainer.global_step)
+        where = f"train.stages[{st.index}]." if t.stages else "train."
         return TrainingFailed(
-            f"out of GPU memory at step {trainer.global_step + 1} (micro_batch_size {t.micro_batch_size}, "
-            f"seq_len {t.seq_len}); the last good checkpoint is {ckpt.last_path or 'none'}; lower "
-            f"train.micro_batch_size (raise train.grad_accum to keep the batch), set "
-            f"train.activation_checkpointing=true or model.fused_ce_chunk=4096.")
+            f"out of GPU memory at step {trainer.global_step + 1} (micro_batch_size {st.micro_batch_size}, "
+            f"seq_len {st.seq_len}{f', stage {st.name}' if t.stages else ''}); the last good checkpoint is "
+            f"{ckpt.last_path or 'none'}; lower {where}micro_batch_size (raise {where}grad_accum to keep the "
+            f"batch), set train.activation_checkpointing=true or model.fused_ce_chunk=4096.")
     return None
 
 
@@ -498,7 +517,7 @@ def _summary(recipe, run_dir, module, trainer, throughput, ckpt, resume, wall) -
         "recipe": recipe.name,
         "run_dir": str(run_dir),
         "steps": trainer.global_step,
-        "tokens": trainer.global_step * module.tokens_per_step,
+        "tokens": module.tokens_until(trainer.global_step),
         "train_loss": module.last_train.get("loss"),
         "train_ce_loss": module.last_train.get("ce_loss"),
         "val_loss": val.get("loss"),
@@ -522,4 +541,23 @@ def _summary(recipe, run_dir, module, trainer, throughput, ckpt, resume, wall) -
         "flops_per_token": acc.flops_per_token,
         "wall_seconds": wall,
         "val_history": module.val_history,
+        "stages": _stage_summary(module, trainer.global_step) if recipe.train.stages else None,
     }
+
+
+def _stage_summary(module, steps: int) -> List[Dict]:
+    """Per stage: its shape, the first and last logged training loss, and the last
+    validation in it (a validation at a boundary belongs to the stage just finished)."""
+    from arch.stages import stage_after
+
+    rows = []
+    for st in module.plan:
+        vals = [v for v in module.val_history if v["step"] > 0 and stage_after(module.plan, v["step"]) is st]
+        losses = module.stage_losses.get(st.name, {})
+        rows.append({"name": st.name, "start": st.start, "steps": st.steps, "seq_len": st.seq_len,
+                     "micro_batch_size": st.micro_batch_size, "grad_accum": st.grad_accum,
+                     "rope": {k: {"theta": r.theta, "scaling": r.scaling, "factor": r.factor} for k, r in st.ropes},
+                     "tokens": module.tokens_until(min(st.end, steps)) - module.tokens_until(min(st.start, steps)),
+                     "first_train_loss": losses.get("first"), "last_train_loss": losses.get("last"),
+                     "val_loss": vals[-1]["loss"] if vals else None, "val_step": vals[-1]["step"] if vals else None})
+    return rows

@@ -184,6 +184,17 @@ def checkpoint_block(block: nn.Module) -> None:
     block.forward = forward
 
 
+def stage_shapes(train: TrainConfig) -> List[tuple]:
+    """The distinct (micro_batch_size, seq_len) of a run's stages (one without stages: one);
+    read from the fields, as arch.stages.stage_plan would need the whole recipe."""
+    shapes, mbs, seq = [], train.micro_batch_size, train.seq_len
+    for st in train.stages:
+        mbs = st.micro_batch_size if st.micro_batch_size is not None else mbs
+        seq = st.seq_len if st.seq_len is not None else seq
+        shapes.append((mbs, seq))
+    return list(dict.fromkeys(shapes)) or [(train.micro_batch_size, train.seq_len)]
+
+
 def parallelize(model: nn.Module, train: TrainConfig, device_mesh=None) -> nn.Module:
     """Prepare a meta-device model for training, in place; see the module docstring.
 
@@ -201,8 +212,18 @@ def parallelize(model: nn.Module, train: TrainConfig, device_mesh=None) -> nn.Mo
         for block in model.blocks():
             checkpoint_block(block)
     if train.compile is True:  # 3. ("auto" is resolved before: lit_modules/runtime.py resolve_speed)
+        shapes = stage_shapes(train)
+        if len(shapes) > 1:
+            # train.stages with several (micro-batch, seq_len) shapes: one static graph per
+            # shape, compiled when its stage starts (the expected recompiles, one per new
+            # shape, training and validation each); without dynamic=False Dynamo would
+            # turn the second shape's sizes symbolic instead. The limit leaves room for them.
+            import torch._dynamo
+
+            cfg = torch._dynamo.config
+            cfg.recompile_limit = max(cfg.recompile_limit, 2 * len(shapes) + 4)
         for block in model.blocks():
-            block.compile()
+            block.compile(**({"dynamic": False} if len(shapes) > 1 else {}))
     # 4. FSDP2 fully_shard per block, then the root (fsdp / model_parallel strategies)
     return model
 

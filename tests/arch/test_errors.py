@@ -123,9 +123,10 @@ FIELDS = dict(numeric_fields())
 def override(pattern, value):
     """(a.b=c override, the key path the error must name) for one field pattern."""
     path = pattern.replace(".*.", ".global.")
-    if "[*]." in path:  # a field of a list of dataclasses (data.mix): one entry holding it
-        head, field = path.split("[*].", 1)
-        return f"{head}=[{{{field}: {value}}}]", f"{head}[0].{field}"
+    if "[*]." in path:  # a field of a list's items (data.mix, train.stages): one item, complete but for it
+        items, field = path.split("[*].", 1)
+        extra = "steps: 1, " if items == "train.stages" and field != "steps" else ""
+        return f"{items}=[{{{extra}{field}: {value}}}]", f"{items}[0].{field}"
     if path.endswith("[*]"):  # train.optim.betas: the second item
         return f"{path[:-3]}=[0.9,{value}]", f"{path[:-3]}[1]"
     return f"{path}={value}", path
