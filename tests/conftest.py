@@ -59,6 +59,9 @@ TINY_MOE_TRAIN = [
     "model.moe.top_k=2", "model.moe.d_expert=32", "model.ffn.d_ff=128",
     "train.seq_len=64", "train.log_every=1", "train.optim.warmup_steps=5", "train.optim.lr=3e-3",
     "data.max_chars=300000",
+    # behaviour, not speed: on a GPU, auto would compile every test run's blocks and loss
+    # (tests that check the compiled paths ask for them)
+    "train.compile=false", "model.fused_ce_chunk=0",
 ]
 
 
