@@ -86,6 +86,14 @@ for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPB
 EOF
 run W2_dense 60 proxies/dense_w2 --dtype bf16-mixed
 
+# issue 18's rows: a proxy derived with proxy.* alone (auto switches against none), and
+# the expert backends at the W1 shapes (grouped_mm, triton; eager and compiled)
+echo
+echo "=== fast by default: derived proxy, auto / off"
+DTYPE=bf16 ROWS="auto off" timeout 400 bash benchmarks/fast_default.sh || failed+=(fast_default)
+echo "=== expert kernels at the W1 shapes"
+timeout 300 "$PY" benchmarks/expert_kernels.py --no-loop --compile 2>&1 | grep -v Warning || failed+=(expert_kernels)
+
 echo
 if [ ${#failed[@]} -gt 0 ]; then
     echo "failed: ${failed[*]}"
