@@ -11,6 +11,8 @@
 #   experts  W2 with $MANY experts of width 256 (top-8): fsdp against fsdp + EP=N
 #   large    proxies/qwen3_moe_4gpu (10.7B parameters, does not fit one H100): fsdp + EP=N
 #   ckpt     W2 fsdp + EP=N writing a checkpoint at the end: save seconds
+#   profile  W2 fsdp + EP=N at micro 8, 8 steps, torch.profiler over steps 6-7 (operator
+#            tables per rank and rank 0's trace in $RUNS/profile_ep/profile; no table row)
 #
 #   single   the 1-GPU rows of `weak`, one per micro-batch size, side by side on GPUs 0, 1, ...
 #            (or on the GPUs listed in SINGLE_GPUS)
@@ -93,6 +95,10 @@ for set in $SETS; do
         run "ckpt_sharded" "W2 fsdp + EP=$N, sharded checkpoint" "$N" 2 $W2 train.strategy=fsdp \
             "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" "train.checkpoint_format=sharded" \
             "$@" ;;
+    profile)
+        run "profile_ep" "W2 fsdp + EP=$N, profiled" "$N" 8 $W2 train.strategy=fsdp "train.expert_parallel=$N" \
+            "train.max_steps=8" "train.profile_steps=2" "$@"
+        sed -i '$d' "$RUNS/rows.tsv" ;;  # a profiled run's speed is not a row
     esac
 done
 

@@ -128,6 +128,50 @@ class _GatherRows(torch.autograd.Function):
         return acc.to(grad.dtype), None, None, None
 
 
+class _GatherPadded(torch.autograd.Function):
+    """out = src[index], where copy j of src row n is output row slots_NC[n, j], or
+    no row when slots_NC[n, j] = len(out) (rows with fewer than C copies). The
+    backward sums each src row's copies in float32, C gathered reads of the output
+    gradient padded with one zero row: deterministic, no scatter-add."""
+
+    @staticmethod
+    def forward(ctx, src, index, slots_NC):
+        ctx.save_for_backward(slots_NC)
+        return src[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slots_NC,) = ctx.saved_tensors
+        return _cast(_sum_slots(grad, slots_NC), grad.dtype), None, None
+
+
+class _SumPadded(torch.autograd.Function):
+    """The adjoint of _GatherPadded: out[n] = sum_j rows[slots_NC[n, j]] (float32
+    accumulation, returned in the rows' dtype), absent slots (= len(rows)) adding
+    nothing; its backward is the gather grad[index], index[r] being the out row that
+    row r is summed into."""
+
+    @staticmethod
+    def forward(ctx, rows, slots_NC, index):
+        ctx.save_for_backward(index)
+        return _cast(_sum_slots(rows, slots_NC), rows.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad[index], None, None
+
+
+def _sum_slots(rows: torch.Tensor, slots_NC: torch.Tensor) -> torch.Tensor:
+    """sum_j rows[slots_NC[:, j]] in float32, a slot equal to len(rows) reading zeros."""
+    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[-1])])
+    acc_dtype = _accumulation_dtype(rows)
+    acc = padded[slots_NC[:, 0]].to(acc_dtype)
+    for j in range(1, slots_NC.shape[1]):
+        acc = acc + padded[slots_NC[:, j]].to(acc_dtype)
+    return acc
+
+
 def permute(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
     """Token rows -> expert-sorted rows (each token K times). Dropped rows are zeroed
     so that whatever a backend leaves in them (grouped_mm leaves uninitialised

@@ -134,6 +134,26 @@ def test_gather_rows_gradient():
     torch.autograd.gradcheck(lambda t: _GatherRows.apply(t, d.inverse_S, d.order_S, 1), (y,))
 
 
+def test_padded_gather_and_sum():
+    """The expert-parallel token exchange's row movement: a gather where rows have
+    0..C copies (a slot equal to the number of output rows is no copy) and its
+    adjoint sum, by hand and by gradcheck (float64)."""
+    from experts.dispatch import _GatherPadded, _SumPadded
+
+    # src rows 0..3; copies: row 0 -> out 2, 0; row 1 -> none; row 2 -> out 1; row 3 -> out 3, 4
+    index = torch.tensor([0, 2, 0, 3, 3])
+    n_out = index.numel()
+    slots = torch.tensor([[2, 0], [n_out, n_out], [1, n_out], [3, 4]])
+    src = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(_GatherPadded.apply(src, index, slots), src[index])
+    torch.autograd.gradcheck(lambda t: _GatherPadded.apply(t, index, slots), (src,))
+    rows = torch.randn(n_out, 3, dtype=torch.float64, requires_grad=True)
+    summed = _SumPadded.apply(rows, slots, index)
+    want = torch.stack([rows[2] + rows[0], torch.zeros(3, dtype=torch.float64), rows[1], rows[3] + rows[4]])
+    assert torch.allclose(summed, want)
+    torch.autograd.gradcheck(lambda r: _SumPadded.apply(r, slots, index), (rows,))
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["eager_form", "compiled_form"])
 @pytest.mark.parametrize("capacity", [None, 4])
 def test_weighted_combine_gradient_and_value(capacity, fused, monkeypatch):

@@ -1,7 +1,8 @@
 """The static-shape expert-parallel exchange for capacity-bounded layers
 (experts/parallel.py expert_parallel_capacity) on two gloo processes: the same rows,
-outputs and gradients as the exact-split exchange, including an expert group that
-receives nothing, and it traces into one graph (no host sync, no graph break)."""
+outputs and gradients as the whole experts in one process (expert gradients summed
+over the ranks), including an expert group that receives nothing, and it traces into
+one graph (no host sync, no graph break)."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,7 @@ import torch.multiprocessing as mp
 from conftest import free_port, init_gloo
 from experts.backends import EXPERT_BACKEND
 from experts.dispatch import dispatch, expert_capacity
-from experts.parallel import expert_parallel, expert_parallel_capacity
+from experts.parallel import expert_parallel_capacity
 
 E, K, T, D, F, WORLD = 8, 2, 12, 16, 8, 2
 
@@ -37,8 +38,12 @@ def _case(rank, skew):
     x = torch.randn(T * K, D, generator=gen)
     gen_w = torch.Generator().manual_seed(99)
     w_in, w_out = torch.randn(E, 2 * F, D, generator=gen_w), torch.randn(E, D, F, generator=gen_w)
+    return d, C, x, w_in, w_out
+
+
+def _local(t, rank):
     L = E // WORLD
-    return d, C, x, w_in[rank * L:(rank + 1) * L], w_out[rank * L:(rank + 1) * L]
+    return t[rank * L:(rank + 1) * L]
 
 
 def _run(fn, x, w_in, w_out, n_kept):
@@ -55,16 +60,21 @@ def _worker(rank, port, out):
         for skew in (False, True):
             d, C, x, w_in, w_out = _case(rank, skew)
             n_kept = int(d.counts_E.sum())
-            exact = _run(lambda a, b, c: expert_parallel(loop, a, d.counts_E, b, c, "swiglu", None),
-                         x, w_in, w_out, n_kept)
+            # every expert in this process, on this rank's rows; the shards' gradients
+            # collect every rank's rows, so the reference's are summed over the ranks
+            exact = _run(lambda a, b, c: loop(a, d.counts_E, b, c, "swiglu"), x, w_in, w_out, n_kept)
+            for g in exact[2:]:
+                dist.all_reduce(g)
+            exact[2:] = [_local(g, rank) for g in exact[2:]]
             static = _run(lambda a, b, c: expert_parallel_capacity(loop, a, d.counts_E, b, c, "swiglu", None, C),
-                          x, w_in, w_out, n_kept)
+                          x, _local(w_in, rank), _local(w_out, rank), n_kept)
             errs = [float((a - b).norm() / max(float(a.norm()), 1e-12)) for a, b in zip(exact, static)]
             to_rank1 = int(d.counts_E[E // WORLD:].sum())  # rows this rank sends to rank 1's experts
             out[(rank, skew)] = (errs, int(d.n_dropped), to_rank1)
 
         # one graph: no graph break, so no host read of the counts
         d, C, x, w_in, w_out = _case(rank, False)
+        w_in, w_out = _local(w_in, rank), _local(w_out, rank)
         torch._dynamo.reset()
         compiled = torch.compile(expert_parallel_capacity, fullgraph=True, backend="eager")
         y_c = compiled(_equal_rows_backend, x, d.counts_E, w_in, w_out, "swiglu", None, C)
