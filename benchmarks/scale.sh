@@ -52,9 +52,10 @@ run() {  # name, label, gpus, micro, recipe, extra overrides...
     local name=$1 label=$2 gpus=$3 micro=$4 recipe=$5; shift 5
     echo "=== $name: moelab train $recipe micro $micro on $gpus GPU(s) $*"
     local t0=$SECONDS
-    timeout "$LIMIT" "$PY" -m lit_modules.cli train "$recipe" "${COMMON[@]}" "train.run_name=$name" \
+    # -k: a rank stuck in a collective ignores SIGTERM; then the launcher's children go too
+    timeout -k 20 "$LIMIT" "$PY" -m lit_modules.cli train "$recipe" "${COMMON[@]}" "train.run_name=$name" \
         "train.micro_batch_size=$micro" "train.devices=$gpus" "$@" > "$RUNS/$name.log" 2>&1 \
-        || { echo "($name failed:"; tail -5 "$RUNS/$name.log"; echo ")"; }
+        || { echo "($name failed:"; tail -5 "$RUNS/$name.log"; echo ")"; pkill -9 -f "train.run_name=$name" 2>/dev/null; }
     rm -rf "$RUNS/$name/checkpoints"
     printf '%s\t%s\t%s\t%s\n' "$name" "$label" "$gpus" "$micro" >> "$RUNS/rows.tsv"
     echo "($name took $((SECONDS - t0)) s)"
