@@ -6,7 +6,7 @@ attention kind `gated_deltanet` (a layer kind names it: `layer_kinds.linear.atte
       ─ in_proj_a ─ g = -exp(A_log) softplus(a + dt_bias) <= 0 ──────── decay  (per value head)
       ─ in_proj_z ─────────────────────────────────────────────────────── z      (the output gate)
     q, k: l2-normalised per head; each key head serves n_v_heads / n_k_heads value heads
-    o = delta rule(q, k, v, g, beta);  y = o_proj(rmsnorm(o) * w * silu(z))
+    o = delta rule(q, k, v, g, beta);  y = out_proj(rmsnorm(o) * w * silu(z))
 
 The gated delta rule keeps, per value head, a state S (k_head_dim x v_head_dim) in
 place of a KV cache:
@@ -156,8 +156,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.n_v))
         self.A_log = nn.Parameter(torch.zeros(self.n_v))
         self.norm = GatedRMSNorm(self.dv, norm.eps)
-        # named o_proj (transformers: out_proj) so the model's init scales it as a residual output
-        self.o_proj = nn.Linear(value_dim, d_model, bias=False)
+        self.out_proj = nn.Linear(value_dim, d_model, bias=False)  # a residual output (init_std scaled)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
@@ -193,7 +192,7 @@ class GatedDeltaNet(nn.Module):
             q, k = (t.repeat_interleave(self.n_v // self.n_k, dim=2) for t in (q, k))
         o = self._delta_rule(q, k, v, g, beta).to(x.dtype)
         z = self.in_proj_z(x).reshape(B, T, self.n_v, self.dv)
-        return self.o_proj(self.norm(o, z).reshape(B, T, -1))
+        return self.out_proj(self.norm(o, z).reshape(B, T, -1))
 
     def _delta_rule(self, q, k, v, g, beta) -> torch.Tensor:
         scale = self.dk ** -0.5
