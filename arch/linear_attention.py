@@ -195,14 +195,21 @@ class GatedDeltaNet(nn.Module):
         return self.out_proj(self.norm(o, z).reshape(B, T, -1))
 
     def _delta_rule(self, q, k, v, g, beta) -> torch.Tensor:
+        """fla's kernel (CUDA, bf16/fp16 inputs: it refuses float32) or the chunked reference.
+        fla gets q and k already expanded to the value heads, which every fla version takes."""
         scale = self.dk ** -0.5
-        fla = fla_chunk_gated_delta_rule() if q.is_cuda and self.backend != "torch" else None
+        dtype = q.dtype  # under bf16-mixed the residual stream, and so q, k and v, are float32
+        if q.is_cuda and torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+        half = dtype in (torch.bfloat16, torch.float16)
+        fla = fla_chunk_gated_delta_rule() if q.is_cuda and half and self.backend != "torch" else None
         if fla is not None:
+            q, k, v, beta = (t.to(dtype) for t in (q, k, v, beta))
             o, _ = fla(q, k, v, g=g, beta=beta, scale=scale, use_qk_l2norm_in_kernel=True)
             return o
         if self.backend == "fla":
-            raise ValueError("model.attention.linear.backend = 'fla' runs on CUDA only; use backend 'auto' or "
-                             "'torch' on this device.")
+            raise ValueError("model.attention.linear.backend = 'fla' runs on CUDA in bf16 or fp16 only (got "
+                             f"{dtype} on {q.device.type}); use backend 'auto' or 'torch' here.")
         q, k = l2norm(q.float()), l2norm(k.float())
         return chunk_gated_delta_rule(q, k, v, g, beta, scale, self.chunk_size)[0]
 
