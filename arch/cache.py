@@ -93,7 +93,9 @@ class KVCache:
         """A cache for `model` (a Transformer): one entry per layer, with its window."""
         stateful = sorted({b.spec.attention for b in model.layers if not getattr(b.attn, "cacheable", True)})
         if stateful:
-            raise ValueError(f"this model has {', '.join(stateful)} layers, whose recurrent state the KV cache "
+            from .registry import RecipeError
+
+            raise RecipeError(f"this model has {', '.join(stateful)} layers, whose recurrent state the KV cache "
                              "does not hold yet, so it cannot generate; evaluate or train it instead.")
         return cls([spec.window for spec in model.specs], capacity)
 

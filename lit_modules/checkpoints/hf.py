@@ -980,7 +980,13 @@ def hf_config_for(m: ModelConfig, arch: Optional[str] = None):
     (null: the family `export_family` picks)."""
     import transformers
 
-    arch = arch or export_family(m)
+    family = export_family(m)
+    hook = FAMILY_HOOKS.get(family)
+    allowed = [family] + [a for a in (hook.CONFIG_CLASSES if hook else ()) if a != family]
+    if arch is not None and arch not in allowed:
+        raise ConvertError(f"this model is written as {' or '.join(allowed)}, not {arch}; leave the architecture "
+                           "out or name one of those.")
+    arch = arch or family
     if m.mtp.depth and arch != DEEPSEEK_V3:
         raise ConvertError(f"model.mtp.depth = {m.mtp.depth}: {arch} has no multi-token prediction modules; set "
                            "model.mtp.depth=0 to export the next-token model alone.")
