@@ -9,7 +9,8 @@
              (`signature`), so nothing is dropped silently ──> HF shards, hub layout
 
 Supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM, OlmoeForCausalLM,
-Gemma3ForCausalLM and the text part of Gemma3ForConditionalGeneration. Names on both
+Gemma3ForCausalLM and the text part of Gemma3ForConditionalGeneration; Qwen3-Next and
+Qwen3.5-MoE through their own module (hf_qwen3_next.py, a FAMILY_MODULES entry). Names on both
 sides (HF left, moelab right):
 
     model.embed_tokens / model.norm / lm_head          embed / norm / head
@@ -33,6 +34,7 @@ unexpected keys (tested on 5.23 here and 5.17 on the GPU box).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from dataclasses import dataclass
@@ -65,9 +67,17 @@ _BY_MODEL_TYPE = {"qwen3": QWEN3, "qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL, "o
                   "deepseek_v3": DEEPSEEK_V3,
                   "gemma3_text": GEMMA3, "gemma3": GEMMA3_MM}
 SILU, GELU_TANH = "silu", "gelu_pytorch_tanh"
-# families kept in modules of their own (hf_<family>.py) register here, by architecture:
-# a module with the functions this file calls on it (model_config, text_config, ...)
+# families kept in modules of their own (hf_<family>.py) register into FAMILY_HOOKS, by
+# architecture, when imported: a module with the functions this file calls on it
+# (model_config, text_config, ...). Loaded on first use, as arch/registry.py's plugins.
+FAMILY_MODULES = ("lit_modules.checkpoints.hf_qwen3_next",)
 FAMILY_HOOKS: Dict[str, object] = {}
+
+
+def _hooks() -> Dict[str, object]:
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+    return FAMILY_HOOKS
 
 
 class ConvertError(RecipeError):
@@ -92,15 +102,15 @@ def read_hf_config(hf_dir) -> Tuple[str, object, object]:
     if not isinstance(raw, dict):
         raise ConvertError(f"{path} holds a JSON {type(raw).__name__}, not an object of config fields; repair it "
                            "or download it again.")
-    by_type = {**_BY_MODEL_TYPE, **{t: a for h in FAMILY_HOOKS.values() for t, a in h.MODEL_TYPES.items()}}
+    by_type = {**_BY_MODEL_TYPE, **{t: a for h in _hooks().values() for t, a in h.MODEL_TYPES.items()}}
     archs = raw.get("architectures") or [by_type.get(raw.get("model_type"), f"model_type={raw.get('model_type')}")]
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise ConvertError(f"{path} field architectures = {archs!r} is not a list of class names such as "
                            f"[\"{QWEN3}\"]; repair it.")
     arch = archs[0]
-    if arch not in SUPPORTED and arch not in FAMILY_HOOKS:
+    if arch not in SUPPORTED and arch not in _hooks():
         raise ConvertError(f"{path} declares architecture {arch}; moelab converts only "
-                           f"{', '.join(SUPPORTED + tuple(FAMILY_HOOKS))} (multimodal ones: their text model).")
+                           f"{', '.join(SUPPORTED + tuple(_hooks()))} (multimodal ones: their text model).")
     from transformers import AutoConfig
 
     try:
@@ -108,8 +118,8 @@ def read_hf_config(hf_dir) -> Tuple[str, object, object]:
     except Exception as e:  # transformers' own validation (strict dataclasses)
         raise ConvertError(f"transformers rejects {path}: {_one_line(e)}") from None
     text = cfg.get_text_config() if arch == GEMMA3_MM else cfg
-    if arch in FAMILY_HOOKS:
-        text = FAMILY_HOOKS[arch].text_config(arch, cfg)
+    if arch in _hooks():
+        text = _hooks()[arch].text_config(arch, cfg)
     return arch, cfg, text
 
 
@@ -209,8 +219,8 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
     Fields that only concern HF's runtime (use_cache, pad/bos/eos ids, dtype,
     output_router_logits) are ignored: they do not change the function the weights
     compute. Everything else is either mapped or refused."""
-    if arch in FAMILY_HOOKS:
-        return FAMILY_HOOKS[arch].model_config(arch, text)
+    if arch in _hooks():
+        return _hooks()[arch].model_config(arch, text)
     g = lambda name, default=None: getattr(text, name, default)  # noqa: E731
     n_layers, d = g("num_hidden_layers"), g("hidden_size")
     heads = g("num_attention_heads")
@@ -381,7 +391,7 @@ def recipe_from_hf(hf_dir) -> Tuple[str, Recipe, bool]:
     except (TypeError, ValueError, AttributeError, KeyError) as e:  # a value of a type transformers let through
         raise ConvertError(f"{Path(hf_dir) / 'config.json'} has a field moelab cannot map ({_one_line(e)}); "
                            "check its types against the model's documented config.") from None
-    if arch == GEMMA3_MM or arch in FAMILY_HOOKS and top is not text:  # the multimodal wrapper owns the tying flag
+    if arch == GEMMA3_MM or arch in _hooks() and top is not text:  # the multimodal wrapper owns the tying flag
         mc.tie_embeddings = bool(getattr(top, "tie_word_embeddings", mc.tie_embeddings))
     if arch == DEEPSEEK_V3:  # MTP modules: as many as the checkpoint holds (transformers' model has none)
         names = set(safetensors_source(hf_dir).shapes())
@@ -623,6 +633,7 @@ def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = No
     moelab tensor (the caller decides whether that is an error). With `n_layers`,
     DeepSeek-V3's layers past the model's are its MTP modules (model.mtp.*)."""
     mtp = _mtp_depth(name, n_layers) if arch == DEEPSEEK_V3 else None
+    _hooks()  # a family's rules register on first use
     if mtp is not None:
         k, rest = mtp
         if rest in _MTP_OWN:
@@ -641,7 +652,7 @@ def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = No
         return None
     if arch == MIXTRAL:
         body = body.replace(*_MIXTRAL_HUB)
-    if arch in MOE_ARCHS or arch in FAMILY_HOOKS:
+    if arch in MOE_ARCHS or arch in _hooks():
         m = _PER_EXPERT.match(body)
         if m:
             layer, e, which = m.group(1), int(m.group(2)), m.group(3)
@@ -664,6 +675,7 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor,
                n_layers: Optional[int] = None) -> List[Tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs for one moelab tensor, in the per-expert hub layout.
     MTP modules (DeepSeek-V3 only) need `n_layers`: they become the layers after it."""
+    _hooks()  # a family's rules register on first use
     m = re.match(r"mtp\.(\d+)\.(.+)$", name)
     if m:
         if arch != DEEPSEEK_V3 or n_layers is None:
@@ -713,7 +725,7 @@ def _ignorable(arch: str, name: str, tied: bool, n_layers: Optional[int] = None)
         return True
     if arch == GEMMA3_MM and name.startswith(_IGNORED):
         return True
-    if arch in FAMILY_HOOKS and FAMILY_HOOKS[arch].ignorable(arch, name):
+    if arch in _hooks() and _hooks()[arch].ignorable(arch, name):
         return True
     return tied and name in _HEAD.get(arch, ("lm_head.weight",))  # tied: HF ignores a stored head too
 
@@ -784,8 +796,8 @@ def iter_hf_as_ours(hf_dir, dtype: Optional[torch.dtype] = None
     so only partly stacked expert tensors wait in memory (stats["peak_pending_bytes"])."""
     arch, recipe, tied = recipe_from_hf(hf_dir)
     src = safetensors_source(hf_dir)
-    if arch in FAMILY_HOOKS:  # a family may present its tensors in moelab's cut (split fused projections)
-        src = FAMILY_HOOKS[arch].adapt_source(arch, recipe.model, src)
+    if arch in _hooks():  # a family may present its tensors in moelab's cut (split fused projections)
+        src = _hooks()[arch].adapt_source(arch, recipe.model, src)
     meta = build_model(recipe.model, device="meta").state_dict()
     plan = _plan(arch, recipe, tied, src, hf_dir, meta)
     stats = {"peak_pending_bytes": 0}
@@ -874,7 +886,7 @@ def is_hf_dir(path) -> bool:
 def export_family(m: ModelConfig) -> str:
     """The transformers class that can hold `m`, judged by what tells the families
     apart (the signature comparison then refuses anything else that differs)."""
-    for hook in dict.fromkeys(FAMILY_HOOKS.values()):
+    for hook in dict.fromkeys(_hooks().values()):
         family = hook.export_family(m)
         if family:
             return family
@@ -909,8 +921,8 @@ def _rope_dict(rope: RopeConfig) -> dict:
 def hf_config_kwargs(arch: str, m: ModelConfig) -> dict:
     """Keyword arguments of the transformers config class for `arch`. Whatever this
     cannot carry is caught afterwards by comparing signatures, not here."""
-    if arch in FAMILY_HOOKS:
-        return FAMILY_HOOKS[arch].config_kwargs(arch, m)
+    if arch in _hooks():
+        return _hooks()[arch].config_kwargs(arch, m)
     a, specs = m.attention, layer_specs(m)
     windows = [s.window for s in specs if s.window is not None]
     kw = dict(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn.d_ff,
@@ -981,7 +993,7 @@ def hf_config_for(m: ModelConfig, arch: Optional[str] = None):
     import transformers
 
     family = export_family(m)
-    hook = FAMILY_HOOKS.get(family)
+    hook = _hooks().get(family)
     allowed = [family] + [a for a in (hook.CONFIG_CLASSES if hook else ()) if a != family]
     if arch is not None and arch not in allowed:
         raise ConvertError(f"this model is written as {' or '.join(allowed)}, not {arch}; leave the architecture "
@@ -994,7 +1006,7 @@ def hf_config_for(m: ModelConfig, arch: Optional[str] = None):
                MIXTRAL: transformers.MixtralConfig, OLMOE: transformers.OlmoeConfig,
                GPT_OSS: transformers.GptOssConfig, DEEPSEEK_V3: transformers.DeepseekV3Config,
                GEMMA3: transformers.Gemma3TextConfig}
-    classes.update({a: getattr(transformers, h.CONFIG_CLASSES[a]) for a, h in FAMILY_HOOKS.items()
+    classes.update({a: getattr(transformers, h.CONFIG_CLASSES[a]) for a, h in _hooks().items()
                     if a in h.CONFIG_CLASSES})
     if arch not in classes:
         raise ConvertError(f"moelab writes Hugging Face models as {', '.join(classes)}, not {arch}.")
@@ -1023,7 +1035,7 @@ def hf_config_for(m: ModelConfig, arch: Optional[str] = None):
         notes.append(f"training-only settings that {arch} has no field for were not written (aux_coef={b.aux_coef}, "
                      f"z_coef={b.z_coef}, bias_update_rate={m.moe.router.bias_update_rate}); transformers' "
                      "DeepSeek-V3 trains with no balancing of its own")
-    elif (arch in MOE_ARCHS or arch in FAMILY_HOOKS) and (b.aux_scope != "pooled" or b.z_coef > 0
+    elif (arch in MOE_ARCHS or arch in _hooks()) and (b.aux_scope != "pooled" or b.z_coef > 0
                                                           or m.moe.router.jitter > 0):
         notes.append(f"training-only settings that {arch} has no field for were not written "
                      f"(aux_scope={b.aux_scope}, z_coef={b.z_coef}, jitter={m.moe.router.jitter}); "
@@ -1064,7 +1076,7 @@ def export_hf(source, out_dir, dtype: Optional[torch.dtype] = None, max_shard_by
 def export_pairs(arch: str, m: ModelConfig, pairs):
     """The (HF name, tensor) pairs of `ours_to_hf` as `arch` stores them: a family may fuse
     several into one (Qwen3-Next's in_proj_qkvz); the others pass through."""
-    hook = FAMILY_HOOKS.get(arch)
+    hook = _hooks().get(arch)
     return pairs if hook is None else hook.export_pairs(arch, m, pairs)
 
 
@@ -1081,7 +1093,3 @@ def parse_size(text: Optional[str]) -> Optional[int]:
 
 DTYPES: Dict[str, Optional[torch.dtype]] = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                                             "float16": torch.float16}
-
-
-# the families in modules of their own register their architectures into FAMILY_HOOKS
-from lit_modules.checkpoints import hf_qwen3_next  # noqa: E402,F401
