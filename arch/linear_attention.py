@@ -142,7 +142,9 @@ class GatedDeltaNet(nn.Module):
         lin = cfg.linear
         self.n_k, self.n_v, self.dk, self.dv = lin.n_k_heads, lin.n_v_heads, lin.k_head_dim, lin.v_head_dim
         self.chunk_size, self.backend = lin.chunk_size, lin.backend
-        if self.backend == "fla" and fla_chunk_gated_delta_rule() is None:
+        # looked up once here, not per call: compiled blocks then read an attribute
+        self._fla = fla_chunk_gated_delta_rule() if self.backend != "torch" else None
+        if self.backend == "fla" and self._fla is None:
             raise RecipeError("model.attention.linear.backend = 'fla' needs flash-linear-attention "
                               "(pip install 'moelab[fla]' on a CUDA machine); use backend 'auto' or 'torch'.")
         key_dim, value_dim = self.n_k * self.dk, self.n_v * self.dv
@@ -202,7 +204,7 @@ class GatedDeltaNet(nn.Module):
         if q.is_cuda and torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
         half = dtype in (torch.bfloat16, torch.float16)
-        fla = fla_chunk_gated_delta_rule() if q.is_cuda and half and self.backend != "torch" else None
+        fla = self._fla if q.is_cuda and half else None
         if fla is not None:
             q, k, v, beta = (t.to(dtype) for t in (q, k, v, beta))
             o, _ = fla(q, k, v, g=g, beta=beta, scale=scale, use_qk_l2norm_in_kernel=True)

@@ -60,3 +60,17 @@ def test_proxies_keep_the_hybrid_structure():
         assert kinds[:4] == ["gated_deltanet"] * 3 + ["gqa"] and all(s.moe for s in layer_specs(m))
         assert m.attention.output_gate and m.norm.zero_centered and m.moe.shared_gate
         assert m.layer_kinds["global"].rope.partial == 0.25
+
+
+def test_derived_proxy_scales_the_deltanet_heads():
+    import experts  # noqa: F401
+    from arch import build_model
+
+    ref = load_recipe("qwen3_next/80b_a3b").model
+    m = load_recipe("qwen3_next/80b_a3b", ["proxy.d_model=512", "proxy.n_layers=8", "proxy.n_experts=16"]).model
+    lin, ref_lin = m.attention.linear, ref.attention.linear
+    assert lin.n_k_heads == ref_lin.n_k_heads * 512 // ref.d_model
+    assert lin.n_v_heads // lin.n_k_heads == ref_lin.n_v_heads // ref_lin.n_k_heads
+    assert (lin.k_head_dim, lin.v_head_dim) == (ref_lin.k_head_dim, ref_lin.v_head_dim)
+    assert [s.attention for s in layer_specs(m)] == (["gated_deltanet"] * 3 + ["gqa"]) * 2
+    assert sum(p.numel() for p in build_model(m, device="meta").parameters()) == count(m).params_total
