@@ -168,7 +168,8 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
     last_linear = last.attention == "gated_deltanet"
     ffn_last = (m.n_experts * expert + shared + shared_gate + router) if last.moe else dense_ffn
     p_mtp = depth * ((lin + lin_norm if last_linear else attn + qk_norm) + ffn_last + block_norms + 3 * d + 2 * d * d)
-    mtp_mm = cfg.vocab_size * d + 2 * d * d + (lin_mm if last_linear else attn_mm) + (moe_mm if last.moe else dense_ffn_mm)
+    mtp_mm = (cfg.vocab_size * d + 2 * d * d + (lin_mm if last_linear else attn_mm)
+              + (moe_mm if last.moe else dense_ffn_mm))
     flops += depth * (6 * mtp_mm + mixer_flops(last))
 
     kv_layer = kv_elements * kv_bytes_per_element

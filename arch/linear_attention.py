@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import StateCache
 from .config import AttentionConfig, NormConfig
 from .registry import ATTENTION, RecipeError
 
@@ -135,8 +136,6 @@ class GatedDeltaNet(nn.Module):
     """One gated DeltaNet layer; sizes from `model.attention.linear`. It has no RoPE and
     no window: the convolution and the decaying state carry the order of the tokens."""
 
-    cacheable = False  # its recurrent and convolution state are not in arch/cache.py (no decoding)
-
     def __init__(self, d_model: int, cfg: AttentionConfig, norm: NormConfig, window: Optional[int], rope=None):
         super().__init__()
         lin = cfg.linear
@@ -176,14 +175,19 @@ class GatedDeltaNet(nn.Module):
                              "reset is built); turn train.document_mask off.")
         return None
 
+    def new_cache(self, capacity: int) -> StateCache:
+        """Decoding keeps this layer's convolution inputs and recurrent state (arch/cache.py)."""
+        return StateCache(capacity, self.conv1d.kernel_size[0] - 1)
+
     def forward(self, x: torch.Tensor, rope=None, block_mask=None, cache=None) -> torch.Tensor:
-        if cache is not None:
-            raise ValueError("gated_deltanet layers keep a recurrent state that arch/cache.py does not hold yet, "
-                             "so they cannot decode with a cache; run the full sequence instead.")
+        """`cache`: this layer's StateCache when decoding (x: the new tokens)."""
         B, T, _ = x.shape
         qkv = self.in_proj_qkv(x).transpose(1, 2)  # (B, channels, T) for the convolution
-        qkv = F.conv1d(qkv.to(self.conv1d.weight.dtype), self.conv1d.weight, padding=self.conv1d.padding[0],
-                       groups=self.conv_dim)[..., :T]
+        w = self.conv1d.weight
+        if cache is None:
+            qkv = F.conv1d(qkv.to(w.dtype), w, padding=self.conv1d.padding[0], groups=self.conv_dim)[..., :T]
+        else:  # the cached inputs stand in for the padding
+            qkv = F.conv1d(cache.conv_inputs(qkv).to(w.dtype), w, groups=self.conv_dim)
         qkv = F.silu(qkv).to(x.dtype).transpose(1, 2)
         q, k, v = qkv.split([self.n_k * self.dk, self.n_k * self.dk, self.n_v * self.dv], dim=-1)
         q, k = q.reshape(B, T, self.n_k, self.dk), k.reshape(B, T, self.n_k, self.dk)
@@ -192,7 +196,8 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
         if self.n_v != self.n_k:  # each key head serves a run of consecutive value heads
             q, k = (t.repeat_interleave(self.n_v // self.n_k, dim=2) for t in (q, k))
-        o = self._delta_rule(q, k, v, g, beta).to(x.dtype)
+        o = self._delta_rule(q, k, v, g, beta) if cache is None else self._delta_rule_cached(q, k, v, g, beta, cache)
+        o = o.to(x.dtype)
         z = self.in_proj_z(x).reshape(B, T, self.n_v, self.dv)
         return self.out_proj(self.norm(o, z).reshape(B, T, -1))
 
@@ -214,6 +219,18 @@ class GatedDeltaNet(nn.Module):
                              f"{dtype} on {q.device.type}); use backend 'auto' or 'torch' here.")
         q, k = l2norm(q.float()), l2norm(k.float())
         return chunk_gated_delta_rule(q, k, v, g, beta, scale, self.chunk_size)[0]
+
+    def _delta_rule_cached(self, q, k, v, g, beta, cache: StateCache) -> torch.Tensor:
+        """The reference paths from the cached state: token by token for a decoding step,
+        chunked for a prompt chunk; the final state goes back into the cache."""
+        q, k = l2norm(q.float()), l2norm(k.float())
+        scale = self.dk ** -0.5
+        if q.shape[1] < self.chunk_size:
+            o, cache.state = recurrent_gated_delta_rule(q, k, v, g, beta, scale, cache.state)
+        else:
+            o, cache.state = chunk_gated_delta_rule(q, k, v, g, beta, scale, self.chunk_size, cache.state)
+        cache.pos += q.shape[1]
+        return o
 
     def extra_repr(self) -> str:
         return (f"k_heads={self.n_k}x{self.dk}, v_heads={self.n_v}x{self.dv}, conv={self.conv1d.kernel_size[0]}, "

@@ -114,10 +114,10 @@ def format_table(recipe: Recipe, acc: Accounting, proxy_changes=(), memory=None)
                   f"vocab {m.vocab_size}"),
     ]
     if acc.n_linear_layers:
-        lin = a.linear
+        lin, gate = a.linear, ", output gate on full attention" if a.output_gate else ""
         rows.append(("linear attn", f"gated DeltaNet in {acc.n_linear_layers} of {acc.n_layers} layers: "
                                     f"{lin.n_k_heads} q/k x {lin.k_head_dim}, {lin.n_v_heads} v x {lin.v_head_dim}, "
-                                    f"conv {lin.conv_kernel}" + (", output gate on full attention" if a.output_gate else "")))
+                                    f"conv {lin.conv_kernel}{gate}"))
     if m.moe.n_experts:
         shared = f", {m.moe.n_shared_experts} shared x {m.moe.d_shared}" if m.moe.n_shared_experts else ""
         rows.append(("experts", f"{m.moe.n_experts} x d_expert {m.moe.d_expert}, top-{m.moe.top_k}{shared}, "

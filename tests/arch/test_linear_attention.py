@@ -99,13 +99,40 @@ def test_a_few_steps_lower_the_loss():
     assert losses[-1] < losses[0] - 0.5
 
 
-def test_generation_and_document_masks_are_refused_in_one_sentence():
+@pytest.mark.parametrize("pieces", [[5, 1, 1, 9, 1, 2, 1, 1, 1], [1] * 22], ids=["chunks-and-steps", "steps"])
+def test_cached_decoding_equals_the_full_forward(pieces):
+    """arch/cache.py's StateCache: the convolution's last inputs and the recurrent state
+    carried from piece to piece (prompt chunks longer than chunk_size 4 take the chunked
+    path from the cached state, shorter ones the per-token one) give the full forward's logits."""
     import experts  # noqa: F401
-    from arch.cache import KVCache
+    from arch.cache import KVCache, StateCache
+    from arch.generate import dropless
+
+    model = _tiny("model.attention.linear.chunk_size=4", seed=3).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:  # zero-centred norms start at 0: make them matter
+                p.add_(0.3 * torch.randn_like(p))
+    ids = torch.randint(0, 2048, (2, 22), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), dropless(model):
+        full = model(ids).logits
+        cache = KVCache.for_model(model, 22)
+        out, i = [], 0
+        for n in pieces:
+            assert cache.pos == i
+            out.append(model(ids[:, i:i + n], cache=cache).logits)
+            i += n
+    torch.testing.assert_close(torch.cat(out, dim=1), full, rtol=1e-5, atol=2e-5)
+    states = [c for c in cache.layers if isinstance(c, StateCache)]
+    assert len(states) == 3 and states[0].state.shape == (2, 4, 32, 32) and states[0].conv.shape[-1] == 3
+    with pytest.raises(ValueError, match="made for 22 positions"):
+        model(ids[:, :1], cache=cache)
+
+
+def test_document_masks_are_refused_in_one_sentence():
+    import experts  # noqa: F401
 
     model = _tiny()
-    with pytest.raises(ValueError, match="gated_deltanet layers.*cannot generate"):
-        KVCache.for_model(model, 16)
     ids = torch.zeros(1, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="document_mask off"):
         model(ids, doc_ids=torch.zeros(1, 8, dtype=torch.long))
