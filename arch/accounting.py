@@ -13,6 +13,13 @@ Conventions (those of the Qwen3 and Gemma 3 reports and model cards):
   their FLOPs are in the training FLOPs per token.
 - KV cache: 2 (k and v) x kv_heads x head_dim x bytes per layer per token; a
   sliding-window layer holds at most `window` tokens.
+- gated DeltaNet layers (arch/linear_attention.py) hold no KV cache but a state of
+  fixed size per sequence: n_v_heads x k_head_dim x v_head_dim in float32 (as
+  transformers and fla keep it) plus the convolution's last conv_kernel - 1 inputs
+  (at the KV cache's bytes per element); `kv_bytes_at_context` includes it. Their
+  attention FLOPs are those of the recurrent form, linear in the context: per token and
+  value head, reading the state, writing it and reading it out (3 x k_head_dim x
+  v_head_dim multiply-adds), plus the depthwise convolution.
 """
 from __future__ import annotations
 
@@ -60,11 +67,26 @@ class Accounting:
     kv_bytes_per_element: int
     n_layers: int
     n_moe_layers: int
+    n_linear_layers: int = 0  # gated DeltaNet layers
+    linear_state_bytes: int = 0  # their recurrent + convolution state for one sequence, in kv_bytes_at_context
     layer_kinds: List[str] = field(default_factory=list)
     layer_moe: List[bool] = field(default_factory=list)
 
     def to_dict(self) -> Dict:
         return asdict(self)
+
+
+def _linear_attention_params(cfg: ModelConfig):
+    """(matmul params, all params, norm params, multiply-adds per token outside the
+    matmuls, state elements per sequence (recurrent, convolution)) of one gated DeltaNet layer."""
+    lin, d = cfg.attention.linear, cfg.d_model
+    key, value = lin.n_k_heads * lin.k_head_dim, lin.n_v_heads * lin.v_head_dim
+    conv = 2 * key + value
+    mm = d * conv + d * value + 2 * d * lin.n_v_heads + value * d  # qkv, z, b and a, o_proj
+    params = mm + conv * lin.conv_kernel + 2 * lin.n_v_heads  # + conv taps, A_log, dt_bias
+    rule = 3 * lin.n_v_heads * lin.k_head_dim * lin.v_head_dim + conv * lin.conv_kernel
+    return mm, params, lin.v_head_dim, rule, (lin.n_v_heads * lin.k_head_dim * lin.v_head_dim,
+                                              conv * (lin.conv_kernel - 1))
 
 
 def _attention_params(cfg: ModelConfig):
@@ -81,8 +103,9 @@ def _attention_params(cfg: ModelConfig):
         # the cache holds the latent and the shared rotary key (DeepSeek-V2's point)
         return mm, mm + bias, norms, a.v_head_dim, a.kv_lora_rank + a.qk_rope_head_dim
     q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    mm = d * q_out + 2 * d * kv_out + q_out * d
-    params = mm + (q_out + 2 * kv_out + d if a.bias else 0) + (a.n_heads if a.sinks else 0)
+    mm = d * q_out * (2 if a.output_gate else 1) + 2 * d * kv_out + q_out * d
+    q_bias = q_out * (2 if a.output_gate else 1)
+    params = mm + (q_bias + 2 * kv_out + d if a.bias else 0) + (a.n_heads if a.sinks else 0)
     norms = 0
     if a.qk_norm:  # one weight per normalised channel: a head's, or every head's
         norms = 2 * a.head_dim if a.qk_norm_scope == "head" else (a.n_heads + a.n_kv_heads) * a.head_dim
@@ -98,6 +121,10 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
     specs = layer_specs(cfg)
 
     attn_mm, attn, qk_norm, v_dim, kv_elements = _attention_params(cfg)
+    lin_mm, lin, lin_norm, lin_rule, (lin_state, lin_conv) = _linear_attention_params(cfg)
+    linear = [s.attention == "gated_deltanet" for s in specs]
+    n_linear = sum(linear)
+    n_full = len(specs) - n_linear
     block_norms = BLOCK_NORMS[cfg.norm_placement] * d
     dense_ffn = ffn_params(d, cfg.ffn.d_ff, cfg.ffn.kind, cfg.ffn.bias) if cfg.ffn.d_ff else 0
     dense_ffn_mm = ffn_params(d, cfg.ffn.d_ff, cfg.ffn.kind) if cfg.ffn.d_ff else 0
@@ -114,33 +141,46 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
     p_experts = n_moe * m.n_experts * expert
     p_shared = n_moe * (shared + shared_gate)
     p_router = n_moe * router
-    p_norms = len(specs) * (block_norms + qk_norm) + d
-    total = (embedding + head + len(specs) * attn + n_dense * dense_ffn + p_experts + p_shared
+    p_attention = n_full * attn + n_linear * lin
+    p_norms = len(specs) * block_norms + n_full * qk_norm + n_linear * lin_norm + d
+    total = (embedding + head + p_attention + n_dense * dense_ffn + p_experts + p_shared
              + p_router + p_norms)
     inactive = n_moe * (m.n_experts - m.top_k) * expert
     active = total - inactive
 
     moe_mm = m.top_k * expert + shared + shared_gate + router_mm
-    matmul_active = (cfg.vocab_size * d + len(specs) * attn_mm + n_dense * dense_ffn_mm + n_moe * moe_mm)
-    # scores (q . k) and the weighted values, 2 FLOPs per multiply-add, x3 for training
-    attn_flops = sum(6 * a.n_heads * (a.head_dim + v_dim) * mean_keys(seq_len, s.window) for s in specs)
+    matmul_active = (cfg.vocab_size * d + n_full * attn_mm + n_linear * lin_mm + n_dense * dense_ffn_mm
+                     + n_moe * moe_mm)
+
+    def mixer_flops(spec) -> float:
+        """Training FLOPs per token of one layer's token mixing outside its projections:
+        scores and weighted values (2 FLOPs per multiply-add, x3 for training), or the
+        delta rule's state traffic, the same at any length."""
+        if spec.attention == "gated_deltanet":
+            return 6 * lin_rule
+        return 6 * a.n_heads * (a.head_dim + v_dim) * mean_keys(seq_len, spec.window)
+
+    attn_flops = sum(mixer_flops(s) for s in specs)
     flops = 6 * matmul_active + attn_flops
 
     # MTP: each module is the last layer's block, its norms, eh_proj, and a pass of the head
     last, depth = specs[-1], cfg.mtp.depth
+    last_linear = last.attention == "gated_deltanet"
     ffn_last = (m.n_experts * expert + shared + shared_gate + router) if last.moe else dense_ffn
-    p_mtp = depth * (attn + ffn_last + block_norms + qk_norm + 3 * d + 2 * d * d)
-    mtp_mm = cfg.vocab_size * d + 2 * d * d + attn_mm + (moe_mm if last.moe else dense_ffn_mm)
-    flops += depth * (6 * mtp_mm + 6 * a.n_heads * (a.head_dim + v_dim) * mean_keys(seq_len, last.window))
+    p_mtp = depth * ((lin + lin_norm if last_linear else attn + qk_norm) + ffn_last + block_norms + 3 * d + 2 * d * d)
+    mtp_mm = (cfg.vocab_size * d + 2 * d * d + (lin_mm if last_linear else attn_mm)
+              + (moe_mm if last.moe else dense_ffn_mm))
+    flops += depth * (6 * mtp_mm + mixer_flops(last))
 
     kv_layer = kv_elements * kv_bytes_per_element
+    state = n_linear * (4 * lin_state + kv_bytes_per_element * lin_conv)
     return Accounting(
         params_total=total,
         params_active=active,
         params_embedding=embedding,
         params_head=head,
         params_non_embedding=total - embedding - head,
-        params_attention=len(specs) * attn,
+        params_attention=p_attention,
         params_ffn_dense=n_dense * dense_ffn,
         params_experts=p_experts,
         params_shared_experts=p_shared,
@@ -152,12 +192,15 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
         flops_per_token_forward=flops / 3,
         attention_flops_per_token=attn_flops,
         seq_len=seq_len,
-        kv_bytes_per_token=kv_layer * len(specs),
-        kv_bytes_at_context=sum(kv_layer * min(context, s.window or context) for s in specs),
+        kv_bytes_per_token=kv_layer * n_full,
+        kv_bytes_at_context=sum(kv_layer * min(context, s.window or context) for s, lin_layer in zip(specs, linear)
+                                if not lin_layer) + state,
         context=context,
         kv_bytes_per_element=kv_bytes_per_element,
         n_layers=len(specs),
         n_moe_layers=n_moe,
+        n_linear_layers=n_linear,
+        linear_state_bytes=state,
         layer_kinds=[s.kind for s in specs],
         layer_moe=[s.moe for s in specs],
     )
@@ -180,17 +223,15 @@ def weight_memory(cfg: ModelConfig) -> Dict[str, int]:
     from .block import Block
     from .quant import EXTRA_KINDS, STORAGE, quant_targets, weight_bytes
 
-    # blocks differ in their weights only by MoE or dense: one block of each kind is
+    # blocks differ in their weights only by MoE or dense and by their mixer: one block of each kind is
     # built (on meta), so the cost stays linear in nothing but the recipe's size
     specs = layer_specs(cfg)
     shapes: List[tuple] = [(cfg.vocab_size, cfg.d_model)] * (1 if cfg.tie_embeddings else 2)
     rest = cfg.d_model  # the final norm
-    for moe in (False, True):
-        n = sum(s.moe == moe for s in specs)
-        if n == 0:
-            continue
+    for moe, mixer in dict.fromkeys((s.moe, s.attention) for s in specs):
+        n = sum(s.moe == moe and s.attention == mixer for s in specs)
         with torch.device("meta"):
-            block = Block(cfg, next(s for s in specs if s.moe == moe))
+            block = Block(cfg, next(s for s in specs if s.moe == moe and s.attention == mixer))
         matrices = {id(getattr(m, w)): getattr(m, w) for _, m, names in quant_targets(block, EXTRA_KINDS)
                     for w in names}
         shapes += [tuple(p.shape) for p in matrices.values()] * n
@@ -202,6 +243,6 @@ def memory_table(cfg: ModelConfig, context: int = MEMORY_CONTEXT) -> Dict[str, D
     """Per format: weights, weights + a bf16 KV cache of one `context`-token sequence
     with the sliding windows honoured, and the same with every layer global."""
     acc = count(cfg, context=context)
-    windowed, every_global = acc.kv_bytes_at_context, acc.kv_bytes_per_token * context
+    windowed, every_global = acc.kv_bytes_at_context, acc.kv_bytes_per_token * context + acc.linear_state_bytes
     return {fmt: {"weights": w, "with_kv": w + windowed, "with_kv_all_global": w + every_global}
             for fmt, w in weight_memory(cfg).items()}

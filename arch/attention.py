@@ -127,7 +127,9 @@ class Attention(nn.Module):
         # or soft-capped layers; on CPU the SDPA mask / eager reference for those.
         self.impl = cfg.impl
         self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
-        self.q_proj = nn.Linear(d_model, cfg.n_heads * hd, bias=cfg.bias)
+        # output_gate: q_proj gives each head [query, gate] side by side (Qwen3-Next's layout)
+        self.output_gate = cfg.output_gate
+        self.q_proj = nn.Linear(d_model, cfg.n_heads * hd * (2 if cfg.output_gate else 1), bias=cfg.bias)
         self.k_proj = nn.Linear(d_model, cfg.n_kv_heads * hd, bias=cfg.bias)
         self.v_proj = nn.Linear(d_model, cfg.n_kv_heads * hd, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, d_model, bias=cfg.bias)
@@ -154,6 +156,10 @@ class Attention(nn.Module):
         `cache`: this layer's arch.cache.LayerCache when decoding (x: the new tokens)."""
         B, T, _ = x.shape
         q, k = self.q_proj(x), self.k_proj(x)
+        gate = None
+        if self.output_gate:
+            q, gate = q.view(B, T, -1, 2 * self.head_dim).chunk(2, dim=-1)
+            q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
         if self.qk_norm_all_heads:
             q, k = self.q_norm(q).view(B, T, -1, self.head_dim), self.k_norm(k).view(B, T, -1, self.head_dim)
         else:
@@ -162,7 +168,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = self._attend(q, k, v, block_mask) if cache is None else self._attend_cached(q, k, v, cache)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y if gate is None else y * torch.sigmoid(gate))
 
     def _impl(self, T: int, is_cuda: bool, documents: bool = False) -> str:
         """The path a sequence of length T takes: the configured impl, or auto's pick.

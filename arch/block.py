@@ -35,7 +35,8 @@ class Block(nn.Module):
 
         self.spec = spec
         self.attn_norm = norm(pre)
-        self.attn = ATTENTION.get(cfg.attention.kind, "model.attention.kind")(
+        # the layer kind may name its own mixer (gated DeltaNet's linear layers)
+        self.attn = ATTENTION.get(spec.attention, f"model.layer_kinds.{spec.kind}.attention")(
             cfg.d_model, cfg.attention, cfg.norm, spec.window, rope=spec.rope
         )
         self.attn_post_norm = norm(post)

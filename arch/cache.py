@@ -17,7 +17,8 @@ the chunk still need the keys the chunk's last ones overwrite.
 The cache stores what the layer attends over, after RoPE: per KV head for `gqa`,
 and for `mla` the per-head keys and values after the up-projection (not the latent),
 which costs n_heads x (qk_head_dim + v_head_dim) per token instead of kv_lora_rank +
-qk_rope_head_dim, but needs nothing MLA-specific here.
+qk_rope_head_dim, but needs nothing MLA-specific here. A gated DeltaNet layer keeps a
+StateCache instead: its convolution's last inputs and its recurrent state.
 """
 from __future__ import annotations
 
@@ -78,6 +79,35 @@ class LayerCache:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
 
 
+class StateCache:
+    """A recurrent layer's decoding state (gated DeltaNet, arch/linear_attention.py): the
+    last `taps` inputs of its causal convolution and its recurrent state, the same size
+    at any length. Filled by the layer: `conv_inputs` before, `state` and `pos` after."""
+
+    def __init__(self, capacity: int, taps: int):
+        self.capacity = capacity
+        self.taps = taps  # conv_kernel - 1
+        self.conv: Optional[torch.Tensor] = None  # (B, channels, taps)
+        self.state: Optional[torch.Tensor] = None  # (B, heads, Dk, Dv), float32
+        self.pos = 0
+
+    def conv_inputs(self, x_BCT: torch.Tensor) -> torch.Tensor:
+        """The new inputs (B, C, T) behind the `taps` before them (zeros before the
+        first token, as the convolution's padding); keeps the last `taps` for next time."""
+        T = x_BCT.shape[-1]
+        if self.pos + T > self.capacity:
+            raise ValueError(f"the KV cache was made for {self.capacity} positions and {self.pos + T} are asked; "
+                             "make it with a larger capacity.")
+        if self.conv is None:
+            self.conv = x_BCT.new_zeros(*x_BCT.shape[:2], self.taps)
+        full = torch.cat((self.conv, x_BCT), dim=-1)
+        self.conv = full[..., full.shape[-1] - self.taps:]
+        return full
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.conv, self.state) if t is not None)
+
+
 class KVCache:
     """The caches of all layers of a model, for sequences of up to `capacity` tokens
     (prompt and generated ones together)."""
@@ -91,7 +121,11 @@ class KVCache:
     @classmethod
     def for_model(cls, model, capacity: int) -> "KVCache":
         """A cache for `model` (a Transformer): one entry per layer, with its window."""
-        return cls([spec.window for spec in model.specs], capacity)
+        cache = cls([spec.window for spec in model.specs], capacity)
+        for i, block in enumerate(model.layers):  # a recurrent layer brings its own (StateCache)
+            if hasattr(block.attn, "new_cache"):
+                cache.layers[i] = block.attn.new_cache(capacity)
+        return cache
 
     @property
     def pos(self) -> int:

@@ -57,6 +57,26 @@ class LayerKindConfig:
 
     window: Optional[int] = None  # sliding window in tokens; null = global attention
     rope: RopeConfig = field(default_factory=RopeConfig)
+    # the token mixer of these layers, an attention registry key (gated_deltanet for the
+    # linear layers of Qwen3-Next / Qwen3.5); null: model.attention.kind
+    attention: Optional[str] = None
+
+
+@dataclass
+class LinearAttentionConfig:
+    """Gated DeltaNet layers (arch/linear_attention.py; Qwen3-Next, Qwen3.5): the sizes
+    of their heads, the short convolution, and how the delta rule is computed."""
+
+    n_k_heads: int = 16  # query/key heads (linear_num_key_heads)
+    n_v_heads: int = 32  # value heads, a multiple of n_k_heads (each key head serves a group)
+    k_head_dim: int = 128
+    v_head_dim: int = 128
+    conv_kernel: int = 4  # the causal depthwise convolution over q, k and v, in tokens
+    # tokens per chunk of the chunked delta rule (the torch path); any length works
+    chunk_size: int = 64
+    # auto: fla's Triton kernels on CUDA when the package imports, else torch; torch: the
+    # chunked PyTorch reference; fla: flash-linear-attention, or an error without it
+    backend: str = "auto"
 
 
 @dataclass
@@ -89,6 +109,11 @@ class AttentionConfig:
     rope_interleave: bool = False  # the rotary dims in interleaved pairs (DeepSeek's layout)
     latent_norm_eps: float = 1e-6  # the RMSNorms of the q and kv latents
     impl: str = "auto"  # auto | sdpa | flex | eager (the reference); see arch/attention.py
+    # a sigmoid gate per head and channel on the attention output, from a second half of
+    # q_proj (Qwen3-Next, Qwen3.5: q_proj yields [query, gate] per head)
+    output_gate: bool = False
+    # the gated_deltanet layers' own sizes (used only by layers of that kind)
+    linear: LinearAttentionConfig = field(default_factory=LinearAttentionConfig)
 
 
 @dataclass
@@ -415,3 +440,4 @@ class LayerSpec:
     window: Optional[int]
     rope: RopeConfig
     moe: bool
+    attention: str = "gqa"  # the layer's attention registry key (its kind's, or model.attention.kind)

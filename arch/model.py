@@ -184,7 +184,7 @@ class Transformer(nn.Module):
             if isinstance(module, RMSNorm):
                 module.reset_parameters()
             elif isinstance(module, (nn.Linear, nn.Embedding)):
-                is_out = name.endswith(("o_proj", "down_proj"))
+                is_out = name.endswith(("o_proj", "out_proj", "down_proj"))  # out_proj: gated DeltaNet's
                 nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out else std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)

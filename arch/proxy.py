@@ -12,7 +12,9 @@ heads, head_dim, vocab, context); everything else follows from the reference:
   one layer (and leaves at least one MoE layer); per-layer overrides are kept only where
   the layer still exists;
 - experts: top_k is kept (clamped to the expert count);
-- windows keep their fraction of the context (`proxy.max_seq_len`).
+- windows keep their fraction of the context (`proxy.max_seq_len`);
+- gated DeltaNet heads (`model.attention.linear`) scale with d_model like query heads,
+  keeping their widths and the value heads per key head.
 
     moelab inspect qwen3/30b_a3b proxy.d_model=768 proxy.n_layers=8 proxy.n_experts=32
 """
@@ -53,6 +55,12 @@ def derive_proxy(ref: ModelConfig, proxy: ProxyConfig) -> ModelConfig:
     a.n_kv_heads = proxy.n_kv_heads or max(1, a.n_heads // group)
     if ref.attention.query_pre_attn_scalar is not None:
         a.query_pre_attn_scalar = ref.attention.query_pre_attn_scalar * a.head_dim / ref.attention.head_dim
+
+    if proxy.d_model is not None:  # gated DeltaNet: head counts scale with d_model, head widths and groups kept
+        lin, ref_lin = a.linear, ref.attention.linear
+        v_group = ref_lin.n_v_heads // ref_lin.n_k_heads
+        lin.n_k_heads = max(1, int(round(ref_lin.n_k_heads * width)))
+        lin.n_v_heads = lin.n_k_heads * v_group
 
     mult = proxy.multiple_of
     if ref.ffn.d_ff and ref.ffn.d_ff > 0:
@@ -98,6 +106,9 @@ def proxy_changes(ref: ModelConfig, derived: ModelConfig) -> list:
               ("first_k_dense", lambda c: c.moe.first_k_dense), ("vocab_size", lambda c: c.vocab_size),
               ("max_seq_len", lambda c: c.max_seq_len),
               ("query_pre_attn_scalar", lambda c: c.attention.query_pre_attn_scalar)]
+    if any(lk.attention == "gated_deltanet" for lk in ref.layer_kinds.values()):
+        fields += [("linear n_k_heads", lambda c: c.attention.linear.n_k_heads),
+                   ("linear n_v_heads", lambda c: c.attention.linear.n_v_heads)]
     out = [f"{name} {get(ref):g} -> {get(derived):g}" for name, get in fields
            if get(ref) is not None and get(ref) != get(derived)]
     for kind, lk in derived.layer_kinds.items():

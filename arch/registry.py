@@ -66,7 +66,7 @@ class Registry:
             ) from None
 
 
-ATTENTION = Registry("attention", plugins=["arch.attention", "arch.mla"])
+ATTENTION = Registry("attention", plugins=["arch.attention", "arch.mla", "arch.linear_attention"])
 FFN = Registry("ffn", plugins=["arch.ffn"])
 NORM = Registry("norm", plugins=["arch.norm"])
 # MoE layers, routers and expert backends live in experts/ and register themselves.

@@ -41,7 +41,8 @@ def layer_specs(cfg: ModelConfig) -> List[LayerSpec]:
         if override is not None and override.kind is not None:
             kind = override.kind
         lk = cfg.layer_kinds[kind]
-        specs.append(LayerSpec(i, kind, lk.window, lk.rope, is_moe_layer(cfg, i)))
+        specs.append(LayerSpec(i, kind, lk.window, lk.rope, is_moe_layer(cfg, i),
+                               attention=lk.attention or cfg.attention.kind))
     return specs
 
 
@@ -124,6 +125,7 @@ def _attention(cfg: ModelConfig, errors: List[str], sane) -> None:
     if sane("model.attention.head_dim") and a.head_dim is not None and (a.head_dim <= 0 or a.head_dim % 2):
         errors.append(f"model.attention.head_dim must be a positive even integer for RoPE, got {a.head_dim}.")
     _check_key(errors, ATTENTION, a.kind, "model.attention.kind")
+    _linear_attention(cfg, errors, sane)
     _check_choice(errors, a.impl, ATTENTION_IMPLS, "model.attention.impl")
     _check_choice(errors, a.qk_norm_scope, QK_NORM_SCOPES, "model.attention.qk_norm_scope")
     _check_key(errors, NORM, cfg.norm.kind, "model.norm.kind")
@@ -131,6 +133,24 @@ def _attention(cfg: ModelConfig, errors: List[str], sane) -> None:
     if cfg.fused_ce_compile and sane("model.fused_ce_chunk") and cfg.fused_ce_chunk == 0:
         errors.append("model.fused_ce_compile compiles the fused cross-entropy, which is off; "
                       "set model.fused_ce_chunk > 0 (e.g. 4096) or model.fused_ce_compile=false.")
+
+
+LINEAR_BACKENDS = ("auto", "torch", "fla")
+
+
+def _linear_attention(cfg: ModelConfig, errors: List[str], sane) -> None:
+    """Per-kind attention keys are registered; gated DeltaNet's value heads come in
+    whole groups per key head, and a gated output needs the plain gqa layout."""
+    for name, lk in cfg.layer_kinds.items():
+        if lk.attention is not None:
+            _check_key(errors, ATTENTION, lk.attention, f"model.layer_kinds.{name}.attention")
+    a, lin = cfg.attention, cfg.attention.linear
+    _check_choice(errors, lin.backend, LINEAR_BACKENDS, "model.attention.linear.backend")
+    if sane("model.attention.linear.n_k_heads", "model.attention.linear.n_v_heads") and lin.n_v_heads % lin.n_k_heads:
+        errors.append(f"model.attention.linear.n_v_heads ({lin.n_v_heads}) is not divisible by n_k_heads "
+                      f"({lin.n_k_heads}); every key head must serve the same number of value heads.")
+    if a.output_gate and a.kind != "gqa":
+        errors.append(f"model.attention.output_gate is built for kind 'gqa', not '{a.kind}'; turn it off or use gqa.")
 
 
 def _layers(cfg: ModelConfig, errors: List[str], sane) -> None:

@@ -9,7 +9,8 @@
              (`signature`), so nothing is dropped silently ──> HF shards, hub layout
 
 Supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM, OlmoeForCausalLM,
-Gemma3ForCausalLM and the text part of Gemma3ForConditionalGeneration. Names on both
+Gemma3ForCausalLM and the text part of Gemma3ForConditionalGeneration; Qwen3-Next and
+Qwen3.5-MoE through their own module (hf_qwen3_next.py, a FAMILY_MODULES entry). Names on both
 sides (HF left, moelab right):
 
     model.embed_tokens / model.norm / lm_head          embed / norm / head
@@ -33,6 +34,7 @@ unexpected keys (tested on 5.23 here and 5.17 on the GPU box).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from dataclasses import dataclass
@@ -65,6 +67,17 @@ _BY_MODEL_TYPE = {"qwen3": QWEN3, "qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL, "o
                   "deepseek_v3": DEEPSEEK_V3,
                   "gemma3_text": GEMMA3, "gemma3": GEMMA3_MM}
 SILU, GELU_TANH = "silu", "gelu_pytorch_tanh"
+# families kept in modules of their own (hf_<family>.py) register into FAMILY_HOOKS, by
+# architecture, when imported: a module with the functions this file calls on it
+# (model_config, text_config, ...). Loaded on first use, as arch/registry.py's plugins.
+FAMILY_MODULES = ("lit_modules.checkpoints.hf_qwen3_next",)
+FAMILY_HOOKS: Dict[str, object] = {}
+
+
+def _hooks() -> Dict[str, object]:
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+    return FAMILY_HOOKS
 
 
 class ConvertError(RecipeError):
@@ -89,14 +102,15 @@ def read_hf_config(hf_dir) -> Tuple[str, object, object]:
     if not isinstance(raw, dict):
         raise ConvertError(f"{path} holds a JSON {type(raw).__name__}, not an object of config fields; repair it "
                            "or download it again.")
-    archs = raw.get("architectures") or [_BY_MODEL_TYPE.get(raw.get("model_type"), f"model_type={raw.get('model_type')}")]
+    by_type = {**_BY_MODEL_TYPE, **{t: a for h in _hooks().values() for t, a in h.MODEL_TYPES.items()}}
+    archs = raw.get("architectures") or [by_type.get(raw.get("model_type"), f"model_type={raw.get('model_type')}")]
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise ConvertError(f"{path} field architectures = {archs!r} is not a list of class names such as "
                            f"[\"{QWEN3}\"]; repair it.")
     arch = archs[0]
-    if arch not in SUPPORTED:
-        raise ConvertError(f"{path} declares architecture {arch}; moelab converts only {', '.join(SUPPORTED)} "
-                           "(the last one: its text model).")
+    if arch not in SUPPORTED and arch not in _hooks():
+        raise ConvertError(f"{path} declares architecture {arch}; moelab converts only "
+                           f"{', '.join(SUPPORTED + tuple(_hooks()))} (multimodal ones: their text model).")
     from transformers import AutoConfig
 
     try:
@@ -104,6 +118,8 @@ def read_hf_config(hf_dir) -> Tuple[str, object, object]:
     except Exception as e:  # transformers' own validation (strict dataclasses)
         raise ConvertError(f"transformers rejects {path}: {_one_line(e)}") from None
     text = cfg.get_text_config() if arch == GEMMA3_MM else cfg
+    if arch in _hooks():
+        text = _hooks()[arch].text_config(arch, cfg)
     return arch, cfg, text
 
 
@@ -126,7 +142,7 @@ def _left_out(hf_dir, arch: str) -> List[str]:
     """The size fields that config.json does not set (for the mismatch message)."""
     try:
         raw = json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8"))
-        raw = raw.get("text_config", {}) if arch == GEMMA3_MM else raw
+        raw = raw.get("text_config", {}) if arch == GEMMA3_MM or "text_config" in raw else raw
         fields = SIZE_FIELDS + MOE_SIZE_FIELDS.get(arch, ())
         return [names[0] for names in fields if not any(n in raw for n in names)]
     except (ValueError, OSError, AttributeError):
@@ -203,6 +219,8 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
     Fields that only concern HF's runtime (use_cache, pad/bos/eos ids, dtype,
     output_router_logits) are ignored: they do not change the function the weights
     compute. Everything else is either mapped or refused."""
+    if arch in _hooks():
+        return _hooks()[arch].model_config(arch, text)
     g = lambda name, default=None: getattr(text, name, default)  # noqa: E731
     n_layers, d = g("num_hidden_layers"), g("hidden_size")
     heads = g("num_attention_heads")
@@ -373,7 +391,7 @@ def recipe_from_hf(hf_dir) -> Tuple[str, Recipe, bool]:
     except (TypeError, ValueError, AttributeError, KeyError) as e:  # a value of a type transformers let through
         raise ConvertError(f"{Path(hf_dir) / 'config.json'} has a field moelab cannot map ({_one_line(e)}); "
                            "check its types against the model's documented config.") from None
-    if arch == GEMMA3_MM:  # the multimodal wrapper owns the tying flag
+    if arch == GEMMA3_MM or arch in _hooks() and top is not text:  # the multimodal wrapper owns the tying flag
         mc.tie_embeddings = bool(getattr(top, "tie_word_embeddings", mc.tie_embeddings))
     if arch == DEEPSEEK_V3:  # MTP modules: as many as the checkpoint holds (transformers' model has none)
         names = set(safetensors_source(hf_dir).shapes())
@@ -403,6 +421,7 @@ def signature(m: ModelConfig) -> Dict[str, object]:
                                   a.v_head_dim, a.rope_interleave, a.latent_norm_eps) if a.kind == "mla" else None,
         "model.attention.query_pre_attn_scalar": float(a.query_pre_attn_scalar or a.head_dim),
         "model.attention.softcap": a.softcap, "model.attention.sinks": a.sinks,
+        "model.attention.output_gate": a.output_gate,
         "model.norm.kind": m.norm.kind, "model.norm.eps": m.norm.eps,
         "model.norm.zero_centered": m.norm.zero_centered, "model.norm.weight_in_float32": m.norm.weight_in_float32,
         "model.norm_placement": m.norm_placement, "model.tie_embeddings": m.tie_embeddings,
@@ -415,6 +434,10 @@ def signature(m: ModelConfig) -> Dict[str, object]:
         sig[f"layer {s.index} rope theta"] = rope.theta
         sig[f"layer {s.index} rope"] = _rope_signature(rope, m.max_seq_len)
         sig[f"layer {s.index} MoE"] = s.moe
+        sig[f"layer {s.index} attention"] = s.attention
+    if any(s.attention == "gated_deltanet" for s in specs):
+        lin = a.linear
+        sig["model.attention.linear"] = (lin.n_k_heads, lin.n_v_heads, lin.k_head_dim, lin.v_head_dim, lin.conv_kernel)
     if any(not s.moe for s in specs):
         sig.update({"model.ffn.kind": m.ffn.kind, "model.ffn.d_ff": m.ffn.d_ff, "model.ffn.bias": m.ffn.bias})
     if any(s.moe for s in specs):
@@ -429,6 +452,7 @@ def signature(m: ModelConfig) -> Dict[str, object]:
             # a learned selection bias changes which experts run at inference
             "model.moe.router.bias_update_rate > 0": r.bias_update_rate > 0,
             "model.moe.n_shared_experts": mo.n_shared_experts, "model.moe.capacity_factor": mo.capacity_factor,
+            "model.moe shared width, gate": (mo.d_shared, mo.shared_gate) if mo.n_shared_experts else None,
         })
     return sig
 
@@ -609,6 +633,7 @@ def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = No
     moelab tensor (the caller decides whether that is an error). With `n_layers`,
     DeepSeek-V3's layers past the model's are its MTP modules (model.mtp.*)."""
     mtp = _mtp_depth(name, n_layers) if arch == DEEPSEEK_V3 else None
+    _hooks()  # a family's rules register on first use
     if mtp is not None:
         k, rest = mtp
         if rest in _MTP_OWN:
@@ -627,7 +652,7 @@ def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = No
         return None
     if arch == MIXTRAL:
         body = body.replace(*_MIXTRAL_HUB)
-    if arch in MOE_ARCHS:
+    if arch in MOE_ARCHS or arch in _hooks():
         m = _PER_EXPERT.match(body)
         if m:
             layer, e, which = m.group(1), int(m.group(2)), m.group(3)
@@ -650,6 +675,7 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor,
                n_layers: Optional[int] = None) -> List[Tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs for one moelab tensor, in the per-expert hub layout.
     MTP modules (DeepSeek-V3 only) need `n_layers`: they become the layers after it."""
+    _hooks()  # a family's rules register on first use
     m = re.match(r"mtp\.(\d+)\.(.+)$", name)
     if m:
         if arch != DEEPSEEK_V3 or n_layers is None:
@@ -698,6 +724,8 @@ def _ignorable(arch: str, name: str, tied: bool, n_layers: Optional[int] = None)
     if mtp is not None and mtp[1] in _MTP_SHARED:
         return True
     if arch == GEMMA3_MM and name.startswith(_IGNORED):
+        return True
+    if arch in _hooks() and _hooks()[arch].ignorable(arch, name):
         return True
     return tied and name in _HEAD.get(arch, ("lm_head.weight",))  # tied: HF ignores a stored head too
 
@@ -768,6 +796,8 @@ def iter_hf_as_ours(hf_dir, dtype: Optional[torch.dtype] = None
     so only partly stacked expert tensors wait in memory (stats["peak_pending_bytes"])."""
     arch, recipe, tied = recipe_from_hf(hf_dir)
     src = safetensors_source(hf_dir)
+    if arch in _hooks():  # a family may present its tensors in moelab's cut (split fused projections)
+        src = _hooks()[arch].adapt_source(arch, recipe.model, src)
     meta = build_model(recipe.model, device="meta").state_dict()
     plan = _plan(arch, recipe, tied, src, hf_dir, meta)
     stats = {"peak_pending_bytes": 0}
@@ -856,6 +886,10 @@ def is_hf_dir(path) -> bool:
 def export_family(m: ModelConfig) -> str:
     """The transformers class that can hold `m`, judged by what tells the families
     apart (the signature comparison then refuses anything else that differs)."""
+    for hook in dict.fromkeys(_hooks().values()):
+        family = hook.export_family(m)
+        if family:
+            return family
     if any(s.moe for s in layer_specs(m)):
         a = m.attention
         if a.kind == "mla":
@@ -887,6 +921,8 @@ def _rope_dict(rope: RopeConfig) -> dict:
 def hf_config_kwargs(arch: str, m: ModelConfig) -> dict:
     """Keyword arguments of the transformers config class for `arch`. Whatever this
     cannot carry is caught afterwards by comparing signatures, not here."""
+    if arch in _hooks():
+        return _hooks()[arch].config_kwargs(arch, m)
     a, specs = m.attention, layer_specs(m)
     windows = [s.window for s in specs if s.window is not None]
     kw = dict(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn.d_ff,
@@ -950,19 +986,31 @@ def hf_config_kwargs(arch: str, m: ModelConfig) -> dict:
     return kw
 
 
-def hf_config_for(m: ModelConfig):
+def hf_config_for(m: ModelConfig, arch: Optional[str] = None):
     """(architecture, transformers config, notes) for a moelab model config; raises
-    ConvertError naming each field Hugging Face would lose."""
+    ConvertError naming each field Hugging Face would lose. `arch`: the class to write
+    (null: the family `export_family` picks)."""
     import transformers
 
-    arch = export_family(m)
+    family = export_family(m)
+    hook = _hooks().get(family)
+    allowed = [family] + [a for a in (hook.CONFIG_CLASSES if hook else ()) if a != family]
+    if arch is not None and arch not in allowed:
+        raise ConvertError(f"this model is written as {' or '.join(allowed)}, not {arch}; leave the architecture "
+                           "out or name one of those.")
+    arch = arch or family
     if m.mtp.depth and arch != DEEPSEEK_V3:
         raise ConvertError(f"model.mtp.depth = {m.mtp.depth}: {arch} has no multi-token prediction modules; set "
                            "model.mtp.depth=0 to export the next-token model alone.")
-    cls = {QWEN3: transformers.Qwen3Config, QWEN3_MOE: transformers.Qwen3MoeConfig,
-           MIXTRAL: transformers.MixtralConfig, OLMOE: transformers.OlmoeConfig, GPT_OSS: transformers.GptOssConfig,
-           DEEPSEEK_V3: transformers.DeepseekV3Config,
-           GEMMA3: transformers.Gemma3TextConfig}[arch]
+    classes = {QWEN3: transformers.Qwen3Config, QWEN3_MOE: transformers.Qwen3MoeConfig,
+               MIXTRAL: transformers.MixtralConfig, OLMOE: transformers.OlmoeConfig,
+               GPT_OSS: transformers.GptOssConfig, DEEPSEEK_V3: transformers.DeepseekV3Config,
+               GEMMA3: transformers.Gemma3TextConfig}
+    classes.update({a: getattr(transformers, h.CONFIG_CLASSES[a]) for a, h in _hooks().items()
+                    if a in h.CONFIG_CLASSES})
+    if arch not in classes:
+        raise ConvertError(f"moelab writes Hugging Face models as {', '.join(classes)}, not {arch}.")
+    cls = classes[arch]
     try:
         cfg = cls(**hf_config_kwargs(arch, m))
     except Exception as e:
@@ -987,35 +1035,49 @@ def hf_config_for(m: ModelConfig):
         notes.append(f"training-only settings that {arch} has no field for were not written (aux_coef={b.aux_coef}, "
                      f"z_coef={b.z_coef}, bias_update_rate={m.moe.router.bias_update_rate}); transformers' "
                      "DeepSeek-V3 trains with no balancing of its own")
-    elif arch in MOE_ARCHS and (b.aux_scope != "pooled" or b.z_coef > 0 or m.moe.router.jitter > 0):
+    elif (arch in MOE_ARCHS or arch in _hooks()) and (b.aux_scope != "pooled" or b.z_coef > 0
+                                                          or m.moe.router.jitter > 0):
         notes.append(f"training-only settings that {arch} has no field for were not written "
                      f"(aux_scope={b.aux_scope}, z_coef={b.z_coef}, jitter={m.moe.router.jitter}); "
                      "transformers trains with its pooled auxiliary loss")
     return arch, cfg, notes
 
 
-def export_hf(source, out_dir, dtype: Optional[torch.dtype] = None, max_shard_bytes: Optional[int] = None) -> dict:
+def export_hf(source, out_dir, dtype: Optional[torch.dtype] = None, max_shard_bytes: Optional[int] = None,
+              architecture: Optional[str] = None) -> dict:
     """Write a transformers-loadable directory (config.json, safetensors shards,
-    tokenizer.json if the source has one) from a moelab checkpoint, streaming."""
+    tokenizer.json if the source has one) from a moelab checkpoint, streaming.
+    `architecture`: the transformers class to write (null: the one `export_family` picks)."""
     recipe, src, tok = open_checkpoint(source)
-    arch, cfg, notes = hf_config_for(recipe.model)
+    arch, cfg, notes = hf_config_for(recipe.model, architecture)
     check_tensors(recipe, src.shapes(), source)
     with writing_dir(out_dir) as work:
         writer = ShardWriter(work, max_shard_bytes=max_shard_bytes)
         first_dtype = None
-        for name, tensor in src.tensors():
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            if name == "embed.weight":
-                first_dtype = tensor.dtype
-            for hf_name, t in ours_to_hf(arch, name, tensor, recipe.model.n_layers):
-                writer.add(hf_name, t)
+        def pairs():
+            nonlocal first_dtype
+            for name, tensor in src.tensors():
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                if name == "embed.weight":
+                    first_dtype = tensor.dtype
+                yield from ours_to_hf(arch, name, tensor, recipe.model.n_layers)
+
+        for hf_name, t in export_pairs(arch, recipe.model, pairs()):
+            writer.add(hf_name, t)
         files = writer.close()
         if first_dtype is not None:
             cfg.dtype = str(first_dtype).removeprefix("torch.")
         cfg.save_pretrained(str(work))
         finish_dir(work, out_dir, None, tokenizer_path=tok)
     return {"architecture": arch, "files": files, "notes": notes, "tokenizer": tok is not None}
+
+
+def export_pairs(arch: str, m: ModelConfig, pairs):
+    """The (HF name, tensor) pairs of `ours_to_hf` as `arch` stores them: a family may fuse
+    several into one (Qwen3-Next's in_proj_qkvz); the others pass through."""
+    hook = _hooks().get(arch)
+    return pairs if hook is None else hook.export_pairs(arch, m, pairs)
 
 
 def parse_size(text: Optional[str]) -> Optional[int]:

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     e.add_argument("checkpoint", help="moelab model directory, Lightning .ckpt, sharded .dcp folder, or run directory")
     e.add_argument("out_dir", help="new Hugging Face model directory (must not exist or be empty)")
     _common(e)
+    e.add_argument("--architecture", default=None, metavar="CLASS",
+                   help="the transformers class to write where several can hold the model, e.g. "
+                        "Qwen3_5MoeForCausalLM for a hybrid (default: the one moelab picks, Qwen3NextForCausalLM)")
     e.set_defaults(func=run_export)
     c = sub.add_parser("convert", help="Hugging Face <-> moelab: import-hf or export-hf, chosen by SOURCE")
     c.add_argument("source", help="a Hugging Face model directory (imported), or a moelab model directory, "
@@ -65,6 +68,7 @@ def run_export(args) -> int:
     from lit_modules.checkpoints.hf import DTYPES, export_hf, parse_size
 
     info = export_hf(args.checkpoint, args.out_dir, dtype=DTYPES[args.dtype],
+                     architecture=getattr(args, "architecture", None),
                      max_shard_bytes=parse_size(args.max_shard_size))
     for note in info["notes"]:
         print(f"moelab export-hf: note: {note}", file=sys.stderr)

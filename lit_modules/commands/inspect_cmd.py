@@ -113,14 +113,21 @@ def format_table(recipe: Recipe, acc: Accounting, proxy_changes=(), memory=None)
         ("width", f"d_model {m.d_model}, heads {a.n_heads} q / {a.n_kv_heads} kv x head_dim {a.head_dim}, "
                   f"vocab {m.vocab_size}"),
     ]
+    if acc.n_linear_layers:
+        lin, gate = a.linear, ", output gate on full attention" if a.output_gate else ""
+        rows.append(("linear attn", f"gated DeltaNet in {acc.n_linear_layers} of {acc.n_layers} layers: "
+                                    f"{lin.n_k_heads} q/k x {lin.k_head_dim}, {lin.n_v_heads} v x {lin.v_head_dim}, "
+                                    f"conv {lin.conv_kernel}{gate}"))
     if m.moe.n_experts:
         shared = f", {m.moe.n_shared_experts} shared x {m.moe.d_shared}" if m.moe.n_shared_experts else ""
         rows.append(("experts", f"{m.moe.n_experts} x d_expert {m.moe.d_expert}, top-{m.moe.top_k}{shared}, "
                                 f"{acc.n_moe_layers} of {acc.n_layers} layers MoE"))
     if acc.n_moe_layers < acc.n_layers:
         rows.append(("dense FFN", f"{m.ffn.kind}, d_ff {m.ffn.d_ff}"))
-    windows = ", ".join(f"{k}: {'window ' + str(v.window) if v.window else 'global'} "
-                        f"(rope {v.rope.theta:g}{', x' + format(v.rope.factor, 'g') if v.rope.scaling != 'none' else ''})"
+    windows = ", ".join(f"{k}: {v.attention}" if v.attention not in (None, a.kind) else
+                        f"{k}: {'window ' + str(v.window) if v.window else 'global'} "
+                        f"(rope {v.rope.theta:g}{', x' + format(v.rope.factor, 'g') if v.rope.scaling != 'none' else ''}"
+                        f"{', partial ' + format(v.rope.partial, 'g') if v.rope.partial != 1.0 else ''})"
                         for k, v in m.layer_kinds.items() if k in acc.layer_kinds)
     rows += [
         ("layers", f"{acc.n_layers}: {pattern_summary(acc.layer_kinds, acc.layer_moe)}"),
@@ -142,8 +149,12 @@ def format_table(recipe: Recipe, acc: Accounting, proxy_changes=(), memory=None)
         ("FLOPs/token", f"{human(acc.flops_per_token)} train (6 x {human(acc.matmul_params_active)} matmul params "
                         f"+ {human(acc.attention_flops_per_token)} attention at seq {acc.seq_len}{mtp})"),
         ("KV cache", f"{human_bytes(acc.kv_bytes_per_token)}/token (bf16), "
-                     f"{human_bytes(acc.kv_bytes_at_context)} for one {acc.context}-token sequence"),
+                     f"{human_bytes(acc.kv_bytes_at_context)} for one {acc.context}-token sequence"
+                     + (" (DeltaNet state included)" if acc.n_linear_layers else "")),
     ]
+    if acc.n_linear_layers:
+        rows.append(("DeltaNet state", f"{human_bytes(acc.linear_state_bytes)} per sequence at any length "
+                                       "(fp32 recurrent state + bf16 conv inputs)"))
     rows += stage_rows(recipe)
     from lit_modules.train.memory import layout_rows
 

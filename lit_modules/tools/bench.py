@@ -356,10 +356,9 @@ def hf_twin(model: nn.Module, recipe: Recipe) -> Tuple[nn.Module, List[str]]:
                          "multi-token prediction modules; set model.mtp.depth=0 to compare like with like.")
     try:
         arch, cfg, notes = hf.hf_config_for(recipe.model)
-        state = {}
-        for name, tensor in model.state_dict().items():
-            for hf_name, t in hf.ours_to_hf(arch, name, tensor.detach().to("cpu", torch.float32, copy=True)):
-                state[hf_name] = t
+        pairs = (pair for name, tensor in model.state_dict().items()
+                 for pair in hf.ours_to_hf(arch, name, tensor.detach().to("cpu", torch.float32, copy=True)))
+        state = dict(hf.export_pairs(arch, recipe.model, pairs))  # Qwen3-Next fuses some
     except RecipeError as e:  # ConvertError: one sentence naming what HF cannot express
         raise BenchError(f"--vs-hf: {e}") from None
     kwargs = {"attn_implementation": "sdpa"}

@@ -1,0 +1,260 @@
+"""Hugging Face <-> moelab for the hybrid Qwen families: Qwen3-Next (Qwen3NextForCausalLM)
+and the text model of Qwen3.5-MoE (Qwen3_5MoeForConditionalGeneration, and the text-only
+Qwen3_5MoeForCausalLM). Registered into lit_modules/checkpoints/hf.py's FAMILY_HOOKS;
+everything Qwen3-MoE-like (norms, q/k/v/o, QK-norm, router, experts) goes through that
+file's rules. Names besides those (HF left, moelab right):
+
+    layers.i.linear_attn.in_proj_qkv / _z / _b / _a         layers.i.attn.in_proj_qkv / _z / _b / _a
+    layers.i.linear_attn.in_proj_qkvz, in_proj_ba  (Qwen3-Next: per key head [q, k, v, z] and [b, a];
+                                                    split into the four above on import, fused on export)
+    layers.i.linear_attn.conv1d.weight, A_log, dt_bias, norm.weight, out_proj.weight   layers.i.attn.*
+    layers.i.self_attn.q_proj  (per head [query, gate])     layers.i.attn.q_proj  (output_gate)
+    layers.i.mlp.shared_expert.{gate,up,down}_proj          layers.i.ffn.shared.*
+    layers.i.mlp.shared_expert_gate                         layers.i.ffn.shared_gate
+
+Qwen3.5 checkpoints keep the text model under model.language_model. beside a vision tower
+(model.visual.); both families' checkpoints carry a multi-token-prediction layer (mtp.)
+that transformers does not build: those tensors are skipped. Export writes
+Qwen3NextForCausalLM (it holds every hybrid model moelab builds, dense layers included),
+or Qwen3_5MoeForCausalLM when asked (`moelab export-hf --architecture`).
+"""
+from __future__ import annotations
+
+import re
+import sys
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from arch.config import (
+    AttentionConfig, BalanceConfig, FFNConfig, LayerKindConfig, LayerOverride, LinearAttentionConfig,
+    ModelConfig, MoEConfig, NormConfig, RouterConfig,
+)
+from arch.resolve import layer_specs
+from lit_modules.checkpoints import hf
+from lit_modules.checkpoints.model_dir import TensorSource
+
+QWEN3_NEXT, QWEN3_5_MOE, QWEN3_5_MOE_TEXT = (
+    "Qwen3NextForCausalLM", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM")
+ARCHS = (QWEN3_NEXT, QWEN3_5_MOE, QWEN3_5_MOE_TEXT)
+MODEL_TYPES = {"qwen3_next": QWEN3_NEXT, "qwen3_5_moe": QWEN3_5_MOE, "qwen3_5_moe_text": QWEN3_5_MOE_TEXT}
+CONFIG_CLASSES = {QWEN3_NEXT: "Qwen3NextConfig", QWEN3_5_MOE_TEXT: "Qwen3_5MoeTextConfig"}
+LINEAR, FULL = "linear_attention", "full_attention"
+
+_LINEAR_RULES = [
+    ("layers.{i}.linear_attn.{lin}.weight", "layers.{i}.attn.{lin}.weight"),
+    ("layers.{i}.linear_attn.{ssm}", "layers.{i}.attn.{ssm}"),
+    ("layers.{i}.mlp.shared_expert.{mlp}.weight", "layers.{i}.ffn.shared.{mlp}.weight"),
+    ("layers.{i}.mlp.shared_expert_gate.weight", "layers.{i}.ffn.shared_gate.weight"),
+]
+hf._SLOTS.update(lin="in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|conv1d|norm|out_proj", ssm="A_log|dt_bias")
+for _arch in ARCHS:
+    hf.RULES[_arch] = hf._COMMON + hf._QWEN + hf._MOE + _LINEAR_RULES
+    hf.FAMILY_HOOKS[_arch] = sys.modules[__name__]
+# transformers 5 keeps Qwen3.5's text model under model.language_model. (its text-only class too)
+hf._BODY[QWEN3_5_MOE] = hf._BODY[QWEN3_5_MOE_TEXT] = ("model.language_model.", "model.")
+_SKIPPED = ("mtp.", "model.mtp.", "model.visual.", "visual.")
+
+
+def text_config(arch: str, cfg):
+    return cfg.get_text_config() if arch == QWEN3_5_MOE else cfg
+
+
+def ignorable(arch: str, name: str) -> bool:
+    return name.startswith(_SKIPPED)
+
+
+def _cannot(arch, field, value, why):
+    return hf._cannot(arch, field, value, why)
+
+
+def model_config(arch: str, text) -> ModelConfig:
+    """The transformers text config of either family as a moelab ModelConfig; every field
+    that changes the function is mapped or refused (hf.model_config_from_hf's contract)."""
+    g = lambda name, default=None: getattr(text, name, default)  # noqa: E731
+    n_layers, d = g("num_hidden_layers"), g("hidden_size")
+    if g("hidden_act") != hf.SILU:
+        raise _cannot(arch, "hidden_act", g("hidden_act"), "the experts, the DeltaNet convolution and its gate are "
+                      "SiLU in moelab, as in every released checkpoint")
+    if g("attention_dropout", 0.0):
+        raise _cannot(arch, "attention_dropout", g("attention_dropout"), "moelab models have no dropout")
+    layer_types = list(g("layer_types") or [])
+    if len(layer_types) != n_layers:
+        raise _cannot(arch, "layer_types", layer_types, f"it has {len(layer_types)} entries for {n_layers} layers")
+    for t in set(layer_types) - {LINEAR, FULL}:
+        raise _cannot(arch, "layer_types", t, f"{arch} has {LINEAR} and {FULL} layers only")
+    rope = hf._layer_ropes(arch, text, [FULL])[0]
+    heads = g("num_attention_heads")
+    lin = LinearAttentionConfig(n_k_heads=g("linear_num_key_heads"), n_v_heads=g("linear_num_value_heads"),
+                                k_head_dim=g("linear_key_head_dim"), v_head_dim=g("linear_value_head_dim"),
+                                conv_kernel=g("linear_conv_kernel_dim"))
+    attention = AttentionConfig(n_heads=heads, n_kv_heads=g("num_key_value_heads") or heads,
+                                head_dim=g("head_dim") or d // heads, qk_norm=True,
+                                bias=bool(g("attention_bias")), output_gate=True, linear=lin)
+    names = ["linear" if t == LINEAR else "global" for t in layer_types]
+    period = next(p for p in range(1, n_layers + 1) if all(names[i] == names[i % p] for i in range(n_layers)))
+    kinds = {}
+    if "linear" in names:
+        kinds["linear"] = LayerKindConfig(attention="gated_deltanet")
+    if "global" in names:
+        kinds["global"] = LayerKindConfig(rope=rope)
+
+    qwen35 = arch != QWEN3_NEXT
+    n_experts, overrides, moe = g("num_experts") or 0, {}, MoEConfig()
+    if qwen35 and n_experts <= 0:
+        raise _cannot(arch, "num_experts", n_experts, "every Qwen3.5-MoE layer is an MoE layer")
+    if n_experts > 0:
+        shared = g("shared_expert_intermediate_size") or 0
+        if shared <= 0:
+            raise _cannot(arch, "shared_expert_intermediate_size", shared, "transformers builds a shared expert of "
+                          "this width in every MoE layer; it must be positive")
+        step = 1 if qwen35 else g("decoder_sparse_step", 1)
+        if step < 1:
+            raise _cannot(arch, "decoder_sparse_step", step, "it must be >= 1")
+        moe = MoEConfig(
+            n_experts=n_experts, top_k=g("num_experts_per_tok"), d_expert=g("moe_intermediate_size"),
+            expert_ffn="swiglu",
+            # Qwen3.5's router always renormalises the top-k weights (it has no norm_topk_prob)
+            router=RouterConfig(kind="softmax_topk", renormalize=True if qwen35 else bool(g("norm_topk_prob"))),
+            balance=BalanceConfig(aux_coef=float(g("router_aux_loss_coef", 0.0)), aux_scope="pooled"),
+            n_shared_experts=1, d_shared=shared, shared_gate=True, every=step, first_k_dense=step - 1)
+        if not qwen35:  # HF: layer i is MoE iff i not in mlp_only_layers and (i + 1) % step == 0
+            overrides = {i: LayerOverride(moe=False) for i in (g("mlp_only_layers") or []) if 0 <= i < n_layers}
+    d_ff = 0 if qwen35 else g("intermediate_size")
+    return ModelConfig(
+        d_model=d, n_layers=n_layers, vocab_size=g("vocab_size"), max_seq_len=g("max_position_embeddings"),
+        attention=attention, ffn=FFNConfig(kind="swiglu", d_ff=d_ff), moe=moe,
+        norm=NormConfig(eps=float(g("rms_norm_eps")), zero_centered=True, weight_in_float32=True),
+        norm_placement="pre", layer_kinds=kinds, layer_pattern=names[:period], layer_overrides=overrides,
+        tie_embeddings=bool(g("tie_word_embeddings")), init_std=float(g("initializer_range", 0.02)),
+        init_scale_residual=False,
+    )
+
+
+# ------------------------------------------------------------ Qwen3-Next's fused cut
+
+
+def _sizes(m: ModelConfig) -> Tuple[int, int, int, int, int]:
+    lin = m.attention.linear
+    return lin.n_k_heads, lin.k_head_dim, lin.n_v_heads // lin.n_k_heads * lin.v_head_dim, lin.n_v_heads, \
+        lin.n_v_heads // lin.n_k_heads
+
+
+_FUSED = re.compile(r"(.*\.linear_attn\.)(in_proj_qkvz|in_proj_ba)\.weight$")
+
+
+def _split(m: ModelConfig, which: str, t: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+    """in_proj_qkvz (per key head: q, k, its value heads' v, their z) -> in_proj_qkv
+    ([all q; all k; all v]) and in_proj_z; in_proj_ba (per key head: b, a) -> in_proj_b, _a."""
+    n_k, dk, group_v, n_v, r = _sizes(m)
+    if which == "in_proj_qkvz":
+        q, k, v, z = t.reshape(n_k, 2 * dk + 2 * group_v, -1).split([dk, dk, group_v, group_v], dim=1)
+        flat = lambda x: x.reshape(-1, t.shape[-1])  # noqa: E731
+        return [("in_proj_qkv", torch.cat((flat(q), flat(k), flat(v)))), ("in_proj_z", flat(z).contiguous())]
+    b, a = t.reshape(n_k, 2 * r, -1).split([r, r], dim=1)
+    return [("in_proj_b", b.reshape(n_v, -1).contiguous()), ("in_proj_a", a.reshape(n_v, -1).contiguous())]
+
+
+def _fuse(m: ModelConfig, parts: Dict[str, torch.Tensor]) -> Tuple[str, torch.Tensor]:
+    """The inverse of `_split` for one pair."""
+    n_k, dk, group_v, n_v, r = _sizes(m)
+    if "in_proj_qkv" in parts:
+        qkv, z = parts["in_proj_qkv"], parts["in_proj_z"]
+        D = qkv.shape[-1]
+        q, k, v = qkv.split([n_k * dk, n_k * dk, n_k * group_v])
+        blocks = (q.reshape(n_k, dk, D), k.reshape(n_k, dk, D), v.reshape(n_k, group_v, D), z.reshape(n_k, group_v, D))
+        return "in_proj_qkvz", torch.cat(blocks, dim=1).reshape(-1, D)
+    b, a = parts["in_proj_b"], parts["in_proj_a"]
+    D = b.shape[-1]
+    return "in_proj_ba", torch.cat((b.reshape(n_k, r, D), a.reshape(n_k, r, D)), dim=1).reshape(-1, D)
+
+
+def adapt_source(arch: str, m: ModelConfig, src: TensorSource) -> TensorSource:
+    """Qwen3-Next's fused in_proj_qkvz / in_proj_ba as Qwen3.5's four projections (the
+    cut moelab keeps); a wrong size is left whole for the planner to report."""
+    if arch != QWEN3_NEXT:
+        return src
+    n_k, dk, group_v, n_v, r = _sizes(m)
+    rows = {"in_proj_qkvz": n_k * (2 * dk + 2 * group_v), "in_proj_ba": 2 * n_v}
+    cut = {"in_proj_qkvz": (("in_proj_qkv", 2 * n_k * dk + n_v * m.attention.linear.v_head_dim),
+                            ("in_proj_z", n_v * m.attention.linear.v_head_dim)),
+           "in_proj_ba": (("in_proj_b", n_v), ("in_proj_a", n_v))}
+
+    def fits(name, shape) -> Optional[re.Match]:
+        f = _FUSED.match(name)
+        return f if f and len(shape) == 2 and shape[0] == rows[f.group(2)] else None
+
+    def shapes():
+        out = {}
+        for name, shape in src.shapes().items():
+            f = fits(name, shape)
+            if f is None:
+                out[name] = shape
+            else:
+                out.update({f"{f.group(1)}{part}.weight": (n, shape[1]) for part, n in cut[f.group(2)]})
+        return out
+
+    def tensors():
+        for name, t in src.tensors():
+            f = fits(name, tuple(t.shape))
+            if f is None:
+                yield name, t
+            else:
+                yield from ((f"{f.group(1)}{part}.weight", piece) for part, piece in _split(m, f.group(2), t))
+
+    return TensorSource(shapes, tensors)
+
+
+def export_pairs(arch: str, m: ModelConfig, pairs: Iterator[Tuple[str, torch.Tensor]]):
+    """Qwen3-Next stores each DeltaNet layer's four input projections as two fused ones:
+    hold each until its partner arrives, then write the fused tensor."""
+    if arch != QWEN3_NEXT:
+        yield from pairs
+        return
+    partner = {"in_proj_qkv": "in_proj_z", "in_proj_z": "in_proj_qkv", "in_proj_b": "in_proj_a",
+               "in_proj_a": "in_proj_b"}
+    waiting: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name, t in pairs:
+        f = re.match(r"(.*\.linear_attn\.)(in_proj_qkv|in_proj_z|in_proj_b|in_proj_a)\.weight$", name)
+        if f is None:
+            yield name, t
+            continue
+        key = f.group(1) + ("qkvz" if f.group(2) in ("in_proj_qkv", "in_proj_z") else "ba")
+        held = waiting.setdefault(key, {})
+        held[f.group(2)] = t
+        if partner[f.group(2)] in held:
+            del waiting[key]
+            fused, tensor = _fuse(m, held)
+            yield f"{f.group(1)}{fused}.weight", tensor
+    if waiting:
+        raise hf.ConvertError(f"the checkpoint lacks half of {next(iter(waiting))}'s input projections; it is "
+                              "incomplete.")
+
+
+# ------------------------------------------------------------------------ export
+
+
+def export_family(m: ModelConfig) -> Optional[str]:
+    return QWEN3_NEXT if any(s.attention == "gated_deltanet" for s in layer_specs(m)) else None
+
+
+def config_kwargs(arch: str, m: ModelConfig) -> dict:
+    a, lin, mo, specs = m.attention, m.attention.linear, m.moe, layer_specs(m)
+    full = [s for s in specs if s.attention != "gated_deltanet"]
+    rope = hf._rope_dict(full[0].rope if full else specs[0].rope)
+    rope["partial_rotary_factor"] = (full[0].rope if full else specs[0].rope).partial  # HF's default is 0.25
+    kw = dict(vocab_size=m.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.n_layers,
+              num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
+              max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm.eps, tie_word_embeddings=m.tie_embeddings,
+              attention_bias=a.bias, initializer_range=m.init_std, hidden_act=hf.SILU, rope_parameters=rope,
+              layer_types=[LINEAR if s.attention == "gated_deltanet" else FULL for s in specs],
+              linear_num_key_heads=lin.n_k_heads, linear_num_value_heads=lin.n_v_heads,
+              linear_key_head_dim=lin.k_head_dim, linear_value_head_dim=lin.v_head_dim,
+              linear_conv_kernel_dim=lin.conv_kernel, num_experts=mo.n_experts, num_experts_per_tok=mo.top_k,
+              moe_intermediate_size=mo.d_expert or 1,
+              shared_expert_intermediate_size=mo.n_shared_experts * (mo.d_shared or 0) or 1,
+              router_aux_loss_coef=mo.balance.aux_coef, output_router_logits=False)
+    if arch == QWEN3_NEXT:
+        kw.update(intermediate_size=m.ffn.d_ff or mo.d_expert, decoder_sparse_step=1,
+                  mlp_only_layers=[s.index for s in specs if not s.moe], norm_topk_prob=mo.router.renormalize)
+    return kw
