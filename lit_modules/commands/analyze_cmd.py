@@ -67,13 +67,11 @@ def _write_json(path: Path, obj) -> None:
 
 def run_analyze(args) -> int:
     import numpy as np
-    import torch
 
     from experts.layers import moe_layers
     from lit_modules.checkpoints.layout import ANALYSIS_DIR
-    from lit_modules.commands.eval_cmd import load_source, load_tokenizer, read_text_file
+    from lit_modules.commands.eval_cmd import open_model, read_text_file
     from lit_modules.disk import check_folder, writing
-    from lit_modules.runtime import resolve_device
     from lit_modules.tools import routing_analysis as ra
 
     source = Path(args.source)
@@ -99,25 +97,14 @@ def run_analyze(args) -> int:
     else:
         out = (run_dir or (source if source.is_dir() else source.parent)) / ANALYSIS_DIR
     check_folder(out, "--out", "choose another --out")
-    tokenizer = load_tokenizer(Path(args.tokenizer), "--tokenizer") if args.tokenizer else None
     result = {"source": str(source), "run_dir": str(run_dir) if run_dir else None}
     fix = "free space there, or choose another --out"
 
     if args.batches > 0:
-        device = resolve_device(args.device)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        recipe, model, tok_path = load_source(source, device, dtype)
+        recipe, model, tokenizer, tok_path, device, dtype = open_model(source, args.device, args.dtype,
+                                                                       args.tokenizer)
         if not moe_layers(model):
             raise RecipeError(f"{source} has no MoE layer; there is no routing to analyse.")
-        if tokenizer is None:
-            if tok_path is None:
-                raise RecipeError(f"{source} comes with no tokenizer.json; pass --tokenizer PATH.")
-            tokenizer = load_tokenizer(Path(tok_path), str(source))
-            tok_path = Path(tok_path)
-        else:
-            tok_path = Path(args.tokenizer)
         m, t = recipe.model, recipe.train
         seq_len = args.seq_len or min(t.seq_len, m.max_seq_len)
         if seq_len < 1 or seq_len > m.max_seq_len:

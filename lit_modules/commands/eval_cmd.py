@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import List
+from typing import List, NamedTuple, Optional
 
 from arch.registry import RecipeError
 
@@ -54,6 +54,39 @@ def load_source(source, device="cpu", dtype=None):
         tok = Path(source) / TOKENIZER_FILE
         return recipe, model, tok if tok.is_file() else None
     return load_model(source, device, dtype)
+
+
+class OpenModel(NamedTuple):
+    recipe: object
+    model: object
+    tokenizer: object
+    tokenizer_path: Path
+    device: object
+    dtype: object
+
+
+def open_model(source, device_arg: str, dtype_arg: str, tokenizer_arg: Optional[str]) -> OpenModel:
+    """What `eval`, `generate` and `analyze` start from: the model of SOURCE on the
+    resolved device (bf16 on CUDA, float32 elsewhere, unless --dtype says), its expert
+    backend checked for that device, and the tokenizer (--tokenizer, else the one
+    SOURCE comes with; one sentence when there is none)."""
+    import torch
+
+    from lit_modules.runtime import check_expert_backend, resolve_device
+
+    device = resolve_device(device_arg)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype_arg)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = load_tokenizer(Path(tokenizer_arg), "--tokenizer") if tokenizer_arg else None
+    recipe, model, tok_path = load_source(source, device, dtype)
+    check_expert_backend(recipe.model, device.type)
+    if tokenizer is None:
+        if tok_path is None:
+            raise RecipeError(f"{source} comes with no tokenizer.json; pass --tokenizer PATH.")
+        tokenizer = load_tokenizer(Path(tok_path), str(source))
+    return OpenModel(recipe, model, tokenizer, Path(tokenizer_arg) if tokenizer_arg else Path(tok_path), device,
+                     dtype)
 
 
 def window_loss(model, ids: List[int], seq_len: int, batch_size: int, device) -> dict:
@@ -113,10 +146,6 @@ def load_tokenizer(path: Path, what: str):
 
 
 def run_eval(args) -> int:
-    import torch
-
-    from lit_modules.runtime import check_expert_backend, resolve_device
-
     if args.batch_size < 1:
         raise RecipeError(f"--batch-size {args.batch_size} must be at least 1.")
     if args.quantize is not None:
@@ -125,23 +154,12 @@ def run_eval(args) -> int:
         check_format(args.quantize, "--quantize")
     data = Path(args.data)
     text = read_text_file(data, "--data")
-    device = resolve_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = load_tokenizer(Path(args.tokenizer), "--tokenizer") if args.tokenizer else None
-
-    recipe, model, tok_path = load_source(args.source, device, dtype)
-    check_expert_backend(recipe.model, device.type)
+    recipe, model, tokenizer, tok_path, device, dtype = open_model(args.source, args.device, args.dtype,
+                                                                   args.tokenizer)
     if args.quantize is not None:
         from arch.quant import quantize_weights_
 
         quantize_weights_(model, args.quantize, recipe.train.qat.include)
-    if tokenizer is None:
-        if tok_path is None:
-            raise RecipeError(f"{args.source} comes with no tokenizer.json; pass --tokenizer PATH.")
-        tokenizer = load_tokenizer(Path(tok_path), str(args.source))
-    tok_path = Path(args.tokenizer) if args.tokenizer else tok_path
     ids = tokenizer.encode(text).ids
     m = recipe.model
     if ids and max(ids) >= m.vocab_size:

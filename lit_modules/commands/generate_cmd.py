@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import List
 
 from arch.registry import RecipeError
@@ -86,21 +85,10 @@ def run_generate(args) -> int:
     import torch
 
     from arch.generate import generate
-    from lit_modules.commands.eval_cmd import load_source, load_tokenizer
-    from lit_modules.runtime import resolve_device
+    from lit_modules.commands.eval_cmd import open_model
 
     check_args(args)
-    device = resolve_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = load_tokenizer(Path(args.tokenizer), "--tokenizer") if args.tokenizer else None
-
-    recipe, model, tok_path = load_source(args.source, device, dtype)
-    if tokenizer is None:
-        if tok_path is None:
-            raise RecipeError(f"{args.source} comes with no tokenizer.json; pass --tokenizer PATH.")
-        tokenizer = load_tokenizer(Path(tok_path), str(args.source))
+    recipe, model, tokenizer, _, device, dtype = open_model(args.source, args.device, args.dtype, args.tokenizer)
     m = recipe.model
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
