@@ -375,6 +375,11 @@ class TrainConfig:
     devices: Any = "auto"
     strategy: str = "auto"  # auto | ddp | fsdp | model_parallel
     expert_parallel: int = 1
+    # how a dropless MoE layer's tokens reach their experts under expert parallelism:
+    # alltoall (each token to the ranks holding its experts; one host read of the split
+    # sizes per layer) | allgather (every token to every rank of the EP group: static
+    # shapes, no host read, one compiled graph per block). experts/parallel.py
+    ep_dispatch: str = "alltoall"
     num_nodes: int = 1  # hosts in a multi-node launch (torchrun / SLURM); devices is per host
     optim: OptimConfig = field(default_factory=OptimConfig)
     # stages of one run (Qwen3's 4K general -> knowledge -> 32K long context; Gemma 3's

@@ -17,6 +17,8 @@
 #   single   the 1-GPU rows of `weak`, one per micro-batch size, side by side on GPUs 0, 1, ...
 #            (or on the GPUs listed in SINGLE_GPUS)
 #   capacity W2 with capacity factor 1.25 (the static-shape exchange): fsdp against fsdp + EP=N
+#   allgather W2 fsdp + EP=N with train.ep_dispatch=allgather (static shapes, no host read),
+#            with the grouped_mm and the triton expert backends, at each micro-batch of $MICROS
 #
 #   NGPU=4 SETS="single weak experts large" bash benchmarks/scale.sh [a.b=c ...]   # overrides go to every run
 #
@@ -87,6 +89,13 @@ for set in $SETS; do
         run "fsdp_cf" "fsdp, capacity 1.25" "$N" 2 $W2 train.strategy=fsdp model.moe.capacity_factor=1.25 "$@"
         run "fsdp_ep_cf" "fsdp + EP=$N, capacity 1.25" "$N" 2 $W2 train.strategy=fsdp \
             model.moe.capacity_factor=1.25 "train.expert_parallel=$N" "$@" ;;
+    allgather)
+        for m in $MICROS; do
+            run "fsdp_epag_m$m" "fsdp + EP=$N, allgather" "$N" "$m" $W2 train.strategy=fsdp "train.expert_parallel=$N" \
+                train.ep_dispatch=allgather "$@"
+            run "fsdp_epag_tr_m$m" "fsdp + EP=$N, allgather, triton" "$N" "$m" $W2 train.strategy=fsdp \
+                "train.expert_parallel=$N" train.ep_dispatch=allgather model.moe.backend=triton "$@"
+        done ;;
     large)
         run "large_fsdp_ep" "qwen3_moe_4gpu, fsdp + EP=$N" "$N" 4 proxies/qwen3_moe_4gpu train.strategy=fsdp \
             "train.expert_parallel=$N" "$@" ;;

@@ -64,6 +64,21 @@ def dispatch(ids_TK: torch.Tensor, n_experts: int, capacity: Optional[int] = Non
                     ids_S.numel() - n_kept)
 
 
+def dispatch_local(ids_TK: torch.Tensor, n_local: int) -> Dispatch:
+    """dispatch() for slots of which only ids in [0, n_local) are computed here (an
+    expert-parallel rank's own experts among every rank's tokens): slots with id
+    n_local, another rank's, sort last and count as dropped (keep_S False), so the
+    backends and the combine skip them as they skip capacity drops. No host read."""
+    K = ids_TK.shape[-1]
+    ids_S = ids_TK.reshape(-1)
+    counts = torch.zeros(n_local + 1, dtype=torch.long, device=ids_S.device)
+    counts.scatter_add_(0, ids_S, torch.ones_like(ids_S))
+    order_S = ids_S.argsort(stable=True)
+    counts_E = counts[:n_local]
+    keep_S = torch.arange(ids_S.numel(), device=ids_S.device) < counts_E.sum()
+    return Dispatch(order_S, _inverse(order_S), order_S // K, counts_E, counts_E, keep_S, counts[n_local])
+
+
 def _inverse(order_S: torch.Tensor) -> torch.Tensor:
     inverse_S = torch.empty_like(order_S)
     inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)

@@ -140,12 +140,14 @@ def check_expert_parallel(n_experts: int, ep: int) -> None:
 
 
 @torch.no_grad()
-def shard_experts(model: nn.Module, group) -> List[str]:
+def shard_experts(model: nn.Module, group, dispatch: str = "alltoall") -> List[str]:
     """Keep only this rank's contiguous slice of every MoE layer's w_in / w_out (and
-    b_in / b_out where the experts have biases; the full weights must already hold their values: every rank slices the same
-    initialisation, so EP starts from the single-process model) and make each
-    layer's backend the all-to-all exchange over `group` (None: the world) around
-    it. Returns the names (relative to `model`) of the sharded parameters."""
+    b_in / b_out where the experts have biases; the full weights must already hold
+    their values: every rank slices the same initialisation, so EP starts from the
+    single-process model) and make each layer's backend the exchange over `group`
+    (None: the world) around it (`dispatch`: alltoall or allgather, see
+    experts.parallel.ExpertParallel). Returns the names (relative to `model`) of the
+    sharded parameters."""
     ep, rank = group_size(group), group_rank(group)
     for layer in moe_layers(model):
         check_expert_parallel(layer.n_experts, ep)
@@ -154,7 +156,7 @@ def shard_experts(model: nn.Module, group) -> List[str]:
             full = getattr(layer, name)
             if full is not None:
                 setattr(layer, name, nn.Parameter(full[rank * n:(rank + 1) * n].clone()))
-        layer.backend = ExpertParallel(layer.backend, group, layer.cfg.capacity_factor, layer.top_k)
+        layer.backend = ExpertParallel(layer.backend, group, layer.cfg.capacity_factor, layer.top_k, dispatch)
     return [name for name, _ in model.named_parameters() if is_expert_shard(model, name)]
 
 

@@ -28,7 +28,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from .dispatch import Dispatch, _GatherPadded, _SumPadded, _WeightedCombine, combine, expert_capacity, permute
+from .dispatch import (Dispatch, _GatherPadded, _SumPadded, _WeightedCombine, combine, dispatch_local,
+                       expert_capacity, permute)
 
 
 def is_distributed() -> bool:
@@ -152,6 +153,45 @@ def expert_parallel(backend: Callable, x_TD: torch.Tensor, weights_TK: torch.Ten
     return _SumPadded.apply(y_N, pairs_TR, token_N)
 
 
+def expert_parallel_gather(backend: Callable, x_TD: torch.Tensor, weights_TK: torch.Tensor, d: Dispatch,
+                           w_in_LID: torch.Tensor, w_out_LDF: torch.Tensor, kind: str, group,
+                           *biases: torch.Tensor) -> torch.Tensor:
+    """`expert_parallel` with static shapes: no host read, so the layer compiles into one
+    graph with its block (train.ep_dispatch = allgather; Megatron's all-gather token
+    dispatcher). Every rank receives the tokens of its whole EP group with their
+    routing, runs its own experts on the slots that chose them (the others count as
+    dropped), and the partial outputs go back to their tokens' ranks to be summed:
+
+        tokens (T) -> all-gather (EP x T, in autocast's dtype) -> local dispatch -> backend
+        (+ combine) -> partial rows (EP x T, float32) -> to their ranks -> sum over ranks
+
+    Traffic: every token to every rank of the group, where the token exchange sends it
+    only to the ranks holding its experts (3.6 of 4 for top-8 of 64: close). Memory:
+    a backend with a `fused` entry (triton) gathers the token rows itself; another one
+    gets the EP x T x K slot rows materialised, K x the gathered tokens, dropped rows
+    included. Both collectives are equal-split all-to-alls (an all-gather is an
+    all-to-all of EP copies, a reduce-scatter an all-to-all and a float32 sum), which
+    trace correctly and run on gloo too."""
+    ep, rank, L = group_size(group), group_rank(group), w_in_LID.shape[0]
+    T, K = weights_TK.shape
+    D = x_TD.shape[1]
+    e_TK = torch.bucketize(d.inverse_S, d.counts_E.cumsum(0), right=True).view(T, K)
+    x_all = all_to_all(x_TD.to(_exchange_dtype(x_TD)).expand(ep, T, D).reshape(ep * T, D), group=group)
+    w_all = all_to_all(weights_TK.float().expand(ep, T, K).reshape(ep * T, K), group=group)
+    with torch.no_grad():
+        e_all = all_to_all(e_TK.expand(ep, T, K).reshape(ep * T, K), group=group)
+        local = torch.where(e_all // L == rank, e_all % L, L)
+    dl = dispatch_local(local, L)
+    fused = getattr(backend, "fused", None)
+    if fused is not None:
+        y_all = fused(x_all, w_all, dl, w_in_LID, w_out_LDF, kind, *biases)
+    else:
+        y_all = combine(backend(permute(x_all, dl), dl.counts_E, w_in_LID, w_out_LDF, kind, *biases), w_all, dl,
+                        ep * T)
+    # partial outputs to their tokens' ranks, summed in float32 (a reduce-scatter)
+    return all_to_all(y_all.float(), group=group).view(ep, T, -1).sum(0)
+
+
 def expert_parallel_capacity(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tensor,
                              w_in_LID: torch.Tensor, w_out_LDF: torch.Tensor, kind: str, group,
                              capacity: int, *biases: torch.Tensor) -> torch.Tensor:
@@ -197,18 +237,21 @@ class ExpertParallel:
     `experts.layers.shard_experts` makes a layer's `backend`. It has the `fused` entry
     of a backend (the MoE layer hands it the token rows, routing weights and dispatch,
     and gets the combined output), so the layer's forward is the same whether or not
-    its experts are sharded. Dropless layers exchange tokens (`expert_parallel`, one
-    host sync); with a capacity factor the exchange has static shapes
+    its experts are sharded. Dropless layers exchange tokens (`dispatch` alltoall:
+    `expert_parallel`, one host sync; allgather: `expert_parallel_gather`, static
+    shapes); with a capacity factor the exchange has static shapes
     (`expert_parallel_capacity`, no host sync). `backend` computes the local experts'
     rows."""
 
-    def __init__(self, backend: Callable, group, capacity_factor: Optional[float] = None, top_k: int = 1):
+    def __init__(self, backend: Callable, group, capacity_factor: Optional[float] = None, top_k: int = 1,
+                 dispatch: str = "alltoall"):
         self.backend, self.group = backend, group
         self.capacity_factor, self.top_k = capacity_factor, top_k
+        self.exchange = {"alltoall": expert_parallel, "allgather": expert_parallel_gather}[dispatch]
 
     def fused(self, x_TD, weights_TK, d: Dispatch, w_in_LID, w_out_LDF, kind: str, *biases) -> torch.Tensor:
         if d.keep_S is None:
-            return expert_parallel(self.backend, x_TD, weights_TK, d, w_in_LID, w_out_LDF, kind, self.group, *biases)
+            return self.exchange(self.backend, x_TD, weights_TK, d, w_in_LID, w_out_LDF, kind, self.group, *biases)
         # the capacity dispatch used: the same function on the same numbers
         capacity = expert_capacity(x_TD.shape[0], self.top_k, d.counts_E.numel(), self.capacity_factor)
         y_SD = expert_parallel_capacity(self.backend, permute(x_TD, d), d.counts_E, w_in_LID, w_out_LDF, kind,

@@ -149,11 +149,22 @@ def build_strategy(train: TrainConfig) -> Any:
     if train.expert_parallel > 1 and train.strategy == "auto":
         raise RecipeError(f"train.expert_parallel = {train.expert_parallel} needs several processes; set "
                           f"train.strategy to ddp or fsdp (and train.devices), or train.expert_parallel=1.")
+    check_ep_dispatch(train.ep_dispatch)
     return STRATEGIES[train.strategy](train)
+
+
+EP_DISPATCH = ("alltoall", "allgather")
+
+
+def check_ep_dispatch(value: str) -> None:
+    if value not in EP_DISPATCH:
+        raise RecipeError(f"train.ep_dispatch = '{value}' is unknown{nearest(value, EP_DISPATCH)}; choose "
+                          f"alltoall or allgather.")
 
 
 def check_scale(recipe) -> None:
     """Recipe-level checks of expert parallelism, before any process starts."""
+    check_ep_dispatch(recipe.train.ep_dispatch)
     ep = recipe.train.expert_parallel
     if ep == 1:
         return
@@ -314,7 +325,7 @@ def shard_model(model: nn.Module, train: TrainConfig, device: torch.device,
         mesh = plan.mesh = _mesh(device.type, world, ep)
         plan.ep_group = mesh["expert"].get_group()
         plan.edp_group = mesh["data_parallel"].get_group() if world > ep else None
-        plan.expert_names = shard_experts(model, plan.ep_group)
+        plan.expert_names = shard_experts(model, plan.ep_group, train.ep_dispatch)
     if plan.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

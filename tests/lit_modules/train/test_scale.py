@@ -62,9 +62,10 @@ def test_ddp_and_ep2_match_one_process_and_resume_across_ep(tmp_path):
     # expert moments alone (they were once replaced by the gathered whole experts)
     ep2_dir = run(tmp_path, "ep2", 3, *TWO, "train.strategy=ddp", "train.expert_parallel=2", "train.ckpt_every=2")
     ep2 = losses(ep2_dir)
-    # fused AdamW asked for: FSDP2 + EP mixes DTensors and plain tensors (fails fused)
+    # fused AdamW asked for: FSDP2 + EP mixes DTensors and plain tensors (fails fused);
+    # and the static all-gather dispatch (ddp above: the token all-to-all)
     fsdp_ep2 = losses(run(tmp_path, "fsdp_ep2", 3, *TWO, "train.strategy=fsdp", "train.expert_parallel=2",
-                          "train.optim.fused=true"))
+                          "train.optim.fused=true", "train.ep_dispatch=allgather"))
     assert sorted(one) == [1, 2, 3, 4] and sorted(ep2) == sorted(fsdp_ep2) == [1, 2, 3]
     for step in (1, 2, 3):
         assert ep2[step] == pytest.approx(one[step], abs=1e-5), (step, ep2, one)
@@ -137,3 +138,8 @@ def test_expert_parallel_recipe_checks():
                             "expert_parallel size that divides the number of experts.")
     with pytest.raises(RecipeError, match="no MoE layers"):
         check_scale(load_recipe("proxies/dense_tiny", ["train.expert_parallel=2"]))
+    check_scale(load_recipe(RECIPE, ["train.expert_parallel=2", "train.ep_dispatch=allgather"]))
+    with pytest.raises(RecipeError) as e:
+        check_scale(load_recipe(RECIPE, ["train.ep_dispatch=allgathr"]))
+    assert str(e.value) == ("train.ep_dispatch = 'allgathr' is unknown (did you mean 'allgather'?); choose "
+                            "alltoall or allgather.")
