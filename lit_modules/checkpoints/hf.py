@@ -50,6 +50,7 @@ from arch.recipe import resolve_recipe
 from arch.registry import RecipeError
 from arch.resolve import layer_specs
 
+from lit_modules.checkpoints import hf_gemma4
 from lit_modules.checkpoints.model_dir import (
     ShardWriter, TensorSource, check_tensors, finish_dir, load_into, open_checkpoint,
     safetensors_source, writing_dir,
@@ -59,11 +60,12 @@ QWEN3, QWEN3_MOE, GEMMA3, GEMMA3_MM = (
     "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 MIXTRAL, OLMOE, GPT_OSS = "MixtralForCausalLM", "OlmoeForCausalLM", "GptOssForCausalLM"
 DEEPSEEK_V3 = "DeepseekV3ForCausalLM"
-SUPPORTED = (QWEN3, QWEN3_MOE, MIXTRAL, OLMOE, GPT_OSS, DEEPSEEK_V3, GEMMA3, GEMMA3_MM)
+GEMMA4, GEMMA4_MM = hf_gemma4.GEMMA4, hf_gemma4.GEMMA4_MM  # the family's code: hf_gemma4.py
+SUPPORTED = (QWEN3, QWEN3_MOE, MIXTRAL, OLMOE, GPT_OSS, DEEPSEEK_V3, GEMMA3, GEMMA3_MM) + hf_gemma4.ARCHS
 MOE_ARCHS = (QWEN3_MOE, MIXTRAL, OLMOE, GPT_OSS, DEEPSEEK_V3)
 _BY_MODEL_TYPE = {"qwen3": QWEN3, "qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL, "olmoe": OLMOE, "gpt_oss": GPT_OSS,
                   "deepseek_v3": DEEPSEEK_V3,
-                  "gemma3_text": GEMMA3, "gemma3": GEMMA3_MM}
+                  "gemma3_text": GEMMA3, "gemma3": GEMMA3_MM, **hf_gemma4.MODEL_TYPES}
 SILU, GELU_TANH = "silu", "gelu_pytorch_tanh"
 
 
@@ -103,7 +105,7 @@ def read_hf_config(hf_dir) -> Tuple[str, object, object]:
         cfg = AutoConfig.from_pretrained(str(hf_dir))
     except Exception as e:  # transformers' own validation (strict dataclasses)
         raise ConvertError(f"transformers rejects {path}: {_one_line(e)}") from None
-    text = cfg.get_text_config() if arch == GEMMA3_MM else cfg
+    text = cfg.get_text_config() if arch in (GEMMA3_MM, GEMMA4_MM) else cfg
     return arch, cfg, text
 
 
@@ -126,7 +128,7 @@ def _left_out(hf_dir, arch: str) -> List[str]:
     """The size fields that config.json does not set (for the mismatch message)."""
     try:
         raw = json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8"))
-        raw = raw.get("text_config", {}) if arch == GEMMA3_MM else raw
+        raw = raw.get("text_config", {}) if arch in (GEMMA3_MM, GEMMA4_MM) else raw
         fields = SIZE_FIELDS + MOE_SIZE_FIELDS.get(arch, ())
         return [names[0] for names in fields if not any(n in raw for n in names)]
     except (ValueError, OSError, AttributeError):
@@ -203,6 +205,8 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
     Fields that only concern HF's runtime (use_cache, pad/bos/eos ids, dtype,
     output_router_logits) are ignored: they do not change the function the weights
     compute. Everything else is either mapped or refused."""
+    if arch in hf_gemma4.ARCHS:
+        return hf_gemma4.model_config(arch, text)
     g = lambda name, default=None: getattr(text, name, default)  # noqa: E731
     n_layers, d = g("num_hidden_layers"), g("hidden_size")
     heads = g("num_attention_heads")
@@ -373,7 +377,7 @@ def recipe_from_hf(hf_dir) -> Tuple[str, Recipe, bool]:
     except (TypeError, ValueError, AttributeError, KeyError) as e:  # a value of a type transformers let through
         raise ConvertError(f"{Path(hf_dir) / 'config.json'} has a field moelab cannot map ({_one_line(e)}); "
                            "check its types against the model's documented config.") from None
-    if arch == GEMMA3_MM:  # the multimodal wrapper owns the tying flag
+    if arch in (GEMMA3_MM, GEMMA4_MM):  # the multimodal wrapper owns the tying flag
         mc.tie_embeddings = bool(getattr(top, "tie_word_embeddings", mc.tie_embeddings))
     if arch == DEEPSEEK_V3:  # MTP modules: as many as the checkpoint holds (transformers' model has none)
         names = set(safetensors_source(hf_dir).shapes())
@@ -408,6 +412,8 @@ def signature(m: ModelConfig) -> Dict[str, object]:
         "model.norm_placement": m.norm_placement, "model.tie_embeddings": m.tie_embeddings,
         "model.scale_embeddings": m.scale_embeddings, "model.final_softcap": m.final_softcap,
     }
+    if m.layer_scalar or m.attention.v_norm or m.kv_shared_layers or m.per_layer_input.dim:
+        sig.update(hf_gemma4.signature(m))  # Gemma 4's own fields
     for s in specs:
         rope = s.rope
         # by index, not kind name: the names are free, the per-layer facts are not
@@ -608,6 +614,9 @@ def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = No
     """Where HF tensor `name` goes in the moelab state dict; None if it belongs to no
     moelab tensor (the caller decides whether that is an error). With `n_layers`,
     DeepSeek-V3's layers past the model's are its MTP modules (model.mtp.*)."""
+    if arch in hf_gemma4.ARCHS:  # d_expert > 0: the layers are MoE (Gemma 4's are all or none)
+        ours = hf_gemma4.hf_to_ours(arch, name, moe=d_expert > 0)
+        return None if ours is None else Part(ours)
     mtp = _mtp_depth(name, n_layers) if arch == DEEPSEEK_V3 else None
     if mtp is not None:
         k, rest = mtp
@@ -650,6 +659,8 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor,
                n_layers: Optional[int] = None) -> List[Tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs for one moelab tensor, in the per-expert hub layout.
     MTP modules (DeepSeek-V3 only) need `n_layers`: they become the layers after it."""
+    if arch in hf_gemma4.ARCHS:
+        return hf_gemma4.ours_to_hf(arch, name, tensor)
     m = re.match(r"mtp\.(\d+)\.(.+)$", name)
     if m:
         if arch != DEEPSEEK_V3 or n_layers is None:
@@ -691,8 +702,11 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor,
 # ------------------------------------------------------------------------ import
 
 
-def _ignorable(arch: str, name: str, tied: bool, n_layers: Optional[int] = None) -> bool:
+def _ignorable(arch: str, name: str, tied: bool, n_layers: Optional[int] = None,
+               model: Optional[ModelConfig] = None) -> bool:
     if name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports saved
+        return True
+    if arch in hf_gemma4.ARCHS and hf_gemma4.ignorable(arch, name, model):
         return True
     mtp = _mtp_depth(name, n_layers) if arch == DEEPSEEK_V3 else None
     if mtp is not None and mtp[1] in _MTP_SHARED:
@@ -710,7 +724,7 @@ def _plan(arch: str, recipe: Recipe, tied: bool, src: TensorSource, hf_dir, meta
     parts_of: Dict[str, Dict[object, str]] = {}  # moelab name -> {part index: HF name}
     covered: Dict[str, int] = {}  # moelab name -> elements supplied
     for name, shape in src.shapes().items():
-        if _ignorable(arch, name, tied, recipe.model.n_layers):
+        if _ignorable(arch, name, tied, recipe.model.n_layers, recipe.model):
             continue
         part = hf_to_ours(arch, name, recipe.model.moe.d_expert, recipe.model.n_layers)
         if part is None or part.ours not in meta:
@@ -856,6 +870,8 @@ def is_hf_dir(path) -> bool:
 def export_family(m: ModelConfig) -> str:
     """The transformers class that can hold `m`, judged by what tells the families
     apart (the signature comparison then refuses anything else that differs)."""
+    if m.layer_scalar or m.attention.v_norm:  # fields only Gemma 4 has
+        return GEMMA4
     if any(s.moe for s in layer_specs(m)):
         a = m.attention
         if a.kind == "mla":
@@ -887,6 +903,8 @@ def _rope_dict(rope: RopeConfig) -> dict:
 def hf_config_kwargs(arch: str, m: ModelConfig) -> dict:
     """Keyword arguments of the transformers config class for `arch`. Whatever this
     cannot carry is caught afterwards by comparing signatures, not here."""
+    if arch in hf_gemma4.ARCHS:
+        return hf_gemma4.config_kwargs(m)
     a, specs = m.attention, layer_specs(m)
     windows = [s.window for s in specs if s.window is not None]
     kw = dict(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn.d_ff,
@@ -962,7 +980,7 @@ def hf_config_for(m: ModelConfig):
     cls = {QWEN3: transformers.Qwen3Config, QWEN3_MOE: transformers.Qwen3MoeConfig,
            MIXTRAL: transformers.MixtralConfig, OLMOE: transformers.OlmoeConfig, GPT_OSS: transformers.GptOssConfig,
            DEEPSEEK_V3: transformers.DeepseekV3Config,
-           GEMMA3: transformers.Gemma3TextConfig}[arch]
+           GEMMA3: transformers.Gemma3TextConfig, GEMMA4: transformers.Gemma4TextConfig}[arch]
     try:
         cfg = cls(**hf_config_kwargs(arch, m))
     except Exception as e:
