@@ -212,7 +212,9 @@ def _ffn_and_experts(cfg: ModelConfig, errors: List[str], sane) -> None:
     n_dense = sum(not is_moe_layer(cfg, i) or m.kind == "parallel_dense" for i in range(cfg.n_layers)) if sized else 0
     _check_key(errors, FFN, cfg.ffn.kind, "model.ffn.kind")
     if n_dense and sane("model.ffn.d_ff") and not cfg.ffn.d_ff:
-        errors.append(f"model.ffn.d_ff must be a positive integer ({n_dense} layers are dense), got {cfg.ffn.d_ff}.")
+        errors.append(f"model.ffn.d_ff must be a positive integer ({n_dense} layers run the dense FFN"
+                      f"{', beside their experts (moe.kind parallel_dense)' if m.kind == 'parallel_dense' else ''}), "
+                      f"got {cfg.ffn.d_ff}.")
     if m.n_experts <= 0:
         if m.d_shared is None:
             m.d_shared = m.d_expert
@@ -295,6 +297,3 @@ def _gemma4_fields(cfg: ModelConfig, errors: List[str], sane) -> None:
     if cfg.mtp.depth and (shared or cfg.per_layer_input.dim):
         errors.append("model.mtp.depth > 0 cannot go with model.kv_shared_layers or model.per_layer_input "
                       "(an MTP block has no per-layer input and no earlier layer to share with); turn one off.")
-    if cfg.moe.kind == "parallel_dense" and cfg.moe.n_experts > 0 and sane("model.ffn.d_ff") and not cfg.ffn.d_ff:
-        errors.append("model.moe.kind = 'parallel_dense' runs the dense FFN beside the experts; give "
-                      "model.ffn.d_ff > 0.")
