@@ -66,6 +66,7 @@ class Accounting:
     n_moe_layers: int
     layer_kinds: List[str] = field(default_factory=list)
     layer_moe: List[bool] = field(default_factory=list)
+    params_per_layer_embedding: int = 0  # the per-layer input table, part of params_embedding
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -197,6 +198,7 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
         n_moe_layers=n_moe,
         layer_kinds=[s.kind for s in specs],
         layer_moe=[s.moe for s in specs],
+        params_per_layer_embedding=embedding - cfg.vocab_size * d,
     )
 
 

@@ -147,3 +147,17 @@ def test_layer_sharing_needs_a_producer_of_its_kind():
     # five local layers then a global one, the last sharing: no global layer before 5
     with pytest.raises(RecipeError, match="no layer before 5 is of its kind"):
         resolve_recipe(load_recipe("proxies/gemma4_moe_tiny", ["model.kv_shared_layers=1"]))
+
+
+@pytest.mark.parametrize("name", ["gemma4/e2b", "gemma4/26b_a4b"])
+def test_proxy_keeps_the_gemma4_structure(name):
+    recipe = resolve_recipe(load_recipe(name, ["proxy.d_model=512", "proxy.n_layers=12", "proxy.n_experts=16"]))
+    m, ref = recipe.model, load_recipe(name).model
+    glob, ref_glob = m.layer_kinds["global"], ref.layer_kinds["global"]
+    assert glob.head_dim / m.attention.head_dim == ref_glob.head_dim / ref.attention.head_dim
+    assert m.attention.query_pre_attn_scalar == 1.0  # a scale of 1 stays 1
+    if ref.kv_shared_layers:  # 20 of 35 -> two periods of 5 of 10, one period computing its own
+        assert m.n_layers == 10 and m.kv_shared_layers == 5 and m.kv_shared_ffn_mult == 2
+        assert m.per_layer_input.dim == 88
+    model = build_model(m, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == count(m).params_total
