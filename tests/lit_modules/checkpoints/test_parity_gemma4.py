@@ -39,14 +39,16 @@ def test_gemma4_matches_transformers(case, tmp_path):
         assert m.kv_shared_layers == 3 and m.kv_shared_ffn_mult == 2 and m.per_layer_input.dim == 8
 
 
-def test_gemma4_export_round_trip(tmp_path):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gemma4_export_round_trip(case, tmp_path):
     """import-hf then export-hf gives back a directory transformers loads with the same
-    logits (the MoE case: the fused expert layout and the router's own tensors)."""
+    logits (the fused expert layout and the router's own tensors; the per-layer input
+    tensors, the KV-sharing layers without k/v weights)."""
     from transformers import AutoModelForCausalLM
 
     from lit_modules.checkpoints.hf import export_hf
 
-    hf = gemma4(**CASES["moe-keqv"])
+    hf = gemma4(**CASES[case])
     import_and_load(hf, tmp_path)
     export_hf(tmp_path / "moelab", tmp_path / "back")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
@@ -66,3 +68,19 @@ def test_gemma4_multimodal_text_model(tmp_path):
     with torch.no_grad():
         assert max_diff(ours(ids).logits, hf(input_ids=ids).logits) <= TOL
     assert recipe.model.per_layer_input.dim == 8
+
+
+@pytest.mark.parametrize("override, named", [
+    ("model.moe.router.kind=softmax_topk", "model.moe.router.kind"),  # Gemma 4's router normalises its input
+    ("model.kv_shared_ffn_mult=3", "d_ff"),  # transformers doubles the FFN of KV-sharing layers or nothing
+])
+def test_export_refuses_what_gemma4_cannot_hold(override, named):
+    from arch import load_recipe
+    from arch.recipe import resolve_recipe
+    from lit_modules.checkpoints.hf import ConvertError, hf_config_for
+
+    extra = ["model.layer_pattern=[local,local,global]", "model.kv_shared_layers=3"] if "ffn_mult" in override else []
+    m = resolve_recipe(load_recipe("proxies/gemma4_moe_tiny", [override] + extra)).model
+    with pytest.raises(ConvertError, match=named) as e:
+        hf_config_for(m)
+    assert "Gemma4ForCausalLM" in str(e.value) and len(str(e.value).splitlines()) == 1
