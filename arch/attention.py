@@ -179,10 +179,9 @@ class Attention(nn.Module):
                 shared_kv = cache.update(k, v)  # (keys, values, mask) over the whole cache
         if cache is not None:
             y = self._attend_masked(q, *shared_kv)
-        elif shared_kv is not None:
-            k, v = shared_kv[:2]
-            y = self._attend(q, k, v, block_mask)
         else:
+            if shared_kv is not None:
+                k, v = shared_kv
             y = self._attend(q, k, v, block_mask)
         out = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if return_kv:
