@@ -62,9 +62,10 @@ class Block(nn.Module):
         self.attn_norm = norm(pre)
         self.attn = build_attention(cfg, spec)
         self.attn_post_norm = norm(post)
-        self.ffn = build_ffn(cfg, spec)
         # an FFN that normalises its own input(s) (parallel_dense) takes the residual
-        self.ffn_norm = norm(pre and not getattr(self.ffn, "takes_model_config", False))
+        own_norms = spec.moe and getattr(MOE.get(cfg.moe.kind, "model.moe.kind"), "takes_model_config", False)
+        self.ffn_norm = norm(pre and not own_norms)
+        self.ffn = build_ffn(cfg, spec)
         self.ffn_post_norm = norm(post)
         dim = cfg.per_layer_input.dim
         self.per_layer = PerLayerInput(cfg.d_model, dim, cfg.ffn.kind, cfg.norm) if dim else None
