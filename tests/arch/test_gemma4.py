@@ -161,3 +161,26 @@ def test_proxy_keeps_the_gemma4_structure(name):
         assert m.per_layer_input.dim == 88
     model = build_model(m, device="meta")
     assert sum(p.numel() for p in model.parameters()) == count(m).params_total
+
+
+def test_activation_checkpointing_with_kv_sharing_keeps_the_gradients():
+    """Recomputed blocks (train.activation_checkpointing) re-store the shared keys and
+    values; the gradients through the sharing layers into their producer are unchanged."""
+    from lit_modules.train.strategy import checkpoint_block
+
+    recipe = load_recipe("proxies/gemma4_moe_tiny", ["model.layer_pattern=[local,local,global]", "model.n_layers=6",
+                                                     "model.kv_shared_layers=2", "model.per_layer_input.dim=8",
+                                                     "model.moe.backend=loop"])
+    torch.manual_seed(0)
+    model = build_model(recipe.model, device="cpu")
+    ids = torch.randint(0, recipe.model.vocab_size, (2, 24))
+    model(ids, targets=ids).loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert [b.spec.kv_source for b in model.layers][4:] == [3, 2]
+    model.zero_grad()
+    for block in model.blocks():
+        checkpoint_block(block)
+    model(ids, targets=ids).loss.backward()
+    for n, p in model.named_parameters():
+        if n in want:
+            assert torch.allclose(p.grad, want[n], atol=1e-6), n
