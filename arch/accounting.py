@@ -166,9 +166,12 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
     # MTP: each module is the last layer's block, its norms, eh_proj, and a pass of the head
     last, depth = specs[-1], cfg.mtp.depth
     attn_mm, attn, qk_norm, v_dim, _ = _attention_params(cfg, last)
+    beside = last.moe and parallel  # a parallel_dense layer's dense FFN and extra norms
     ffn_last = (m.n_experts * expert + shared + shared_gate + router) if last.moe else dense_ffn(last)
+    ffn_last += (dense_ffn(last) + moe_norms) if beside else 0
     p_mtp = depth * (attn + ffn_last + block_norms + qk_norm + 3 * d + 2 * d * d)
-    mtp_mm = cfg.vocab_size * d + 2 * d * d + attn_mm + (moe_mm if last.moe else dense_ffn(last, True))
+    mtp_mm = cfg.vocab_size * d + 2 * d * d + attn_mm + (moe_mm if last.moe else dense_ffn(last, True)) \
+        + (dense_ffn(last, True) if beside else 0)
     flops += depth * (6 * mtp_mm + 6 * a.n_heads * (a.head_dim + v_dim) * mean_keys(seq_len, last.window))
 
     kv_layer = [x[4] * kv_bytes_per_element for x in attn_by_layer]

@@ -184,3 +184,18 @@ def test_activation_checkpointing_with_kv_sharing_keeps_the_gradients():
     for n, p in model.named_parameters():
         if n in want:
             assert torch.allclose(p.grad, want[n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.mtp.depth=2"],  # MTP blocks built like the last (parallel_dense) layer
+    ["model.layer_pattern=[local,local,global]", "model.kv_shared_layers=2", "model.kv_shared_ffn_mult=3",
+     "model.per_layer_input.dim=24", "model.per_layer_input.vocab_size=512", "model.attention.bias=true"],
+    ["model.moe.n_experts=0", "model.layer_kinds.global.k_eq_v=false", "model.tie_embeddings=false"],
+])
+def test_counts_equal_the_built_model(overrides):
+    recipe = load_recipe("proxies/gemma4_moe_tiny", overrides)
+    model, acc = build_model(recipe.model, device="meta"), count(recipe.model)
+    assert sum(p.numel() for p in model.parameters()) == acc.params_total + acc.params_mtp
+    assert acc.params_mtp == sum(p.numel() for p in model.mtp.parameters())
+    per_layer = model.per_layer.embed.weight.numel() if model.per_layer is not None else 0
+    assert acc.params_embedding == model.embed.weight.numel() + per_layer
