@@ -84,3 +84,23 @@ def test_export_refuses_what_gemma4_cannot_hold(override, named):
     with pytest.raises(ConvertError, match=named) as e:
         hf_config_for(m)
     assert "Gemma4ForCausalLM" in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_kv_sharing_layers_stored_kv_weights_are_skipped(tmp_path):
+    """Some checkpoints keep k/v weights for the KV-sharing layers, which compute none
+    (transformers ignores them on load): the import skips them, and only them."""
+    hf = gemma4(**CASES["dense-ple-kvshare"])
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    d, hd = hf.config.hidden_size, 12
+    for name, rows in (("k_proj.weight", (2 * hd, d)), ("v_proj.weight", (2 * hd, d)), ("k_norm.weight", (hd,))):
+        state[f"model.layers.5.self_attn.{name}"] = torch.randn(rows)
+    recipe, ours = import_and_load(hf, tmp_path, state=state)
+    ids = tokens()
+    with torch.no_grad():
+        assert max_diff(ours(ids).logits, hf(ids).logits) <= TOL
+    from lit_modules.checkpoints.hf import ConvertError
+
+    state["model.layers.2.self_attn.v_norm.weight"] = torch.ones(hd)  # layer 2 computes its own: not skipped
+    (tmp_path / "again").mkdir()
+    with pytest.raises(ConvertError, match="unexpected"):
+        import_and_load(hf, tmp_path / "again", state=state)
