@@ -137,7 +137,6 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
         return ffn_params(d, d_ff, cfg.ffn.kind, cfg.ffn.bias and not matmul_only) if d_ff else 0
 
     n_moe = sum(s.moe for s in specs)
-    n_dense = len(specs) - n_moe
     embedding = cfg.vocab_size * d + (P and (cfg.per_layer_input.vocab_size or cfg.vocab_size) * cfg.n_layers * P)
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     p_experts = n_moe * m.n_experts * expert
