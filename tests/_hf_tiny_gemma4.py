@@ -19,8 +19,8 @@ BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_attentio
             final_logit_softcapping=30.0, hidden_size_per_layer_input=0, rope_parameters=ROPE)
 CASES = {
     # E2B / E4B-like: per-layer inputs, the last 3 of 7 layers share keys and values (and
-    # have a double-wide FFN), tied head; global layers layer 3 and 6
-    "dense-ple-kvshare": dict(num_hidden_layers=7, layer_types=[LOCAL, LOCAL, LOCAL, GLOBAL] * 1 + [LOCAL, LOCAL, GLOBAL],
+    # have a double-wide FFN), tied head; global layers 3 and 6
+    "dense-ple-kvshare": dict(num_hidden_layers=7, layer_types=[LOCAL, LOCAL, LOCAL, GLOBAL, LOCAL, LOCAL, GLOBAL],
                               num_kv_shared_layers=3, use_double_wide_mlp=True, hidden_size_per_layer_input=8,
                               vocab_size_per_layer_input=VOCAB, tie_word_embeddings=True),
     # 26B-A4B-like: every layer dense FFN + 8 experts top-2; global layers with keys =
@@ -75,3 +75,30 @@ def gemma4_multimodal(seed: int = 0, **text_overrides):
     model = transformers.Gemma4ForConditionalGeneration._from_config(cfg, attn_implementation="eager")
     _perturb(model, seed)
     return model.eval()
+
+
+def _types(n: int, period: int):
+    return [GLOBAL if (i + 1) % period == 0 else LOCAL for i in range(n)]
+
+
+# the released text_config of each size (recipes/gemma4/*.yaml say where from), as
+# Gemma4TextConfig reads it (the rest: its defaults)
+RELEASED = {
+    "gemma4/e2b": dict(hidden_size=1536, num_hidden_layers=35, num_attention_heads=8, num_key_value_heads=1,
+                       intermediate_size=6144, global_head_dim=512, sliding_window=512, layer_types=_types(35, 5),
+                       num_kv_shared_layers=20, use_double_wide_mlp=True, hidden_size_per_layer_input=256,
+                       final_logit_softcapping=30.0, rope_parameters=ROPE),
+    "gemma4/e4b": dict(hidden_size=2560, num_hidden_layers=42, num_attention_heads=8, num_key_value_heads=2,
+                       intermediate_size=10240, global_head_dim=512, sliding_window=512, layer_types=_types(42, 6),
+                       num_kv_shared_layers=18, hidden_size_per_layer_input=256, final_logit_softcapping=30.0,
+                       rope_parameters=ROPE),
+    "gemma4/31b": dict(max_position_embeddings=262144, hidden_size=5376, num_hidden_layers=60,
+                       num_attention_heads=32, num_key_value_heads=16, num_global_key_value_heads=4, attention_k_eq_v=True, intermediate_size=21504,
+                       global_head_dim=512, sliding_window=1024, layer_types=_types(60, 6),
+                       hidden_size_per_layer_input=0, final_logit_softcapping=30.0, rope_parameters=ROPE),
+    "gemma4/26b_a4b": dict(max_position_embeddings=262144, hidden_size=2816, num_hidden_layers=30,
+                           num_attention_heads=16, num_key_value_heads=8, num_global_key_value_heads=2, attention_k_eq_v=True, intermediate_size=2112,
+                           global_head_dim=512, sliding_window=1024, layer_types=_types(30, 6),
+                           hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=128, top_k_experts=8,
+                           moe_intermediate_size=704, final_logit_softcapping=30.0, rope_parameters=ROPE),
+}

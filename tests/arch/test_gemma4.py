@@ -13,35 +13,7 @@ from arch.recipe import resolve_recipe
 from arch.registry import RecipeError
 from arch.rope import RoPE, apply_rope
 
-LOCAL, GLOBAL = "sliding_attention", "full_attention"
-ROPE = {LOCAL: {"rope_type": "default", "rope_theta": 10_000.0},
-        GLOBAL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}}
-
-
-def _types(n: int, period: int):
-    return [GLOBAL if (i + 1) % period == 0 else LOCAL for i in range(n)]
-
-
-# the released text_config of each size, as Gemma4TextConfig reads it (the rest: its defaults)
-HF_CONFIGS = {
-    "gemma4/e2b": dict(hidden_size=1536, num_hidden_layers=35, num_attention_heads=8, num_key_value_heads=1,
-                       intermediate_size=6144, global_head_dim=512, sliding_window=512, layer_types=_types(35, 5),
-                       num_kv_shared_layers=20, use_double_wide_mlp=True, hidden_size_per_layer_input=256,
-                       final_logit_softcapping=30.0, rope_parameters=ROPE),
-    "gemma4/e4b": dict(hidden_size=2560, num_hidden_layers=42, num_attention_heads=8, num_key_value_heads=2,
-                       intermediate_size=10240, global_head_dim=512, sliding_window=512, layer_types=_types(42, 6),
-                       num_kv_shared_layers=18, hidden_size_per_layer_input=256, final_logit_softcapping=30.0,
-                       rope_parameters=ROPE),
-    "gemma4/31b": dict(hidden_size=5376, num_hidden_layers=60, num_attention_heads=32, num_key_value_heads=16,
-                       num_global_key_value_heads=4, attention_k_eq_v=True, intermediate_size=21504,
-                       global_head_dim=512, sliding_window=1024, layer_types=_types(60, 6),
-                       hidden_size_per_layer_input=0, final_logit_softcapping=30.0, rope_parameters=ROPE),
-    "gemma4/26b_a4b": dict(hidden_size=2816, num_hidden_layers=30, num_attention_heads=16, num_key_value_heads=8,
-                           num_global_key_value_heads=2, attention_k_eq_v=True, intermediate_size=2112,
-                           global_head_dim=512, sliding_window=1024, layer_types=_types(30, 6),
-                           hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=128, top_k_experts=8,
-                           moe_intermediate_size=704, final_logit_softcapping=30.0, rope_parameters=ROPE),
-}
+from _hf_tiny_gemma4 import GLOBAL, LOCAL, RELEASED as HF_CONFIGS, ROPE
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))

@@ -104,3 +104,25 @@ def test_kv_sharing_layers_stored_kv_weights_are_skipped(tmp_path):
     (tmp_path / "again").mkdir()
     with pytest.raises(ConvertError, match="unexpected"):
         import_and_load(hf, tmp_path / "again", state=state)
+
+
+@pytest.mark.parametrize("name", ["gemma4/e2b", "gemma4/e4b", "gemma4/31b", "gemma4/26b_a4b"])
+def test_released_configs_import_as_the_shipped_recipes(name):
+    """What import-hf makes of each released config computes what the shipped recipe
+    does (equal signatures: every field that changes the function)."""
+    import copy
+
+    import transformers
+
+    from _hf_tiny_gemma4 import RELEASED
+    from arch import load_recipe
+    from arch.recipe import resolve_recipe
+    from lit_modules.checkpoints.hf import GEMMA4, model_config_from_hf, signature
+
+    from arch.config import Recipe
+
+    text = transformers.Gemma4TextConfig(**copy.deepcopy(RELEASED[name]))
+    imported = resolve_recipe(Recipe(model=model_config_from_hf(GEMMA4, text))).model
+    shipped = load_recipe(name).model
+    assert signature(imported) == signature(shipped)
+    assert imported.max_seq_len == shipped.max_seq_len
