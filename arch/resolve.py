@@ -102,7 +102,7 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
     _attention(cfg, errors, sane)
     _layers(cfg, errors, sane)
     _ffn_and_experts(cfg, errors, sane)
-    _gemma4_fields(cfg, errors, sane)
+    _per_layer_fields(cfg, errors, sane)
     if errors:
         raise RecipeError("\n".join(errors))
     return cfg
@@ -255,7 +255,7 @@ def _ffn_and_experts(cfg: ModelConfig, errors: List[str], sane) -> None:
                               "'grouped_mm' (16-byte rows in bf16); round it or use the 'loop' backend.")
 
 
-def _gemma4_fields(cfg: ModelConfig, errors: List[str], sane) -> None:
+def _per_layer_fields(cfg: ModelConfig, errors: List[str], sane) -> None:
     """Per-kind head widths and KV heads, keys equal to values, KV sharing across
     layers, per-layer inputs: each on its own is free, these combinations are not."""
     a = cfg.attention
