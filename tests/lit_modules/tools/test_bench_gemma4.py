@@ -23,3 +23,16 @@ def test_vs_hf_gemma4_moe(capsys):
     assert d["vs_hf"]["first_step_ce_diff"] == pytest.approx(0.0, abs=1e-5)
     assert d["vs_hf"]["max_ce_diff_all_steps"] < 1e-4
     assert hf["losses"][0] != hf["losses"][-1]
+
+
+def test_layer_bench_builds_the_parallel_dense_layer(capsys):
+    """--layer builds a parallel_dense layer with the model's dense FFN beside the
+    experts, and compares it with a dense FFN of the same active FLOPs (2 x 32 + 96)."""
+    argv = ["bench", "proxies/gemma4_moe_tiny", "train.seq_len=16", "train.micro_batch_size=2", "--layer",
+            "--device", "cpu", "--steps", "1", "--warmup", "0", "--with-loop", "--json"]
+    assert main(argv) == 0
+    d = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in d["results"]]
+    assert "dense geglu, d_ff 160" in names
+    moe = next(r for r in d["results"] if r["name"].startswith("MoE, grouped_mm"))
+    assert moe["rel_err_vs_loop"]["output"] < 1e-5 and moe["rel_err_vs_loop"]["input_grad"] < 1e-5
