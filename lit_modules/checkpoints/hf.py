@@ -206,7 +206,10 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
     output_router_logits) are ignored: they do not change the function the weights
     compute. Everything else is either mapped or refused."""
     if arch in hf_gemma4.ARCHS:
-        return hf_gemma4.model_config(arch, text)
+        try:
+            return hf_gemma4.model_config(arch, text)
+        except hf_gemma4.Refused as e:
+            raise ConvertError(str(e)) from None
     g = lambda name, default=None: getattr(text, name, default)  # noqa: E731
     n_layers, d = g("num_hidden_layers"), g("hidden_size")
     heads = g("num_attention_heads")
@@ -660,7 +663,11 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor,
     """HF (name, tensor) pairs for one moelab tensor, in the per-expert hub layout.
     MTP modules (DeepSeek-V3 only) need `n_layers`: they become the layers after it."""
     if arch in hf_gemma4.ARCHS:
-        return hf_gemma4.ours_to_hf(arch, name, tensor)
+        pairs = hf_gemma4.ours_to_hf(arch, name, tensor)
+        if pairs is None:
+            raise ConvertError(f"moelab tensor {name} has no counterpart in {arch}; the model uses a component "
+                               "Hugging Face cannot express.")
+        return pairs
     m = re.match(r"mtp\.(\d+)\.(.+)$", name)
     if m:
         if arch != DEEPSEEK_V3 or n_layers is None:

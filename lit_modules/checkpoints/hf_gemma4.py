@@ -33,6 +33,7 @@ from arch.config import (
     AttentionConfig, FFNConfig, LayerKindConfig, ModelConfig, MoEConfig, NormConfig, PerLayerInputConfig,
     RopeConfig, RouterConfig,
 )
+from arch.registry import RecipeError
 
 GEMMA4, GEMMA4_MM = "Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"
 ARCHS = (GEMMA4, GEMMA4_MM)
@@ -45,10 +46,12 @@ IGNORED = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "
            "model.multi_modal_projector.")
 
 
-def _cannot(arch: str, field: str, value, why: str):
-    from .hf import ConvertError
+class Refused(RecipeError):
+    """A Gemma 4 config field moelab cannot honour (hf.py raises it as a ConvertError)."""
 
-    return ConvertError(f"{arch} config field {field} = {value!r} cannot be honoured: {why}.")
+
+def _cannot(arch: str, field: str, value, why: str) -> Refused:
+    return Refused(f"{arch} config field {field} = {value!r} cannot be honoured: {why}.")
 
 
 # ----------------------------------------------------------------------- config
@@ -255,18 +258,14 @@ def hf_to_ours(arch: str, name: str, moe: bool) -> Optional[str]:
     return None
 
 
-def ours_to_hf(arch: str, name: str, tensor: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+def ours_to_hf(arch: str, name: str, tensor: torch.Tensor) -> Optional[List[Tuple[str, torch.Tensor]]]:
+    """HF (name, tensor) pairs for one moelab tensor; None when it has no counterpart."""
     if name == "head.weight":
         return [(HEAD[arch], tensor)]
     if name.endswith("ffn.router.expert_bias"):
         return []  # the selection bias: zero unless bias_update_rate > 0, which the signature refuses
     hf = _rename(_COMMON + _MOE + _DENSE, name, forward=False)
-    if hf is None:
-        from .hf import ConvertError
-
-        raise ConvertError(f"moelab tensor {name} has no counterpart in {arch}; the model uses a component "
-                           "Hugging Face cannot express.")
-    return [(BODY[arch][0] + hf, tensor)]
+    return None if hf is None else [(BODY[arch][0] + hf, tensor)]
 
 
 _SHARED_KV = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")

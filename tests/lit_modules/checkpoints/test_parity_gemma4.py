@@ -126,3 +126,21 @@ def test_released_configs_import_as_the_shipped_recipes(name):
     shipped = load_recipe(name).model
     assert signature(imported) == signature(shipped)
     assert imported.max_seq_len == shipped.max_seq_len
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("hidden_activation", "silu", "hidden_activation"),
+    ("use_bidirectional_attention", "all", "causal"),
+])
+def test_config_fields_moelab_cannot_honour_are_one_sentence(field, value, named):
+    import copy
+
+    import transformers
+
+    from _hf_tiny_gemma4 import BASE
+    from lit_modules.checkpoints.hf import GEMMA4, ConvertError, model_config_from_hf
+
+    text = transformers.Gemma4TextConfig(**copy.deepcopy({**BASE, **CASES["moe-keqv"], field: value}))
+    with pytest.raises(ConvertError, match=named) as e:
+        model_config_from_hf(GEMMA4, text)
+    assert len(str(e.value).splitlines()) == 1
