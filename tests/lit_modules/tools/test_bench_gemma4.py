@@ -11,11 +11,16 @@ import pytest
 from lit_modules.cli import main
 
 
-def test_vs_hf_gemma4_moe(capsys):
+@pytest.mark.parametrize("extra", [
+    [],  # 26B-A4B's structure
+    # with KV sharing (the last 6 of 12 layers), its double-wide FFN and per-layer inputs
+    ["model.n_layers=12", "model.kv_shared_layers=6", "model.kv_shared_ffn_mult=2", "model.per_layer_input.dim=16"],
+])
+def test_vs_hf_gemma4_moe(capsys, extra):
     pytest.importorskip("transformers")
     argv = ["bench", "proxies/gemma4_moe_tiny", "train.seq_len=16", "train.micro_batch_size=2",
-            "model.moe.backend=loop", "train.optim.lr=1e-4", "--device", "cpu", "--steps", "2", "--warmup", "1",
-            "--vs-hf", "--json"]
+            "model.moe.backend=loop", "train.optim.lr=1e-4", *extra, "--device", "cpu", "--steps", "2",
+            "--warmup", "1", "--vs-hf", "--json"]
     assert main(argv) == 0
     d = json.loads(capsys.readouterr().out)
     ours, hf = d["results"]
