@@ -71,8 +71,8 @@ SILU, GELU_TANH = "silu", "gelu_pytorch_tanh"
 # each names its ARCHS, MODEL_TYPES and CONFIG_CLASSES (those it writes) and defines the
 # steps it takes over from this file (text_config, model_config, ignorable, adapt_source,
 # hf_to_ours, ours_to_hf, signature, export_family, config_kwargs, export_pairs); a step
-# it leaves out runs this file's code. Loaded on first use, as arch/registry.py's plugins, so a family
-# module may import this one.
+# it leaves out runs this file's code. Loaded on first use, as arch/registry.py's
+# plugins, so that a family module may import this one.
 FAMILY_MODULES = ("lit_modules.checkpoints.hf_qwen3_next", "lit_modules.checkpoints.hf_gemma4")
 FAMILY_HOOKS: Dict[str, object] = {}
 
