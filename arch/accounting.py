@@ -20,13 +20,17 @@ Conventions (those of the Qwen3 and Gemma 3 reports and model cards):
   attention FLOPs are those of the recurrent form, linear in the context: per token and
   value head, reading the state, writing it and reading it out (3 x k_head_dim x
   v_head_dim multiply-adds), plus the depthwise convolution.
+- Gemma 4: each layer with its own head_dim and KV heads; keys = values drops v_proj
+  but not the cached values (normed differently from the keys); a KV-sharing layer
+  (model.kv_shared_layers) has no k/v projections and holds no cache; the per-layer
+  input table (model.per_layer_input) is embedding, its projections are matmuls.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from .config import ModelConfig
+from .config import LayerSpec, ModelConfig
 from .ffn import ffn_params
 from .resolve import layer_specs
 
@@ -71,6 +75,7 @@ class Accounting:
     linear_state_bytes: int = 0  # their recurrent + convolution state for one sequence, in kv_bytes_at_context
     layer_kinds: List[str] = field(default_factory=list)
     layer_moe: List[bool] = field(default_factory=list)
+    params_per_layer_embedding: int = 0  # the per-layer input table, part of params_embedding
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -89,9 +94,10 @@ def _linear_attention_params(cfg: ModelConfig):
                                               conv * (lin.conv_kernel - 1))
 
 
-def _attention_params(cfg: ModelConfig):
+def _attention_params(cfg: ModelConfig, spec: Optional[LayerSpec] = None):
     """(matmul params, all params, norm params, value width, KV-cache elements per
-    token) of one layer's attention."""
+    token) of one layer's attention; `spec` gives the layer's own head width and KV
+    heads, keys = values (no v_proj) and KV sharing (no k/v projections, no cache)."""
     a, d = cfg.attention, cfg.d_model
     if a.kind == "mla":  # the latent norms count as norms
         H, qk = a.n_heads, a.qk_nope_head_dim + a.qk_rope_head_dim
@@ -102,14 +108,30 @@ def _attention_params(cfg: ModelConfig):
         norms = (a.q_lora_rank or 0) + a.kv_lora_rank
         # the cache holds the latent and the shared rotary key (DeepSeek-V2's point)
         return mm, mm + bias, norms, a.v_head_dim, a.kv_lora_rank + a.qk_rope_head_dim
-    q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    mm = d * q_out * (2 if a.output_gate else 1) + 2 * d * kv_out + q_out * d
-    q_bias = q_out * (2 if a.output_gate else 1)
-    params = mm + (q_bias + 2 * kv_out + d if a.bias else 0) + (a.n_heads if a.sinks else 0)
+    hd = spec.head_dim if spec is not None and spec.head_dim else a.head_dim
+    n_kv = spec.n_kv_heads if spec is not None and spec.n_kv_heads else a.n_kv_heads
+    shared = spec is not None and spec.kv_source is not None
+    # projections that exist: k and v, k alone (keys = values), none (KV sharing)
+    n_kv_proj = 0 if shared else (1 if spec is not None and spec.k_eq_v else 2)
+    q_out, kv_out = a.n_heads * hd, n_kv * hd
+    q_proj = q_out * (2 if a.output_gate else 1)  # output_gate: q_proj also gives the gate
+    mm = d * q_proj + n_kv_proj * d * kv_out + q_out * d
+    params = mm + (q_proj + n_kv_proj * kv_out + d if a.bias else 0) + (a.n_heads if a.sinks else 0)
     norms = 0
     if a.qk_norm:  # one weight per normalised channel: a head's, or every head's
-        norms = 2 * a.head_dim if a.qk_norm_scope == "head" else (a.n_heads + a.n_kv_heads) * a.head_dim
-    return mm, params, norms, a.head_dim, 2 * a.n_kv_heads * a.head_dim
+        q_norm = hd if a.qk_norm_scope == "head" else a.n_heads * hd
+        k_norm = hd if a.qk_norm_scope == "head" else n_kv * hd
+        norms = q_norm + (0 if shared else k_norm)
+    # keys = values still caches both: the keys are normed and rotated, the values not
+    return mm, params, norms, hd, 0 if shared else 2 * n_kv * hd
+
+
+def _router_params(cfg: ModelConfig) -> int:
+    """The router's parameters beyond its linear layer: normed_softmax_topk's per-channel
+    and per-expert scales, a bias."""
+    m = cfg.moe
+    extra = cfg.d_model + m.n_experts if m.router.kind == "normed_softmax_topk" else 0
+    return extra + (m.n_experts if m.router.bias else 0)
 
 
 def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int] = None,
@@ -120,59 +142,78 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
     a, m, d = cfg.attention, cfg.moe, cfg.d_model
     specs = layer_specs(cfg)
 
-    attn_mm, attn, qk_norm, v_dim, kv_elements = _attention_params(cfg)
     lin_mm, lin, lin_norm, lin_rule, (lin_state, lin_conv) = _linear_attention_params(cfg)
-    linear = [s.attention == "gated_deltanet" for s in specs]
-    n_linear = sum(linear)
-    n_full = len(specs) - n_linear
+    n_linear = sum(s.attention == "gated_deltanet" for s in specs)
+
+    def mixer_params(spec: LayerSpec):
+        """_attention_params of the layer's token mixer: a gated DeltaNet layer's value
+        width goes unused (its FLOPs are mixer_flops') and it caches nothing per token."""
+        if spec.attention == "gated_deltanet":
+            return lin_mm, lin, lin_norm, None, 0
+        return _attention_params(cfg, spec)
+
     block_norms = BLOCK_NORMS[cfg.norm_placement] * d
-    dense_ffn = ffn_params(d, cfg.ffn.d_ff, cfg.ffn.kind, cfg.ffn.bias) if cfg.ffn.d_ff else 0
-    dense_ffn_mm = ffn_params(d, cfg.ffn.d_ff, cfg.ffn.kind) if cfg.ffn.d_ff else 0
+    # parallel_dense (Gemma 4): the dense FFN beside the experts, the block's pre-FFN norm
+    # replaced by the layer's four (pre and post, for each branch)
+    parallel = m.kind == "parallel_dense"
+    moe_norms = 3 * d if parallel else 0
     expert = ffn_params(d, m.d_expert, m.expert_ffn, m.expert_bias) if m.n_experts else 0
     shared = m.n_shared_experts * ffn_params(d, m.d_shared, m.expert_ffn) if m.n_experts else 0
     shared_gate = d if (m.n_shared_experts and m.shared_gate) else 0
     router_mm = d * m.n_experts
-    router = router_mm + (m.n_experts if m.router.bias else 0)
+    router = router_mm + _router_params(cfg)
+    P = cfg.per_layer_input.dim  # per-layer inputs: gate and projection, a norm per layer
+    ple_layer_mm, ple_layer_norm = 2 * d * P, (d if P else 0)
+
+    def dense_ffn(spec: LayerSpec, matmul_only: bool = False) -> int:
+        d_ff = spec.d_ff if spec.d_ff is not None else cfg.ffn.d_ff
+        return ffn_params(d, d_ff, cfg.ffn.kind, cfg.ffn.bias and not matmul_only) if d_ff else 0
 
     n_moe = sum(s.moe for s in specs)
-    n_dense = len(specs) - n_moe
-    embedding = cfg.vocab_size * d
+    embedding = cfg.vocab_size * d + (P and (cfg.per_layer_input.vocab_size or cfg.vocab_size) * cfg.n_layers * P)
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     p_experts = n_moe * m.n_experts * expert
     p_shared = n_moe * (shared + shared_gate)
     p_router = n_moe * router
-    p_attention = n_full * attn + n_linear * lin
-    p_norms = len(specs) * block_norms + n_full * qk_norm + n_linear * lin_norm + d
-    total = (embedding + head + p_attention + n_dense * dense_ffn + p_experts + p_shared
-             + p_router + p_norms)
+    attn_by_layer = [mixer_params(s) for s in specs]
+    p_attention = sum(x[1] for x in attn_by_layer)
+    p_dense = sum(dense_ffn(s) for s in specs if not s.moe or parallel)
+    p_ple = (d * cfg.n_layers * P + P) + len(specs) * ple_layer_mm if P else 0  # projection, its norm, the layers'
+    p_norms = sum(block_norms + x[2] + ple_layer_norm + (moe_norms if s.moe else 0)
+                  for s, x in zip(specs, attn_by_layer)) + d
+    total = embedding + head + p_attention + p_dense + p_experts + p_shared + p_router + p_norms + p_ple
     inactive = n_moe * (m.n_experts - m.top_k) * expert
     active = total - inactive
 
     moe_mm = m.top_k * expert + shared + shared_gate + router_mm
-    matmul_active = (cfg.vocab_size * d + n_full * attn_mm + n_linear * lin_mm + n_dense * dense_ffn_mm
-                     + n_moe * moe_mm)
+    matmul_active = (cfg.vocab_size * d + sum(x[0] for x in attn_by_layer)
+                     + sum(dense_ffn(s, True) for s in specs if not s.moe or parallel) + n_moe * moe_mm
+                     + (d * cfg.n_layers * P + len(specs) * ple_layer_mm if P else 0))
 
-    def mixer_flops(spec) -> float:
+    def mixer_flops(spec: LayerSpec, x) -> float:
         """Training FLOPs per token of one layer's token mixing outside its projections:
-        scores and weighted values (2 FLOPs per multiply-add, x3 for training), or the
+        scores and weighted values (2 FLOPs per multiply-add, x3 for training; a layer's
+        query/key width is its value width, but MLA's: head_dim = nope + rope), or the
         delta rule's state traffic, the same at any length."""
         if spec.attention == "gated_deltanet":
             return 6 * lin_rule
-        return 6 * a.n_heads * (a.head_dim + v_dim) * mean_keys(seq_len, spec.window)
+        return 6 * a.n_heads * ((a.head_dim if a.kind == "mla" else x[3]) + x[3]) * mean_keys(seq_len, spec.window)
 
-    attn_flops = sum(mixer_flops(s) for s in specs)
+    attn_flops = sum(mixer_flops(s, x) for s, x in zip(specs, attn_by_layer))
     flops = 6 * matmul_active + attn_flops
 
     # MTP: each module is the last layer's block, its norms, eh_proj, and a pass of the head
     last, depth = specs[-1], cfg.mtp.depth
-    last_linear = last.attention == "gated_deltanet"
-    ffn_last = (m.n_experts * expert + shared + shared_gate + router) if last.moe else dense_ffn
-    p_mtp = depth * ((lin + lin_norm if last_linear else attn + qk_norm) + ffn_last + block_norms + 3 * d + 2 * d * d)
-    mtp_mm = (cfg.vocab_size * d + 2 * d * d + (lin_mm if last_linear else attn_mm)
-              + (moe_mm if last.moe else dense_ffn_mm))
-    flops += depth * (6 * mtp_mm + mixer_flops(last))
+    attn_mm, attn, qk_norm, _, _ = last_mixer = mixer_params(last)
+    beside = last.moe and parallel  # a parallel_dense layer's dense FFN and extra norms
+    ffn_last = (m.n_experts * expert + shared + shared_gate + router) if last.moe else dense_ffn(last)
+    ffn_last += (dense_ffn(last) + moe_norms) if beside else 0
+    p_mtp = depth * (attn + ffn_last + block_norms + qk_norm + 3 * d + 2 * d * d)
+    mtp_mm = cfg.vocab_size * d + 2 * d * d + attn_mm + (moe_mm if last.moe else dense_ffn(last, True)) \
+        + (dense_ffn(last, True) if beside else 0)
+    flops += depth * (6 * mtp_mm + mixer_flops(last, last_mixer))
 
-    kv_layer = kv_elements * kv_bytes_per_element
+    kv_layer = [x[4] * kv_bytes_per_element for x in attn_by_layer]
     state = n_linear * (4 * lin_state + kv_bytes_per_element * lin_conv)
     return Accounting(
         params_total=total,
@@ -181,7 +222,7 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
         params_head=head,
         params_non_embedding=total - embedding - head,
         params_attention=p_attention,
-        params_ffn_dense=n_dense * dense_ffn,
+        params_ffn_dense=p_dense,
         params_experts=p_experts,
         params_shared_experts=p_shared,
         params_router=p_router,
@@ -192,9 +233,8 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
         flops_per_token_forward=flops / 3,
         attention_flops_per_token=attn_flops,
         seq_len=seq_len,
-        kv_bytes_per_token=kv_layer * n_full,
-        kv_bytes_at_context=sum(kv_layer * min(context, s.window or context) for s, lin_layer in zip(specs, linear)
-                                if not lin_layer) + state,
+        kv_bytes_per_token=sum(kv_layer),
+        kv_bytes_at_context=sum(b * min(context, s.window or context) for b, s in zip(kv_layer, specs)) + state,
         context=context,
         kv_bytes_per_element=kv_bytes_per_element,
         n_layers=len(specs),
@@ -203,6 +243,7 @@ def count(cfg: ModelConfig, seq_len: Optional[int] = None, context: Optional[int
         linear_state_bytes=state,
         layer_kinds=[s.kind for s in specs],
         layer_moe=[s.moe for s in specs],
+        params_per_layer_embedding=embedding - cfg.vocab_size * d,
     )
 
 
@@ -223,15 +264,24 @@ def weight_memory(cfg: ModelConfig) -> Dict[str, int]:
     from .block import Block
     from .quant import EXTRA_KINDS, STORAGE, quant_targets, weight_bytes
 
-    # blocks differ in their weights only by MoE or dense and by their mixer: one block of each kind is
-    # built (on meta), so the cost stays linear in nothing but the recipe's size
+    # one block of each kind (below) is built (on meta), so the cost stays linear in
+    # nothing but the recipe's size
     specs = layer_specs(cfg)
     shapes: List[tuple] = [(cfg.vocab_size, cfg.d_model)] * (1 if cfg.tie_embeddings else 2)
     rest = cfg.d_model  # the final norm
-    for moe, mixer in dict.fromkeys((s.moe, s.attention) for s in specs):
-        n = sum(s.moe == moe and s.attention == mixer for s in specs)
+    P = cfg.per_layer_input.dim
+    if P:  # the per-layer table and projection are matrices; the projection's norm is not
+        shapes += [(cfg.per_layer_input.vocab_size or cfg.vocab_size, cfg.n_layers * P), (cfg.n_layers * P, cfg.d_model)]
+        rest += P
+    # layers differ in their weights by MoE or dense, by their mixer, and (Gemma 4) by
+    # head width, KV heads, keys = values, KV sharing and FFN width: one block of each
+    def shape_key(s):
+        return s.moe, s.attention, s.head_dim, s.n_kv_heads, s.k_eq_v, s.kv_source is None, s.d_ff
+
+    for key in dict.fromkeys(shape_key(s) for s in specs):
+        n = sum(shape_key(s) == key for s in specs)
         with torch.device("meta"):
-            block = Block(cfg, next(s for s in specs if s.moe == moe and s.attention == mixer))
+            block = Block(cfg, next(s for s in specs if shape_key(s) == key))
         matrices = {id(getattr(m, w)): getattr(m, w) for _, m, names in quant_targets(block, EXTRA_KINDS)
                     for w in names}
         shapes += [tuple(p.shape) for p in matrices.values()] * n

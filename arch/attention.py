@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .config import AttentionConfig, NormConfig
 from .documents import document_block_mask, document_mask
-from .norm import build_norm
+from .norm import build_norm, rms_normalize
 from .registry import ATTENTION
 from .rope import apply_rope
 
@@ -117,7 +117,11 @@ class Attention(nn.Module):
     """Head counts are read from tensor shapes in forward, so sharding the projections
     over heads never needs a mutated config."""
 
-    def __init__(self, d_model: int, cfg: AttentionConfig, norm: NormConfig, window: Optional[int], rope=None):
+    def __init__(self, d_model: int, cfg: AttentionConfig, norm: NormConfig, window: Optional[int], rope=None,
+                 k_eq_v: bool = False, kv_shared: bool = False):
+        """`k_eq_v`: no v_proj, the values are the key projection (Gemma 4 global
+        layers). `kv_shared`: no key/value projections at all, forward takes another
+        layer's keys and values (model.kv_shared_layers)."""
         super().__init__()
         hd = cfg.head_dim
         self.head_dim = hd
@@ -130,15 +134,17 @@ class Attention(nn.Module):
         # output_gate: q_proj gives each head [query, gate] side by side (Qwen3-Next's layout)
         self.output_gate = cfg.output_gate
         self.q_proj = nn.Linear(d_model, cfg.n_heads * hd * (2 if cfg.output_gate else 1), bias=cfg.bias)
-        self.k_proj = nn.Linear(d_model, cfg.n_kv_heads * hd, bias=cfg.bias)
-        self.v_proj = nn.Linear(d_model, cfg.n_kv_heads * hd, bias=cfg.bias)
+        self.kv_shared = kv_shared
+        self.k_proj = None if kv_shared else nn.Linear(d_model, cfg.n_kv_heads * hd, bias=cfg.bias)
+        self.v_proj = None if kv_shared or k_eq_v else nn.Linear(d_model, cfg.n_kv_heads * hd, bias=cfg.bias)
+        self.v_norm_eps = norm.eps if cfg.v_norm else None
         self.o_proj = nn.Linear(cfg.n_heads * hd, d_model, bias=cfg.bias)
         # per head: one norm over head_dim shared by the heads; all_heads: one over the
         # whole projection (n_heads * head_dim channels for q, n_kv_heads * head_dim for k)
         self.qk_norm_all_heads = cfg.qk_norm and cfg.qk_norm_scope == "all_heads"
         q_width, k_width = (cfg.n_heads * hd, cfg.n_kv_heads * hd) if self.qk_norm_all_heads else (hd, hd)
         self.q_norm = build_norm(q_width, norm) if cfg.qk_norm else nn.Identity()
-        self.k_norm = build_norm(k_width, norm) if cfg.qk_norm else nn.Identity()
+        self.k_norm = build_norm(k_width, norm) if cfg.qk_norm and not kv_shared else nn.Identity()
         # attention sinks: only the eager path adds them to the softmax
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.sinks else None
 
@@ -149,27 +155,45 @@ class Attention(nn.Module):
             nn.init.zeros_(self.sinks)
 
     def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], block_mask=None,
-                cache=None) -> torch.Tensor:
+                cache=None, shared_kv=None, return_kv: bool = False):
         """`block_mask`: what `self.block_mask(T, device[, doc_ids])` returns, when the
         caller built it already (flex layers, or any layer with documents; None
         otherwise or to build a flex layer's plain mask here).
-        `cache`: this layer's arch.cache.LayerCache when decoding (x: the new tokens)."""
+        `cache`: this layer's arch.cache.LayerCache when decoding (x: the new tokens).
+        KV sharing: `shared_kv` is what another layer's forward with `return_kv` gave
+        beside its output ((k, v), or (k, v, mask) when decoding), attended over in
+        place of keys and values of this layer's own."""
         B, T, _ = x.shape
-        q, k = self.q_proj(x), self.k_proj(x)
+        q = self.q_proj(x)
         gate = None
         if self.output_gate:
             q, gate = q.view(B, T, -1, 2 * self.head_dim).chunk(2, dim=-1)
             q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
-        if self.qk_norm_all_heads:
-            q, k = self.q_norm(q).view(B, T, -1, self.head_dim), self.k_norm(k).view(B, T, -1, self.head_dim)
+        q = self.q_norm(q).view(B, T, -1, self.head_dim) if self.qk_norm_all_heads else \
+            self.q_norm(q.view(B, T, -1, self.head_dim))
+        q = apply_rope(q.transpose(1, 2), *rope)
+        if shared_kv is None:
+            k_raw = self.k_proj(x)
+            k = self.k_norm(k_raw).view(B, T, -1, self.head_dim) if self.qk_norm_all_heads else \
+                self.k_norm(k_raw.view(B, T, -1, self.head_dim))
+            k = apply_rope(k.transpose(1, 2), *rope)
+            v = (self.v_proj(x) if self.v_proj is not None else k_raw).view(B, T, -1, self.head_dim)
+            if self.v_norm_eps is not None:
+                v = rms_normalize(v, self.v_norm_eps)
+            v = v.transpose(1, 2)
+            if cache is not None:
+                shared_kv = cache.update(k, v)  # (keys, values, mask) over the whole cache
+        if cache is not None:
+            y = self._attend_masked(q, *shared_kv)
         else:
-            q, k = self.q_norm(q.view(B, T, -1, self.head_dim)), self.k_norm(k.view(B, T, -1, self.head_dim))
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = self._attend(q, k, v, block_mask) if cache is None else self._attend_cached(q, k, v, cache)
+            if shared_kv is not None:
+                k, v = shared_kv
+            y = self._attend(q, k, v, block_mask)
         y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(y if gate is None else y * torch.sigmoid(gate))
+        out = self.o_proj(y if gate is None else y * torch.sigmoid(gate))
+        if return_kv:
+            return out, (shared_kv if shared_kv is not None else (k, v))
+        return out
 
     def _impl(self, T: int, is_cuda: bool, documents: bool = False) -> str:
         """The path a sequence of length T takes: the configured impl, or auto's pick.
@@ -223,10 +247,13 @@ class Attention(nn.Module):
         return sdpa_attention(q, k, v, self.scale, self.window)
 
     def _attend_cached(self, q, k, v, cache):
+        """Append k, v to the layer's cache and attend over all it holds."""
+        return self._attend_masked(q, *cache.update(k, v))
+
+    def _attend_masked(self, q, k, v, mask):
         """The new queries over the cached and new keys, masked by position (the cache
         builds the mask). Eager for sinks or a soft-cap (or when asked), else SDPA; flex
         is not used here: a decoding step is one query row."""
-        k, v, mask = cache.update(k, v)
         if self.sinks is not None or self.softcap is not None or self.impl == "eager":
             return eager_attention(q, k, v, self.scale, None, self.softcap, self.sinks, mask=mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)

@@ -14,6 +14,10 @@ order of the slots never matters (softmax and the weighted sum are sums over key
 For T > 1 (a prompt chunk) the ring is read before it is written: the first queries of
 the chunk still need the keys the chunk's last ones overwrite.
 
+KV sharing (model.kv_shared_layers, Gemma 4): a sharing layer attends over what its
+producer's update returned (keys, values and mask), so its own LayerCache is never
+written and never allocated.
+
 The cache stores what the layer attends over, after RoPE: per KV head for `gqa`,
 and for `mla` the per-head keys and values after the up-projection (not the latent),
 which costs n_heads x (qk_head_dim + v_head_dim) per token instead of kv_lora_rank +

@@ -49,6 +49,12 @@ class RopeConfig:
     truncate: bool = True  # round the ramp's ends to whole dimensions (gpt-oss: false)
     # the fraction of head_dim that rotates (the first dimensions; the rest pass through)
     partial: float = 1.0
+    # Gemma 4's "proportional" partial RoPE: the rotated pairs spread over the whole
+    # head, (i, i + head_dim / 2) for the first partial x head_dim / 2 values of i, at
+    # frequencies theta^(-2i / head_dim) (over the full head_dim, not the rotated part);
+    # the other pairs pass through (frequency 0). false: the first partial x head_dim
+    # dimensions rotate among themselves
+    proportional: bool = False
 
 
 @dataclass
@@ -57,6 +63,13 @@ class LayerKindConfig:
 
     window: Optional[int] = None  # sliding window in tokens; null = global attention
     rope: RopeConfig = field(default_factory=RopeConfig)
+    # this kind's own head width and KV heads (Gemma 4: global layers 512 wide, fewer KV
+    # heads); null: model.attention.head_dim / n_kv_heads
+    head_dim: Optional[int] = None
+    n_kv_heads: Optional[int] = None
+    # keys equal values (Gemma 4's attention_k_eq_v, global layers): no v_proj, the
+    # values are the key projection's output before the key's norm and RoPE
+    k_eq_v: bool = False
     # the token mixer of these layers, an attention registry key (gated_deltanet for the
     # linear layers of Qwen3-Next / Qwen3.5); null: model.attention.kind
     attention: Optional[str] = None
@@ -93,6 +106,8 @@ class AttentionConfig:
     # softmax scale = query_pre_attn_scalar ** -0.5 (null: head_dim)
     query_pre_attn_scalar: Optional[float] = None
     softcap: Optional[float] = None  # tanh soft-capping of attention logits
+    # a scale-free RMSNorm over each value head (Gemma 4), with model.norm.eps
+    v_norm: bool = False
     # attention sinks (gpt-oss): one learned logit per head joins each softmax's
     # denominator, so a head may give less than all of its attention to the keys
     sinks: bool = False
@@ -127,7 +142,10 @@ class FFNConfig:
 class RouterConfig:
     # softmax_topk: softmax over all experts, then top-k (Qwen3-MoE, Mixtral);
     # sigmoid_topk: sigmoid per expert, then top-k (DeepSeek-V3);
-    # topk_softmax: top-k of the logits, then softmax over those k (gpt-oss)
+    # topk_softmax: top-k of the logits, then softmax over those k (gpt-oss);
+    # normed_softmax_topk: softmax_topk on a scale-free RMSNorm of the input times a
+    # learned per-channel scale and d_model^-0.5, the kept weights then times a learned
+    # per-expert scale (Gemma 4)
     kind: str = "softmax_topk"
     renormalize: bool = True  # renormalise the kept top-k weights to sum to 1
     jitter: float = 0.0  # multiplicative input jitter (training only), 0 = off
@@ -167,6 +185,10 @@ class BalanceConfig:
 class MoEConfig:
     """Mixture-of-Experts layers. n_experts = 0 means the model has none."""
 
+    # moe: routed (+ shared) experts in place of the dense FFN; parallel_dense (Gemma 4):
+    # the dense FFN (model.ffn) and the routed experts side by side on the block's
+    # input, each with its own pre- and post-norm, summed (the router reads the input
+    # itself)
     kind: str = "moe"
     n_experts: int = 0
     top_k: int = 1
@@ -200,6 +222,17 @@ class MTPConfig:
 
 
 @dataclass
+class PerLayerInputConfig:
+    """Per-layer input embeddings (Gemma 4's PLE, arch/per_layer.py): every layer gets a
+    `dim`-wide input of its own, the sum of a token embedding (one table, n_layers x dim
+    wide) and a projection of the model's input embedding; after its FFN the layer adds
+    norm(up(act(gate(x)) * input)). 0 = off."""
+
+    dim: int = 0  # Gemma 4's hidden_size_per_layer_input (E2B, E4B: 256)
+    vocab_size: Optional[int] = None  # rows of the per-layer table (null: model.vocab_size)
+
+
+@dataclass
 class LayerOverride:
     kind: Optional[str] = None  # a key of model.layer_kinds
     moe: Optional[bool] = None  # force this layer MoE (true) or dense (false)
@@ -224,6 +257,16 @@ class ModelConfig:
     layer_pattern: List[str] = field(default_factory=lambda: ["global"])  # cycled
     # layer index -> override, e.g. {0: {moe: false}} (keys may be ints or digit strings)
     layer_overrides: Dict[Any, LayerOverride] = field(default_factory=dict)
+    # the last n layers compute no keys and values: each attends over those of the last
+    # earlier layer of its kind that does (Gemma 4's num_kv_shared_layers); 0 = off
+    kv_shared_layers: int = 0
+    # the dense FFN width of those layers, in multiples of ffn.d_ff (Gemma 4's
+    # use_double_wide_mlp: 2)
+    kv_shared_ffn_mult: int = 1
+    per_layer_input: PerLayerInputConfig = field(default_factory=PerLayerInputConfig)
+    # a fixed scalar per layer (a buffer, loaded from checkpoints, not trained) that
+    # multiplies the block's output (Gemma 4's layer_scalar)
+    layer_scalar: bool = False
     tie_embeddings: bool = False
     scale_embeddings: bool = False  # x * sqrt(d_model), the scale cast to the weight dtype
     final_softcap: Optional[float] = None
@@ -446,3 +489,11 @@ class LayerSpec:
     rope: RopeConfig
     moe: bool
     attention: str = "gqa"  # the layer's attention registry key (its kind's, or model.attention.kind)
+    head_dim: Optional[int] = None  # null: model.attention.head_dim
+    n_kv_heads: Optional[int] = None  # null: model.attention.n_kv_heads
+    k_eq_v: bool = False
+    # KV sharing (model.kv_shared_layers): the layer whose keys and values this one
+    # attends over (null: its own), and whether a later layer reads this one's
+    kv_source: Optional[int] = None
+    kv_store: bool = False
+    d_ff: Optional[int] = None  # the dense FFN width (null: model.ffn.d_ff)

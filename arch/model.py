@@ -18,6 +18,7 @@ from .quant import read_weight
 from .resolve import layer_specs
 from .mla import rope_head_dim
 from .mtp import MTPModule, mtp_specs, shift_left
+from .per_layer import PerLayerEmbedding
 from .rope import RoPE
 
 
@@ -39,14 +40,20 @@ class Transformer(nn.Module):
         self.specs = layer_specs(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.ropes = nn.ModuleDict(
-            {kind: RoPE(rope_head_dim(cfg.attention), cfg.layer_kinds[kind].rope)
+            {kind: RoPE(self._rope_dim(kind), cfg.layer_kinds[kind].rope)
              for kind in dict.fromkeys(s.kind for s in self.specs)}
         )
+        # Gemma 4's per-layer inputs (arch/per_layer.py); None when off
+        self.per_layer = PerLayerEmbedding(cfg) if cfg.per_layer_input.dim else None
         self.layers = nn.ModuleList(Block(cfg, spec) for spec in self.specs)
         self.norm = build_norm(cfg.d_model, cfg.norm)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # multi-token prediction modules (empty unless model.mtp.depth > 0), training only
         self.mtp = nn.ModuleList(MTPModule(cfg, spec) for spec in mtp_specs(cfg, self.specs[-1]))
+
+    def _rope_dim(self, kind: str) -> int:
+        """The head width a kind's RoPE tables are for: its own head_dim, if it has one."""
+        return self.cfg.layer_kinds[kind].head_dim or rope_head_dim(self.cfg.attention)
 
     @property
     def moe_layers(self) -> List[nn.Module]:
@@ -109,8 +116,17 @@ class Transformer(nn.Module):
                                      "stop at document boundaries; turn train.document_mask off.")
                 else:
                     masks[block.spec.kind] = make_mask(T, input_ids.device, doc_ids)
+        # Gemma 4: per-layer inputs, and the keys and values KV-sharing layers reuse
+        extra: Dict[str, object] = {}
+        per_layer = None if self.per_layer is None else self.per_layer(input_ids, x)
+        kv: Dict[int, tuple] = {}
         for i, block in enumerate(self.layers):
-            x = block(x, ropes[block.spec.kind], masks[block.spec.kind], None if cache is None else cache.layers[i])
+            if per_layer is not None:
+                extra["per_layer"] = per_layer[:, :, i]
+            if block.spec.kv_store or block.spec.kv_source is not None:
+                extra["kv"] = kv
+            x = block(x, ropes[block.spec.kind], masks[block.spec.kind], None if cache is None else cache.layers[i],
+                      **extra)
         h = self.norm(x)
         logits = loss = None
         if heads and head_loss is not None:
@@ -163,7 +179,7 @@ class Transformer(nn.Module):
         the tables are computed per forward, outside the compiled blocks, so nothing
         recompiles for a new base or factor. Attention that reads the RoPE config
         itself (MLA's YaRN softmax scale) is told too."""
-        self.ropes[kind] = RoPE(rope_head_dim(self.cfg.attention), cfg)
+        self.ropes[kind] = RoPE(self._rope_dim(kind), cfg)
         for block in self.blocks():
             if block.spec.kind == kind and hasattr(block.attn, "rope_changed"):
                 block.attn.rope_changed(cfg)

@@ -44,3 +44,10 @@ class RMSNorm(nn.Module):
 
 def build_norm(dim: int, cfg: NormConfig) -> nn.Module:
     return NORM.get(cfg.kind, "model.norm.kind")(dim, cfg)
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dimension, in float32, cast back: an RMSNorm without a
+    weight (Gemma 4's value norm and router norm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

@@ -14,7 +14,12 @@ heads, head_dim, vocab, context); everything else follows from the reference:
 - experts: top_k is kept (clamped to the expert count);
 - windows keep their fraction of the context (`proxy.max_seq_len`);
 - gated DeltaNet heads (`model.attention.linear`) scale with d_model like query heads,
-  keeping their widths and the value heads per key head.
+  keeping their widths and the value heads per key head;
+- Gemma 4: a layer kind's own head_dim keeps its ratio to head_dim and its KV heads
+  their GQA group; KV-sharing layers keep their share of the depth in whole periods
+  (leaving at least one period that computes its own); per-layer inputs keep their
+  ratio to d_model; a softmax scale of 1 (query_pre_attn_scalar 1: QK-norm without
+  the head width) stays 1.
 
     moelab inspect qwen3/30b_a3b proxy.d_model=768 proxy.n_layers=8 proxy.n_experts=32
 """
@@ -53,7 +58,13 @@ def derive_proxy(ref: ModelConfig, proxy: ProxyConfig) -> ModelConfig:
         q_width = ref.attention.n_heads * ref.attention.head_dim / ref.d_model
         a.n_heads = _round_to(q_width * cfg.d_model / a.head_dim, group)
     a.n_kv_heads = proxy.n_kv_heads or max(1, a.n_heads // group)
-    if ref.attention.query_pre_attn_scalar is not None:
+    for name, lk in cfg.layer_kinds.items():
+        ref_lk = ref.layer_kinds[name]
+        if ref_lk.head_dim is not None:
+            lk.head_dim = max(2, int(round(ref_lk.head_dim * a.head_dim / ref.attention.head_dim / 2)) * 2)
+        if ref_lk.n_kv_heads is not None:
+            lk.n_kv_heads = max(1, a.n_heads // (ref.attention.n_heads // ref_lk.n_kv_heads))
+    if ref.attention.query_pre_attn_scalar not in (None, 1.0):
         a.query_pre_attn_scalar = ref.attention.query_pre_attn_scalar * a.head_dim / ref.attention.head_dim
 
     if proxy.d_model is not None:  # gated DeltaNet: head counts scale with d_model, head widths and groups kept
@@ -83,6 +94,13 @@ def derive_proxy(ref: ModelConfig, proxy: ProxyConfig) -> ModelConfig:
             # away), and so does at least one MoE layer
             m.first_k_dense = min(max(1, m.first_k_dense), cfg.n_layers - 1)
         cfg.layer_overrides = {i: o for i, o in ref.layer_overrides.items() if i < cfg.n_layers}
+        if ref.kv_shared_layers:
+            periods = int(round(ref.kv_shared_layers / ref.n_layers * cfg.n_layers / period))
+            cfg.kv_shared_layers = max(0, min(periods * period, cfg.n_layers - period))
+            if not cfg.kv_shared_layers:
+                cfg.kv_shared_ffn_mult = 1  # nothing left to widen
+    if ref.per_layer_input.dim and proxy.d_model is not None:
+        cfg.per_layer_input.dim = _round_to(ref.per_layer_input.dim * width, 8)
 
     if proxy.vocab_size is not None:
         cfg.vocab_size = proxy.vocab_size
@@ -104,7 +122,8 @@ def proxy_changes(ref: ModelConfig, derived: ModelConfig) -> list:
               ("n_experts", lambda c: c.moe.n_experts), ("top_k", lambda c: c.moe.top_k),
               ("d_expert", lambda c: c.moe.d_expert), ("d_shared", lambda c: c.moe.d_shared),
               ("first_k_dense", lambda c: c.moe.first_k_dense), ("vocab_size", lambda c: c.vocab_size),
-              ("max_seq_len", lambda c: c.max_seq_len),
+              ("max_seq_len", lambda c: c.max_seq_len), ("kv_shared_layers", lambda c: c.kv_shared_layers),
+              ("per_layer_input.dim", lambda c: c.per_layer_input.dim),
               ("query_pre_attn_scalar", lambda c: c.attention.query_pre_attn_scalar)]
     if any(lk.attention == "gated_deltanet" for lk in ref.layer_kinds.values()):
         fields += [("linear n_k_heads", lambda c: c.attention.linear.n_k_heads),
@@ -115,6 +134,10 @@ def proxy_changes(ref: ModelConfig, derived: ModelConfig) -> list:
         before = ref.layer_kinds[kind].window
         if before is not None and lk.window != before:
             out.append(f"{kind} window {before} -> {lk.window}")
+        for field in ("head_dim", "n_kv_heads"):
+            was, now = getattr(ref.layer_kinds[kind], field), getattr(lk, field)
+            if was is not None and now != was:
+                out.append(f"{kind} {field} {was} -> {now}")
     dropped = sorted(set(ref.layer_overrides) - set(derived.layer_overrides))
     if dropped:
         out.append(f"layer overrides of layers {dropped} dropped (past the new depth)")

@@ -10,7 +10,7 @@ key path.
 from __future__ import annotations
 
 import copy
-from typing import List
+from typing import Dict, List, Optional
 
 from .config import LayerSpec, ModelConfig
 from .ranges import check_numbers
@@ -33,16 +33,45 @@ def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
     return i >= m.first_k_dense and (i - m.first_k_dense) % m.every == 0
 
 
-def layer_specs(cfg: ModelConfig) -> List[LayerSpec]:
-    specs = []
+def layer_kind_names(cfg: ModelConfig) -> List[str]:
+    """The kind of each layer: the pattern cycled, then the overrides."""
+    kinds = []
     for i in range(cfg.n_layers):
         kind = cfg.layer_pattern[i % len(cfg.layer_pattern)]
         override = cfg.layer_overrides.get(i)
-        if override is not None and override.kind is not None:
-            kind = override.kind
+        kinds.append(override.kind if override is not None and override.kind is not None else kind)
+    return kinds
+
+
+def kv_sources(cfg: ModelConfig, kinds: List[str]) -> List[Optional[int]]:
+    """Per layer, the layer whose keys and values it attends over when it computes none
+    (model.kv_shared_layers): the last earlier layer of its kind that computes its own;
+    None for a layer with its own (or, for a refused recipe, with no such layer)."""
+    first = cfg.n_layers - cfg.kv_shared_layers
+    last_own: Dict[str, int] = {}
+    out: List[Optional[int]] = []
+    for i, kind in enumerate(kinds):
+        if i < first:
+            last_own[kind] = i
+            out.append(None)
+        else:
+            out.append(last_own.get(kind))
+    return out
+
+
+def layer_specs(cfg: ModelConfig) -> List[LayerSpec]:
+    kinds = layer_kind_names(cfg)
+    sources = kv_sources(cfg, kinds) if cfg.kv_shared_layers else [None] * cfg.n_layers
+    stored = {s for s in sources if s is not None}
+    first_shared = cfg.n_layers - cfg.kv_shared_layers
+    a, specs = cfg.attention, []
+    for i, kind in enumerate(kinds):
         lk = cfg.layer_kinds[kind]
+        d_ff = cfg.ffn.d_ff * (cfg.kv_shared_ffn_mult if i >= first_shared else 1)
         specs.append(LayerSpec(i, kind, lk.window, lk.rope, is_moe_layer(cfg, i),
-                               attention=lk.attention or cfg.attention.kind))
+                               attention=lk.attention or a.kind,
+                               head_dim=lk.head_dim or a.head_dim, n_kv_heads=lk.n_kv_heads or a.n_kv_heads,
+                               k_eq_v=lk.k_eq_v, kv_source=sources[i], kv_store=i in stored, d_ff=d_ff))
     return specs
 
 
@@ -74,6 +103,7 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
     _attention(cfg, errors, sane)
     _layers(cfg, errors, sane)
     _ffn_and_experts(cfg, errors, sane)
+    _per_layer_fields(cfg, errors, sane)
     if errors:
         raise RecipeError("\n".join(errors))
     return cfg
@@ -168,7 +198,15 @@ def _layers(cfg: ModelConfig, errors: List[str], sane) -> None:
         _check_choice(errors, rope.scaling, ROPE_SCALINGS, f"{where}.scaling")
         if rope.scaling == "yarn" and rope.original_max_seq_len is None and sane("model.max_seq_len"):
             rope.original_max_seq_len = cfg.max_seq_len  # as transformers fills it
-        hd = cfg.attention.head_dim
+        hd = lk.head_dim or cfg.attention.head_dim
+        if rope.proportional:  # pairs (i, i + hd/2) rotate, for the first partial x hd / 2 of i
+            if sane(f"{where}.partial") and hd and int(rope.partial * hd // 2) < 1:
+                errors.append(f"{where}.partial = {rope.partial} rotates no pair of head_dim {hd} with "
+                              "proportional RoPE; raise it to at least 2 / head_dim.")
+            if rope.scaling == "yarn":
+                errors.append(f"{where}.proportional takes scaling 'none' or 'linear', not 'yarn'; "
+                              "transformers' proportional RoPE has no YaRN ramp.")
+            continue
         rotated = int(hd * rope.partial) if rope.partial != 1.0 and sane(f"{where}.partial") and hd else 2
         if rotated < 2 or rotated % 2:
             errors.append(f"{where}.partial = {rope.partial} rotates {rotated} of head_dim {hd} "
@@ -191,10 +229,12 @@ def _ffn_and_experts(cfg: ModelConfig, errors: List[str], sane) -> None:
     m = cfg.moe
     # the layer loop only once its length and spacing are known to be sane
     sized = sane("model.n_layers", "model.moe.n_experts", "model.moe.every", "model.moe.first_k_dense")
-    n_dense = sum(not is_moe_layer(cfg, i) for i in range(cfg.n_layers)) if sized else 0
+    n_dense = sum(not is_moe_layer(cfg, i) or m.kind == "parallel_dense" for i in range(cfg.n_layers)) if sized else 0
     _check_key(errors, FFN, cfg.ffn.kind, "model.ffn.kind")
     if n_dense and sane("model.ffn.d_ff") and not cfg.ffn.d_ff:
-        errors.append(f"model.ffn.d_ff must be a positive integer ({n_dense} layers are dense), got {cfg.ffn.d_ff}.")
+        errors.append(f"model.ffn.d_ff must be a positive integer ({n_dense} layers run the dense FFN"
+                      f"{', beside their experts (moe.kind parallel_dense)' if m.kind == 'parallel_dense' else ''}), "
+                      f"got {cfg.ffn.d_ff}.")
     if m.n_experts <= 0:
         if m.d_shared is None:
             m.d_shared = m.d_expert
@@ -233,3 +273,58 @@ def _ffn_and_experts(cfg: ModelConfig, errors: List[str], sane) -> None:
             if sane(path) and width > 0 and width % 8:
                 errors.append(f"{path} ({width}) must be a multiple of 8 for model.moe.backend = "
                               "'grouped_mm' (16-byte rows in bf16); round it or use the 'loop' backend.")
+
+
+def _per_layer_fields(cfg: ModelConfig, errors: List[str], sane) -> None:
+    """Per-kind head widths and KV heads, keys equal to values, KV sharing across
+    layers, per-layer inputs: each on its own is free, these combinations are not."""
+    a = cfg.attention
+    mla = a.kind == "mla"
+    for name, lk in cfg.layer_kinds.items():
+        where = f"model.layer_kinds.{name}"
+        if mla and (lk.head_dim is not None or lk.n_kv_heads is not None or lk.k_eq_v):
+            errors.append(f"{where} sets head_dim, n_kv_heads or k_eq_v, which MLA attention does not take; "
+                          "leave them null/false with model.attention.kind = 'mla'.")
+            continue
+        if (lk.attention or a.kind) == "gated_deltanet" and (lk.head_dim is not None or lk.n_kv_heads is not None
+                                                              or lk.k_eq_v):
+            errors.append(f"{where} sets head_dim, n_kv_heads or k_eq_v, which its gated DeltaNet layers do not "
+                          "take (model.attention.linear sizes them); leave them null/false.")
+            continue
+        if lk.head_dim is not None and sane(f"{where}.head_dim") and lk.head_dim % 2:
+            errors.append(f"{where}.head_dim must be even for RoPE, got {lk.head_dim}.")
+        kv = lk.n_kv_heads
+        if kv is not None and sane(f"{where}.n_kv_heads", "model.attention.n_heads") and a.n_heads % kv:
+            errors.append(f"{where}.n_kv_heads ({kv}) does not divide model.attention.n_heads ({a.n_heads}); "
+                          "every KV head must serve the same number of query heads.")
+    if mla and a.v_norm:
+        errors.append("model.attention.v_norm normalises value heads, which MLA attention does not have; "
+                      "set it to false with model.attention.kind = 'mla'.")
+    n, shared = cfg.n_layers, cfg.kv_shared_layers
+    if not sane("model.n_layers", "model.kv_shared_layers", "model.kv_shared_ffn_mult"):
+        return
+    if shared and mla:
+        errors.append("model.kv_shared_layers needs model.attention.kind = 'gqa'; MLA layers cannot share "
+                      "keys and values yet.")
+    elif shared >= n:
+        errors.append(f"model.kv_shared_layers ({shared}) must be below model.n_layers ({n}): at least the first "
+                      "layer computes the keys and values the others reuse.")
+    elif shared and all(k in cfg.layer_kinds for k in cfg.layer_pattern):
+        kinds = layer_kind_names(cfg)
+        linear = [k for k in dict.fromkeys(kinds[n - shared:]) if k in cfg.layer_kinds
+                  and (cfg.layer_kinds[k].attention or a.kind) == "gated_deltanet"]
+        if linear:
+            errors.append(f"model.kv_shared_layers ({shared}) covers layers of kind '{linear[0]}', gated DeltaNet "
+                          "layers with no keys and values to share; share only the last attention layers.")
+        else:
+            for i, src in enumerate(kv_sources(cfg, kinds)):
+                if i >= n - shared and src is None:
+                    errors.append(f"layer {i} (kind '{kinds[i]}') shares keys and values (model.kv_shared_layers = "
+                                  f"{shared}) but no layer before {n - shared} is of its kind; share fewer layers.")
+                    break
+    if cfg.kv_shared_ffn_mult != 1 and not shared:
+        errors.append(f"model.kv_shared_ffn_mult = {cfg.kv_shared_ffn_mult} widens the FFN of the KV-sharing "
+                      "layers, but model.kv_shared_layers is 0; set it to 1 or share layers.")
+    if cfg.mtp.depth and (shared or cfg.per_layer_input.dim):
+        errors.append("model.mtp.depth > 0 cannot go with model.kv_shared_layers or model.per_layer_input "
+                      "(an MTP block has no per-layer input and no earlier layer to share with); turn one off.")

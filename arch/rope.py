@@ -8,7 +8,10 @@ Scalings (`RopeConfig.scaling`):
              (extrapolated) if more than `beta_fast` times, and ramped linearly in
              between; cos and sin are multiplied by the attention factor
              (0.1 ln(factor) + 1, or DeepSeek's mscale / mscale_all_dim ratio of it)
-`partial` < 1 rotates only the first partial x head_dim dimensions of each head.
+`partial` < 1 rotates only the first partial x head_dim dimensions of each head; with
+`proportional` (Gemma 4) the tables span the whole head instead: the first
+partial x head_dim / 2 frequencies are theta^(-2i/head_dim), the rest 0 (cos 1, sin 0:
+those pairs pass through), so pairs (i, i + head_dim / 2) rotate.
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from .config import RopeConfig
 
 
 def rotary_dim(head_dim: int, cfg: RopeConfig) -> int:
-    """How many leading dimensions of a head rotate."""
-    return int(head_dim * cfg.partial)
+    """How many leading dimensions of a head the cos / sin tables cover."""
+    return head_dim if cfg.proportional else int(head_dim * cfg.partial)
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -41,6 +44,11 @@ def yarn_attention_factor(cfg: RopeConfig) -> float:
 
 def inv_frequencies(dim: int, cfg: RopeConfig, device=None) -> torch.Tensor:
     """(dim / 2,) float32 inverse frequencies of a `dim`-dimensional rotation."""
+    if cfg.proportional:  # `dim` is the whole head: int(partial x dim / 2) pairs turn
+        angles = int(cfg.partial * dim // 2)
+        exponent = torch.arange(0, 2 * angles, 2, device=device, dtype=torch.int64).float()
+        turning = 1.0 / cfg.theta ** (exponent / dim)
+        return torch.cat((turning, torch.zeros(dim // 2 - angles, device=device)))
     exponent = torch.arange(0, dim, 2, device=device, dtype=torch.int64).float()
     pos_freqs = cfg.theta ** (exponent / dim)
     if cfg.scaling != "yarn":

@@ -23,7 +23,7 @@ torch.distributed (collectives, the expert-parallel exchange): parallel.py only.
 Importing this package registers the `moe` layer, the routers and the backends in
 arch's registries.
 """
-from . import backends, moe, router, triton_backend  # noqa: F401  (registration)
+from . import backends, moe, parallel_dense, router, triton_backend  # noqa: F401  (registration)
 from . import balance, layers, stats  # noqa: F401
 from .moe import MoE
 

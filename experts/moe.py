@@ -20,7 +20,7 @@ E * sum_i f_i P_i of experts/losses.py, weighted by aux_coef:
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -103,11 +103,13 @@ class MoE(nn.Module):
         self.router.expert_bias.zero_()
         self.balance.reset()  # counts of the old weights mean nothing for the new ones
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, router_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`router_x`: what the router reads, when not the experts' input `x` (Gemma 4's
+        router reads the block's input, its experts a normalised copy)."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
-        r = self.router(x_TD)
+        r = self.router(x_TD if router_x is None else router_x.reshape(-1, shape[-1]))
         cf = self.cfg.capacity_factor if self.apply_capacity else None
         d = dispatch(r.ids_TK, self.n_experts, None if cf is None else expert_capacity(T, self.top_k, self.n_experts, cf))
         biases = () if self.b_in is None else (self.b_in, self.b_out)

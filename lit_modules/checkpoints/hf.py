@@ -10,8 +10,8 @@
 
 Supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM, OlmoeForCausalLM,
 Gemma3ForCausalLM and the text part of Gemma3ForConditionalGeneration; Qwen3-Next and
-Qwen3.5-MoE through their own module (hf_qwen3_next.py, a FAMILY_MODULES entry). Names on both
-sides (HF left, moelab right):
+Qwen3.5-MoE (hf_qwen3_next.py) and Gemma 4 (hf_gemma4.py) through modules of their own
+(FAMILY_MODULES). Names on both sides (HF left, moelab right):
 
     model.embed_tokens / model.norm / lm_head          embed / norm / head
     layers.i.input_layernorm                           layers.i.attn_norm
@@ -67,17 +67,33 @@ _BY_MODEL_TYPE = {"qwen3": QWEN3, "qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL, "o
                   "deepseek_v3": DEEPSEEK_V3,
                   "gemma3_text": GEMMA3, "gemma3": GEMMA3_MM}
 SILU, GELU_TANH = "silu", "gelu_pytorch_tanh"
-# families kept in modules of their own (hf_<family>.py) register into FAMILY_HOOKS, by
-# architecture, when imported: a module with the functions this file calls on it
-# (model_config, text_config, ...). Loaded on first use, as arch/registry.py's plugins.
-FAMILY_MODULES = ("lit_modules.checkpoints.hf_qwen3_next",)
+# families kept in modules of their own (hf_<family>.py), in FAMILY_HOOKS by architecture:
+# each names its ARCHS, MODEL_TYPES and CONFIG_CLASSES (those it writes) and defines the
+# steps it takes over from this file (text_config, model_config, ignorable, adapt_source,
+# hf_to_ours, ours_to_hf, signature, export_family, config_kwargs, export_pairs); a step
+# it leaves out runs this file's code. Loaded on first use, as arch/registry.py's
+# plugins, so that a family module may import this one.
+FAMILY_MODULES = ("lit_modules.checkpoints.hf_qwen3_next", "lit_modules.checkpoints.hf_gemma4")
 FAMILY_HOOKS: Dict[str, object] = {}
 
 
 def _hooks() -> Dict[str, object]:
-    for module in FAMILY_MODULES:
-        importlib.import_module(module)
+    if not FAMILY_HOOKS:
+        for name in FAMILY_MODULES:
+            module = importlib.import_module(name)
+            FAMILY_HOOKS.update(dict.fromkeys(module.ARCHS, module))
     return FAMILY_HOOKS
+
+
+def _hook(arch: str, step: str):
+    """The family module's function for `step` on `arch`; None where this file's code runs."""
+    return getattr(_hooks().get(arch), step, None)
+
+
+def _moe_archs() -> Tuple[str, ...]:
+    """The MoE classes with transformers' per-expert hub layout and pooled auxiliary loss,
+    the families' (their MOE_ARCHS) included."""
+    return MOE_ARCHS + tuple(a for h in dict.fromkeys(_hooks().values()) for a in getattr(h, "MOE_ARCHS", ()))
 
 
 class ConvertError(RecipeError):
@@ -117,9 +133,8 @@ def read_hf_config(hf_dir) -> Tuple[str, object, object]:
         cfg = AutoConfig.from_pretrained(str(hf_dir))
     except Exception as e:  # transformers' own validation (strict dataclasses)
         raise ConvertError(f"transformers rejects {path}: {_one_line(e)}") from None
-    text = cfg.get_text_config() if arch == GEMMA3_MM else cfg
-    if arch in _hooks():
-        text = _hooks()[arch].text_config(arch, cfg)
+    own = _hook(arch, "text_config")
+    text = own(arch, cfg) if own is not None else cfg.get_text_config() if arch == GEMMA3_MM else cfg
     return arch, cfg, text
 
 
@@ -219,8 +234,12 @@ def model_config_from_hf(arch: str, text) -> ModelConfig:
     Fields that only concern HF's runtime (use_cache, pad/bos/eos ids, dtype,
     output_router_logits) are ignored: they do not change the function the weights
     compute. Everything else is either mapped or refused."""
-    if arch in _hooks():
-        return _hooks()[arch].model_config(arch, text)
+    own = _hook(arch, "model_config")
+    if own is not None:
+        try:
+            return own(arch, text)
+        except RecipeError as e:  # a family module's refusal (hf_gemma4's own class) as a ConvertError
+            raise ConvertError(str(e)) from None
     g = lambda name, default=None: getattr(text, name, default)  # noqa: E731
     n_layers, d = g("num_hidden_layers"), g("hidden_size")
     heads = g("num_attention_heads")
@@ -427,6 +446,9 @@ def signature(m: ModelConfig) -> Dict[str, object]:
         "model.norm_placement": m.norm_placement, "model.tie_embeddings": m.tie_embeddings,
         "model.scale_embeddings": m.scale_embeddings, "model.final_softcap": m.final_softcap,
     }
+    for hook in dict.fromkeys(_hooks().values()):  # fields a family has of its own (Gemma 4's)
+        if hasattr(hook, "signature"):
+            sig.update(hook.signature(m))
     for s in specs:
         rope = s.rope
         # by index, not kind name: the names are free, the per-layer facts are not
@@ -632,8 +654,11 @@ def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = No
     """Where HF tensor `name` goes in the moelab state dict; None if it belongs to no
     moelab tensor (the caller decides whether that is an error). With `n_layers`,
     DeepSeek-V3's layers past the model's are its MTP modules (model.mtp.*)."""
+    own = _hook(arch, "hf_to_ours")  # also registers the families' RULES on first use
+    if own is not None:  # a family with a naming of its own (the others add to RULES)
+        ours = own(arch, name, d_expert)
+        return None if ours is None else Part(ours)
     mtp = _mtp_depth(name, n_layers) if arch == DEEPSEEK_V3 else None
-    _hooks()  # a family's rules register on first use
     if mtp is not None:
         k, rest = mtp
         if rest in _MTP_OWN:
@@ -652,7 +677,7 @@ def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = No
         return None
     if arch == MIXTRAL:
         body = body.replace(*_MIXTRAL_HUB)
-    if arch in MOE_ARCHS or arch in _hooks():
+    if arch in _moe_archs():
         m = _PER_EXPERT.match(body)
         if m:
             layer, e, which = m.group(1), int(m.group(2)), m.group(3)
@@ -675,7 +700,13 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor,
                n_layers: Optional[int] = None) -> List[Tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs for one moelab tensor, in the per-expert hub layout.
     MTP modules (DeepSeek-V3 only) need `n_layers`: they become the layers after it."""
-    _hooks()  # a family's rules register on first use
+    own = _hook(arch, "ours_to_hf")  # also registers the families' RULES on first use
+    if own is not None:
+        pairs = own(arch, name, tensor)
+        if pairs is None:
+            raise ConvertError(f"moelab tensor {name} has no counterpart in {arch}; the model uses a component "
+                               "Hugging Face cannot express.")
+        return pairs
     m = re.match(r"mtp\.(\d+)\.(.+)$", name)
     if m:
         if arch != DEEPSEEK_V3 or n_layers is None:
@@ -717,7 +748,8 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor,
 # ------------------------------------------------------------------------ import
 
 
-def _ignorable(arch: str, name: str, tied: bool, n_layers: Optional[int] = None) -> bool:
+def _ignorable(arch: str, name: str, tied: bool, n_layers: Optional[int] = None,
+               model: Optional[ModelConfig] = None) -> bool:
     if name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports saved
         return True
     mtp = _mtp_depth(name, n_layers) if arch == DEEPSEEK_V3 else None
@@ -725,7 +757,8 @@ def _ignorable(arch: str, name: str, tied: bool, n_layers: Optional[int] = None)
         return True
     if arch == GEMMA3_MM and name.startswith(_IGNORED):
         return True
-    if arch in _hooks() and _hooks()[arch].ignorable(arch, name):
+    own = _hook(arch, "ignorable")
+    if own is not None and own(arch, name, model):
         return True
     return tied and name in _HEAD.get(arch, ("lm_head.weight",))  # tied: HF ignores a stored head too
 
@@ -738,7 +771,7 @@ def _plan(arch: str, recipe: Recipe, tied: bool, src: TensorSource, hf_dir, meta
     parts_of: Dict[str, Dict[object, str]] = {}  # moelab name -> {part index: HF name}
     covered: Dict[str, int] = {}  # moelab name -> elements supplied
     for name, shape in src.shapes().items():
-        if _ignorable(arch, name, tied, recipe.model.n_layers):
+        if _ignorable(arch, name, tied, recipe.model.n_layers, recipe.model):
             continue
         part = hf_to_ours(arch, name, recipe.model.moe.d_expert, recipe.model.n_layers)
         if part is None or part.ours not in meta:
@@ -796,8 +829,9 @@ def iter_hf_as_ours(hf_dir, dtype: Optional[torch.dtype] = None
     so only partly stacked expert tensors wait in memory (stats["peak_pending_bytes"])."""
     arch, recipe, tied = recipe_from_hf(hf_dir)
     src = safetensors_source(hf_dir)
-    if arch in _hooks():  # a family may present its tensors in moelab's cut (split fused projections)
-        src = _hooks()[arch].adapt_source(arch, recipe.model, src)
+    adapt = _hook(arch, "adapt_source")
+    if adapt is not None:  # a family may present its tensors in moelab's cut (split fused projections)
+        src = adapt(arch, recipe.model, src)
     meta = build_model(recipe.model, device="meta").state_dict()
     plan = _plan(arch, recipe, tied, src, hf_dir, meta)
     stats = {"peak_pending_bytes": 0}
@@ -887,7 +921,7 @@ def export_family(m: ModelConfig) -> str:
     """The transformers class that can hold `m`, judged by what tells the families
     apart (the signature comparison then refuses anything else that differs)."""
     for hook in dict.fromkeys(_hooks().values()):
-        family = hook.export_family(m)
+        family = getattr(hook, "export_family", lambda m: None)(m)
         if family:
             return family
     if any(s.moe for s in layer_specs(m)):
@@ -921,8 +955,9 @@ def _rope_dict(rope: RopeConfig) -> dict:
 def hf_config_kwargs(arch: str, m: ModelConfig) -> dict:
     """Keyword arguments of the transformers config class for `arch`. Whatever this
     cannot carry is caught afterwards by comparing signatures, not here."""
-    if arch in _hooks():
-        return _hooks()[arch].config_kwargs(arch, m)
+    own = _hook(arch, "config_kwargs")
+    if own is not None:
+        return own(arch, m)
     a, specs = m.attention, layer_specs(m)
     windows = [s.window for s in specs if s.window is not None]
     kw = dict(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn.d_ff,
@@ -1035,8 +1070,7 @@ def hf_config_for(m: ModelConfig, arch: Optional[str] = None):
         notes.append(f"training-only settings that {arch} has no field for were not written (aux_coef={b.aux_coef}, "
                      f"z_coef={b.z_coef}, bias_update_rate={m.moe.router.bias_update_rate}); transformers' "
                      "DeepSeek-V3 trains with no balancing of its own")
-    elif (arch in MOE_ARCHS or arch in _hooks()) and (b.aux_scope != "pooled" or b.z_coef > 0
-                                                          or m.moe.router.jitter > 0):
+    elif arch in _moe_archs() and (b.aux_scope != "pooled" or b.z_coef > 0 or m.moe.router.jitter > 0):
         notes.append(f"training-only settings that {arch} has no field for were not written "
                      f"(aux_scope={b.aux_scope}, z_coef={b.z_coef}, jitter={m.moe.router.jitter}); "
                      "transformers trains with its pooled auxiliary loss")
@@ -1076,8 +1110,8 @@ def export_hf(source, out_dir, dtype: Optional[torch.dtype] = None, max_shard_by
 def export_pairs(arch: str, m: ModelConfig, pairs):
     """The (HF name, tensor) pairs of `ours_to_hf` as `arch` stores them: a family may fuse
     several into one (Qwen3-Next's in_proj_qkvz); the others pass through."""
-    hook = _hooks().get(arch)
-    return pairs if hook is None else hook.export_pairs(arch, m, pairs)
+    own = _hook(arch, "export_pairs")
+    return pairs if own is None else own(arch, m, pairs)
 
 
 def parse_size(text: Optional[str]) -> Optional[int]:

@@ -1,6 +1,6 @@
 """Hugging Face <-> moelab for the hybrid Qwen families: Qwen3-Next (Qwen3NextForCausalLM)
 and the text model of Qwen3.5-MoE (Qwen3_5MoeForConditionalGeneration, and the text-only
-Qwen3_5MoeForCausalLM). Registered into lit_modules/checkpoints/hf.py's FAMILY_HOOKS;
+Qwen3_5MoeForCausalLM). A FAMILY_MODULES entry of lit_modules/checkpoints/hf.py;
 everything Qwen3-MoE-like (norms, q/k/v/o, QK-norm, router, experts) goes through that
 file's rules. Names besides those (HF left, moelab right):
 
@@ -21,7 +21,6 @@ or Qwen3_5MoeForCausalLM when asked (`moelab export-hf --architecture`).
 from __future__ import annotations
 
 import re
-import sys
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -37,6 +36,7 @@ from lit_modules.checkpoints.model_dir import TensorSource
 QWEN3_NEXT, QWEN3_5_MOE, QWEN3_5_MOE_TEXT = (
     "Qwen3NextForCausalLM", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM")
 ARCHS = (QWEN3_NEXT, QWEN3_5_MOE, QWEN3_5_MOE_TEXT)
+MOE_ARCHS = ARCHS  # per-expert hub layout, transformers' pooled auxiliary loss
 MODEL_TYPES = {"qwen3_next": QWEN3_NEXT, "qwen3_5_moe": QWEN3_5_MOE, "qwen3_5_moe_text": QWEN3_5_MOE_TEXT}
 CONFIG_CLASSES = {QWEN3_NEXT: "Qwen3NextConfig", QWEN3_5_MOE_TEXT: "Qwen3_5MoeTextConfig"}
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -50,7 +50,6 @@ _LINEAR_RULES = [
 hf._SLOTS.update(lin="in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|conv1d|norm|out_proj", ssm="A_log|dt_bias")
 for _arch in ARCHS:
     hf.RULES[_arch] = hf._COMMON + hf._QWEN + hf._MOE + _LINEAR_RULES
-    hf.FAMILY_HOOKS[_arch] = sys.modules[__name__]
 # transformers 5 keeps Qwen3.5's text model under model.language_model. (its text-only class too)
 hf._BODY[QWEN3_5_MOE] = hf._BODY[QWEN3_5_MOE_TEXT] = ("model.language_model.", "model.")
 _SKIPPED = ("mtp.", "model.mtp.", "model.visual.", "visual.")
@@ -60,7 +59,7 @@ def text_config(arch: str, cfg):
     return cfg.get_text_config() if arch == QWEN3_5_MOE else cfg
 
 
-def ignorable(arch: str, name: str) -> bool:
+def ignorable(arch: str, name: str, m: Optional[ModelConfig]) -> bool:
     return name.startswith(_SKIPPED)
 
 

@@ -75,6 +75,29 @@ def pattern_summary(kinds, moe) -> str:
     return f"[{cycle}] cycled: {counts}"
 
 
+def kind_extras(lk) -> str:
+    """A layer kind's own head width, KV heads, keys = values and proportional RoPE
+    (Gemma 4), as ', head_dim 512, 2 kv, k = v, 25% proportional'."""
+    parts = [f"head_dim {lk.head_dim}"] if lk.head_dim else []
+    parts += [f"{lk.n_kv_heads} kv"] if lk.n_kv_heads else []
+    parts += ["k = v"] if lk.k_eq_v else []
+    if lk.rope.proportional:
+        parts.append(f"{lk.rope.partial:.0%} proportional")
+    elif lk.rope.partial != 1.0:
+        parts.append(f"{lk.rope.partial:.0%} rotated")
+    return "".join(", " + p for p in parts)
+
+
+def kv_sharing_summary(recipe: Recipe) -> str:
+    from arch.resolve import layer_specs
+
+    specs = layer_specs(recipe.model)
+    shared = [s for s in specs if s.kv_source is not None]
+    sources = ", ".join(f"{i} ({specs[i].kind})" for i in sorted({s.kv_source for s in shared}))
+    return (f"layers {shared[0].index}-{shared[-1].index} attend over the keys and values of layers {sources}; "
+            "they hold no cache")
+
+
 def inspect_dict(recipe: Recipe, acc: Accounting) -> dict:
     from lit_modules.train.memory import layout_rows
 
@@ -122,12 +145,13 @@ def format_table(recipe: Recipe, acc: Accounting, proxy_changes=(), memory=None)
         shared = f", {m.moe.n_shared_experts} shared x {m.moe.d_shared}" if m.moe.n_shared_experts else ""
         rows.append(("experts", f"{m.moe.n_experts} x d_expert {m.moe.d_expert}, top-{m.moe.top_k}{shared}, "
                                 f"{acc.n_moe_layers} of {acc.n_layers} layers MoE"))
-    if acc.n_moe_layers < acc.n_layers:
-        rows.append(("dense FFN", f"{m.ffn.kind}, d_ff {m.ffn.d_ff}"))
+    if acc.n_moe_layers < acc.n_layers or m.moe.kind == "parallel_dense":
+        beside = " (beside the experts in every MoE layer)" if m.moe.kind == "parallel_dense" else ""
+        rows.append(("dense FFN", f"{m.ffn.kind}, d_ff {m.ffn.d_ff}{beside}"))
     windows = ", ".join(f"{k}: {v.attention}" if v.attention not in (None, a.kind) else
                         f"{k}: {'window ' + str(v.window) if v.window else 'global'} "
                         f"(rope {v.rope.theta:g}{', x' + format(v.rope.factor, 'g') if v.rope.scaling != 'none' else ''}"
-                        f"{', partial ' + format(v.rope.partial, 'g') if v.rope.partial != 1.0 else ''})"
+                        f"{kind_extras(v)})"
                         for k, v in m.layer_kinds.items() if k in acc.layer_kinds)
     rows += [
         ("layers", f"{acc.n_layers}: {pattern_summary(acc.layer_kinds, acc.layer_moe)}"),
@@ -135,6 +159,9 @@ def format_table(recipe: Recipe, acc: Accounting, proxy_changes=(), memory=None)
         ("params total", f"{human(acc.params_total)} ({acc.params_total:,})"),
         ("  embedding", f"{human(acc.params_embedding)}" + ("" if acc.params_head else " (tied head)")),
     ]
+    if acc.params_per_layer_embedding:
+        rows.append(("    per-layer", f"{human(acc.params_per_layer_embedding)} (the per-layer input table, "
+                                     f"{m.n_layers} x {m.per_layer_input.dim} per token)"))
     if acc.params_head:
         rows.append(("  head", human(acc.params_head)))
     rows += [
@@ -155,6 +182,8 @@ def format_table(recipe: Recipe, acc: Accounting, proxy_changes=(), memory=None)
     if acc.n_linear_layers:
         rows.append(("DeltaNet state", f"{human_bytes(acc.linear_state_bytes)} per sequence at any length "
                                        "(fp32 recurrent state + bf16 conv inputs)"))
+    if m.kv_shared_layers:
+        rows.append(("KV sharing", kv_sharing_summary(recipe)))
     rows += stage_rows(recipe)
     from lit_modules.train.memory import layout_rows
 

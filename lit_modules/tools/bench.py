@@ -523,6 +523,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+def moe_layer(m, moe) -> nn.Module:
+    """One MoE layer of `moe`'s settings in model `m` (a layer that runs the dense FFN
+    beside its experts takes the model's FFN and norms: arch.block.build_ffn)."""
+    cls = MOE.get(moe.kind, "model.moe.kind")
+    if getattr(cls, "takes_model_config", False):
+        return cls(m.d_model, moe, model=m, d_ff=m.ffn.d_ff)
+    return cls(m.d_model, moe)
+
+
 def bench_layer(recipe: Recipe, *, device: torch.device, precision: Precision, tokens: Optional[int] = None,
                 warmup: int = 3, steps: int = 20, with_loop: bool = False,
                 variants: Sequence[Tuple[str, Recipe]] = (), peak_tflops: Optional[float] = None,
@@ -542,10 +551,14 @@ def bench_layer(recipe: Recipe, *, device: torch.device, precision: Precision, t
         raise BenchError(f"--layer needs a recipe with MoE layers; {recipe.name} has model.moe.n_experts = 0.")
     T = tokens or recipe.train.micro_batch_size * recipe.train.seq_len
     D = m.d_model
-    d_ff = moe.top_k * moe.d_expert + moe.n_shared_experts * (moe.d_shared or 0)
+    # a parallel_dense layer (Gemma 4) runs the model's dense FFN beside its experts: the
+    # dense row of the same active FLOPs is that much wider
+    beside = ffn_params(D, m.ffn.d_ff, m.ffn.kind) if moe.kind == "parallel_dense" else 0
+    d_ff = moe.top_k * moe.d_expert + moe.n_shared_experts * (moe.d_shared or 0) \
+        + (m.ffn.d_ff if moe.kind == "parallel_dense" else 0)
     per_token = {
         "moe": moe.top_k * ffn_params(D, moe.d_expert, moe.expert_ffn) + D * moe.n_experts
-        + moe.n_shared_experts * ffn_params(D, moe.d_shared or 0, moe.expert_ffn),
+        + moe.n_shared_experts * ffn_params(D, moe.d_shared or 0, moe.expert_ffn) + beside,
         "dense": ffn_params(D, d_ff, moe.expert_ffn),
     }
     g = torch.Generator().manual_seed(seed)
@@ -555,13 +568,13 @@ def bench_layer(recipe: Recipe, *, device: torch.device, precision: Precision, t
     # no device memory while the rows are timed)
     torch.manual_seed(seed)
     with torch.device(device):
-        reference = MOE.get(moe.kind, "model.moe.kind")(D, moe)
+        reference = moe_layer(m, moe)
     ref_state = {k: v.to("cpu") for k, v in reference.state_dict().items()}
     del reference
 
     def make_moe(cfg, label: str) -> nn.Module:
         with torch.device("meta"):  # no second random init; the weights are copied in
-            layer = MOE.get(cfg.kind, "model.moe.kind")(D, cfg)
+            layer = moe_layer(m, cfg)
         shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
         if shapes != {k: tuple(v.shape) for k, v in ref_state.items()}:
             raise BenchError(f"layer variant '{label}' changes the layer's weights; a variant may change "
