@@ -18,7 +18,9 @@ updates start_k .. start_k + steps_k - 1 (0-based), and
 
 Shapes and RoPE carry over from the stage before when not given (the first stage's
 from train.* and model.layer_kinds.*.rope); a stage's learning-rate segment does not
-(without `optim` a stage follows the run's schedule, train.optim over max_steps).
+(without `optim` a stage follows the run's schedule, train.optim over max_steps), nor
+does its data mixture (`mix`: weights over data.mix's sources, by name; without it a
+stage draws by data.mix's weights; lit_modules/data/mix.py draws the windows).
 
 No torch here: this module validates the recipe and answers questions about steps.
 """

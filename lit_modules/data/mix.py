@@ -148,7 +148,8 @@ class MixSchedule:
             return hit
         before = self.drawn(m)
         counts = self.drawn(m + 1) - before
-        src = np.random.default_rng([self.seed, *self.salt, MIX_SALT, m]).permutation(np.repeat(np.arange(len(self.w)), counts))
+        rng = np.random.default_rng([self.seed, *self.salt, MIX_SALT, m])
+        src = rng.permutation(np.repeat(np.arange(len(self.w)), counts))
         # the how-many-th slot of its source within the chunk
         rank = np.empty(len(src), dtype=np.int64)
         for i in range(len(self.w)):

@@ -43,27 +43,29 @@ def spec(d):
     return "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
 
 
-def make_recipe(root, *extra, stage_two=STAGE_TWO):
+def base_overrides(root):
+    """A mixture of the three sources, without stages."""
     mix = "[" + ", ".join(f"{{source: {root / n}.jsonl, weight: {w}, name: {n}}}" for n, w in WEIGHTS.items()) + "]"
+    return ["model.vocab_size=512", f"data.cache_dir={root / 'cache'}", f"train.seq_len={SEQS[0]}",
+            f"train.micro_batch_size={MBS}", "train.val_batches=2", "data.val_fraction=0.1", f"data.mix={mix}"]
+
+
+def make_recipe(root, *extra, stage_two=STAGE_TWO):
     two = f", mix: {spec(stage_two)}" if stage_two else ""
     stages = (f"train.stages=[{{name: one, steps: {STEPS[0]}}}, {{name: two, steps: {STEPS[1]}, seq_len: {SEQS[1]}"
               f"{two}}}, {{name: three, steps: {STEPS[2]}, seq_len: {SEQS[2]}}}]")
-    return load_recipe("qwen3/0.6b", [
-        "model.vocab_size=512", f"data.cache_dir={root / 'cache'}", f"train.seq_len={SEQS[0]}",
-        f"train.micro_batch_size={MBS}", "train.val_batches=2", "data.val_fraction=0.1", "train.max_steps=null",
-        f"data.mix={mix}", stages, *extra])
+    return load_recipe("qwen3/0.6b", base_overrides(root) + ["train.max_steps=null", stages, *extra])
 
 
-def make_dm(recipe):
-    dm = TokenDataModule(recipe, verbose=False)
+def make_dm(recipe, **kw):
+    dm = TokenDataModule(recipe, verbose=False, **kw)
     dm.prepare_data()
     dm.setup("fit")
     return dm
 
 
 def batches(dm, n):
-    loader, out = dm.train_dataloader(), []
-    it = iter(loader)
+    it = iter(dm.train_dataloader())
     return [next(it) for _ in range(n)]
 
 
@@ -86,20 +88,13 @@ def test_shares_per_stage_and_the_switch_at_the_boundary(data):
             assert abs(share - want.get(name, 0) / total) < 0.06, (k, name, share)
         assert set(rows) == set(want)  # stage 'two' never draws 'a'
     # stage one's draws are those of the same mixture without stages (stage 0 is seeded alike)
-    plain = make_dm(load_recipe("qwen3/0.6b", [o for o in make_recipe_overrides(data) if "stages" not in o]
-                                + [f"train.max_steps={STEPS[0]}"]))
+    plain = make_dm(load_recipe("qwen3/0.6b", base_overrides(data) + [f"train.max_steps={STEPS[0]}"]))
     assert all(torch.equal(a, b) for a, b in zip(batches(plain, 5), seen[:5]))
     # another stage-two mixture changes stage two only
     other = make_dm(make_recipe(data, stage_two={"a": 1, "b": 1}))
     again = batches(other, STEPS[0] + 1)
     assert torch.equal(again[STEPS[0] - 1], seen[STEPS[0] - 1]) and not torch.equal(again[-1], seen[STEPS[0]])
     assert "a" in [s for b in batches(other, STEPS[0] + 10)[STEPS[0]:] for s in sources_of(other, b)]
-
-
-def make_recipe_overrides(root):
-    mix = "[" + ", ".join(f"{{source: {root / n}.jsonl, weight: {w}, name: {n}}}" for n, w in WEIGHTS.items()) + "]"
-    return ["model.vocab_size=512", f"data.cache_dir={root / 'cache'}", f"train.seq_len={SEQS[0]}",
-            f"train.micro_batch_size={MBS}", "train.val_batches=2", "data.val_fraction=0.1", f"data.mix={mix}"]
 
 
 def test_resume_mid_stage_is_exact(data):
@@ -113,6 +108,19 @@ def test_resume_mid_stage_is_exact(data):
         again.load_state_dict(state)  # before setup, as Lightning does
         again.setup("fit")
         assert all(torch.equal(a, b) for a, b in zip(batches(again, sum(STEPS) - stop), ref[stop:])), stop
+
+
+def test_ranks_split_each_stage_step_as_one_process_draws_it(data):
+    """Two ranks of micro_batch_size 2 take every other window of the step one process
+    of micro_batch_size 4 draws, in every stage (the step's global batch is the same)."""
+    one = batches(make_dm(make_recipe(data)), sum(STEPS))
+    halves = make_recipe(data, "train.micro_batch_size=2",
+                         f"train.stages=[{{name: one, steps: {STEPS[0]}}}, {{name: two, steps: {STEPS[1]}, "
+                         f"seq_len: {SEQS[1]}, mix: {spec(STAGE_TWO)}}}, {{name: three, steps: {STEPS[2]}, "
+                         f"seq_len: {SEQS[2]}}}]")
+    ranks = [batches(make_dm(halves, rank=r, world_size=2), sum(STEPS)) for r in (0, 1)]
+    for step in (0, STEPS[0] - 1, STEPS[0], sum(STEPS) - 1):
+        assert torch.equal(ranks[0][step], one[step][0::2]) and torch.equal(ranks[1][step], one[step][1::2]), step
 
 
 class Recorder(pl.LightningModule):
@@ -177,7 +185,7 @@ BAD = [
 @pytest.mark.parametrize("mix,words", BAD, ids=[b[0] for b in BAD])
 def test_bad_stage_mixes_refused_at_load(data, mix, words):
     with pytest.raises(RecipeError) as e:
-        load_recipe("qwen3/0.6b", make_recipe_overrides(data) + [
+        load_recipe("qwen3/0.6b", base_overrides(data) + [
             "train.max_steps=null", f"train.stages=[{{steps: 2}}, {{steps: 2, mix: {mix}}}]"])
     msg = str(e.value)
     assert "\n" not in msg and msg.endswith("."), msg
@@ -234,8 +242,8 @@ def test_shipped_recipe_trains_each_stage_on_its_mixture(cache, tmp_path):
     rows = s["stages"]
     assert [x["val_step"] for x in rows] == [2, 4, 6]
     names = ["stdlib", "site-packages"]
-    assert [x["mix"] for x in rows] == [{"stdlib": 0.75, "site-packages": 0.25}, {"stdlib": 0.25, "site-packages": 0.75},
-                                        {"stdlib": 0.75, "site-packages": 0.25}]
+    general, knowledge = {"stdlib": 0.75, "site-packages": 0.25}, {"stdlib": 0.25, "site-packages": 0.75}
+    assert [x["mix"] for x in rows] == [general, knowledge, general]
     for x in rows:
         assert sorted(x["val_sources"]) == sorted(names)
         assert x["val_loss"] == pytest.approx(sum(x["mix"][n] * x["val_sources"][n] for n in names))
