@@ -942,7 +942,8 @@ class TokenDataModule(pl.LightningDataModule):
             step = self._next_step()
             k, seg, epoch, b = self._staged.locate(step)
             return {"version": 1, "step": step, "stage": k, "epoch": epoch, "windows": b * seg.step_windows,
-                    "seed": seg.seed, "tokenizer_sha": self._meta.get("tokenizer_sha") if self._meta else None}
+                    "seed": seg.seed, "tokenizer_sha": self._meta.get("tokenizer_sha") if self._meta else None,
+                    "mix": self._stage_mixes()}
         epoch, b = self._position()
         return {
             "version": 1, "epoch": epoch, "windows": b * self._train.step_windows,
@@ -951,6 +952,12 @@ class TokenDataModule(pl.LightningDataModule):
             "tokenizer_sha": self._meta.get("tokenizer_sha") if self._meta else None,
             "mix": None if self._mix is None else {e.name: e.weight for e in self._mix},
         }
+
+    def _stage_mixes(self) -> Optional[List[Dict[str, float]]]:
+        """Each stage's weights per source (a mixture's), as checkpoints record them."""
+        if self._stage_weights is None:
+            return None
+        return [{e.name: float(w) for e, w in zip(self._mix, ws)} for ws in self._stage_weights]
 
     def load_state_dict(self, state: Dict) -> None:
         """Continue from a saved position. Before setup() the state is kept and applied
@@ -964,6 +971,10 @@ class TokenDataModule(pl.LightningDataModule):
 
     def _apply_state(self, state: Dict) -> None:
         if self._staged is not None:  # the step places everything
+            if state.get("mix", None) not in (None, self._stage_mixes()):
+                warnings.warn("the stages' data mixtures differ from the checkpoint's (data.mix or a "
+                              "train.stages[*].mix changed); training continues from the same step, drawing by "
+                              "the new weights.", stacklevel=2)
             self._anchor = {"epoch": 0, "windows": 0, "step": int(state.get("step") or 0)}
             self._handed_out = 0
             return

@@ -108,6 +108,13 @@ def test_resume_mid_stage_is_exact(data):
         again.load_state_dict(state)  # before setup, as Lightning does
         again.setup("fit")
         assert all(torch.equal(a, b) for a, b in zip(batches(again, sum(STEPS) - stop), ref[stop:])), stop
+    # a recipe whose stage mixture changed resumes at the same step, and says the data differs
+    assert state["mix"][1] == {"a": 0.0, "b": 0.25, "c": 0.75}
+    other = TokenDataModule(make_recipe(data, stage_two={"b": 1}), verbose=False)
+    other.load_state_dict(state)
+    with pytest.warns(UserWarning, match="data mixtures differ"):
+        other.setup("fit")
+    assert other._next_step() == state["step"]
 
 
 def test_ranks_split_each_stage_step_as_one_process_draws_it(data):
@@ -217,10 +224,19 @@ def test_stages_with_streaming_refused_saying_why(data):
     assert "\n" not in msg and "train.stages with data.streaming" in msg and "fixed length" in msg, msg
 
 
+class Losses(pl.Callback):
+    def __init__(self):
+        self.by_step = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.by_step[trainer.global_step] = float(trainer.callback_metrics["loss"])
+
+
 def test_shipped_recipe_trains_each_stage_on_its_mixture(cache, tmp_path):
     """proxies/qwen3_stages_mix_tiny, each stage cut to 2 steps, on the tiny model: the
-    summary and TensorBoard hold each source's validation loss at each stage's end, and
-    val/loss weighs them by the stage's own mixture."""
+    summary and TensorBoard hold each source's validation loss at each stage's end,
+    val/loss weighs them by the stage's own mixture, and a run resumed one step into the
+    knowledge stage has the uninterrupted run's losses, bit for bit."""
     from pathlib import Path
 
     from conftest import TINY_MOE_TRAIN
@@ -236,9 +252,16 @@ def test_shipped_recipe_trains_each_stage_on_its_mixture(cache, tmp_path):
         if given.mix:
             fields["mix"] = dict(given.mix)
         items.append(str(fields).replace("'", ""))
-    s = train("proxies/qwen3_stages_mix_tiny", [
-        *TINY_MOE_TRAIN, f"data.cache_dir={cache}", f"train.run_dir={tmp_path}", "train.val_every=2",
-        "train.val_batches=1", f"train.stages=[{', '.join(items)}]", "train.seq_len=128", "train.ckpt_every=0"])
+    ovs = [*TINY_MOE_TRAIN, f"data.cache_dir={cache}", f"train.run_dir={tmp_path}", "train.val_every=2",
+           "train.val_batches=1", f"train.stages=[{', '.join(items)}]", "train.seq_len=128"]
+    full = Losses()
+    s = train("proxies/qwen3_stages_mix_tiny", ovs + ["train.ckpt_every=3", "train.run_name=full"], callbacks=[full])
+    resumed = Losses()
+    ckpt = Path(s["run_dir"]) / "checkpoints" / "step00000003.ckpt"
+    train("proxies/qwen3_stages_mix_tiny", ovs + [f"train.resume={ckpt}", "train.run_name=resumed",
+                                                  "train.ckpt_every=0"], callbacks=[resumed])
+    assert sorted(resumed.by_step) == [4, 5, 6]
+    assert all(resumed.by_step[k] == full.by_step[k] for k in (4, 5, 6)), (resumed.by_step, full.by_step)
     rows = s["stages"]
     assert [x["val_step"] for x in rows] == [2, 4, 6]
     names = ["stdlib", "site-packages"]
