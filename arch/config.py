@@ -370,7 +370,11 @@ class StageConfig:
     # linear, factor: 8}} (Gemma 3's 128K extension). The weights are unchanged. A YaRN
     # original_max_seq_len left null is the previous stage's seq_len.
     rope: Dict[str, Any] = field(default_factory=dict)
-    # data: left to the data mixtures (data.mix); every stage reads the recipe's data
+    # this stage's data mixture: weights over the sources named in data.mix, e.g.
+    # {web: 1, code: 2, docs: 3}; a source left out is not drawn in this stage (it is
+    # still validated). Empty: data.mix's weights (or data.source). Not carried over: a
+    # later stage without its own mix goes back to data.mix's weights
+    mix: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

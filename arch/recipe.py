@@ -119,6 +119,13 @@ def _check_stage_items(raw: DictConfig, source: str) -> None:
     if not isinstance(stages, ListConfig):
         return
     for i, item in enumerate(stages):
+        # a list where a mapping belongs stops OmegaConf's merge with a bare TypeError
+        for key in ("optim", "rope", "mix"):
+            value = item.get(key) if isinstance(item, DictConfig) else None
+            if value is not None and not isinstance(value, DictConfig):
+                shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+                raise RecipeError(f"{source}: train.stages[{i}].{key} must be a mapping of keys to values (e.g. "
+                                  f"{{stdlib: 1, web: 3}} for a mix), not {shown!r}.")
         try:
             OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StageConfig), item))
         except OmegaConfBaseException as e:

@@ -18,7 +18,9 @@ updates start_k .. start_k + steps_k - 1 (0-based), and
 
 Shapes and RoPE carry over from the stage before when not given (the first stage's
 from train.* and model.layer_kinds.*.rope); a stage's learning-rate segment does not
-(without `optim` a stage follows the run's schedule, train.optim over max_steps).
+(without `optim` a stage follows the run's schedule, train.optim over max_steps), nor
+does its data mixture (`mix`: weights over data.mix's sources, by name; without it a
+stage draws by data.mix's weights; lit_modules/data/mix.py draws the windows).
 
 No torch here: this module validates the recipe and answers questions about steps.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -56,6 +59,8 @@ class Stage:
     grad_accum: int
     ropes: Tuple[Tuple[str, RopeConfig], ...]  # (layer kind, its RoPE), every kind of the model
     optim: Optional[OptimConfig]  # this stage's own schedule segment; None: the run's schedule
+    # (data.mix source name, weight) this stage draws from, as given; (): data.mix's weights
+    mix: Tuple[Tuple[str, float], ...] = ()
 
     @property
     def end(self) -> int:
@@ -75,8 +80,10 @@ class Stage:
                           for k, r in self.ropes)
         lr = "the run's LR schedule" if self.optim is None else (
             f"its own {self.optim.schedule} LR segment (peak {self.optim.lr:g}, warmup {self.optim.warmup_steps})")
+        total = sum(w for _, w in self.mix)
+        data = "" if not self.mix else ", data " + " ".join(f"{n} {w / total:.0%}" for n, w in self.mix)
         return (f"stage {self.index} '{self.name}': steps {self.start + 1}..{self.end}, seq_len {self.seq_len}, "
-                f"{self.grad_accum} x {self.micro_batch_size} sequences per step, RoPE {ropes}, {lr}")
+                f"{self.grad_accum} x {self.micro_batch_size} sequences per step, RoPE {ropes}, {lr}{data}")
 
 
 def _where(i: int, name: str) -> str:
@@ -110,6 +117,33 @@ def _numbers(section, pattern_prefix: str, path: str, errors: List[str]) -> None
     stage's own key path."""
     for msg in check_numbers(section, pattern_prefix).values():
         errors.append(msg.replace(pattern_prefix, path, 1))
+
+
+def _stage_mix(i: int, given, data_mix, errors: List[str]) -> Tuple[Tuple[str, float], ...]:
+    """A stage's mix as (name, weight) pairs. Whether each name is a source of data.mix
+    is checked beside data.mix's own names (lit_modules/data/mix.py stage_weights),
+    where a source's default name is derived."""
+    path = f"train.stages[{i}].mix"
+    if not given:
+        return ()
+    if not isinstance(given, dict):
+        errors.append(f"{path} must map names of data.mix's sources to weights, e.g. {{web: 1, code: 3}}, "
+                      f"not {given!r}.")
+        return ()
+    if not data_mix:
+        errors.append(f"{path} weighs sources of data.mix, but data.mix is not set; list the sources in data.mix "
+                      f"(each {{source, weight, name}}) and give the stage weights by their names, or drop the "
+                      f"stage's mix.")
+        return ()
+    out = []
+    for name, w in given.items():
+        ok = isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+        if not ok:
+            errors.append(f"{path}.{name} = {w!r} is not a positive weight; give each source the stage draws from "
+                          f"a weight > 0 and leave out the sources it does not draw from.")
+            return ()
+        out.append((str(name), float(w)))
+    return tuple(out)
 
 
 def _resolve(recipe: Recipe, errors: List[str]) -> List[Stage]:
@@ -173,10 +207,11 @@ def _resolve(recipe: Recipe, errors: List[str]) -> List[Stage]:
                         errors.append(f"train.stages[{i}].optim.warmup_steps = {optim.warmup_steps}{given} is longer "
                                       f"than the stage ({s.steps} steps); set a shorter warmup_steps in the stage's "
                                       f"optim or lengthen the stage.")
+        mix = _stage_mix(i, s.mix, recipe.data.mix, errors)
         mbs = s.micro_batch_size if s.micro_batch_size is not None else prev_mbs
         acc = s.grad_accum if s.grad_accum is not None else prev_acc
         steps = s.steps if isinstance(s.steps, int) else 0
-        stages.append(Stage(i, name, start, steps, seq, mbs, acc, tuple(new_ropes.items()), optim))
+        stages.append(Stage(i, name, start, steps, seq, mbs, acc, tuple(new_ropes.items()), optim, mix))
         start += steps
         prev_seq, prev_mbs, prev_acc, ropes = seq, mbs, acc, new_ropes
     return stages

@@ -212,8 +212,12 @@ def stage_rows(recipe: Recipe) -> list:
         rope = ", ".join(f"{k} {r.theta:g}" + (f" {r.scaling} x{r.factor:g}" if r.scaling != "none" else "")
                          for k, r in st.ropes)
         flops = count(recipe.model, seq_len=st.seq_len).flops_per_token
+        mix = ""
+        if st.mix:
+            total = sum(w for _, w in st.mix)
+            mix = ", data " + " ".join(f"{n} {w / total:.0%}" for n, w in st.mix)
         rows.append((f"  {st.name}", f"steps {st.start + 1}-{st.end}: {st.grad_accum} x {st.micro_batch_size} x "
-                                     f"{st.seq_len} tokens per rank, rope {rope}, {human(flops)} FLOPs/token"))
+                                     f"{st.seq_len} tokens per rank, rope {rope}, {human(flops)} FLOPs/token{mix}"))
     return rows
 
 

@@ -50,7 +50,9 @@ the position is litdata's loader state.
 
 With train.stages, each stage has its own windows and batch size, and the batch of a
 step is a function of the step (lit_modules/data/staged.py); the position saved is
-the step.
+the step. With data.mix too, each stage is a mixture of its own weights
+(train.stages[k].mix, else data.mix's) over the same sources, whose token caches are
+built once for the run; every source is validated in every stage, in its windows.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from arch.config import Recipe
 from arch.stages import stage_after, stage_plan
 from lit_modules.data.corpus import Corpus, DataError, SplitPlan, chunks
-from lit_modules.data.mix import MixEntry, MixWindows, mix_entries
+from lit_modules.data.mix import MixEntry, MixWindows, mix_entries, stage_weights
 from lit_modules.data.staged import StagedBatches, StagedValBatches
 from lit_modules.disk import check_folder, writing
 from lit_modules.data.tokenizer import (
@@ -374,9 +376,13 @@ class TokenDataModule(pl.LightningDataModule):
         if self.cfg.streaming is not None and self._mix is not None:
             raise DataError("data.streaming and data.mix are both set; stream one exported source "
                             "(data.mix=null), or mix local sources (data.streaming=null).")
-        if recipe.train.stages and (self._mix is not None or self.cfg.streaming is not None):
-            raise DataError(f"train.stages with data.{'mix' if self._mix is not None else 'streaming'} is not "
-                            "supported yet: the stages read one local source; drop one of the two.")
+        if recipe.train.stages and self.cfg.streaming is not None:
+            raise DataError("train.stages with data.streaming is not supported: a stage cuts windows of its own "
+                            "seq_len from the local token caches and draws them by step, which litdata's chunks "
+                            "of a fixed length and its own loader position cannot follow; train the stages on "
+                            "local data (data.source or data.mix, data.streaming=null).")
+        # every stage's weights over data.mix's sources (a stage naming an unknown one is refused here)
+        self._stage_weights = None if self._mix is None else stage_weights(self._mix, stage_plan(recipe))
         self._parts: List[TokenDataModule] = []
         for i, e in enumerate(self._mix or []):
             data = dataclasses.replace(self.cfg, source=e.source, mix=None,
@@ -703,40 +709,64 @@ class TokenDataModule(pl.LightningDataModule):
             self._loaded = None
 
     def _setup_mix(self) -> None:
+        """The mixture's training batches and per-source validation, per stage (one stage
+        without train.stages): the sources' token caches are shared, each stage cuts its
+        own windows from them and draws by its own weights."""
         t = self.recipe.train
         rank, world = self._dist()
-        window = t.seq_len + 1
-        batch = t.micro_batch_size * t.grad_accum
+        plan = stage_plan(self.recipe)
+        segments, vals = [], []  # vals[k][i]: stage k's validation batches of source i
+        for st, weights in zip(plan, self._stage_weights):
+            seg, val = self._mix_stage(st, weights, rank, world)
+            segments.append(seg)
+            vals.append(val)
+        self._train = segments[0]
+        if vals[0] is not None:
+            self._val = vals[0]
+        if t.stages:
+            self._staged = StagedBatches(segments, [st.start for st in plan])
+            if vals[0] is not None:
+                current = lambda: stage_after(plan, self._trainer_step() or 0).index  # noqa: E731
+                self._val = [StagedValBatches([v[i] for v in vals], current) for i in range(len(self._mix))]
+
+    def _mix_stage(self, st, weights, rank: int, world: int):
+        """(training batches, validation batches per source or None) of one stage."""
+        t = self.recipe.train
+        window = st.seq_len + 1
+        named = f" in stage '{st.name}'" if t.stages else ""
+        fix = f"train.stages[{st.index}].seq_len" if t.stages and st.index > 0 else "train.seq_len"
         trains, vals = [], []
-        for e, p in zip(self._mix, self._parts):
+        for e, p, w_i in zip(self._mix, self._parts, weights):
             meta = p._meta
             w = _Windows(p._tokens_dir / "train.bin", meta["dtype"], meta["train_tokens"], window)
-            if w.n == 0:
+            if w.n == 0 and w_i > 0:
                 raise DataError(f"the training split of data.mix source '{e.name}' has {meta['train_tokens']:,} "
-                                f"tokens, fewer than one sequence of train.seq_len + 1 = {window}; raise "
-                                f"data.max_chars, lower train.seq_len, or drop the source.")
+                                f"tokens, fewer than one sequence of seq_len + 1 = {window}{named}; raise "
+                                f"data.max_chars, lower {fix}, or drop the source.")
             trains.append(w)
             if meta["val_tokens"] > 0:
                 v = _Windows(p._tokens_dir / "val.bin", meta["dtype"], meta["val_tokens"], window)
                 if v.n == 0:
                     raise DataError(f"the validation split of data.mix source '{e.name}' has "
-                                    f"{meta['val_tokens']:,} tokens, fewer than one sequence of train.seq_len + 1 "
-                                    f"= {window}; raise data.val_fraction or data.max_chars, or set "
+                                    f"{meta['val_tokens']:,} tokens, fewer than one sequence of seq_len + 1 "
+                                    f"= {window}{named}; raise data.val_fraction or data.max_chars, or set "
                                     f"data.val_fraction=0 to train without validation.")
-                vals.append(_ValBatches(v, t.micro_batch_size, t.val_batches, rank, world))
-        mixed = MixWindows(trains, [e.weight for e in self._mix], t.seed)
-        train = _MixTrainBatches(mixed, batch, rank, world, t.seed)
+                vals.append(_ValBatches(v, st.micro_batch_size, t.val_batches, rank, world))
+        # stage 0 is seeded as a mixture without stages; a later stage by (seed, its index)
+        salt = (st.index,) if st.index > 0 else ()
+        mixed = MixWindows(trains, weights, t.seed, salt=salt)
+        train = _MixTrainBatches(mixed, st.rows, rank, world, t.seed)
         if train.batches_per_epoch == 0:
             raise DataError(
                 f"the mixture's training splits hold {mixed.n:,} windows of {window} tokens, fewer than one step "
-                f"needs ({batch} x {world} rank(s)); raise data.max_chars or lower train.seq_len / "
-                f"train.micro_batch_size / train.grad_accum."
-            )
-        self._train, self._val = train, (vals or None)
-        steps = train.batches_per_epoch
-        for e, w in zip(self._mix, trains):
-            self._log(f"mix: {e.name} {e.weight:.1%} of the windows, {w.n:,} windows of its own (each seen "
-                      f"{e.weight * steps * train.step_windows / w.n:.2f} times in {steps:,} steps)")
+                f"needs{named} ({st.rows} x {world} rank(s)); raise data.max_chars or lower the seq_len / "
+                f"micro_batch_size / grad_accum.")
+        steps = st.steps if t.stages else train.batches_per_epoch
+        for e, w, share in zip(self._mix, trains, mixed.schedule.w):
+            if share > 0:
+                self._log(f"mix{named}: {e.name} {share:.1%} of the windows, {w.n:,} windows of its own (each seen "
+                          f"{share * steps * train.step_windows / w.n:.2f} times in {steps:,} steps)")
+        return train, (vals or None)
 
     def _setup_one(self) -> None:
         meta, t = self._meta, self.recipe.train
@@ -912,7 +942,8 @@ class TokenDataModule(pl.LightningDataModule):
             step = self._next_step()
             k, seg, epoch, b = self._staged.locate(step)
             return {"version": 1, "step": step, "stage": k, "epoch": epoch, "windows": b * seg.step_windows,
-                    "seed": seg.seed, "tokenizer_sha": self._meta.get("tokenizer_sha") if self._meta else None}
+                    "seed": seg.seed, "tokenizer_sha": self._meta.get("tokenizer_sha") if self._meta else None,
+                    "mix": self._stage_mixes()}
         epoch, b = self._position()
         return {
             "version": 1, "epoch": epoch, "windows": b * self._train.step_windows,
@@ -921,6 +952,12 @@ class TokenDataModule(pl.LightningDataModule):
             "tokenizer_sha": self._meta.get("tokenizer_sha") if self._meta else None,
             "mix": None if self._mix is None else {e.name: e.weight for e in self._mix},
         }
+
+    def _stage_mixes(self) -> Optional[List[Dict[str, float]]]:
+        """Each stage's weights per source (a mixture's), as checkpoints record them."""
+        if self._stage_weights is None:
+            return None
+        return [{e.name: float(w) for e, w in zip(self._mix, ws)} for ws in self._stage_weights]
 
     def load_state_dict(self, state: Dict) -> None:
         """Continue from a saved position. Before setup() the state is kept and applied
@@ -934,6 +971,10 @@ class TokenDataModule(pl.LightningDataModule):
 
     def _apply_state(self, state: Dict) -> None:
         if self._staged is not None:  # the step places everything
+            if state.get("mix", None) not in (None, self._stage_mixes()):
+                warnings.warn("the stages' data mixtures differ from the checkpoint's (data.mix or a "
+                              "train.stages[*].mix changed); training continues from the same step, drawing by "
+                              "the new weights.", stacklevel=2)
             self._anchor = {"epoch": 0, "windows": 0, "step": int(state.get("step") or 0)}
             self._handed_out = 0
             return

@@ -19,6 +19,13 @@ sooner than a large one.
 
     chunk m:   | a b a c a b a a b c ... |  (counts fixed by the weights, order shuffled)
     source a:    perm_a: 5 0 3 ...          draws D_a(m), D_a(m)+1, ...
+
+With train.stages, each stage draws by its own weights (train.stages[k].mix, or
+data.mix's): stage k is a mixture of its own over the same sources and token caches, in
+windows of its seq_len, its slots counted from the stage's start and its chunk orders
+and permutations seeded by (seed, k) (stage 0 by seed alone, as a run without stages),
+so a stage starts a fresh pass over each source. A source a stage leaves out has weight
+0 there: no slot of that stage.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from arch.registry import nearest
 from lit_modules.data.corpus import DataError
 
 MIX_CHUNK = 4096  # slots per chunk: each source's count is exact at every chunk boundary
@@ -94,12 +102,33 @@ def mix_entries(cfg) -> Optional[List[MixEntry]]:
     return out
 
 
+def stage_weights(entries: Sequence[MixEntry], plan: Sequence[Any]) -> List[np.ndarray]:
+    """Per stage of `plan` (arch.stages.stage_plan), its weights over data.mix's sources in
+    data.mix's order, summing to 1 (0: not drawn in that stage); one DataError for a
+    stage mix naming a source data.mix does not have."""
+    names = [e.name for e in entries]
+    out = []
+    for st in plan:
+        if not st.mix:
+            out.append(np.array([e.weight for e in entries], dtype=np.float64))
+            continue
+        given = dict(st.mix)
+        for n in given:
+            if n not in names:
+                raise DataError(f"train.stages[{st.index}].mix names '{n}', which is not a source of data.mix"
+                                f"{nearest(n, names)}; its sources are {', '.join(names)}.")
+        w = np.array([given.get(n, 0.0) for n in names], dtype=np.float64)
+        out.append(w / w.sum())
+    return out
+
+
 class MixSchedule:
     """Slot j -> (source, draw of that source), as the module docstring lays out."""
 
-    def __init__(self, weights: Sequence[float], seed: int, chunk: int = MIX_CHUNK):
+    def __init__(self, weights: Sequence[float], seed: int, chunk: int = MIX_CHUNK, salt: tuple = ()):
         w = np.asarray(weights, dtype=np.float64)
         self.w, self.seed, self.chunk = w / w.sum(), int(seed), int(chunk)
+        self.salt = tuple(salt)  # more seed words: a later stage's own chunk orders
         self._cache: dict = {}
 
     def __getstate__(self):
@@ -119,7 +148,8 @@ class MixSchedule:
             return hit
         before = self.drawn(m)
         counts = self.drawn(m + 1) - before
-        src = np.random.default_rng([self.seed, MIX_SALT, m]).permutation(np.repeat(np.arange(len(self.w)), counts))
+        rng = np.random.default_rng([self.seed, *self.salt, MIX_SALT, m])
+        src = rng.permutation(np.repeat(np.arange(len(self.w)), counts))
         # the how-many-th slot of its source within the chunk
         rank = np.empty(len(src), dtype=np.int64)
         for i in range(len(self.w)):
@@ -154,9 +184,9 @@ class MixWindows:
     each source's windows object (n, window, array()); memmaps open lazily in the
     process that reads them."""
 
-    def __init__(self, parts: Sequence[Any], weights: Sequence[float], seed: int):
-        self.parts, self.seed = list(parts), int(seed)
-        self.schedule = MixSchedule(weights, seed)
+    def __init__(self, parts: Sequence[Any], weights: Sequence[float], seed: int, salt: tuple = ()):
+        self.parts, self.seed, self.salt = list(parts), int(seed), tuple(salt)
+        self.schedule = MixSchedule(weights, seed, salt=self.salt)
         self.n = sum(p.n for p in self.parts)  # the windows of one "epoch" of the mix
         self.window = self.parts[0].window
         self._perm: dict = {}
@@ -169,7 +199,7 @@ class MixWindows:
         if key not in self._perm:
             if len(self._perm) >= 2 * len(self.parts):
                 self._perm.clear()
-            self._perm[key] = np.random.default_rng([self.seed, epoch, i + 1]).permutation(self.parts[i].n)
+            self._perm[key] = np.random.default_rng([self.seed, epoch, i + 1, *self.salt]).permutation(self.parts[i].n)
         return self._perm[key]
 
     def windows(self, slots: np.ndarray) -> List[Tuple[int, int]]:

@@ -7,8 +7,9 @@ of the step alone:
 
 Stage 0's order is that of a run without stages (seeded by (seed, epoch)); a later
 stage draws its own permutation of its windows (seeded by (seed, epoch, k)), so it
-starts a fresh pass over the data, in windows of its own length. Data mixtures per
-stage are not here (data.mix is the recipe's for every stage).
+starts a fresh pass over the data, in windows of its own length. With data.mix a
+stage's order is its mixture's (lit_modules/data/mix.py: slots of the stage, drawn by
+the stage's weights), and the same arithmetic places a step in it.
 
 A resumed run needs nothing but its step, and the prefetched batch of a step is
 right whatever stage the model is in when it is fetched.

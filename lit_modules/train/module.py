@@ -101,6 +101,10 @@ class CausalLM(L.LightningModule):
 
         self.val_mix = mix_entries(recipe.data)
         if self.val_mix is not None:
+            from lit_modules.data.mix import stage_weights
+
+            # per stage, the weights val/loss averages the sources' losses by (its training mixture)
+            self.val_mix_weights = [w.tolist() for w in stage_weights(self.val_mix, self.plan)]
             self.val_mix_loss = torch.nn.ModuleList(MeanMetric() for _ in self.val_mix)
             self.val_mix_acc = torch.nn.ModuleList(
                 MulticlassAccuracy(num_classes=recipe.model.vocab_size, average="micro", ignore_index=-100,
@@ -191,7 +195,10 @@ class CausalLM(L.LightningModule):
                 self.log_scalars({f"stage/rope_theta/{k}": r.theta for k, r in stage.ropes}
                                  | {f"stage/rope_factor/{k}": r.factor for k, r in stage.ropes}
                                  | {"stage/index": stage.index, "stage/seq_len": stage.seq_len,
-                                    "stage/sequences_per_step": stage.rows})
+                                    "stage/sequences_per_step": stage.rows}
+                                 | ({f"stage/mix/{e.name}": w for e, w in
+                                     zip(self.val_mix, self.val_mix_weights[stage.index])}
+                                    if self.val_mix is not None else {}))
 
     # ------------------------------------------------------------------ train
 
@@ -301,12 +308,13 @@ class CausalLM(L.LightningModule):
         weighted by data.mix's weights (the loss expected on the training
         distribution), not the mean over all validation tokens."""
         metrics, loss, acc = {}, 0.0, 0.0
-        for e, lm, am in zip(self.val_mix, self.val_mix_loss, self.val_mix_acc):
+        weights = self.val_mix_weights[self.stage.index if self.stage is not None else 0]
+        for e, w, lm, am in zip(self.val_mix, weights, self.val_mix_loss, self.val_mix_acc):
             lv, av = float(lm.compute()), float(am.compute())
             lm.reset(), am.reset()
             metrics.update({f"val/{e.name}/loss": lv, f"val/{e.name}/ppl": math.exp(min(lv, 80.0)),
                             f"val/{e.name}/acc": av})
-            loss, acc = loss + e.weight * lv, acc + e.weight * av
+            loss, acc = loss + w * lv, acc + w * av
         return {"val/loss": loss, "val/acc": acc, **metrics}
 
     def on_validation_epoch_end(self) -> None:
@@ -324,7 +332,10 @@ class CausalLM(L.LightningModule):
         self.log_scalars(metrics)
         self.log("val_ppl", ppl, prog_bar=True, logger=False)
         if not self.val_history or self.val_history[-1]["step"] != self.global_step:
-            self.val_history.append({"step": self.global_step, "loss": loss, "ppl": ppl, "acc": acc})
+            record = {"step": self.global_step, "loss": loss, "ppl": ppl, "acc": acc}
+            if self.val_mix is not None:  # each source's loss: the summary's table per stage and source
+                record["sources"] = {e.name: per_source[f"val/{e.name}/loss"] for e in self.val_mix}
+            self.val_history.append(record)
         log.info("step %d  val loss %.4f  ppl %.2f  acc %.4f", self.global_step, loss, ppl, acc)
 
     # ------------------------------------------------------------------ checkpoints

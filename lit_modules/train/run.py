@@ -77,6 +77,11 @@ def check_train(recipe: Recipe) -> None:
     check_distill_config(t.distill)
     from arch.stages import stage_plan
 
+    from lit_modules.data.mix import mix_entries, stage_weights
+
+    entries = mix_entries(recipe.data)
+    if entries is not None:
+        stage_weights(entries, stage_plan(recipe))  # a stage mix naming an unknown source
     for st in stage_plan(recipe):
         if st.optim is not None:
             try:
@@ -559,5 +564,9 @@ def _stage_summary(module, steps: int) -> List[Dict]:
                      "rope": {k: {"theta": r.theta, "scaling": r.scaling, "factor": r.factor} for k, r in st.ropes},
                      "tokens": module.tokens_until(min(st.end, steps)) - module.tokens_until(min(st.start, steps)),
                      "first_train_loss": losses.get("first"), "last_train_loss": losses.get("last"),
-                     "val_loss": vals[-1]["loss"] if vals else None, "val_step": vals[-1]["step"] if vals else None})
+                     "val_loss": vals[-1]["loss"] if vals else None, "val_step": vals[-1]["step"] if vals else None,
+                     # data.mix: the stage's weights per source and each source's last validation loss in it
+                     "mix": dict(zip([e.name for e in module.val_mix], module.val_mix_weights[st.index]))
+                     if module.val_mix is not None else None,
+                     "val_sources": vals[-1].get("sources") if vals else None})
     return rows
