@@ -204,3 +204,16 @@ def test_a_killed_build_leaves_no_cache(offline_setup, cache, monkeypatch):
 
     with pytest.raises(RecipeError, match="no complete teacher cache"):
         check_cache(recipe, TokenDataModule(recipe, verbose=False))
+
+
+def test_the_command(offline_setup, capsys):
+    """`moelab distill-cache` finds the cache built for the same overrides; without
+    mode=offline it says so in one line."""
+    from lit_modules.cli import main
+
+    _, _, _, ov, folder = offline_setup
+    assert main(["distill-cache", RECIPE, *ov, "--world", "1", "--device", "cpu"]) == 0
+    assert f"distill-cache: cached, {folder}" in capsys.readouterr().out
+    assert main(["distill-cache", RECIPE, *[o for o in ov if "mode=" not in o]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moelab distill-cache: error: moelab distill-cache needs") and "\n" not in err
