@@ -31,6 +31,11 @@ means over the rows whose label is not ignore_index. Like arch/loss.py, each chu
 gradients with respect to the student's hidden states and head weight are formed at
 once (d/dz_s = alpha * tau * (q - P) + (1 - alpha) * (softmax(z_s) - onehot(y)),
 times the cap's derivative) and the logits dropped; backward only scales them.
+
+Offline (train.distill.mode = offline), the targets of topk / sampled / sampled_counts
+are computed beforehand as k (id, weight) slots per token (sparse_target) and
+cached_distill_loss rebuilds P from them (dense_target) chunk by chunk; online builds P
+through the same two functions, so both modes optimise the same loss from the same slots.
 """
 from __future__ import annotations
 

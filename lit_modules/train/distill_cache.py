@@ -243,6 +243,8 @@ def _write(recipe: Recipe, dm, dev: torch.device, G: int, out: Path, progress: O
                     i, w = sparse_target(z[:, :V], cfg.kind, k, cfg.temperature, gen)
                     if not counts:  # stored renormalised: float16 keeps small shares of a row
                         w = w / w.sum(-1, keepdim=True)
+                    if i.shape[1] < k:  # topk past the vocabulary: empty slots (id 0, weight 0)
+                        i, w = (torch.nn.functional.pad(a, (0, k - a.shape[1])) for a in (i, w))
                     out_ids.append(i)
                     out_w.append(w)
                     out_nll.append(torch.logsumexp(z, -1) - z.gather(1, yf[c:c + cfg.chunk, None]).squeeze(1))
