@@ -217,3 +217,37 @@ def test_the_command(offline_setup, capsys):
     assert main(["distill-cache", RECIPE, *[o for o in ov if "mode=" not in o]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("moelab distill-cache: error: moelab distill-cache needs") and "\n" not in err
+
+
+def test_topk_past_the_vocabulary_pads_empty_slots(offline_setup):
+    """k larger than the vocabulary: every id once, the rest empty (weight 0)."""
+    tmp, _, _, ov, _ = offline_setup
+    k = load_recipe(RECIPE, ov).model.vocab_size + 8
+    folder = build_cache(load_recipe(RECIPE, ov + [f"train.distill.k={k}", "train.max_steps=1",
+                                                   f"train.distill.cache={tmp / 'wide'}"]), device="cpu",
+                         verbose=False)
+    w = np.load(folder / "weights.npy")
+    assert w.shape[-1] == k and (w[..., -8:] == 0).all()
+    np.testing.assert_allclose(w.astype(np.float32).sum(-1), 1.0, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_ddp_offline_matches_one_process(tmp_path):
+    """One cache of 8 windows a step serves one process (1 x 8) and two gloo ranks
+    (2 micro-batches of 2 each, rows r::2): the same losses at every step."""
+    from lit_modules.data.datamodule import TokenDataModule
+
+    from test_scale import ONE, TINY, TWO, losses, run
+
+    cache = tmp_path / "cache"
+    dm = TokenDataModule(load_recipe(RECIPE, TINY + [f"data.cache_dir={cache}"]), verbose=False)
+    teacher = _teacher_dir(tmp_path / "teacher", dm.tokenizer_path)
+    kd = [f"train.distill.teacher={teacher}", "train.distill.kind=sampled_counts", "train.distill.k=32",
+          "train.distill.mode=offline", "train.distill.chunk=50"]
+    build_cache(load_recipe(RECIPE, TINY + ONE + kd + [f"data.cache_dir={cache}", "train.max_steps=3"]),
+                device="cpu", verbose=False)
+    one = losses(run(tmp_path, "one", 3, *ONE, *kd))
+    ddp = losses(run(tmp_path, "ddp", 3, *TWO, "train.strategy=ddp", *kd))
+    assert sorted(one) == sorted(ddp) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert ddp[step] == pytest.approx(one[step], abs=1e-5), (step, ddp, one)
