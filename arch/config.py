@@ -330,9 +330,13 @@ class DistillConfig:
     k: int = 256  # draws (sampled) or ids kept (topk) per token
     temperature: float = 1.0  # both distributions are softmax(logits / temperature)
     alpha: float = 0.5  # loss = alpha * distillation + (1 - alpha) * next-token cross-entropy
-    # online: the teacher runs beside the student (bf16 on a GPU); offline (targets
-    # cached to disk first, for teachers that do not fit beside the student) is not built
+    # online: the teacher runs beside the student (bf16 on a GPU); offline: its targets
+    # (k ids and weights a token) are cached to disk first by `moelab distill-cache`
+    # and read per step, for teachers that do not fit beside the student
     mode: str = "online"
+    # offline: the cache folder; null: distill-<key> under data.cache_dir, the key naming
+    # the teacher, the data and these settings
+    cache: Optional[str] = None
     chunk: int = 4096  # rows per chunk: the two models' logits exist for this many tokens at a time
 
 

@@ -31,6 +31,11 @@ means over the rows whose label is not ignore_index. Like arch/loss.py, each chu
 gradients with respect to the student's hidden states and head weight are formed at
 once (d/dz_s = alpha * tau * (q - P) + (1 - alpha) * (softmax(z_s) - onehot(y)),
 times the cap's derivative) and the logits dropped; backward only scales them.
+
+Offline (train.distill.mode = offline), the targets of topk / sampled / sampled_counts
+are computed beforehand as k (id, weight) slots per token (sparse_target) and
+cached_distill_loss rebuilds P from them (dense_target) chunk by chunk; online builds P
+through the same two functions, so both modes optimise the same loss from the same slots.
 """
 from __future__ import annotations
 
@@ -46,21 +51,47 @@ def _cap(z: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
     return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
+def sparse_target(zt_NV: torch.Tensor, kind: str, k: int, temperature: float,
+                  generator: Optional[torch.Generator] = None):
+    """The target of `topk` / `sampled` / `sampled_counts` as k (id, weight) slots per
+    token: (ids (N, k) int64, weights (N, k) float32). `sampled` keeps the teacher's
+    probability on each distinct id drawn, `sampled_counts` how often it came up (both
+    unnormalised; slots past the distinct ids hold id 0, weight 0), `topk` the k most
+    likely ids' probabilities. This is what the offline cache stores, k numbers a token
+    instead of the vocabulary (lit_modules/train/distill_cache.py)."""
+    p = torch.softmax(zt_NV.float() / temperature, dim=-1)
+    if kind == "topk":
+        vals, ids = p.topk(min(k, p.shape[-1]), dim=-1)
+        return ids, vals
+    if kind not in ("sampled", "sampled_counts"):
+        raise ValueError(f"distillation kind {kind!r} has no sparse target; sparse kinds: topk, sampled, "
+                         f"sampled_counts")
+    draws = torch.multinomial(p, k, replacement=True, generator=generator).sort(-1).values
+    new = torch.ones_like(draws, dtype=torch.bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = new.long().cumsum(-1) - 1  # the draws of one id share the slot of its first draw
+    ids = torch.zeros_like(draws).scatter_(1, slot, draws)
+    ones = torch.ones(draws.shape, dtype=torch.float32, device=draws.device)
+    counts = torch.zeros_like(ones).scatter_add_(1, slot, ones)
+    if kind == "sampled_counts":
+        return ids, counts
+    return ids, p.gather(1, ids) * (counts > 0)
+
+
+def dense_target(ids: torch.Tensor, weights: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Sparse slots -> the target P (float32, rows summing to 1) over `vocab` ids."""
+    w = weights.float()
+    w = w / w.sum(-1, keepdim=True)
+    return torch.zeros(ids.shape[0], vocab, dtype=torch.float32, device=ids.device).scatter_add_(1, ids.long(), w)
+
+
 def teacher_target(zt_NV: torch.Tensor, kind: str, k: int, temperature: float,
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """The target P (float32, rows summing to 1) from the teacher's capped logits."""
-    p = torch.softmax(zt_NV.float() / temperature, dim=-1)
     if kind == "full":
-        return p
-    if kind == "topk":
-        vals, ids = p.topk(min(k, p.shape[-1]), dim=-1)
-        return torch.zeros_like(p).scatter_(1, ids, vals / vals.sum(-1, keepdim=True))
-    if kind in ("sampled", "sampled_counts"):
-        ids = torch.multinomial(p, k, replacement=True, generator=generator)
-        if kind == "sampled_counts":
-            return torch.zeros_like(p).scatter_add_(1, ids, torch.full(ids.shape, 1.0 / k, device=p.device))
-        kept = torch.zeros_like(p).scatter_(1, ids, 1.0) * p  # p on the distinct ids drawn
-        return kept / kept.sum(-1, keepdim=True)
+        return torch.softmax(zt_NV.float() / temperature, dim=-1)
+    if kind in ("topk", "sampled", "sampled_counts"):
+        return dense_target(*sparse_target(zt_NV, kind, k, temperature, generator), zt_NV.shape[-1])
     raise ValueError(f"distillation kind {kind!r} is not one of {', '.join(KINDS)}")
 
 
@@ -82,22 +113,28 @@ def plain_distill_loss(h_s, w_s, h_t, w_t, y, kind: str, k: int = 256, temperatu
     return {"loss": alpha * distill + (1 - alpha) * ce, "distill": distill, "ce": ce, "teacher_ce": teacher_ce}
 
 
-def _chunk(h_s, w_s, h_t, w_t, y, valid, inv_n, kind, k, tau, alpha, cap_s, cap_t, V, need_grad, generator):
-    """One chunk: (summed distill, summed CE, summed teacher CE, d loss / d h_s, d loss / d w_s)."""
+def _online_target(h_t, w_t, y_safe, vf, kind, k, tau, cap_t, V, generator):
+    """(P, summed teacher CE) of one chunk from the teacher's hidden states."""
+    z_t = _cap((h_t.to(w_t.dtype) @ w_t.T).float(), cap_t)  # the teacher's own dtype (bf16 on a GPU)
+    P = teacher_target(z_t[:, :V], kind, k, tau, generator)
+    lse_t = torch.logsumexp(z_t, dim=-1)
+    return P, ((lse_t - z_t.gather(1, y_safe[:, None]).squeeze(1)) * vf).sum()
+
+
+def _chunk(h_s, w_s, target, y, valid, inv_n, tau, alpha, cap_s, V, need_grad):
+    """One chunk: (summed distill, summed CE, summed teacher CE, d loss / d h_s, d loss / d w_s).
+    target(y_safe, valid as float) -> (P over V ids, summed teacher CE)."""
     z = (h_s @ w_s.T).float()
     if cap_s is not None:
         t = torch.tanh(z / cap_s)
         z = cap_s * t
-    z_t = _cap((h_t.to(w_t.dtype) @ w_t.T).float(), cap_t)  # the teacher's own dtype (bf16 on a GPU)
     y_safe = torch.where(valid, y, 0)
     vf = valid.float()
-    P = teacher_target(z_t[:, :V], kind, k, tau, generator)
+    P, teacher_ce = target(y_safe, vf)
     logq = torch.log_softmax(z[:, :V] / tau, dim=-1)
     distill = (tau * tau * -(P * logq).sum(-1) * vf).sum()
     lse = torch.logsumexp(z, dim=-1)
     ce = ((lse - z.gather(1, y_safe[:, None]).squeeze(1)) * vf).sum()
-    lse_t = torch.logsumexp(z_t, dim=-1)
-    teacher_ce = ((lse_t - z_t.gather(1, y_safe[:, None]).squeeze(1)) * vf).sum()
     if not need_grad:
         return distill, ce, teacher_ce, None, None
     g = torch.zeros_like(z)
@@ -126,11 +163,18 @@ class _FusedDistill(torch.autograd.Function):
         grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if need_grad else None
         sums = torch.zeros(3, dtype=torch.float32, device=h_s.device)
         V = opts["vocab"] or w_s.shape[0]
+        cached = opts["cached"]
         for s in range(0, N, chunk):
-            d, c, tc, gh, gw = _chunk(hc[s:s + chunk], wc, h_t[s:s + chunk], w_t, y[s:s + chunk],
-                                      valid[s:s + chunk], inv_n, opts["kind"], opts["k"], opts["temperature"],
-                                      opts["alpha"], opts["softcap_s"], opts["softcap_t"], V, need_grad,
-                                      opts["generator"])
+            e = s + chunk
+            if cached is None:
+                target = lambda ys, vf: _online_target(  # noqa: E731
+                    h_t[s:e], w_t, ys, vf, opts["kind"], opts["k"], opts["temperature"], opts["softcap_t"], V,
+                    opts["generator"])
+            else:  # (ids, weights, teacher NLL per token), read from the offline cache
+                target = lambda ys, vf: (dense_target(cached[0][s:e], cached[1][s:e], V),  # noqa: E731
+                                         (cached[2][s:e].float() * vf).sum())
+            d, c, tc, gh, gw = _chunk(hc[s:e], wc, target, y[s:e], valid[s:e], inv_n, opts["temperature"],
+                                      opts["alpha"], opts["softcap_s"], V, need_grad)
             sums += torch.stack([d, c, tc])
             if need_grad:
                 grad_h[s:s + chunk] = gh.to(h_s.dtype)
@@ -169,7 +213,26 @@ def fused_distill_loss(h_s, w_s, h_t, w_t, y, kind: str, k: int = 256, temperatu
     need_grad = torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad)
     opts = dict(kind=kind, k=k, temperature=temperature, alpha=alpha, softcap_s=softcap_s, softcap_t=softcap_t,
                 vocab=vocab, chunk=chunk, ignore_index=ignore_index, generator=generator, compute_dtype=dtype,
-                need_grad=need_grad)
+                need_grad=need_grad, cached=None)
     with torch.autocast(h_s.device.type, enabled=False):
         loss, distill, ce, teacher_ce = _FusedDistill.apply(h_s, w_s, h_t.detach(), w_t.detach(), y, opts)
+    return {"loss": loss, "distill": distill, "ce": ce, "teacher_ce": teacher_ce}
+
+
+def cached_distill_loss(h_s, w_s, ids, weights, teacher_nll, y, temperature: float = 1.0, alpha: float = 1.0,
+                        softcap_s: Optional[float] = None, vocab: Optional[int] = None, chunk: int = 4096,
+                        ignore_index: int = -100) -> Dict[str, torch.Tensor]:
+    """fused_distill_loss from targets computed beforehand (the offline mode): ids and
+    weights (N, k) are sparse_target's slots (any float dtype; each row renormalised),
+    teacher_nll (N,) the teacher's next-token loss per token (for the logged
+    teacher_ce). The same loss and gradients as the online mode given the same slots."""
+    dtype = h_s.dtype
+    if torch.is_autocast_enabled(h_s.device.type):
+        dtype = torch.get_autocast_dtype(h_s.device.type)
+    need_grad = torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad)
+    opts = dict(kind=None, k=ids.shape[-1], temperature=temperature, alpha=alpha, softcap_s=softcap_s,
+                softcap_t=None, vocab=vocab, chunk=chunk, ignore_index=ignore_index, generator=None,
+                compute_dtype=dtype, need_grad=need_grad, cached=(ids, weights, teacher_nll))
+    with torch.autocast(h_s.device.type, enabled=False):
+        loss, distill, ce, teacher_ce = _FusedDistill.apply(h_s, w_s, None, None, y, opts)
     return {"loss": loss, "distill": distill, "ce": ce, "teacher_ce": teacher_ce}

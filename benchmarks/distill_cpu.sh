@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Knowledge distillation (train.distill), measured: a teacher is trained first, then a
 # smaller student twice on the same tokens and steps (same seed, same data order):
-# once on the next-token loss alone, once per distillation kind from the teacher.
+# once on the next-token loss alone, once per distillation kind from the teacher, and
+# once per kind in OFFLINE_KINDS with the teacher's targets cached first (moelab
+# distill-cache, train.distill.mode=offline; the cache's build time is printed).
 # Prints the validation losses as a markdown table (results: benchmarks/results/).
 #
 #   benchmarks/distill_cpu.sh          # CPU: tiny dense teacher -> tinier student, ~9 min on 2 shared cores
@@ -10,7 +12,8 @@
 #
 # A rerun with the same OUT keeps the runs that finished and does the rest (remove OUT
 # to start over). Environment: OUT (default runs/distill_<mode>),
-# TEACHER_STEPS, STUDENT_STEPS, KINDS (cpu: "sampled sampled_counts topk full", gpu: "sampled"), K, ALPHA, TEMPERATURE, SEED.
+# TEACHER_STEPS, STUDENT_STEPS, KINDS (cpu: "sampled sampled_counts topk full", gpu: "sampled"),
+# OFFLINE_KINDS (cpu: "topk", gpu: none; never full), K, ALPHA, TEMPERATURE, SEED.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -33,6 +36,7 @@ cpu)
            model.attention.head_dim=24 model.ffn.d_ff=128 train.max_steps=${STUDENT_STEPS:-300}"
   K=${K:-64}
   KINDS=${KINDS:-sampled sampled_counts topk full}
+  OFFLINE_KINDS=${OFFLINE_KINDS-topk}
   ;;
 gpu)
   # the W2 recipe as it is (491M parameters, 139M active; 600 steps of 8 x 2048 tokens)
@@ -45,6 +49,7 @@ gpu)
            model.moe.n_experts=32 model.moe.d_expert=128 train.max_steps=${STUDENT_STEPS:-600}"
   K=${K:-256}
   KINDS=${KINDS:-sampled}
+  OFFLINE_KINDS=${OFFLINE_KINDS-}
   ;;
 *)
   echo "distill_cpu.sh: the mode is cpu or gpu, not '$MODE'." >&2
@@ -75,7 +80,22 @@ for kind in $KINDS; do
   run "student_kd_$kind" $STUDENT $KD "train.distill.kind=$kind" "train.distill.teacher=$OUT/teacher"
 done
 
-python3 - "$OUT" $KINDS <<'EOF'
+for kind in $OFFLINE_KINDS; do
+  name="student_kd_${kind}_offline"
+  set -- $STUDENT $KD "train.distill.kind=$kind" "train.distill.teacher=$OUT/teacher" train.distill.mode=offline \
+    "train.distill.cache=$OUT/cache_$kind"
+  if [ ! -f "$OUT/cache_$kind/meta.json" ]; then
+    echo "== cache_$kind: moelab distill-cache $RECIPE $COMMON $*" | tr -s ' \n' ' '
+    echo
+    start=$(date +%s)
+    python3 -m lit_modules.cli distill-cache "$RECIPE" $COMMON "$@" > "$OUT/cache_$kind.out" 2>&1 \
+      || { tail -20 "$OUT/cache_$kind.out"; exit 1; }
+    echo "cache_$kind: $(( $(date +%s) - start )) s, $(du -sh "$OUT/cache_$kind" | cut -f1)" | tee -a "$OUT/cache_$kind.out"
+  fi
+  run "$name" "$@"
+done
+
+python3 - "$OUT" $KINDS $(for k in $OFFLINE_KINDS; do echo "${k}_offline"; done) <<'EOF'
 import json, sys
 from pathlib import Path
 

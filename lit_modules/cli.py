@@ -5,6 +5,7 @@ and a `run(args)`; heavy imports (lightning, transformers) stay inside `run`, so
     moelab recipes
     moelab inspect RECIPE [a.b=c ...] [--json] [--seq-len N] [--context N]
     moelab train   RECIPE [a.b=c ...]
+    moelab distill-cache RECIPE [a.b=c ...] [--world N]
     moelab bench   RECIPE [a.b=c ...]
     moelab eval | generate | import-hf | export-hf | convert ...
     moelab analyze RUN [--batches N] [--data FILE] [--out DIR]
@@ -25,6 +26,7 @@ SUBCOMMANDS = {
     "recipes": "lit_modules.commands.inspect_cmd",
     "inspect": "lit_modules.commands.inspect_cmd",
     "train": "lit_modules.commands.train_cmd",
+    "distill-cache": "lit_modules.commands.distill_cache_cmd",
     "bench": "lit_modules.commands.bench_cmd",
     "import-hf": "lit_modules.commands.convert_cmd",
     "export-hf": "lit_modules.commands.convert_cmd",

@@ -900,6 +900,27 @@ class TokenDataModule(pl.LightningDataModule):
             return [DataLoader(v, batch_size=None, **self._loader_kwargs()) for v in self._val]
         return DataLoader(self._staged_val or self._val, batch_size=None, **self._loader_kwargs())
 
+    def all_rank_batches(self, step_windows: int, steps: int) -> Iterator[torch.Tensor]:
+        """The training windows of optimizer steps 0 .. steps - 1 over all ranks, one
+        (step_windows, seq_len + 1) tensor a step, step_windows being micro_batch_size
+        x grad_accum x world size: rank r of W trains on rows r::W of each (the order
+        above). The offline distillation cache is built from these."""
+        self.setup()
+        if self._stream is not None or self._staged is not None:
+            raise DataError("the windows of every rank are laid out here for one-stage runs on the token cache; "
+                            "data.streaming and train.stages order their batches elsewhere.")
+        ds = self._train
+        full = type(ds)(ds.windows, step_windows, 0, 1, ds.seed, ds.salt)  # one rank holding the whole step
+        if full.batches_per_epoch == 0:
+            raise DataError(f"the training split holds {ds.windows.n:,} windows, fewer than one step of "
+                            f"{step_windows}; raise data.max_chars or lower the batch.")
+        epoch, order = None, None
+        for s in range(steps):
+            e, b = divmod(s, full.batches_per_epoch)
+            if e != epoch:
+                epoch, order = e, full.order(e)
+            yield full.windows.batch(full.batch_ids(order, b))
+
     @property
     def mix_names(self) -> Optional[List[str]]:
         """The sources' names of a mixture (the validation loaders' order), else None."""

@@ -7,6 +7,7 @@ frozen beside it, and turned into the student's loss (arch/distill.py).
     Teacher.load           eval mode, no gradients, bf16 on a GPU (CausalLM.configure_model)
     Teacher.head_loss      a `head_loss` for Transformer.forward: the teacher's final
                            hidden states for the micro-batch, then the fused loss
+    offline mode           lit_modules/train/distill_cache.py (the same interface)
 
 The teacher is no submodule of the LightningModule: it is never in a checkpoint, the
 optimizer, DDP's buckets or FSDP's shards; every rank holds a whole copy.
@@ -35,10 +36,7 @@ def check_distill_config(cfg: DistillConfig) -> None:
                           f"{nearest(cfg.kind, KINDS)}; choose {', '.join(KINDS)}.")
     if cfg.mode not in MODES:
         raise RecipeError(f"train.distill.mode = '{cfg.mode}' is not a mode{nearest(cfg.mode, MODES)}; "
-                          f"choose online.")
-    if cfg.mode == "offline":
-        raise RecipeError("train.distill.mode = offline (teacher targets cached to disk first) is not built yet; "
-                          "use online, with a teacher that fits beside the student.")
+                          f"choose {' or '.join(MODES)}.")
 
 
 def _open(source: str) -> Tuple[Recipe, Optional[Path], Callable]:
@@ -131,7 +129,11 @@ class Teacher:
         model.eval().requires_grad_(False)
         return cls(model, cfg, student_softcap, student_vocab)
 
-    def head_loss(self, x: torch.Tensor, y: torch.Tensor, documents: Optional[Dict] = None) -> "DistillHeadLoss":
+    def begin_step(self, step: int, batch: torch.Tensor) -> None:
+        """Nothing to read ahead online (the offline teacher reads the step's rows)."""
+
+    def head_loss(self, x: torch.Tensor, y: torch.Tensor, documents: Optional[Dict] = None,
+                  rows: slice = slice(None)) -> "DistillHeadLoss":
         """`documents`: the student's document arguments (train.document_mask), so the
         teacher sees the documents as the student does."""
         with torch.no_grad():

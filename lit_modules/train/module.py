@@ -150,11 +150,24 @@ class CausalLM(L.LightningModule):
         # expert shards differ between ranks: DDP must neither broadcast nor average them
         self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.scale_plan.expert_names]
         self.model = model
-        if self.train_cfg.distill.teacher:
+        if self.train_cfg.distill.teacher and self.train_cfg.distill.mode == "offline":
+            self.teacher = self._cached_teacher(device)
+        elif self.train_cfg.distill.teacher:
             from lit_modules.train.distill import Teacher
 
             self.teacher = Teacher.load(self.train_cfg.distill, device, self.recipe.model.final_softcap,
                                         self.recipe.model.vocab_size)
+
+    def _cached_teacher(self, device: torch.device):
+        """train.distill.mode = offline: the cache that run.train checked (every rank opens it)."""
+        from arch.stages import stage_plan
+        from lit_modules.train.distill_cache import CachedTeacher, cache_folder, identity
+
+        dm = self._trainer.datamodule
+        folder = cache_folder(self.recipe, identity(self.recipe, dm))
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        return CachedTeacher(folder, self.train_cfg.distill, self.recipe.model.final_softcap, rank, world,
+                             stage_plan(self.recipe)[0].rows, device)
 
     def configure_optimizers(self):
         opt, sched = build_optimizer(self.model, self.train_cfg.optim, self.train_cfg.max_steps, self.device.type,
@@ -215,6 +228,8 @@ class CausalLM(L.LightningModule):
         xs, ys = x.split(stage.micro_batch_size), y.split(stage.micro_batch_size)
         docs = [self.documents(xi) for xi in xs]
         n = len(xs)
+        if self.teacher is not None:
+            self.teacher.begin_step(self.global_step, batch)
         # Qwen's global-batch loss needs the expert frequencies of the whole step (all
         # micro-batches, all ranks) before the first micro-batch's backward; with one
         # micro-batch the layers all-reduce them inside the forward. Returns at once
@@ -235,7 +250,8 @@ class CausalLM(L.LightningModule):
                         out = self.model(xi, targets=yi, return_logits=False, **docs[i])
                         parts = {"ce_loss": out.loss}
                     else:  # out.loss: alpha * distill + (1 - alpha) * CE
-                        head = self.teacher.head_loss(xi, yi, docs[i])
+                        mb = stage.micro_batch_size
+                        head = self.teacher.head_loss(xi, yi, docs[i], rows=slice(i * mb, (i + 1) * mb))
                         # targets too: multi-token prediction modules still train on them
                         out = self.model(xi, targets=yi, return_logits=False, head_loss=head, **docs[i])
                         parts = head.parts

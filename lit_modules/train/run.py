@@ -75,6 +75,10 @@ def check_train(recipe: Recipe) -> None:
     check_run_name(t.run_name)
     check_optim(t.optim, t.max_steps)
     check_distill_config(t.distill)
+    if t.distill.teacher and t.distill.mode == "offline":
+        from lit_modules.train.distill_cache import check_offline
+
+        check_offline(recipe)
     from arch.stages import stage_plan
 
     from lit_modules.data.mix import mix_entries, stage_weights
@@ -351,6 +355,10 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
 
             check_teacher(recipe, dm.prepare_tokenizer())
         prepare_data(dm, recipe)
+        if t.distill.teacher and t.distill.mode == "offline":  # built beforehand by moelab distill-cache
+            from lit_modules.train.distill_cache import check_cache
+
+            check_cache(recipe, dm)
         created = not run_dir.exists()
         lock = open_run_dir(run_dir, recipe, dm.tokenizer_path)
     try:
