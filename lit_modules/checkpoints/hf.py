@@ -52,6 +52,7 @@ from arch.recipe import resolve_recipe
 from arch.registry import RecipeError
 from arch.resolve import layer_specs
 
+from lit_modules.checkpoints.hf_names import rename as _rename
 from lit_modules.checkpoints.model_dir import (
     ShardWriter, TensorSource, check_tensors, finish_dir, load_into, open_checkpoint,
     safetensors_source, writing_dir,
@@ -493,9 +494,6 @@ def _rope_signature(rope: RopeConfig, max_seq_len: int) -> tuple:
 
 # ------------------------------------------------------------------ tensor names
 
-_SLOTS = {"i": r"\d+", "proj": "q_proj|k_proj|v_proj|o_proj", "wb": "weight|bias", "qk": "q_norm|k_norm",
-          "mlp": "gate_proj|up_proj|down_proj",
-          "mla": "q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj", "mlanorm": "q_a_layernorm|kv_a_layernorm"}
 _COMMON = [
     ("embed_tokens.weight", "embed.weight"),
     ("norm.weight", "norm.weight"),
@@ -541,22 +539,6 @@ _EXPERT_NAMES = {MIXTRAL: ("w1", "w3", "w2")}  # gate, up, down; others: gate_pr
 _BODY = {GEMMA3_MM: ("model.language_model.", "language_model.model.")}
 _HEAD = {GEMMA3_MM: ("lm_head.weight", "language_model.lm_head.weight")}
 _IGNORED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
-
-
-def _compile(template: str) -> re.Pattern:
-    out = re.escape(template)
-    for slot, alts in _SLOTS.items():
-        out = out.replace(re.escape("{" + slot + "}"), f"(?P<{slot}>{alts})")
-    return re.compile(out + "$")
-
-
-def _rename(rules, name: str, forward: bool) -> Optional[str]:
-    for hf, ours in rules:
-        src, dst = (hf, ours) if forward else (ours, hf)
-        m = _compile(src).match(name)
-        if m:
-            return dst.format(**m.groupdict())
-    return None
 
 
 @dataclass

@@ -35,6 +35,7 @@ from arch.config import (
     RopeConfig, RouterConfig,
 )
 from arch.registry import RecipeError
+from lit_modules.checkpoints.hf_names import rename as _rename
 
 GEMMA4, GEMMA4_MM = "Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"
 ARCHS = (GEMMA4, GEMMA4_MM)
@@ -240,26 +241,6 @@ _MOE = [
     ("layers.{i}.experts.gate_up_proj", "layers.{i}.ffn.w_in"),
     ("layers.{i}.experts.down_proj", "layers.{i}.ffn.w_out"),
 ]
-_SLOTS = {"i": r"\d+", "proj": "q_proj|k_proj|v_proj|o_proj", "wb": "weight|bias", "qk": "q_norm|k_norm",
-          "mlp": "gate_proj|up_proj|down_proj", "rs": "scale|per_expert_scale"}
-
-
-def _compile(template: str) -> re.Pattern:
-    out = re.escape(template)
-    for slot, alts in _SLOTS.items():
-        out = out.replace(re.escape("{" + slot + "}"), f"(?P<{slot}>{alts})")
-    return re.compile(out + "$")
-
-
-def _rename(rules: List[Tuple[str, str]], name: str, forward: bool) -> Optional[str]:
-    for hf, ours in rules:
-        src, dst = (hf, ours) if forward else (ours, hf)
-        m = _compile(src).match(name)
-        if m:
-            return dst.format(**m.groupdict())
-    return None
-
-
 def hf_to_ours(arch: str, name: str, d_expert: int) -> Optional[str]:
     """The moelab name of HF tensor `name`, or None. `d_expert` > 0: the model's layers
     are MoE (Gemma 4's are all MoE or all dense), which decides where the dense FFN goes."""

@@ -47,7 +47,6 @@ _LINEAR_RULES = [
     ("layers.{i}.mlp.shared_expert.{mlp}.weight", "layers.{i}.ffn.shared.{mlp}.weight"),
     ("layers.{i}.mlp.shared_expert_gate.weight", "layers.{i}.ffn.shared_gate.weight"),
 ]
-hf._SLOTS.update(lin="in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|conv1d|norm|out_proj", ssm="A_log|dt_bias")
 for _arch in ARCHS:
     hf.RULES[_arch] = hf._COMMON + hf._QWEN + hf._MOE + _LINEAR_RULES
 # transformers 5 keeps Qwen3.5's text model under model.language_model. (its text-only class too)
