@@ -33,10 +33,11 @@ def default_world(t) -> int:
 def run_distill_cache(args) -> int:
     from arch import load_recipe
     from lit_modules.train.distill_cache import build_cache
-    from lit_modules.train.run import normalize_overrides
+    from lit_modules.train.run import check_train, normalize_overrides
 
     recipe = load_recipe(args.recipe, normalize_overrides(args.overrides))
     world = args.world if args.world is not None else default_world(recipe.train)
+    check_train(recipe)
     build_cache(recipe, world=world, device=args.device)
     return 0
 

@@ -150,13 +150,12 @@ def _inside(folder: Path, name: str) -> Path:
 def build_cache(recipe: Recipe, world: int = 1, device: Optional[str] = None, progress: Optional[bool] = None,
                 verbose: bool = True) -> Path:
     """Run the teacher over every rank's batches of every step and write the cache;
-    an existing complete one is kept. Returns its folder."""
+    an existing complete one is kept. Returns its folder. The recipe has passed
+    `lit_modules.train.run.check_train` (the caller's job: run.py imports this module)."""
     from lit_modules.data.datamodule import TokenDataModule, _file_lock
     from lit_modules.disk import writing
     from lit_modules.train.distill import check_teacher
-    from lit_modules.train.run import check_train
 
-    check_train(recipe)
     cfg, t = recipe.train.distill, recipe.train
     if not cfg.teacher or cfg.mode != "offline":
         raise RecipeError("moelab distill-cache needs train.distill.teacher and train.distill.mode=offline in the "
