@@ -71,7 +71,10 @@ def test_layer_is_causal_and_every_parameter_trains():
     later[:, 20:] = (later[:, 20:] + 1) % 2048
     with torch.no_grad():
         a, b = model(ids).logits, model(later).logits
-    assert torch.equal(a[:, :20], b[:, :20]) and not torch.equal(a[:, 20:], b[:, 20:])
+    # not bit-equal: a changed later token changes the experts' group sizes, and with
+    # several threads a GEMM's rounding may follow its shape
+    assert torch.allclose(a[:, :20], b[:, :20], rtol=0, atol=1e-5)
+    assert (a[:, 20:] - b[:, 20:]).abs().max() > 1e-2
     model.train()
     out = model(ids, targets=ids)
     (out.loss + out.aux["aux_loss"]).backward()
