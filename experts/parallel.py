@@ -78,6 +78,12 @@ def _exchange_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _slot_experts(d: Dispatch, T: int, K: int) -> torch.Tensor:
+    """The global expert of each (token, choice) slot of a dropless dispatch: slot s
+    sits in sorted row inverse_S[s], and the rows of expert e end at cumsum(counts)[e]."""
+    return torch.bucketize(d.inverse_S, d.counts_E.cumsum(0), right=True).view(T, K)
+
+
 def expert_parallel(backend: Callable, x_TD: torch.Tensor, weights_TK: torch.Tensor, d: Dispatch,
                     w_in_LID: torch.Tensor, w_out_LDF: torch.Tensor, kind: str, group,
                     *biases: torch.Tensor) -> torch.Tensor:
@@ -103,9 +109,7 @@ def expert_parallel(backend: Callable, x_TD: torch.Tensor, weights_TK: torch.Ten
     ep, L = group_size(group), w_in_LID.shape[0]
     T, K = weights_TK.shape
     dev = x_TD.device
-    # the global expert of each slot: slot s sits in sorted row inverse_S[s], and the
-    # rows of expert e end at cumsum(counts)[e]
-    e_TK = torch.bucketize(d.inverse_S, d.counts_E.cumsum(0), right=True).view(T, K)
+    e_TK = _slot_experts(d, T, K)
     rank_TK = e_TK // L
     to_TR = torch.zeros(T, ep, dtype=torch.bool, device=dev).scatter_(1, rank_TK, True)
     send_table = torch.cat([to_TR.sum(0)[:, None], d.counts_E.view(ep, L)], 1)  # (rank, [tokens, rows per expert])
@@ -175,7 +179,7 @@ def expert_parallel_gather(backend: Callable, x_TD: torch.Tensor, weights_TK: to
     ep, rank, L = group_size(group), group_rank(group), w_in_LID.shape[0]
     T, K = weights_TK.shape
     D = x_TD.shape[1]
-    e_TK = torch.bucketize(d.inverse_S, d.counts_E.cumsum(0), right=True).view(T, K)
+    e_TK = _slot_experts(d, T, K)
     x_all = all_to_all(x_TD.to(_exchange_dtype(x_TD)).expand(ep, T, D).reshape(ep * T, D), group=group)
     w_all = all_to_all(weights_TK.float().expand(ep, T, K).reshape(ep * T, K), group=group)
     with torch.no_grad():
