@@ -24,6 +24,9 @@ the writes solve one unit lower-triangular system
 and o_i = G_i S_0^T q_i + sum_{j<=i} (G_i / G_j) (q_i . k_j) u_j, so the sequential part
 is one small matmul step per chunk; the cost is linear in the sequence length. On
 CUDA the flash-linear-attention package's Triton kernels (`backend: fla`) do the same.
+fla 0.6 refuses its backward on Hopper GPUs with Triton 3.4 to 3.7.0 (wrong gradients,
+its issue 640) unless tilelang is installed; there `auto` trains on the chunked
+reference (compiled with the blocks) and keeps fla for forward-only work.
 """
 from __future__ import annotations
 
@@ -114,6 +117,29 @@ def fla_chunk_gated_delta_rule():
     return fla_chunk
 
 
+@functools.lru_cache(maxsize=1)
+def fla_backward_refused() -> bool:
+    """True where fla's gated chunk backward refuses to run: Hopper GPUs with Triton >= 3.4
+    and < 3.7.1 and no tilelang (fla's own guard, read from fla's own flags). False when
+    fla is absent or its flags are not where fla 0.6 keeps them (then fla decides)."""
+    if fla_chunk_gated_delta_rule() is None:
+        return False
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except ImportError:
+        return False
+    try:
+        import tilelang  # noqa: F401  (fla's other backend, which has no such bug)
+        return False
+    except ImportError:
+        pass
+    return bool(IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1)
+
+
+FLA_BACKWARD_REFUSED = ("flash-linear-attention refuses its backward on this GPU (Hopper with Triton >= 3.4 and "
+                        "< 3.7.1 gives wrong gradients, fla issue 640)")
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm of each head's output, then times silu(gate): the weight starts at 1
     (not zero-centred), applied to the normalised values cast back to the input dtype;
@@ -141,8 +167,9 @@ class GatedDeltaNet(nn.Module):
         lin = cfg.linear
         self.n_k, self.n_v, self.dk, self.dv = lin.n_k_heads, lin.n_v_heads, lin.k_head_dim, lin.v_head_dim
         self.chunk_size, self.backend = lin.chunk_size, lin.backend
-        # looked up once here, not per call: compiled blocks then read an attribute
+        # looked up once here, not per call: compiled blocks then read attributes
         self._fla = fla_chunk_gated_delta_rule() if self.backend != "torch" else None
+        self._fla_no_backward = self._fla is not None and fla_backward_refused()
         if self.backend == "fla" and self._fla is None:
             raise RecipeError("model.attention.linear.backend = 'fla' needs flash-linear-attention "
                               "(pip install 'moelab[fla]' on a CUDA machine); use backend 'auto' or 'torch'.")
@@ -210,6 +237,12 @@ class GatedDeltaNet(nn.Module):
             dtype = torch.get_autocast_dtype("cuda")
         half = dtype in (torch.bfloat16, torch.float16)
         fla = self._fla if q.is_cuda and half else None
+        if fla is not None and self._fla_no_backward and torch.is_grad_enabled():
+            if self.backend == "fla":
+                raise ValueError(f"model.attention.linear.backend = 'fla': {FLA_BACKWARD_REFUSED}; train with "
+                                 "backend 'auto' (the chunked reference, compiled) or upgrade Triton to >= 3.7.1 "
+                                 "or install tilelang.")
+            fla = None  # auto: train on the reference; fla still serves eval and generate
         if fla is not None:
             q, k, v, beta = (t.to(dtype) for t in (q, k, v, beta))
             o, _ = fla(q, k, v, g=g, beta=beta, scale=scale, use_qk_l2norm_in_kernel=True)
@@ -217,18 +250,22 @@ class GatedDeltaNet(nn.Module):
         if self.backend == "fla":
             raise ValueError("model.attention.linear.backend = 'fla' runs on CUDA in bf16 or fp16 only (got "
                              f"{dtype} on {q.device.type}); use backend 'auto' or 'torch' here.")
-        q, k = l2norm(q.float()), l2norm(k.float())
-        return chunk_gated_delta_rule(q, k, v, g, beta, scale, self.chunk_size)[0]
+        # float32 throughout: under autocast the rule's matmuls would otherwise run in bf16,
+        # and the decays and the triangular solve compound that rounding over the sequence
+        with torch.autocast(q.device.type, enabled=False):
+            q, k = l2norm(q.float()), l2norm(k.float())
+            return chunk_gated_delta_rule(q, k, v, g, beta, scale, self.chunk_size)[0]
 
     def _delta_rule_cached(self, q, k, v, g, beta, cache: StateCache) -> torch.Tensor:
         """The reference paths from the cached state: token by token for a decoding step,
         chunked for a prompt chunk; the final state goes back into the cache."""
-        q, k = l2norm(q.float()), l2norm(k.float())
         scale = self.dk ** -0.5
-        if q.shape[1] < self.chunk_size:
-            o, cache.state = recurrent_gated_delta_rule(q, k, v, g, beta, scale, cache.state)
-        else:
-            o, cache.state = chunk_gated_delta_rule(q, k, v, g, beta, scale, self.chunk_size, cache.state)
+        with torch.autocast(q.device.type, enabled=False):  # float32, as in _delta_rule
+            q, k = l2norm(q.float()), l2norm(k.float())
+            if q.shape[1] < self.chunk_size:
+                o, cache.state = recurrent_gated_delta_rule(q, k, v, g, beta, scale, cache.state)
+            else:
+                o, cache.state = chunk_gated_delta_rule(q, k, v, g, beta, scale, self.chunk_size, cache.state)
         cache.pos += q.shape[1]
         return o
 

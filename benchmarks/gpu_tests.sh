@@ -14,5 +14,7 @@ WORKERS=${WORKERS:-8}
 "$PY" -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|',
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device', 'x', torch.cuda.device_count())"
 xdist=()
-"$PY" -c "import xdist" 2>/dev/null && xdist=(-n "$WORKERS")
+# one OpenMP thread per worker: WORKERS processes of the machine's default thread count
+# each would oversubscribe the cores many times over
+"$PY" -c "import xdist" 2>/dev/null && { xdist=(-n "$WORKERS"); export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; }
 exec "$PY" -m pytest -q -p no:cacheprovider -rfs "${xdist[@]}" "$@"

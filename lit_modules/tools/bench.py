@@ -32,7 +32,9 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import inspect
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -378,6 +380,38 @@ def hf_twin(model: nn.Module, recipe: Recipe) -> Tuple[nn.Module, List[str]]:
     return twin, notes
 
 
+@contextlib.contextmanager
+def hf_delta_rule_as_ours(twin: nn.Module, notes: List[str]):
+    """While the twin is timed: where fla refuses its backward (arch/linear_attention.py
+    fla_backward_refused), moelab's DeltaNet layers train on the chunked PyTorch rule, and
+    transformers' would call fla and fail. transformers wraps its PyTorch rule
+    (`torch_chunk_gated_delta_rule`) in a dispatcher that prefers fla when installed
+    (5.x), or keeps fla's function in each layer's `chunk_gated_delta_rule` (4.57): both
+    are pointed at the unwrapped PyTorch rule, the path transformers takes without fla,
+    and restored afterwards."""
+    from arch.linear_attention import FLA_BACKWARD_REFUSED, fla_backward_refused
+
+    module = sys.modules[type(twin).__module__]
+    wrapped = getattr(module, "torch_chunk_gated_delta_rule", None)
+    if not fla_backward_refused() or wrapped is None:
+        yield
+        return
+    plain = inspect.unwrap(wrapped)
+    layers = [m for m in twin.modules() if callable(getattr(m, "chunk_gated_delta_rule", None))]
+    saved = [(m, m.chunk_gated_delta_rule) for m in layers]
+    module.torch_chunk_gated_delta_rule = plain
+    for m in layers:
+        m.chunk_gated_delta_rule = plain
+    notes.append(f"{FLA_BACKWARD_REFUSED}: both sides train their DeltaNet layers on PyTorch's chunked rule "
+                 "(moelab's compiled with the blocks, transformers' torch_chunk_gated_delta_rule eager)")
+    try:
+        yield
+    finally:
+        module.torch_chunk_gated_delta_rule = wrapped
+        for m, fn in saved:
+            m.chunk_gated_delta_rule = fn
+
+
 def hf_detail(twin: nn.Module) -> str:
     cfg = twin.config
     parts = [f"{type(twin).__name__}, attn {cfg._attn_implementation}"]
@@ -422,7 +456,8 @@ def bench_model(recipe: Recipe, *, device: torch.device, precision: Precision, w
     _free(device)
     if twin is not None:
         twin = twin.to(device=device, dtype=precision.param_dtype)
-        results.append(run_training_steps("HF transformers", twin, hf_loss, detail=hf_detail(twin), **args))
+        with hf_delta_rule_as_ours(twin, hf_notes):
+            results.append(run_training_steps("HF transformers", twin, hf_loss, detail=hf_detail(twin), **args))
         del twin
         _free(device)
 

@@ -1,8 +1,9 @@
-"""The table of benchmarks/qat_cpu.sh: validation loss of the base run at steps T and
+"""The table of benchmarks/qat.sh: validation loss of the base run at steps T and
 T + N, unquantized and after PTQ, and of each QAT run at T + N after quantization.
 Scored with `moelab eval`'s own functions (load_source, quantize_weights_ as
---quantize applies it, window_loss), each checkpoint loaded once.
-Usage: python3 benchmarks/qat_cpu_table.py WORK T N FORMAT..."""
+--quantize applies it, window_loss), each checkpoint loaded once, in float32 (on CUDA
+when there is one).
+Usage: python3 benchmarks/qat_table.py WORK T N FORMAT..."""
 from __future__ import annotations
 
 import copy
@@ -18,25 +19,25 @@ from lit_modules.commands.eval_cmd import load_source, load_tokenizer, window_lo
 
 def main(work: str, T: str, N: str, *formats: str) -> None:
     work, T, N = Path(work), int(T), int(N)
-    cpu = torch.device("cpu")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = {}
 
     def loss(ckpt: Path, fmt=None) -> float:
         if ckpt not in cache:
-            recipe, model, tok = load_source(ckpt, cpu, torch.float32)
+            recipe, model, tok = load_source(ckpt, dev, torch.float32)
             ids = load_tokenizer(Path(tok), str(ckpt)).encode((work / "val.txt").read_text(encoding="utf-8")).ids
             cache[ckpt] = (recipe, model, ids)
         recipe, model, ids = cache[ckpt]
         if fmt is not None:
             model = copy.deepcopy(model)
             quantize_weights_(model, fmt, recipe.train.qat.include)
-        return window_loss(model, ids, recipe.train.seq_len, 8, cpu)["loss"]
+        return window_loss(model, ids, recipe.train.seq_len, 8, dev)["loss"]
 
     base_T = work / "base" / "checkpoints" / step_name(T)
     base_E = work / "base" / "checkpoints" / step_name(T + N)
     fT, fE = loss(base_T), loss(base_E)
     n_tokens = len(cache[base_T][2])
-    print(f"validation: {n_tokens:,} tokens; T = {T}, N = {N}\n")
+    print(f"validation: {n_tokens:,} tokens; T = {T}, N = {N}; scored on {dev}\n")
     print("| format | float32 @T | PTQ @T | float32 @T+N (no QAT) | PTQ @T+N (no QAT) | QAT @T+N, quantized "
           "| PTQ gap | QAT gap | gap recovered |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# PTQ vs QAT: a proxy trained for T + N steps (the no-QAT arm); from its step-T
+# checkpoint, the same N steps again with train.qat.format set (start_step = T: the same
+# data, learning rates and optimizer state, only the forward differs). Every number is
+# the loss `moelab eval` reports (its window_loss, after --quantize's quantize_weights_
+# for the quantized ones) on the first $VAL_CHARS characters of the corpus's validation
+# split (written to $WORK/val.txt).
+#
+#   benchmarks/qat.sh cpu [T] [N]   # the tiny Qwen3-MoE proxy in float32 on a CPU
+#                                   # (defaults 400 200: ~10 min on 2 idle cores)
+#   benchmarks/qat.sh gpu [T] [N]   # the W2 MoE proxy (proxies/qwen3_moe_w2), bf16-mixed,
+#                                   # blocks compiled, on one GPU (defaults 600 300)
+# Results: benchmarks/results/qat_cpu.md, qat_h100.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-cpu}
+case "$MODE" in
+cpu)
+  T=${2:-400}; N=${3:-200}
+  RECIPE=proxies/qwen3_moe_tiny
+  VAL_CHARS=${VAL_CHARS:-60000}
+  EXTRA=(train.precision=32-true train.accelerator=cpu)
+  ;;
+gpu)
+  T=${2:-600}; N=${3:-300}
+  RECIPE=proxies/qwen3_moe_w2
+  VAL_CHARS=${VAL_CHARS:-400000}
+  EXTRA=()
+  ;;
+*)
+  echo "qat.sh: the mode is cpu or gpu, not '$MODE'." >&2
+  exit 2
+  ;;
+esac
+WORK=${WORK:-/tmp/moelab_qat_$MODE}
+FORMATS=${FORMATS:-int4 int4_b32 fp8}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+moelab() { python3 -m lit_modules.cli "$@"; }
+rm -rf "$WORK"; mkdir -p "$WORK"
+COMMON=(train.run_dir="$WORK" "${EXTRA[@]}" train.val_every=0 train.expert_image_every=0
+        train.max_steps=$((T + N)) train.keep_checkpoints=0)
+
+python3 - "$RECIPE" "$WORK/val.txt" "$VAL_CHARS" <<'PY'
+import sys
+from arch import load_recipe
+from lit_modules.data.corpus import Corpus
+corpus = Corpus(load_recipe(sys.argv[1]).data)
+open(sys.argv[2], "w", encoding="utf-8").write("\n".join(corpus.split(corpus.plan(), "val"))[:int(sys.argv[3])])
+PY
+
+moelab train $RECIPE "${COMMON[@]}" train.run_name=base train.ckpt_every=$T
+for f in $FORMATS; do
+  moelab train $RECIPE "${COMMON[@]}" train.run_name=qat_$f train.ckpt_every=0 \
+      train.resume="$WORK/base/checkpoints/$(printf 'step%08d.ckpt' "$T")" train.qat.format=$f train.qat.start_step=$T
+done
+
+# the table: each checkpoint loaded once, scored as `moelab eval [--quantize F]` scores it
+python3 benchmarks/qat_table.py "$WORK" "$T" "$N" $FORMATS | tee "$WORK/table.md"
