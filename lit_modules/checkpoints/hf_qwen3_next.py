@@ -20,6 +20,7 @@ or Qwen3_5MoeForCausalLM when asked (`moelab export-hf --architecture`).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -256,3 +257,48 @@ def config_kwargs(arch: str, m: ModelConfig) -> dict:
         kw.update(intermediate_size=m.ffn.d_ff or mo.d_expert, decoder_sparse_step=1,
                   mlp_only_layers=[s.index for s in specs if not s.moe], norm_topk_prob=mo.router.renormalize)
     return kw
+
+
+# transformers' own modules of these families (those the installed version has)
+_HF_MODULES = ("transformers.models.qwen3_next.modeling_qwen3_next",
+               "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+               "transformers.models.qwen3_5.modeling_qwen3_5")
+_HF_RULES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+
+
+@contextlib.contextmanager
+def transformers_pytorch_delta_rule(*models: torch.nn.Module):
+    """Within the block, transformers' Qwen3-Next / Qwen3.5 DeltaNet layers run its own
+    PyTorch delta rule even where flash-linear-attention is installed. transformers 5.x
+    wraps that rule in a dispatcher that calls fla whenever fla imports (CPU tensors
+    included, where fla's Triton kernels fail), and 4.57 kept fla's function in each
+    layer's `chunk_gated_delta_rule` / `recurrent_gated_delta_rule`. Both are pointed at
+    the unwrapped PyTorch functions and restored on exit. Used where moelab compares
+    with transformers: on a CPU, and where fla refuses its backward (lit_modules/tools/bench.py)."""
+    import importlib
+    import inspect
+
+    saved = []
+    for name in _HF_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for rule in _HF_RULES:
+            fn = getattr(module, rule, None)
+            if fn is not None:
+                saved.append((module, rule, fn))
+                setattr(module, rule, inspect.unwrap(fn))
+    for model in models:
+        for m in model.modules():
+            for attr, rule in (("chunk_gated_delta_rule", _HF_RULES[0]), ("recurrent_gated_delta_rule", _HF_RULES[1])):
+                fn = getattr(m, attr, None)
+                plain = next((inspect.unwrap(f) for mod, r, f in saved if r == rule), None)
+                if callable(fn) and plain is not None:
+                    saved.append((m, attr, fn))
+                    setattr(m, attr, plain)
+    try:
+        yield
+    finally:
+        for owner, attr, fn in reversed(saved):
+            setattr(owner, attr, fn)

@@ -32,9 +32,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
-import inspect
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -384,32 +382,18 @@ def hf_twin(model: nn.Module, recipe: Recipe) -> Tuple[nn.Module, List[str]]:
 def hf_delta_rule_as_ours(twin: nn.Module, notes: List[str]):
     """While the twin is timed: where fla refuses its backward (arch/linear_attention.py
     fla_backward_refused), moelab's DeltaNet layers train on the chunked PyTorch rule, and
-    transformers' would call fla and fail. transformers wraps its PyTorch rule
-    (`torch_chunk_gated_delta_rule`) in a dispatcher that prefers fla when installed
-    (5.x), or keeps fla's function in each layer's `chunk_gated_delta_rule` (4.57): both
-    are pointed at the unwrapped PyTorch rule, the path transformers takes without fla,
-    and restored afterwards."""
+    transformers' would call fla and fail; they take transformers' own PyTorch rule, the
+    path it runs without fla (hf_qwen3_next.transformers_pytorch_delta_rule)."""
     from arch.linear_attention import FLA_BACKWARD_REFUSED, fla_backward_refused
+    from lit_modules.checkpoints.hf_qwen3_next import ARCHS, transformers_pytorch_delta_rule
 
-    module = sys.modules[type(twin).__module__]
-    wrapped = getattr(module, "torch_chunk_gated_delta_rule", None)
-    if not fla_backward_refused() or wrapped is None:
+    if not fla_backward_refused() or type(twin).__name__ not in ARCHS:
         yield
         return
-    plain = inspect.unwrap(wrapped)
-    layers = [m for m in twin.modules() if callable(getattr(m, "chunk_gated_delta_rule", None))]
-    saved = [(m, m.chunk_gated_delta_rule) for m in layers]
-    module.torch_chunk_gated_delta_rule = plain
-    for m in layers:
-        m.chunk_gated_delta_rule = plain
     notes.append(f"{FLA_BACKWARD_REFUSED}: both sides train their DeltaNet layers on PyTorch's chunked rule "
                  "(moelab's compiled with the blocks, transformers' torch_chunk_gated_delta_rule eager)")
-    try:
+    with transformers_pytorch_delta_rule(twin):
         yield
-    finally:
-        module.torch_chunk_gated_delta_rule = wrapped
-        for m, fn in saved:
-            m.chunk_gated_delta_rule = fn
 
 
 def hf_detail(twin: nn.Module) -> str:

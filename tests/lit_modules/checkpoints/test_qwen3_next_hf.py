@@ -14,6 +14,31 @@ pytest.importorskip("safetensors")
 
 from _hf_tiny import VOCAB, import_and_load, max_diff, perturb, tokens  # noqa: E402
 from lit_modules.checkpoints.hf import ConvertError, export_hf, import_hf  # noqa: E402
+from lit_modules.checkpoints.hf_qwen3_next import transformers_pytorch_delta_rule  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _transformers_on_its_pytorch_rule():
+    """With flash-linear-attention installed, transformers calls fla's Triton kernels for
+    its DeltaNet layers even on CPU tensors, where they fail: these CPU comparisons run
+    transformers' own PyTorch rule."""
+    with transformers_pytorch_delta_rule():
+        yield
+
+
+def test_pytorch_rule_for_instance_attributes_too():
+    """transformers 4.57 kept the rule in each layer (self.chunk_gated_delta_rule); the
+    context points those at the unwrapped PyTorch function too, and restores them."""
+    import inspect
+    import sys
+
+    module = sys.modules[type(hf_model("qwen3_next")).__module__]
+    plain = inspect.unwrap(module.torch_chunk_gated_delta_rule)
+    layer = torch.nn.Module()
+    layer.chunk_gated_delta_rule = fla_like = lambda *a, **k: "fla"
+    with transformers_pytorch_delta_rule(layer):
+        assert layer.chunk_gated_delta_rule is plain
+    assert layer.chunk_gated_delta_rule is fla_like
 
 TOL = 1e-4
 QWEN3_NEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,

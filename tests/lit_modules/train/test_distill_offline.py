@@ -133,7 +133,8 @@ def test_offline_training_matches_online_and_resumes(offline_setup, cache):
 
     assert len(losses(off)) == 4
     np.testing.assert_allclose(losses(off), losses(on), rtol=2e-4)
-    np.testing.assert_allclose(losses(off, "train/teacher_ce_loss"), losses(on, "train/teacher_ce_loss"), rtol=1e-5)
+    # 1e-5 on a CPU; on a GPU machine the teacher's CE differs by ~1.3e-5 (its logits' own rounding)
+    np.testing.assert_allclose(losses(off, "train/teacher_ce_loss"), losses(on, "train/teacher_ce_loss"), rtol=1e-4)
     resumed = train(RECIPE, ov + ["train.run_name=resumed",
                                   f"train.resume={Path(off['run_dir']) / 'checkpoints' / 'step00000002.ckpt'}"])
     assert resumed["steps"] == 4 and resumed["train_loss"] == off["train_loss"]
