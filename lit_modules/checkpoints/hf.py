@@ -413,7 +413,11 @@ def recipe_from_hf(hf_dir) -> Tuple[str, Recipe, bool]:
                            "check its types against the model's documented config.") from None
     if arch == GEMMA3_MM or arch in _hooks() and top is not text:  # the multimodal wrapper owns the tying flag
         mc.tie_embeddings = bool(getattr(top, "tie_word_embeddings", mc.tie_embeddings))
-    if arch == DEEPSEEK_V3:  # MTP modules: as many as the checkpoint holds (transformers' model has none)
+    # MTP modules: as many as the checkpoint holds (transformers builds none)
+    depth_of = _hook(arch, "mtp_depth")
+    if depth_of is not None:
+        mc.mtp.depth = depth_of(arch, set(safetensors_source(hf_dir).shapes()), mc)
+    elif arch == DEEPSEEK_V3:
         names = set(safetensors_source(hf_dir).shapes())
         while f"model.layers.{mc.n_layers + mc.mtp.depth}.eh_proj.weight" in names:
             mc.mtp.depth += 1
@@ -625,11 +629,38 @@ _LAYER = re.compile(r"(model\.)?layers\.(\d+)\.(.+)$")
 
 
 def _mtp_depth(name: str, n_layers: Optional[int]) -> Optional[Tuple[int, str]]:
-    """(k, the rest of the name) for a tensor of MTP module k, else None."""
+    """(k, the rest of the name) for a tensor of DeepSeek-V3's MTP module k, else None."""
     m = _LAYER.match(name)
     if n_layers is None or m is None or int(m.group(2)) < n_layers:
         return None
     return int(m.group(2)) - n_layers, m.group(3)
+
+
+def mtp_part(arch: str, name: str, n_layers: Optional[int]) -> Optional[Tuple[int, str, bool]]:
+    """(k, rest, own) when HF tensor `name` belongs to multi-token prediction module k:
+    `own`: rest is the moelab name of one of the module's own tensors (its norms and
+    projection, under mtp.{k}.); else rest is the tensor's HF name within a decoder
+    layer, for the module's block. None for the rest of the model. A family stores
+    these its own way (its `mtp_part` hook); DeepSeek-V3 as the layers after the model's."""
+    own_way = _hook(arch, "mtp_part")
+    if own_way is not None:
+        return own_way(name)
+    found = _mtp_depth(name, n_layers) if arch == DEEPSEEK_V3 else None
+    if found is None:
+        return None
+    k, rest = found
+    return (k, _MTP_OWN[rest], True) if rest in _MTP_OWN else (k, rest, False)
+
+
+def mtp_hf_name(arch: str, k: int, rest: str, own: bool, n_layers: int) -> str:
+    """The inverse of `mtp_part`: the HF name of module k's tensor `rest`."""
+    own_way = _hook(arch, "mtp_hf_name")
+    if own_way is not None:
+        return own_way(k, rest, own)
+    if arch != DEEPSEEK_V3:
+        raise ConvertError(f"{arch} cannot store multi-token prediction modules; set model.mtp.depth=0 to "
+                           "export the next-token model alone.")
+    return f"model.layers.{n_layers + k}.{({v: h for h, v in _MTP_OWN.items()}[rest] if own else rest)}"
 
 
 def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = None) -> Optional[Part]:
@@ -640,12 +671,13 @@ def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = No
     if own is not None:  # a family with a naming of its own (the others add to RULES)
         ours = own(arch, name, d_expert)
         return None if ours is None else Part(ours)
-    mtp = _mtp_depth(name, n_layers) if arch == DEEPSEEK_V3 else None
-    if mtp is not None:
-        k, rest = mtp
-        if rest in _MTP_OWN:
-            return Part(f"mtp.{k}.{_MTP_OWN[rest]}")
-        part = hf_to_ours(arch, f"model.layers.{n_layers}.{rest}", d_expert)  # as the block of a layer
+    mtp = mtp_part(arch, name, n_layers)
+    if mtp is not None and n_layers is not None:
+        k, rest, own_tensor = mtp
+        if own_tensor:
+            return Part(f"mtp.{k}.{rest}")
+        body = _BODY.get(arch, ("model.",))[0]
+        part = hf_to_ours(arch, f"{body}layers.{n_layers}.{rest}", d_expert)  # as the block of a layer
         if part is None:
             return None
         return Part(part.ours.replace(f"layers.{n_layers}.", f"mtp.{k}.block.", 1), part.index, part.layout)
@@ -681,7 +713,8 @@ def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = No
 def ours_to_hf(arch: str, name: str, tensor: torch.Tensor,
                n_layers: Optional[int] = None) -> List[Tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs for one moelab tensor, in the per-expert hub layout.
-    MTP modules (DeepSeek-V3 only) need `n_layers`: they become the layers after it."""
+    Multi-token prediction modules need `n_layers`: their blocks are named as layer
+    `n_layers`, then where the family keeps them (`mtp_hf_name`)."""
     own = _hook(arch, "ours_to_hf")  # also registers the families' RULES on first use
     if own is not None:
         pairs = own(arch, name, tensor)
@@ -691,14 +724,14 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor,
         return pairs
     m = re.match(r"mtp\.(\d+)\.(.+)$", name)
     if m:
-        if arch != DEEPSEEK_V3 or n_layers is None:
-            raise ConvertError(f"moelab tensor {name} is a multi-token prediction module, which {arch} cannot "
-                               "store; set model.mtp.depth=0 to export the next-token model alone.")
-        layer, rest = n_layers + int(m.group(1)), m.group(2)
-        own = {v: k for k, v in _MTP_OWN.items()}
-        if rest in own:
-            return [(f"model.layers.{layer}.{own[rest]}", tensor)]
-        return ours_to_hf(arch, f"layers.{layer}.{rest[len('block.'):]}", tensor)
+        if n_layers is None:
+            raise ValueError("ours_to_hf needs n_layers for a multi-token prediction tensor")
+        k, rest = int(m.group(1)), m.group(2)
+        if not rest.startswith("block."):
+            return [(mtp_hf_name(arch, k, rest, True, n_layers), tensor)]
+        layer = re.compile(rf"(.*\.)?layers\.{n_layers}\.")  # the block as layer n_layers, then renamed
+        return [(mtp_hf_name(arch, k, layer.sub("", hf_name, count=1), False, n_layers), t)
+                for hf_name, t in ours_to_hf(arch, f"layers.{n_layers}.{rest[len('block.'):]}", tensor)]
     if name == "head.weight":
         return [("lm_head.weight", tensor)]
     if name.endswith("ffn.router.expert_bias") and arch != DEEPSEEK_V3:
@@ -734,8 +767,7 @@ def _ignorable(arch: str, name: str, tied: bool, n_layers: Optional[int] = None,
                model: Optional[ModelConfig] = None) -> bool:
     if name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports saved
         return True
-    mtp = _mtp_depth(name, n_layers) if arch == DEEPSEEK_V3 else None
-    if mtp is not None and mtp[1] in _MTP_SHARED:
+    if arch == DEEPSEEK_V3 and (_mtp_depth(name, n_layers) or (0, ""))[1] in _MTP_SHARED:
         return True
     if arch == GEMMA3_MM and name.startswith(_IGNORED):
         return True
@@ -1016,7 +1048,10 @@ def hf_config_for(m: ModelConfig, arch: Optional[str] = None):
         raise ConvertError(f"this model is written as {' or '.join(allowed)}, not {arch}; leave the architecture "
                            "out or name one of those.")
     arch = arch or family
-    if m.mtp.depth and arch != DEEPSEEK_V3:
+    own_mtp = _hook(arch, "check_mtp")
+    if m.mtp.depth and own_mtp is not None:
+        own_mtp(arch, m, m.mtp.depth)
+    elif m.mtp.depth and arch != DEEPSEEK_V3:
         raise ConvertError(f"model.mtp.depth = {m.mtp.depth}: {arch} has no multi-token prediction modules; set "
                            "model.mtp.depth=0 to export the next-token model alone.")
     classes = {QWEN3: transformers.Qwen3Config, QWEN3_MOE: transformers.Qwen3MoeConfig,

@@ -12,9 +12,15 @@ file's rules. Names besides those (HF left, moelab right):
     layers.i.mlp.shared_expert.{gate,up,down}_proj          layers.i.ffn.shared.*
     layers.i.mlp.shared_expert_gate                         layers.i.ffn.shared_gate
 
+    mtp.fc / pre_fc_norm_embedding / pre_fc_norm_hidden / norm   mtp.0.eh_proj / enorm / hnorm / norm
+    mtp.layers.0.*  (a full-attention decoder layer)            mtp.0.block.*
+
 Qwen3.5 checkpoints keep the text model under model.language_model. beside a vision tower
-(model.visual.); both families' checkpoints carry a multi-token-prediction layer (mtp.)
-that transformers does not build: those tensors are skipped. Export writes
+(model.visual.), which is skipped. Both families' checkpoints carry one multi-token
+prediction layer (mtp.*, config.json's mtp_num_hidden_layers) that transformers does not
+build; it is moelab's MTP module of depth 1 (arch/mtp.py: vLLM's Qwen3-Next MTP computes
+norm(layer(fc([norm_e(embed) ; norm_h(h)]))), DeepSeek-V3's combination), imported when the
+checkpoint holds it and exported with model.mtp.depth = 1. Export writes
 Qwen3NextForCausalLM (it holds every hybrid model moelab builds, dense layers included),
 or Qwen3_5MoeForCausalLM when asked (`moelab export-hf --architecture`).
 """
@@ -52,7 +58,11 @@ for _arch in ARCHS:
     hf.RULES[_arch] = hf._COMMON + hf._QWEN + hf._MOE + _LINEAR_RULES
 # transformers 5 keeps Qwen3.5's text model under model.language_model. (its text-only class too)
 hf._BODY[QWEN3_5_MOE] = hf._BODY[QWEN3_5_MOE_TEXT] = ("model.language_model.", "model.")
-_SKIPPED = ("mtp.", "model.mtp.", "model.visual.", "visual.")
+_SKIPPED = ("model.visual.", "visual.")
+# the MTP layer's own tensors (HF left, moelab's under mtp.0. right); its decoder layer is mtp.layers.0.
+_MTP_OWN = {"mtp.fc.weight": "eh_proj.weight", "mtp.pre_fc_norm_embedding.weight": "enorm.weight",
+            "mtp.pre_fc_norm_hidden.weight": "hnorm.weight", "mtp.norm.weight": "norm.weight"}
+_MTP_LAYER = re.compile(r"mtp\.layers\.(\d+)\.(.+)$")
 
 
 def text_config(arch: str, cfg):
@@ -60,7 +70,42 @@ def text_config(arch: str, cfg):
 
 
 def ignorable(arch: str, name: str, m: Optional[ModelConfig]) -> bool:
-    return name.startswith(_SKIPPED)
+    """The vision tower; the MTP layer where the model has none (model.mtp.depth 0)."""
+    return name.startswith(_SKIPPED) or (name.startswith("mtp.") and (m is None or not m.mtp.depth))
+
+
+def mtp_part(name: str) -> Optional[Tuple[int, str, bool]]:
+    """hf.mtp_part for these families: one MTP layer, its own tensors under mtp."""
+    if name in _MTP_OWN:
+        return 0, _MTP_OWN[name], True
+    m = _MTP_LAYER.match(name)
+    return (int(m.group(1)), m.group(2), False) if m else None
+
+
+def mtp_hf_name(k: int, rest: str, own: bool) -> str:
+    if own:
+        return {v: h for h, v in _MTP_OWN.items()}[rest]
+    return f"mtp.layers.{k}.{rest}"
+
+
+def mtp_depth(arch: str, names, m: ModelConfig) -> int:
+    """The MTP modules a checkpoint's tensor names hold (0 or 1)."""
+    layers = {int(x.group(1)) for x in map(_MTP_LAYER.match, names) if x}
+    if not layers and not any(n in _MTP_OWN for n in names):
+        return 0
+    check_mtp(arch, m, len(layers) if layers != {0} else 1)
+    return 1
+
+
+def check_mtp(arch: str, m: ModelConfig, depth: int) -> None:
+    """Refuse, in one sentence, MTP modules that these families' one MTP layer cannot hold."""
+    if depth != 1:
+        raise _cannot(arch, "mtp_num_hidden_layers", depth, "moelab's MTP modules map to this family's one MTP "
+                      "layer (mtp.layers.0 with mtp.fc and its norms), as in every released checkpoint; use "
+                      "model.mtp.depth 0 or 1")
+    if layer_specs(m)[-1].attention == "gated_deltanet":
+        raise _cannot(arch, "layer_types", "linear_attention (last layer)", "moelab's MTP block is built like the "
+                      "model's last layer, and this family's MTP layer is a full-attention one")
 
 
 def _cannot(arch, field, value, why):
@@ -253,6 +298,8 @@ def config_kwargs(arch: str, m: ModelConfig) -> dict:
               moe_intermediate_size=mo.d_expert or 1,
               shared_expert_intermediate_size=mo.n_shared_experts * (mo.d_shared or 0) or 1,
               router_aux_loss_coef=mo.balance.aux_coef, output_router_logits=False)
+    if m.mtp.depth:  # not a transformers field: the released config.json's, for vLLM and SGLang
+        kw["mtp_num_hidden_layers"] = m.mtp.depth
     if arch == QWEN3_NEXT:
         kw.update(intermediate_size=m.ffn.d_ff or mo.d_expert, decoder_sparse_step=1,
                   mlp_only_layers=[s.index for s in specs if not s.moe], norm_topk_prob=mo.router.renormalize)

@@ -136,16 +136,102 @@ def test_qwen3_5_multimodal_text_part(tmp_path):
     _loss_parity(hf, ours)
 
 
-def test_checkpoint_mtp_tensors_are_skipped(tmp_path):
-    """Released checkpoints carry an MTP layer (mtp.*) that transformers does not build."""
-    hf = hf_model("qwen3_next", seed=4)
-    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
-    state["mtp.fc.weight"] = torch.zeros(32, 64)
-    state["mtp.layers.0.input_layernorm.weight"] = torch.zeros(32)
-    _, ours = import_and_load(hf, tmp_path, state)
-    ids = tokens()
+# the MTP layer is built like the last layer, so these models end with a full-attention one
+MTP_LAYERS = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+
+
+def with_mtp_layer(hf, seed: int = 5):
+    """hf's state dict plus the MTP layer of a released checkpoint, built from transformers'
+    own pieces (its decoder layer as layer n_layers - 1, full attention and MoE, and its
+    zero-centred norms) and perturbed: (state, those pieces)."""
+    module = __import__(type(hf).__module__, fromlist=["Qwen3NextRMSNorm"])
+    cfg, d = hf.config, hf.config.hidden_size
+    torch.manual_seed(seed)
+    layer = getattr(module, type(hf.model.layers[-1]).__name__)(cfg, cfg.num_hidden_layers - 1)
+    norm_cls = type(hf.model.norm)
+    pieces = torch.nn.ModuleDict(dict(layer=layer, fc=torch.nn.Linear(2 * d, d, bias=False),
+                                      pre_fc_norm_embedding=norm_cls(d, eps=cfg.rms_norm_eps),
+                                      pre_fc_norm_hidden=norm_cls(d, eps=cfg.rms_norm_eps),
+                                      norm=norm_cls(d, eps=cfg.rms_norm_eps)))
     with torch.no_grad():
-        assert max_diff(ours(ids).logits, hf(ids).logits) <= TOL
+        for name, p in pieces.named_parameters():  # the experts start uninitialised
+            if "norm" not in name:
+                p.normal_(0.0, 0.2)
+    perturb(pieces, seed)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    for name, t in pieces.state_dict().items():
+        state["mtp." + name.replace("layer.", "layers.0.", 1)] = t.contiguous()
+    return state, pieces.eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_next", "qwen3_5_moe"])
+def test_checkpoint_mtp_layer_matches_its_definition(kind, tmp_path):
+    """A released checkpoint's MTP layer (mtp.fc, its norms, mtp.layers.0) imports as
+    model.mtp (depth 1) and computes what vLLM's Qwen3-Next MTP does, written here with
+    transformers' own layer: logits = head(norm(layer(fc([norm_e(embed(t_{i+1})) ;
+    norm_h(h_i)])))), h the model's final-normed states; then exports back to the same
+    tensors, and the exported directory still loads into transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_modules.checkpoints.hf import hf_to_ours, ours_to_hf
+    from lit_modules.checkpoints.model_dir import load_model_dir
+
+    hf = hf_model(kind, seed=4, layer_types=MTP_LAYERS)
+    state, mtp = with_mtp_layer(hf)
+    recipe, ours = import_and_load(hf, tmp_path, state)
+    assert recipe.model.mtp.depth == 1 and ours.mtp[0].block.spec.moe
+
+    ids = tokens()
+    T = ids.shape[1]
+    causal = torch.full((T - 1, T - 1), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        assert max_diff(ours(ids).logits, hf(ids).logits) <= TOL  # the next-token model is untouched
+        h = hf.model(ids).last_hidden_state[:, :-1]
+        emb = hf.model.embed_tokens(ids[:, 1:])
+        x = mtp["fc"](torch.cat([mtp["pre_fc_norm_embedding"](emb), mtp["pre_fc_norm_hidden"](h)], dim=-1))
+        pos = torch.arange(T - 1)[None]
+        x = mtp["layer"](x, position_embeddings=hf.model.rotary_emb(x, pos), attention_mask=causal, position_ids=pos)
+        theirs = hf.lm_head(mtp["norm"](x))
+        module = ours.mtp[0]
+        mine = ours._logits(module(h, ours.embed_tokens(ids[:, 1:]), ours.ropes[module.block.spec.kind](T - 1, "cpu")))
+        assert max_diff(mine, theirs) <= TOL
+
+    # export: every MTP tensor back under the release's names (experts per expert, as
+    # every layer's), then a directory transformers loads and moelab imports again
+    arch = type(hf).__name__
+    n, d_expert = recipe.model.n_layers, recipe.model.moe.d_expert
+    for name, t in ours.state_dict().items():
+        if name.startswith("mtp."):
+            for hf_name, hf_t in ours_to_hf(arch, name, t, n):
+                assert hf_name.startswith("mtp."), hf_name
+                back = hf_to_ours(arch, hf_name, d_expert, n)
+                assert back.ours == name, (hf_name, back)
+                assert torch.equal(hf_t, state[hf_name] if hf_name in state else t[back.index]), hf_name
+    export_hf(tmp_path / "moelab", tmp_path / "back")
+    back, loading = AutoModelForCausalLM.from_pretrained(tmp_path / "back", output_loading_info=True,
+                                                         attn_implementation="eager")
+    assert not any(loading[k] for k in ("missing_keys", "mismatched_keys", "error_msgs")), loading
+    with torch.no_grad():
+        assert max_diff(back.eval()(ids).logits, hf(ids).logits) <= 1e-6
+    import_hf(tmp_path / "back", tmp_path / "again")
+    again = dict(load_model_dir(tmp_path / "again")[1].state_dict())
+    for name, t in ours.state_dict().items():
+        assert torch.equal(again[name], t), name
+
+
+def test_mtp_layers_moelab_cannot_hold_are_one_sentence(tmp_path):
+    """Two MTP layers (one shared fc), or an MTP layer after a linear-attention last layer."""
+    hf = hf_model("qwen3_next", seed=4, layer_types=MTP_LAYERS)
+    state, _ = with_mtp_layer(hf)
+    state["mtp.layers.1.input_layernorm.weight"] = torch.zeros(32)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ConvertError, match="mtp_num_hidden_layers"):
+        import_and_load(hf, tmp_path / "a", state)
+    hf = hf_model("qwen3_next", seed=4)  # its last layer is a linear-attention one
+    state, _ = with_mtp_layer(hf)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ConvertError, match="full-attention"):
+        import_and_load(hf, tmp_path / "b", state)
 
 
 @pytest.mark.parametrize("kind, architecture", [("qwen3_next", None), ("qwen3_5_moe", "Qwen3_5MoeForCausalLM"),
