@@ -324,6 +324,7 @@ def transformers_pytorch_delta_rule(*models: torch.nn.Module):
     with transformers: on a CPU, and where fla refuses its backward (lit_modules/tools/bench.py)."""
     import importlib
     import inspect
+    import sys
 
     saved = []
     for name in _HF_MODULES:
@@ -336,14 +337,15 @@ def transformers_pytorch_delta_rule(*models: torch.nn.Module):
             if fn is not None:
                 saved.append((module, rule, fn))
                 setattr(module, rule, inspect.unwrap(fn))
+    first = {rule: fn for _, rule, fn in reversed(saved)}  # the first family's, for layers of no family
     for model in models:
         for m in model.modules():
+            home = sys.modules.get(type(m).__module__)  # a layer runs its own family's rule
             for attr, rule in (("chunk_gated_delta_rule", _HF_RULES[0]), ("recurrent_gated_delta_rule", _HF_RULES[1])):
-                fn = getattr(m, attr, None)
-                plain = next((inspect.unwrap(f) for mod, r, f in saved if r == rule), None)
+                fn, plain = getattr(m, attr, None), getattr(home, rule, first.get(rule))
                 if callable(fn) and plain is not None:
                     saved.append((m, attr, fn))
-                    setattr(m, attr, plain)
+                    setattr(m, attr, inspect.unwrap(plain))
     try:
         yield
     finally:

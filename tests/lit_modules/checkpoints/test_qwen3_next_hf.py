@@ -39,6 +39,15 @@ def test_pytorch_rule_for_instance_attributes_too():
     with transformers_pytorch_delta_rule(layer):
         assert layer.chunk_gated_delta_rule is plain
     assert layer.chunk_gated_delta_rule is fla_like
+    # a layer of a family runs its own family's rule (Qwen3.5's is another function)
+    qwen35 = hf_model("qwen3_5_moe")
+    deltanet = next(m for m in qwen35.modules() if type(m).__name__.endswith("GatedDeltaNet"))
+    own = inspect.unwrap(sys.modules[type(deltanet).__module__].torch_chunk_gated_delta_rule)
+    assert own is not plain
+    deltanet.chunk_gated_delta_rule = fla_like
+    with transformers_pytorch_delta_rule(qwen35):
+        assert deltanet.chunk_gated_delta_rule is own
+    assert deltanet.chunk_gated_delta_rule is fla_like
 
 TOL = 1e-4
 QWEN3_NEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
