@@ -69,10 +69,11 @@ _BY_MODEL_TYPE = {"qwen3": QWEN3, "qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL, "o
                   "gemma3_text": GEMMA3, "gemma3": GEMMA3_MM}
 SILU, GELU_TANH = "silu", "gelu_pytorch_tanh"
 # families kept in modules of their own (hf_<family>.py), in FAMILY_HOOKS by architecture:
-# each names its ARCHS, MODEL_TYPES and CONFIG_CLASSES (those it writes) and defines the
-# steps it takes over from this file (text_config, model_config, ignorable, adapt_source,
-# hf_to_ours, ours_to_hf, signature, export_family, config_kwargs, export_pairs); a step
-# it leaves out runs this file's code. Loaded on first use, as arch/registry.py's
+# each names its ARCHS, MODEL_TYPES and CONFIG_CLASSES (those it writes), may give its name
+# RULES and BODY prefixes by architecture, and defines the steps it takes over from this
+# file (text_config, model_config, ignorable, adapt_source, hf_to_ours, ours_to_hf,
+# signature, export_family, config_kwargs, export_pairs, and for multi-token prediction
+# mtp_part, mtp_hf_name, mtp_depth, check_mtp); a step it leaves out runs this file's code. Loaded on first use, as arch/registry.py's
 # plugins, so that a family module may import this one.
 FAMILY_MODULES = ("lit_modules.checkpoints.hf_qwen3_next", "lit_modules.checkpoints.hf_gemma4")
 FAMILY_HOOKS: Dict[str, object] = {}
@@ -542,6 +543,18 @@ _EXPERT_NAMES = {MIXTRAL: ("w1", "w3", "w2")}  # gate, up, down; others: gate_pr
 # where the text model's tensors live, per architecture (transformers 5 and hub layouts)
 _BODY = {GEMMA3_MM: ("model.language_model.", "language_model.model.")}
 _HEAD = {GEMMA3_MM: ("lm_head.weight", "language_model.lm_head.weight")}
+
+
+def _rules(arch: str) -> list:
+    """The (HF, moelab) name rules of `arch`: this file's, or its family module's RULES."""
+    own = getattr(_hooks().get(arch), "RULES", None)
+    return own[arch] if own and arch in own else RULES[arch]
+
+
+def _bodies(arch: str) -> Tuple[str, ...]:
+    """The prefixes under which `arch` keeps its decoder (the first is written on export)."""
+    own = getattr(_hooks().get(arch), "BODY", None)
+    return own[arch] if own and arch in own else _BODY.get(arch, ("model.",))
 _IGNORED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
@@ -667,8 +680,8 @@ def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = No
     """Where HF tensor `name` goes in the moelab state dict; None if it belongs to no
     moelab tensor (the caller decides whether that is an error). With `n_layers`,
     DeepSeek-V3's layers past the model's are its MTP modules (model.mtp.*)."""
-    own = _hook(arch, "hf_to_ours")  # also registers the families' RULES on first use
-    if own is not None:  # a family with a naming of its own (the others add to RULES)
+    own = _hook(arch, "hf_to_ours")
+    if own is not None:  # a family with a naming of its own (the others give RULES)
         ours = own(arch, name, d_expert)
         return None if ours is None else Part(ours)
     mtp = mtp_part(arch, name, n_layers)
@@ -676,14 +689,14 @@ def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = No
         k, rest, own_tensor = mtp
         if own_tensor:
             return Part(f"mtp.{k}.{rest}")
-        body = _BODY.get(arch, ("model.",))[0]
+        body = _bodies(arch)[0]
         part = hf_to_ours(arch, f"{body}layers.{n_layers}.{rest}", d_expert)  # as the block of a layer
         if part is None:
             return None
         return Part(part.ours.replace(f"layers.{n_layers}.", f"mtp.{k}.block.", 1), part.index, part.layout)
     if name in _HEAD.get(arch, ("lm_head.weight",)):
         return Part("head.weight")
-    for prefix in _BODY.get(arch, ("model.",)):
+    for prefix in _bodies(arch):
         if name.startswith(prefix):
             body = name[len(prefix):]
             break
@@ -703,7 +716,7 @@ def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = No
     if m and arch == GPT_OSS:  # MXFP4: both halves of one moelab tensor, dequantized once both arrive
         ours = f"layers.{m.group(1)}.ffn.{'w_in' if m.group(2) == 'gate_up_proj' else 'w_out'}"
         return Part(ours, layout=f"mxfp4_{m.group(3)}_{m.group(2)}")
-    ours = _rename(RULES[arch], body, forward=True)
+    ours = _rename(_rules(arch), body, forward=True)
     if ours is not None and arch == GPT_OSS:
         layout = _GPT_OSS_LAYOUTS.get(ours.rsplit(".", 1)[-1])
         return Part(ours, layout=layout)
@@ -715,7 +728,7 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor,
     """HF (name, tensor) pairs for one moelab tensor, in the per-expert hub layout.
     Multi-token prediction modules need `n_layers`: their blocks are named as layer
     `n_layers`, then where the family keeps them (`mtp_hf_name`)."""
-    own = _hook(arch, "ours_to_hf")  # also registers the families' RULES on first use
+    own = _hook(arch, "ours_to_hf")
     if own is not None:
         pairs = own(arch, name, tensor)
         if pairs is None:
@@ -741,7 +754,7 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor,
     m = re.match(r"layers\.(\d+)\.ffn\.(w_in|w_out|b_in|b_out)$", name)
     if m and arch == GPT_OSS:  # gpt-oss's fused layouts: (E, in, out), gate / up interleaved
         t = from_ours(_GPT_OSS_LAYOUTS.get(m.group(2)), tensor)
-        return [(prefix + _rename(RULES[arch], name, forward=False), t)]
+        return [(prefix + _rename(_rules(arch), name, forward=False), t)]
     if m:
         base = hub(f"{prefix}layers.{m.group(1)}.mlp.experts")
         g_name, u_name, d_name = _EXPERT_NAMES.get(arch, ("gate_proj", "up_proj", "down_proj"))
@@ -753,7 +766,7 @@ def ours_to_hf(arch: str, name: str, tensor: torch.Tensor,
             else:
                 out.append((f"{base}.{e}.{d_name}.weight", tensor[e]))
         return out
-    hf = _rename(RULES[arch], name, forward=False)
+    hf = _rename(_rules(arch), name, forward=False)
     if hf is None:
         raise ConvertError(f"moelab tensor {name} has no counterpart in {arch}; the model uses a component "
                            "Hugging Face cannot express.")

@@ -54,10 +54,10 @@ _LINEAR_RULES = [
     ("layers.{i}.mlp.shared_expert.{mlp}.weight", "layers.{i}.ffn.shared.{mlp}.weight"),
     ("layers.{i}.mlp.shared_expert_gate.weight", "layers.{i}.ffn.shared_gate.weight"),
 ]
-for _arch in ARCHS:
-    hf.RULES[_arch] = hf._COMMON + hf._QWEN + hf._MOE + _LINEAR_RULES
+# hf.py reads these two for the family's archs (its _rules / _bodies)
+RULES = dict.fromkeys(ARCHS, hf._COMMON + hf._QWEN + hf._MOE + _LINEAR_RULES)
 # transformers 5 keeps Qwen3.5's text model under model.language_model. (its text-only class too)
-hf._BODY[QWEN3_5_MOE] = hf._BODY[QWEN3_5_MOE_TEXT] = ("model.language_model.", "model.")
+BODY = dict.fromkeys((QWEN3_5_MOE, QWEN3_5_MOE_TEXT), ("model.language_model.", "model."))
 _SKIPPED = ("model.visual.", "visual.")
 # the MTP layer's own tensors (HF left, moelab's under mtp.0. right); its decoder layer is mtp.layers.0.
 _MTP_OWN = {"mtp.fc.weight": "eh_proj.weight", "mtp.pre_fc_norm_embedding.weight": "enorm.weight",
