@@ -3,15 +3,11 @@ resumed from it sees exactly the batches the uninterrupted run saw, across an ep
 boundary, with validation running in between."""
 from __future__ import annotations
 
-import warnings
-
-import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
+from _recorder import fit as recorder_fit
 from arch import load_recipe
-from lit_modules.data.datamodule import TokenDataModule
 
 TOTAL = 24
 
@@ -24,41 +20,9 @@ def make_recipe(cache):
     ])
 
 
-class Recorder(pl.LightningModule):
-    """Records every training batch; one optimizer step per batch, as moelab's module."""
-
-    def __init__(self, vocab: int):
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, 4)
-        self.seen, self.val_seen = [], []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(batch.clone())
-        return self.emb(batch[:, :-1]).pow(2).mean()
-
-    def validation_step(self, batch, batch_idx):
-        self.val_seen.append(batch.clone())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def fit(recipe, max_steps, ckpt_dir=None, every=None, resume=None):
-    dm = TokenDataModule(recipe, verbose=False)
-    dm.prepare_data()
-    module = Recorder(recipe.model.vocab_size)
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_top_k=-1,
-                                 filename="{step}")] if ckpt_dir else []
-    trainer = pl.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
-        enable_checkpointing=bool(ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
-        val_check_interval=7, check_val_every_n_epoch=None, limit_val_batches=2, num_sanity_val_steps=1,
-        use_distributed_sampler=False,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Lightning's advice about workers and such
-        trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    return module, dm, trainer
+def fit(recipe, max_steps, **kw):
+    return recorder_fit(recipe, max_steps, val_check_interval=7, limit_val_batches=2, num_sanity_val_steps=1,
+                        **kw)
 
 
 @pytest.mark.parametrize("stop", [10, "epoch"])
@@ -88,7 +52,8 @@ def test_resume_from_checkpoint_sees_the_uninterrupted_batches(tmp_path, stop):
     assert all(torch.equal(a, b) for a, b in zip(again.seen, ref.seen[stop:]))
     # validation is the same fixed pair of batches every time (after the uninterrupted
     # run's one-batch sanity check; a resumed run skips that)
-    fixed = ref.val_seen[1:3]
-    assert len(ref.val_seen) == 1 + 2 * (TOTAL // 7) and not torch.equal(fixed[0], fixed[1])
-    for i, b in enumerate(ref.val_seen[1:] + resumed.val_seen):
+    ref_val, resumed_val = ref.val_by_loader()[0], resumed.val_by_loader()[0]
+    fixed = ref_val[1:3]
+    assert len(ref_val) == 1 + 2 * (TOTAL // 7) and not torch.equal(fixed[0], fixed[1])
+    for i, b in enumerate(ref_val[1:] + resumed_val):
         assert torch.equal(b, fixed[i % 2])

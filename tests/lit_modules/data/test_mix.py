@@ -4,14 +4,11 @@ source is cached and validated on its own, and bad mixes get one sentence."""
 from __future__ import annotations
 
 import json
-import warnings
-
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
+from _recorder import fit as recorder_fit
 from arch import RecipeError, load_recipe
 from lit_modules.data.corpus import DataError
 from lit_modules.data.datamodule import TokenDataModule
@@ -132,37 +129,8 @@ def test_resume_mid_run_is_exact(data):
     assert not torch.equal(batches(other, 1)[0], ref[0])
 
 
-class Recorder(pl.LightningModule):
-    def __init__(self, vocab: int):
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, 4)
-        self.seen, self.val_seen = [], {}
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(batch.clone())
-        return self.emb(batch[:, :-1]).pow(2).mean()
-
-    def validation_step(self, batch, batch_idx, dataloader_idx=0):
-        self.val_seen.setdefault(dataloader_idx, []).append(batch.clone())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def fit(recipe, max_steps, ckpt_dir=None, resume=None, every=None):
-    dm = TokenDataModule(recipe, verbose=False)
-    dm.prepare_data()
-    module = Recorder(recipe.model.vocab_size)
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_top_k=-1,
-                                 filename="{step}")] if ckpt_dir else []
-    trainer = pl.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
-        enable_checkpointing=bool(ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
-        val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0, use_distributed_sampler=False,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+def fit(recipe, max_steps, **kw):
+    module, dm, _ = recorder_fit(recipe, max_steps, val_check_interval=4, **kw)
     return module, dm
 
 
@@ -175,11 +143,11 @@ def test_trainer_resume_and_per_source_validation(data, tmp_path):
     assert len(resumed.seen) == 12 - stop
     assert all(torch.equal(a, b) for a, b in zip(resumed.seen, ref.seen[stop:]))
     # one validation loader per source, each batch from that source's validation stream
-    assert sorted(ref.val_seen) == [0, 1, 2] and dm.mix_names == ["a", "b", "c"]
+    assert sorted(ref.val_by_loader()) == [0, 1, 2] and dm.mix_names == ["a", "b", "c"]
     for i, part in enumerate(dm._parts):
         val = np.fromfile(part._tokens_dir / "val.bin", dtype=part.meta["dtype"]).astype(np.int64)
         windows = {val[k * (SEQ + 1):(k + 1) * (SEQ + 1)].tobytes() for k in range(len(val) // (SEQ + 1))}
-        rows = [r.tobytes() for b in ref.val_seen[i] for r in b.numpy()]
+        rows = [r.tobytes() for b in ref.val_by_loader()[i] for r in b.numpy()]
         assert rows and all(r in windows for r in rows)
 
 

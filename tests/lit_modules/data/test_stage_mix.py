@@ -5,14 +5,12 @@ too), every source is validated in every stage, and bad stage mixes get one sent
 from __future__ import annotations
 
 import json
-import warnings
-
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
+from _recorder import fit as recorder_fit
 from arch import RecipeError, load_recipe
 from arch.stages import stage_plan
 from lit_modules.data.corpus import DataError
@@ -130,38 +128,8 @@ def test_ranks_split_each_stage_step_as_one_process_draws_it(data):
         assert torch.equal(ranks[0][step], one[step][0::2]) and torch.equal(ranks[1][step], one[step][1::2]), step
 
 
-class Recorder(pl.LightningModule):
-    def __init__(self, vocab: int):
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, 4)
-        self.seen, self.val_seen = [], {}
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(batch.clone())
-        return self.emb(batch[:, :-1]).pow(2).mean()
-
-    def validation_step(self, batch, batch_idx, dataloader_idx=0):
-        self.val_seen.setdefault((self.global_step, dataloader_idx), []).append(batch.clone())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def fit(recipe, max_steps, ckpt_dir=None, resume=None, every=None):
-    dm = TokenDataModule(recipe, verbose=False)
-    dm.prepare_data()
-    module = Recorder(recipe.model.vocab_size)
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_top_k=-1,
-                                 filename="{step}")] if ckpt_dir else []
-    trainer = pl.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
-        enable_checkpointing=bool(ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
-        val_check_interval=STEPS[0], check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+def fit(recipe, max_steps, **kw):
+    module, dm, _ = recorder_fit(recipe, max_steps, val_check_interval=STEPS[0], **kw)
     return module, dm
 
 
