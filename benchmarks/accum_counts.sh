@@ -12,9 +12,7 @@
 # H100 with compiled blocks. Runs land in $RUNS; the table is printed and written to
 # $RUNS/compare.md.
 set -u
-cd "$(dirname "$0")/.." || exit 1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/_common.sh"
 RUNS=${RUNS:-runs/accum-$(date +%Y%m%d-%H%M%S)}
 STEPS=${STEPS:-300}
 COMMON=(proxies/qwen3_moe_w2 "train.run_dir=$RUNS" "train.max_steps=$STEPS" "train.val_every=$STEPS"

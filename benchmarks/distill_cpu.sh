@@ -15,8 +15,7 @@
 # TEACHER_STEPS, STUDENT_STEPS, KINDS (cpu: "sampled sampled_counts topk full", gpu: "sampled"),
 # OFFLINE_KINDS (cpu: "topk", gpu: none; never full), K, ALPHA, TEMPERATURE, SEED.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/_common.sh"
 MODE=${1:-cpu}
 OUT=${OUT:-runs/distill_$MODE}
 

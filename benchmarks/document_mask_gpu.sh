@@ -9,15 +9,12 @@
 #
 #   PYTHONPATH=/path/to/omegaconf:$PYTHONPATH bash benchmarks/document_mask_gpu.sh
 set -o pipefail
-cd "$(dirname "$0")/.." || exit 1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/_common.sh"
 OUT=${OUT:-bench_out}
 STEPS=${STEPS:-10}
 WARMUP=${WARMUP:-3}
 mkdir -p "$OUT"
-failed=()
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+gpu_line
 
 echo "=== CUDA tests: tests/arch/test_document_mask.py"
 "$PY" -m pytest -q -p no:cacheprovider -rfs tests/arch/test_document_mask.py || failed+=(tests)
@@ -40,4 +37,4 @@ TORCH_LOGS=recompiles timeout 900 "$PY" -m lit_modules.cli train proxies/gemma3_
     train.run_dir="$runs" 2>&1 | tee "$OUT/docmask_train.log" | tail -n 5 || failed+=(train)
 echo "recompilations logged: $(grep -c -i 'recompil' "$OUT/docmask_train.log")"
 rm -rf "$runs"
-[ ${#failed[@]} -eq 0 ] || { echo "FAILED: ${failed[*]}"; exit 1; }
+finish

@@ -7,9 +7,7 @@
 # "auto" must match "tuned"; "off" shows what auto saves. Also the tuned W2 recipe.
 #
 #   DTYPE=bf16 ROWS="auto tuned off" bash benchmarks/fast_default.sh
-cd "$(dirname "$0")/.." || exit 1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/_common.sh"
 DTYPE=${DTYPE:-bf16}
 DERIVED=(qwen3/30b_a3b proxy.d_model=1024 proxy.n_layers=8 proxy.n_experts=64 proxy.vocab_size=32768
          train.micro_batch_size=8 train.seq_len=2048)

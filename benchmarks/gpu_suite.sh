@@ -18,15 +18,12 @@
 # Tables go to stdout; JSON per workload, and a kernel profile of W2, go to $OUT.
 #
 #   PYTHONPATH=/path/to/omegaconf:$PYTHONPATH bash benchmarks/gpu_suite.sh
-cd "$(dirname "$0")/.." || exit 1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
+source "$(dirname "$0")/_common.sh"
 OUT=${OUT:-bench_out}
 WARM_LOG=${WARM_LOG:-/tmp/moelab_warm.log}
 STEPS=${STEPS:-10}    # timed steps per run (the median is reported)
 WARMUP=${WARMUP:-3}
 mkdir -p "$OUT"
-failed=()
 
 W1=(qwen3/30b_a3b train.compile=true --layer --tokens 16384)
 W2=(proxies/qwen3_moe_w2)

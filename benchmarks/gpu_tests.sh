@@ -6,10 +6,8 @@
 #
 #   bash benchmarks/gpu_tests.sh [pytest args]          # WORKERS=8 with pytest-xdist
 set -u
-cd "$(dirname "$0")/.." || exit 1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/_common.sh"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-PY=${PYTHON:-python3}
 WORKERS=${WORKERS:-8}
 "$PY" -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|',
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device', 'x', torch.cuda.device_count())"

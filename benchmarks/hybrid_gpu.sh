@@ -13,15 +13,12 @@
 #   pip install 'moelab[fla]'   # or flash-linear-attention / fla-core
 #   PYTHONPATH=/path/to/omegaconf:$PYTHONPATH bash benchmarks/hybrid_gpu.sh
 set -o pipefail
-cd "$(dirname "$0")/.." || exit 1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/_common.sh"
 OUT=${OUT:-bench_out}
 STEPS=${STEPS:-8}
 WARMUP=${WARMUP:-3}
 mkdir -p "$OUT"
-failed=()
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+gpu_line
 "$PY" - <<'PYEOF'
 import importlib, torch, transformers
 print("torch", torch.__version__, "| transformers", transformers.__version__)
@@ -45,4 +42,4 @@ for recipe in ${RECIPES:-proxies/qwen3_next_w2 proxies/gemma4_moe_w2}; do
         --save "$OUT/$name.json" || failed+=("$name")
     echo "($name took $((SECONDS - t0)) s)"
 done
-[ ${#failed[@]} -eq 0 ] || { echo "FAILED: ${failed[*]}"; exit 1; }
+finish

@@ -11,15 +11,12 @@
 #
 #   PYTHONPATH=/path/to/omegaconf:$PYTHONPATH bash benchmarks/long_context.sh
 set -o pipefail
-cd "$(dirname "$0")/.." || exit 1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/_common.sh"
 OUT=${OUT:-bench_out}
 STEPS=${STEPS:-6}
 WARMUP=${WARMUP:-2}
 mkdir -p "$OUT"
-failed=()
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+gpu_line
 
 row() {  # row NAME RECIPE OVERRIDES...; ROWS="w2_8k w3_32k ..." runs those alone
     local name=$1; shift
@@ -39,4 +36,4 @@ row w2_32k_docmask proxies/qwen3_moe_w2 train.seq_len=32768 train.micro_batch_si
 row w2_32k_ckpt proxies/qwen3_moe_w2 train.seq_len=32768 train.micro_batch_size=1 train.activation_checkpointing=true
 row w3_8k proxies/gemma3_w3 train.seq_len=8192 train.micro_batch_size=2
 row w3_32k proxies/gemma3_w3 train.seq_len=32768 train.micro_batch_size=1
-[ ${#failed[@]} -eq 0 ] || { echo "FAILED: ${failed[*]}"; exit 1; }
+finish

@@ -12,7 +12,7 @@
 #                                   # blocks compiled, on one GPU (defaults 600 300)
 # Results: benchmarks/results/qat_cpu.md, qat_h100.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/_common.sh"
 MODE=${1:-cpu}
 case "$MODE" in
 cpu)
@@ -34,13 +34,12 @@ gpu)
 esac
 WORK=${WORK:-/tmp/moelab_qat_$MODE}
 FORMATS=${FORMATS:-int4 int4_b32 fp8}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-moelab() { python3 -m lit_modules.cli "$@"; }
+moelab() { "$PY" -m lit_modules.cli "$@"; }
 rm -rf "$WORK"; mkdir -p "$WORK"
 COMMON=(train.run_dir="$WORK" "${EXTRA[@]}" train.val_every=0 train.expert_image_every=0
         train.max_steps=$((T + N)) train.keep_checkpoints=0)
 
-python3 - "$RECIPE" "$WORK/val.txt" "$VAL_CHARS" <<'PY'
+"$PY" - "$RECIPE" "$WORK/val.txt" "$VAL_CHARS" <<'PY'
 import sys
 from arch import load_recipe
 from lit_modules.data.corpus import Corpus
@@ -55,4 +54,4 @@ for f in $FORMATS; do
 done
 
 # the table: each checkpoint loaded once, scored as `moelab eval [--quantize F]` scores it
-python3 benchmarks/qat_table.py "$WORK" "$T" "$N" $FORMATS | tee "$WORK/table.md"
+"$PY" benchmarks/qat_table.py "$WORK" "$T" "$N" $FORMATS | tee "$WORK/table.md"

@@ -30,11 +30,9 @@
 # $RUNS/scale.md; each run's summary.json stays under $RUNS. Checkpoints are deleted after
 # each run (W2 with AdamW: 5.9 GB).
 set -u
-cd "$(dirname "$0")/.." || exit 1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/_common.sh"
 # NVLink multicast stays off on shared machines
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-PY=${PYTHON:-python3}
 NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 RUNS=${RUNS:-runs/scale-$(date +%Y%m%d-%H%M%S)}
 STEPS=${STEPS:-25}

@@ -16,9 +16,7 @@
 # Runs land in $RUNS (default runs/w2-<time>); a table is printed at the end and
 # written to $RUNS/compare.md.
 set -u
-cd "$(dirname "$0")/.." || exit 1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/_common.sh"
 RUNS=${RUNS:-runs/w2-$(date +%Y%m%d-%H%M%S)}
 TORCH_SRC=$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 DATA=${DATA:-"[stdlib,'$TORCH_SRC/**/*.py']"}
