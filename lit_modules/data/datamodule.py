@@ -769,64 +769,44 @@ class TokenDataModule(pl.LightningDataModule):
         return train, (vals or None)
 
     def _setup_one(self) -> None:
-        meta, t = self._meta, self.recipe.train
+        """The one source's training batches and validation, per stage (one stage without
+        train.stages), as _setup_mix does for a mixture."""
         rank, world = self._dist()
         plan = stage_plan(self.recipe)
-        window = plan[0].seq_len + 1  # without stages: train.seq_len
-        batch = plan[0].rows
-        train = _Windows(self._tokens_dir / "train.bin", meta["dtype"], meta["train_tokens"], window)
-        self._train = _TrainBatches(train, batch, rank, world, t.seed)
-        if self._train.batches_per_epoch == 0:
-            need = batch * world * window
-            self._train = None
-            raise DataError(
-                f"the training split has {meta['train_tokens']:,} tokens, fewer than one step needs "
-                f"({batch} x {world} rank(s) x {window} = {need:,}); raise data.max_chars or lower "
-                f"train.seq_len / train.micro_batch_size / train.grad_accum."
-            )
-        if meta["val_tokens"] > 0:
-            val = _Windows(self._tokens_dir / "val.bin", meta["dtype"], meta["val_tokens"], window)
-            if val.n == 0:
-                self._train = None
-                raise DataError(
-                    f"the validation split has {meta['val_tokens']:,} tokens, fewer than one sequence of "
-                    f"train.seq_len + 1 = {window}; raise data.val_fraction or data.max_chars, or set "
-                    f"data.val_fraction=0 to train without validation."
-                )
-            self._val = _ValBatches(val, plan[0].micro_batch_size, t.val_batches, rank, world)
-        if t.stages:
-            self._setup_stages(plan, rank, world)
+        built = [self._one_stage(st, rank, world) for st in plan]
+        segments, vals = [b[0] for b in built], [b[1] for b in built]
+        self._train, self._val = segments[0], vals[0]
+        if self.recipe.train.stages:
+            self._staged = StagedBatches(segments, [st.start for st in plan])
+            if vals[0] is not None:
+                self._staged_val = StagedValBatches(vals, lambda: stage_after(plan, self._trainer_step() or 0).index)
 
-    def _setup_stages(self, plan, rank: int, world: int) -> None:
-        """Each stage's training windows and validation batches (stage 0's are those
-        made above); a stage whose batch does not fit the data is refused, naming it."""
+    def _one_stage(self, st, rank: int, world: int):
+        """(training batches, validation batches or None) of stage `st` in its own windows;
+        a step or a sequence the data cannot fill is refused, naming the fields to change
+        (the stage's own with train.stages, else train.*)."""
         meta, t = self._meta, self.recipe.train
-        segments, vals = [self._train], [self._val]
-        for st in plan[1:]:
-            window = st.seq_len + 1
-            seg = _TrainBatches(_Windows(self._tokens_dir / "train.bin", meta["dtype"], meta["train_tokens"], window),
-                                st.rows, rank, world, t.seed, salt=(st.index,))
-            val = None
-            if meta["val_tokens"] > 0:
-                val = _Windows(self._tokens_dir / "val.bin", meta["dtype"], meta["val_tokens"], window)
-            if seg.batches_per_epoch == 0:
-                self._train = None
-                raise DataError(
-                    f"the training split has {meta['train_tokens']:,} tokens, fewer than one step of stage "
-                    f"'{st.name}' needs ({st.rows} x {world} rank(s) x {window} = {st.rows * world * window:,}); "
-                    f"raise data.max_chars or lower train.stages[{st.index}].seq_len / micro_batch_size / "
-                    f"grad_accum.")
-            if val is not None and val.n == 0:
-                self._train = None
-                raise DataError(
-                    f"the validation split has {meta['val_tokens']:,} tokens, fewer than one sequence of stage "
-                    f"'{st.name}' (seq_len + 1 = {window}); raise data.val_fraction or data.max_chars, or set "
-                    f"data.val_fraction=0 to train without validation.")
-            segments.append(seg)
-            vals.append(_ValBatches(val, st.micro_batch_size, t.val_batches, rank, world) if val is not None else None)
-        self._staged = StagedBatches(segments, [st.start for st in plan])
-        if self._val is not None:
-            self._staged_val = StagedValBatches(vals, lambda: stage_after(plan, self._trainer_step() or 0).index)
+        window = st.seq_len + 1
+        train = _TrainBatches(_Windows(self._tokens_dir / "train.bin", meta["dtype"], meta["train_tokens"], window),
+                              st.rows, rank, world, t.seed, salt=(st.index,) if st.index > 0 else ())
+        of_stage = f" of stage '{st.name}'" if t.stages else ""
+        seq = f"train.stages[{st.index}].seq_len" if t.stages else "train.seq_len"
+        fields = f"{seq} / micro_batch_size / grad_accum" if t.stages else \
+            "train.seq_len / train.micro_batch_size / train.grad_accum"
+        if train.batches_per_epoch == 0:
+            raise DataError(
+                f"the training split has {meta['train_tokens']:,} tokens, fewer than one step{of_stage} needs "
+                f"({st.rows} x {world} rank(s) x {window} = {st.rows * world * window:,}); raise data.max_chars or "
+                f"lower {fields}.")
+        if meta["val_tokens"] <= 0:
+            return train, None
+        val = _Windows(self._tokens_dir / "val.bin", meta["dtype"], meta["val_tokens"], window)
+        if val.n == 0:
+            raise DataError(
+                f"the validation split has {meta['val_tokens']:,} tokens, fewer than one sequence{of_stage} of "
+                f"{seq} + 1 = {window}; raise data.val_fraction or data.max_chars, or set data.val_fraction=0 to "
+                f"train without validation.")
+        return train, _ValBatches(val, st.micro_batch_size, t.val_batches, rank, world)
 
     # -------------------------------------------------------------- properties
 

@@ -371,7 +371,10 @@ def test_a_data_config_built_in_code_meets_the_recipe_rules():
     ("bad_json", ["is not valid JSON"]),
     ("no_eos", ["defines none of", "<|endoftext|>"]),
     ("missing_tokenizer", ["is not a file"]),
-    ("too_small", ["fewer than one step needs", "data.max_chars"]),
+    ("too_small", ["fewer than one step needs", "data.max_chars", "train.seq_len / train.micro_batch_size"]),
+    ("too_small_stage", ["fewer than one step of stage 'long' needs", "train.stages[1].seq_len"]),
+    ("too_small_stage_val", ["validation split", "fewer than one sequence of stage 'long'",
+                             "train.stages[1].seq_len + 1 = 16385", "data.val_fraction"]),
 ])
 def test_other_input_errors_are_one_sentence(tmp_path, case, words):
     (tmp_path / "a.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
@@ -385,6 +388,12 @@ def test_other_input_errors_are_one_sentence(tmp_path, case, words):
         "no_eos": lambda: make_recipe(tmp_path, source=str(tmp_path / "t.txt"), tokenizer=tmp_path / "noeos.json"),
         "missing_tokenizer": lambda: make_recipe(tmp_path, tokenizer=tmp_path / "nope.json"),
         "too_small": lambda: make_recipe(tmp_path, "data.max_chars=2000", "train.seq_len=4096"),
+        "too_small_stage": lambda: make_recipe(tmp_path, "train.max_steps=null",
+                                               "train.stages=[{steps: 2}, {name: long, steps: 2, seq_len: 40960}]"),
+        # 16,385-token windows: a few in the training split, none in its validation split
+        "too_small_stage_val": lambda: make_recipe(tmp_path, "train.max_steps=null", "data.val_fraction=0.01",
+                                                   "train.stages=[{steps: 2}, {name: long, steps: 2, seq_len: 16384, "
+                                                   "micro_batch_size: 1, grad_accum: 1}]"),
     }[case]()
     with pytest.raises(DataError) as e:
         make_dm(r)
