@@ -678,8 +678,8 @@ def mtp_hf_name(arch: str, k: int, rest: str, own: bool, n_layers: int) -> str:
 
 def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = None) -> Optional[Part]:
     """Where HF tensor `name` goes in the moelab state dict; None if it belongs to no
-    moelab tensor (the caller decides whether that is an error). With `n_layers`,
-    DeepSeek-V3's layers past the model's are its MTP modules (model.mtp.*)."""
+    moelab tensor (the caller decides whether that is an error). With `n_layers`, the
+    tensors of the multi-token prediction modules (`mtp_part`) go to model.mtp.*."""
     own = _hook(arch, "hf_to_ours")
     if own is not None:  # a family with a naming of its own (the others give RULES)
         ours = own(arch, name, d_expert)
