@@ -7,7 +7,7 @@
 # split (written to $WORK/val.txt).
 #
 #   benchmarks/qat.sh cpu [T] [N]   # the tiny Qwen3-MoE proxy in float32 on a CPU
-#                                   # (defaults 400 200: ~10 min on 2 idle cores)
+#                                   # (defaults 2000 400: ~17 min on 2 idle cores)
 #   benchmarks/qat.sh gpu [T] [N]   # the W2 MoE proxy (proxies/qwen3_moe_w2), bf16-mixed,
 #                                   # blocks compiled, on one GPU (defaults 600 300)
 # Results: benchmarks/results/qat_cpu.md, qat_h100.md.
@@ -16,7 +16,7 @@ source "$(dirname "$0")/_common.sh"
 MODE=${1:-cpu}
 case "$MODE" in
 cpu)
-  T=${2:-400}; N=${3:-200}
+  T=${2:-2000}; N=${3:-400}
   RECIPE=proxies/qwen3_moe_tiny
   VAL_CHARS=${VAL_CHARS:-60000}
   EXTRA=(train.precision=32-true train.accelerator=cpu)

@@ -17,6 +17,9 @@ from lit_modules.checkpoints.layout import step_name
 from lit_modules.commands.eval_cmd import load_source, load_tokenizer, window_loss
 
 
+NOISE = 1e-3  # nats: the size of the difference between two training trajectories here
+
+
 def main(work: str, T: str, N: str, *formats: str) -> None:
     work, T, N = Path(work), int(T), int(N)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,8 +48,10 @@ def main(work: str, T: str, N: str, *formats: str) -> None:
         pT, pE = loss(base_T, f), loss(base_E, f)
         qE = loss(work / f"qat_{f}" / "checkpoints" / step_name(T + N), f)
         g, h = pE - fE, qE - fE
+        # below a thousandth of a nat two training runs differ by as much: nothing to recover
+        recovered = f"{(g - h) / g:.0%}" if abs(g) >= NOISE else "(no gap)"
         print(f"| {f} | {fT:.4f} | {pT:.4f} | {fE:.4f} | {pE:.4f} | {qE:.4f} | {g:+.4f} | {h:+.4f} | "
-              f"{(g - h) / g:.0%} |", flush=True)
+              f"{recovered} |", flush=True)
 
 
 if __name__ == "__main__":
