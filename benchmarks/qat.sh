@@ -10,6 +10,9 @@
 #                                   # (defaults 2000 400: ~17 min on 2 idle cores)
 #   benchmarks/qat.sh gpu [T] [N]   # the W2 MoE proxy (proxies/qwen3_moe_w2), bf16-mixed,
 #                                   # blocks compiled, on one GPU (defaults 600 300)
+#
+# RECIPE= trains another proxy (RECIPE=proxies/qwen3_moe_tiny ... gpu: the CPU run's model
+# in bf16-mixed on a GPU); EXTRA_OVERRIDES="a.b=c ..." adds overrides to every run.
 # Results: benchmarks/results/qat_cpu.md, qat_h100.md.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
@@ -17,13 +20,13 @@ MODE=${1:-cpu}
 case "$MODE" in
 cpu)
   T=${2:-2000}; N=${3:-400}
-  RECIPE=proxies/qwen3_moe_tiny
+  RECIPE=${RECIPE:-proxies/qwen3_moe_tiny}
   VAL_CHARS=${VAL_CHARS:-60000}
   EXTRA=(train.precision=32-true train.accelerator=cpu)
   ;;
 gpu)
   T=${2:-600}; N=${3:-300}
-  RECIPE=proxies/qwen3_moe_w2
+  RECIPE=${RECIPE:-proxies/qwen3_moe_w2}
   VAL_CHARS=${VAL_CHARS:-400000}
   EXTRA=()
   ;;
@@ -34,6 +37,8 @@ gpu)
 esac
 WORK=${WORK:-/tmp/moelab_qat_$MODE}
 FORMATS=${FORMATS:-int4 int4_b32 fp8}
+read -r -a MORE <<< "${EXTRA_OVERRIDES:-}"
+EXTRA+=("${MORE[@]}")
 moelab() { "$PY" -m lit_modules.cli "$@"; }
 rm -rf "$WORK"; mkdir -p "$WORK"
 COMMON=(train.run_dir="$WORK" "${EXTRA[@]}" train.val_every=0 train.expert_image_every=0
