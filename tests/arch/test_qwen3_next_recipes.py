@@ -73,4 +73,6 @@ def test_derived_proxy_scales_the_deltanet_heads():
     assert lin.n_v_heads // lin.n_k_heads == ref_lin.n_v_heads // ref_lin.n_k_heads
     assert (lin.k_head_dim, lin.v_head_dim) == (ref_lin.k_head_dim, ref_lin.v_head_dim)
     assert [s.attention for s in layer_specs(m)] == (["gated_deltanet"] * 3 + ["gqa"]) * 2
-    assert sum(p.numel() for p in build_model(m, device="meta").parameters()) == count(m).params_total
+    acc = count(m)  # the MTP layer (depth 1, as the release's) is counted apart
+    assert m.mtp.depth == 1 and acc.params_mtp > 0
+    assert sum(p.numel() for p in build_model(m, device="meta").parameters()) == acc.params_total + acc.params_mtp
