@@ -21,7 +21,8 @@ def _common(p) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("import-hf", help="convert a Hugging Face Qwen3 / Qwen3-MoE / Gemma 3 model to moelab")
+    p = sub.add_parser("import-hf", help="convert a Hugging Face model to moelab (Qwen3, Qwen3-MoE, Qwen3-Next, "
+                       "Qwen3.5, Mixtral, OLMoE, gpt-oss, DeepSeek-V3, Gemma 3, Gemma 4)")
     p.add_argument("hf_dir", help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("out_dir", help="new moelab model directory (must not exist or be empty)")
     _common(p)
