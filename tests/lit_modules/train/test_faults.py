@@ -53,7 +53,16 @@ def no_temporary_files(run_dir: Path) -> None:
 # ------------------------------------------------------------------ Ctrl-C
 
 
-def test_ctrl_c_checkpoints_the_step_and_resumes_to_the_same_loss(cache, tmp_path):
+@pytest.fixture
+def python_sigint():
+    """SIGINT handled as Python sets it up in a terminal (a job started in the background
+    inherits it ignored), so that a test can see the run hand Python's handler back."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_checkpoints_the_step_and_resumes_to_the_same_loss(cache, tmp_path, python_sigint):
     """Ctrl-C as step 5 starts: step 5 finishes, its checkpoint is written (no
     validation on the way out) and the run resumes from it to the loss of a run never
     interrupted."""
@@ -146,7 +155,7 @@ class AtFitStart(Callback):
         ctrl_c()
 
 
-def test_ctrl_c_before_the_first_step_leaves_no_run_directory(cache, tmp_path, capsys):
+def test_ctrl_c_before_the_first_step_leaves_no_run_directory(cache, tmp_path, capsys, python_sigint):
     """Before training starts (here: as fit starts, before the sanity validation) Ctrl-C
     stops at once; nothing was trained, so the new run directory goes."""
     with pytest.raises(TrainingInterrupted) as e:
