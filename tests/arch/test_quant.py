@@ -4,9 +4,6 @@ backend, excluded modules untouched, start_step, compile, and PTQ through `moela
 from __future__ import annotations
 
 import copy
-import io
-import json
-from contextlib import redirect_stdout
 
 import pytest
 import torch
@@ -253,27 +250,19 @@ def test_fake_quant_under_compile():
 
 
 def test_eval_quantize_on_a_saved_model(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
+    from _eval_text import eval_json, tiny_bpe
     from lit_modules.checkpoints.model_dir import save_model_dir
     from lit_modules.cli import main
 
     text = open(__file__, encoding="utf-8").read()[:3000]
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]"]))
-    tok.save(str(tmp_path / "tokenizer.json"))
+    tok = tiny_bpe(text, 200, tmp_path / "tokenizer.json")
     recipe = tiny_recipe("qwen3_moe")
     model = tiny_model("qwen3_moe")
     save_model_dir(model, recipe, tmp_path / "m", tmp_path / "tokenizer.json")
 
     def run(*extra):
-        out = io.StringIO()
-        with redirect_stdout(out):
-            assert main(["eval", str(tmp_path / "m"), "--data", str(tmp_path / "text.txt"), "--seq-len", "32",
-                         "--device", "cpu", "--json", *extra]) == 0
-        return json.loads(out.getvalue())
+        return eval_json(tmp_path / "m", tmp_path / "text.txt", 32, *extra)
 
     from lit_modules.commands.eval_cmd import window_loss
 

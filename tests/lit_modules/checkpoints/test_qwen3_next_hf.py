@@ -289,38 +289,20 @@ def test_cli_eval_generate_and_export(tmp_path, capsys):
     """`moelab eval` of a Qwen3.5 HF directory scores transformers' own perplexity; `moelab
     generate` of the imported model decodes transformers' greedy tokens; export-hf
     --architecture writes Qwen3.5's class or names the classes it can write."""
-    import io
     import json
-    import math
-    from contextlib import redirect_stdout
 
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
+    from _eval_text import eval_json, tiny_bpe, transformers_perplexity
     from lit_modules.cli import main
 
     text = open(__file__, encoding="utf-8").read()[:1500]
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["[UNK]"]))
+    tok = tiny_bpe(text, VOCAB, tmp_path / "tokenizer.json")
     hf = hf_model("qwen3_5_moe", vocab_size=tok.get_vocab_size())
     hf.save_pretrained(tmp_path / "hf")
     tok.save(str(tmp_path / "hf" / "tokenizer.json"))
-    ids = tok.encode(text).ids
-    seq = 20
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(ids), seq):
-            w = torch.tensor([ids[i:i + seq]])
-            if w.shape[1] >= 2:
-                total += hf(input_ids=w, labels=w).loss.item() * (w.shape[1] - 1)
-                n += w.shape[1] - 1
-    out = io.StringIO()
-    with redirect_stdout(out):
-        assert main(["eval", str(tmp_path / "hf"), "--data", str(tmp_path / "text.txt"), "--seq-len", str(seq),
-                     "--json", "--device", "cpu"]) == 0
-    got = json.loads(out.getvalue())
-    assert got["tokens_predicted"] == n and abs(got["perplexity"] / math.exp(total / n) - 1) < 1e-5
+    want, n = transformers_perplexity(hf, tmp_path / "tokenizer.json", text, 20)
+    got = eval_json(tmp_path / "hf", tmp_path / "text.txt", 20)
+    assert got["tokens_predicted"] == n and abs(got["perplexity"] / want - 1) < 1e-5
 
     assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "m")]) == 0
     capsys.readouterr()

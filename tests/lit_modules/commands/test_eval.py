@@ -1,17 +1,15 @@
 """`moelab eval`: the perplexity transformers computes, on the same tokens and windows."""
 from __future__ import annotations
 
-import json
-import math
 import subprocess
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from _eval_text import eval_json, tiny_bpe, transformers_perplexity  # noqa: E402
 from _hf_tiny import hf_model  # noqa: E402
 
 SEQ_LEN = 24
@@ -21,34 +19,11 @@ SEQ_LEN = 24
 def text_and_tokenizer(tmp_path_factory):
     """A small real text (the start of this module's source) and a BPE trained on it
     with `tokenizers`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     d = tmp_path_factory.mktemp("eval")
     text = open(__file__, encoding="utf-8").read()[:1200]
     (d / "text.txt").write_text(text, encoding="utf-8")
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=160, special_tokens=["[UNK]"]))
-    tok.save(str(d / "tokenizer.json"))
+    tok = tiny_bpe(text, 160, d / "tokenizer.json")
     return d, text, tok.get_vocab_size()
-
-
-def transformers_perplexity(hf, tokenizer_file, text, seq_len):
-    """The reference, written with transformers alone: its fast tokenizer over the same
-    tokenizer.json, non-overlapping windows, HF's own label-shifted loss, averaged over
-    all predicted tokens."""
-    from transformers import PreTrainedTokenizerFast
-
-    ids = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))(text)["input_ids"]
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(ids), seq_len):
-            w = torch.tensor([ids[i:i + seq_len]])
-            if w.shape[1] < 2:
-                continue
-            total += hf(input_ids=w, labels=w).loss.item() * (w.shape[1] - 1)
-            n += w.shape[1] - 1
-    return math.exp(total / n), n
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "qwen3_moe"])
@@ -65,15 +40,7 @@ def test_eval_hf_dir_matches_transformers(kind, tmp_path, text_and_tokenizer):
     want, n = transformers_perplexity(hf, d / "tokenizer.json", text, seq_len)
     assert n > 5 * seq_len
 
-    from lit_modules.cli import main
-    import io
-    from contextlib import redirect_stdout
-
-    out = io.StringIO()
-    with redirect_stdout(out):
-        assert main(["eval", str(tmp_path / "hf"), "--data", str(d / "text.txt"),
-                     "--seq-len", str(seq_len), "--json", "--device", "cpu"]) == 0
-    got = json.loads(out.getvalue())
+    got = eval_json(tmp_path / "hf", d / "text.txt", seq_len)
     assert got["tokens_predicted"] == n
     assert abs(got["perplexity"] / want - 1) < 1e-5, (got["perplexity"], want)
 
@@ -81,11 +48,8 @@ def test_eval_hf_dir_matches_transformers(kind, tmp_path, text_and_tokenizer):
     from lit_modules.checkpoints.hf import import_hf
 
     import_hf(tmp_path / "hf", tmp_path / "m")
-    out = io.StringIO()
-    with redirect_stdout(out):
-        assert main(["eval", str(tmp_path / "m"), "--data", str(d / "text.txt"),
-                     "--seq-len", str(seq_len), "--json", "--batch-size", "3", "--device", "cpu"]) == 0
-    assert abs(json.loads(out.getvalue())["perplexity"] / want - 1) < 1e-5
+    got = eval_json(tmp_path / "m", d / "text.txt", seq_len, "--batch-size", "3")
+    assert abs(got["perplexity"] / want - 1) < 1e-5
 
 
 def test_eval_cli_end_to_end_and_errors(tmp_path, text_and_tokenizer):
