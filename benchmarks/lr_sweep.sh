@@ -26,13 +26,9 @@ mkdir -p "$RUNS"
 for model in $MODELS; do
     for lr in $LRS; do
         name="$(basename "$model")_lr$lr"
-        echo "=== $name"
-        t0=$SECONDS
-        "$PY" -m lit_modules.cli train "$model" "train.run_dir=$RUNS" "train.run_name=$name" \
+        step "$name" "$PY" -m lit_modules.cli train "$model" "train.run_dir=$RUNS" "train.run_name=$name" \
             "train.optim.lr=$lr" "train.max_steps=$STEPS" "train.val_every=$STEPS" "train.ckpt_every=-1" \
-            "train.expert_image_every=0" "data.source=$DATA" "data.max_chars=$MAX_CHARS" "$@" \
-            > "$RUNS/$name.log" 2>&1 || { echo "($name failed)"; tail -n 5 "$RUNS/$name.log"; failed+=("$name"); }
-        echo "($name took $((SECONDS - t0)) s)"
+            "train.expert_image_every=0" "data.source=$DATA" "data.max_chars=$MAX_CHARS" "$@"
     done
 done
 

@@ -26,14 +26,6 @@ mkdir -p "$RUNS"
 COMMON=("train.run_dir=$RUNS" "train.val_every=$(( M / 4 > 0 ? M / 4 : 1 ))" "train.expert_image_every=0"
         "data.source=$DATA" "data.max_chars=$MAX_CHARS")
 
-step() {  # step NAME COMMAND...: run it, log to $RUNS/NAME.log, note a failure
-    local name=$1; shift
-    echo "=== $name"
-    local t0=$SECONDS
-    "$@" > "$RUNS/$name.log" 2>&1 || { echo "($name failed)"; tail -n 5 "$RUNS/$name.log"; failed+=("$name"); }
-    echo "($name took $((SECONDS - t0)) s)"
-}
-
 step dense "$PY" -m lit_modules.cli train "$DENSE" "${COMMON[@]}" train.run_name=dense "train.max_steps=$N" \
     train.ckpt_every=0 "$@"
 step upcycle "$PY" -m lit_modules.cli upcycle "$RUNS/dense" "$RUNS/upcycled_model" --experts "$EXPERTS" \

@@ -73,8 +73,8 @@ SILU, GELU_TANH = "silu", "gelu_pytorch_tanh"
 # RULES and BODY prefixes by architecture, and defines the steps it takes over from this
 # file (text_config, model_config, ignorable, adapt_source, hf_to_ours, ours_to_hf,
 # signature, export_family, config_kwargs, export_pairs, and for multi-token prediction
-# mtp_part, mtp_hf_name, mtp_depth, check_mtp); a step it leaves out runs this file's code. Loaded on first use, as arch/registry.py's
-# plugins, so that a family module may import this one.
+# mtp_part, mtp_hf_name, check_mtp); a step it leaves out runs this file's code. Loaded
+# on first use, as arch/registry.py's plugins, so that a family module may import this one.
 FAMILY_MODULES = ("lit_modules.checkpoints.hf_qwen3_next", "lit_modules.checkpoints.hf_gemma4")
 FAMILY_HOOKS: Dict[str, object] = {}
 
@@ -414,14 +414,12 @@ def recipe_from_hf(hf_dir) -> Tuple[str, Recipe, bool]:
                            "check its types against the model's documented config.") from None
     if arch == GEMMA3_MM or arch in _hooks() and top is not text:  # the multimodal wrapper owns the tying flag
         mc.tie_embeddings = bool(getattr(top, "tie_word_embeddings", mc.tie_embeddings))
-    # MTP modules: as many as the checkpoint holds (transformers builds none)
-    depth_of = _hook(arch, "mtp_depth")
-    if depth_of is not None:
-        mc.mtp.depth = depth_of(arch, set(safetensors_source(hf_dir).shapes()), mc)
-    elif arch == DEEPSEEK_V3:
-        names = set(safetensors_source(hf_dir).shapes())
-        while f"model.layers.{mc.n_layers + mc.mtp.depth}.eh_proj.weight" in names:
-            mc.mtp.depth += 1
+    if arch == DEEPSEEK_V3 or _hook(arch, "mtp_part") is not None:  # MTP modules: as many as the tensors hold
+        parts = (mtp_part(arch, name, mc.n_layers) for name in safetensors_source(hf_dir).shapes())
+        mc.mtp.depth = len({p[0] for p in parts if p is not None})  # transformers builds none of them
+        check = _hook(arch, "check_mtp")
+        if mc.mtp.depth and check is not None:
+            check(arch, mc, mc.mtp.depth)
     recipe = Recipe(name=Path(hf_dir).resolve().name, model=mc)
     recipe.train.seq_len = min(recipe.train.seq_len, mc.max_seq_len)
     try:
@@ -543,6 +541,7 @@ _EXPERT_NAMES = {MIXTRAL: ("w1", "w3", "w2")}  # gate, up, down; others: gate_pr
 # where the text model's tensors live, per architecture (transformers 5 and hub layouts)
 _BODY = {GEMMA3_MM: ("model.language_model.", "language_model.model.")}
 _HEAD = {GEMMA3_MM: ("lm_head.weight", "language_model.lm_head.weight")}
+_IGNORED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 def _rules(arch: str) -> list:
@@ -555,7 +554,6 @@ def _bodies(arch: str) -> Tuple[str, ...]:
     """The prefixes under which `arch` keeps its decoder (the first is written on export)."""
     own = getattr(_hooks().get(arch), "BODY", None)
     return own[arch] if own and arch in own else _BODY.get(arch, ("model.",))
-_IGNORED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 @dataclass
@@ -637,6 +635,7 @@ def _hf_shape(part: Part, shape: tuple, target: tuple) -> tuple:
 # copies of the shared embedding and head (which transformers ignores, and so does moelab)
 _MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
             "shared_head.norm.weight": "norm.weight"}
+_MTP_OWN_HF = {v: k for k, v in _MTP_OWN.items()}
 _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
 _LAYER = re.compile(r"(model\.)?layers\.(\d+)\.(.+)$")
 
@@ -673,7 +672,7 @@ def mtp_hf_name(arch: str, k: int, rest: str, own: bool, n_layers: int) -> str:
     if arch != DEEPSEEK_V3:
         raise ConvertError(f"{arch} cannot store multi-token prediction modules; set model.mtp.depth=0 to "
                            "export the next-token model alone.")
-    return f"model.layers.{n_layers + k}.{({v: h for h, v in _MTP_OWN.items()}[rest] if own else rest)}"
+    return f"model.layers.{n_layers + k}.{_MTP_OWN_HF[rest] if own else rest}"
 
 
 def hf_to_ours(arch: str, name: str, d_expert: int, n_layers: Optional[int] = None) -> Optional[Part]:

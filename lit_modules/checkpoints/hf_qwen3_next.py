@@ -62,6 +62,7 @@ _SKIPPED = ("model.visual.", "visual.")
 # the MTP layer's own tensors (HF left, moelab's under mtp.0. right); its decoder layer is mtp.layers.0.
 _MTP_OWN = {"mtp.fc.weight": "eh_proj.weight", "mtp.pre_fc_norm_embedding.weight": "enorm.weight",
             "mtp.pre_fc_norm_hidden.weight": "hnorm.weight", "mtp.norm.weight": "norm.weight"}
+_MTP_OWN_HF = {v: k for k, v in _MTP_OWN.items()}
 _MTP_LAYER = re.compile(r"mtp\.layers\.(\d+)\.(.+)$")
 
 
@@ -83,18 +84,7 @@ def mtp_part(name: str) -> Optional[Tuple[int, str, bool]]:
 
 
 def mtp_hf_name(k: int, rest: str, own: bool) -> str:
-    if own:
-        return {v: h for h, v in _MTP_OWN.items()}[rest]
-    return f"mtp.layers.{k}.{rest}"
-
-
-def mtp_depth(arch: str, names, m: ModelConfig) -> int:
-    """The MTP modules a checkpoint's tensor names hold (0 or 1)."""
-    layers = {int(x.group(1)) for x in map(_MTP_LAYER.match, names) if x}
-    if not layers and not any(n in _MTP_OWN for n in names):
-        return 0
-    check_mtp(arch, m, len(layers) if layers != {0} else 1)
-    return 1
+    return _MTP_OWN_HF[rest] if own else f"mtp.layers.{k}.{rest}"
 
 
 def check_mtp(arch: str, m: ModelConfig, depth: int) -> None:

@@ -153,10 +153,9 @@ def with_mtp_layer(hf, seed: int = 5):
     """hf's state dict plus the MTP layer of a released checkpoint, built from transformers'
     own pieces (its decoder layer as layer n_layers - 1, full attention and MoE, and its
     zero-centred norms) and perturbed: (state, those pieces)."""
-    module = __import__(type(hf).__module__, fromlist=["Qwen3NextRMSNorm"])
     cfg, d = hf.config, hf.config.hidden_size
     torch.manual_seed(seed)
-    layer = getattr(module, type(hf.model.layers[-1]).__name__)(cfg, cfg.num_hidden_layers - 1)
+    layer = type(hf.model.layers[-1])(cfg, cfg.num_hidden_layers - 1)
     norm_cls = type(hf.model.norm)
     pieces = torch.nn.ModuleDict(dict(layer=layer, fc=torch.nn.Linear(2 * d, d, bias=False),
                                       pre_fc_norm_embedding=norm_cls(d, eps=cfg.rms_norm_eps),
