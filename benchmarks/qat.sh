@@ -13,6 +13,9 @@
 #
 # RECIPE= trains another proxy (RECIPE=proxies/qwen3_moe_tiny ... gpu: the CPU run's model
 # in bf16-mixed on a GPU); EXTRA_OVERRIDES="a.b=c ..." adds overrides to every run.
+# SEEDS="1 2 3" runs the whole comparison once per train.seed (initialisation and data
+# order), side by side, in $WORK/seed<S>, then prints each column's mean and spread over
+# the seeds ($WORK/seeds.md).
 # Results: benchmarks/results/qat_cpu.md, qat_h100.md.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
@@ -41,8 +44,6 @@ read -r -a MORE <<< "${EXTRA_OVERRIDES:-}"
 EXTRA+=("${MORE[@]}")
 moelab() { "$PY" -m lit_modules.cli "$@"; }
 rm -rf "$WORK"; mkdir -p "$WORK"
-COMMON=(train.run_dir="$WORK" "${EXTRA[@]}" train.val_every=0 train.expert_image_every=0
-        train.max_steps=$((T + N)) train.keep_checkpoints=0)
 
 "$PY" - "$RECIPE" "$WORK/val.txt" "$VAL_CHARS" <<'PY'
 import sys
@@ -52,11 +53,24 @@ corpus = Corpus(load_recipe(sys.argv[1]).data)
 open(sys.argv[2], "w", encoding="utf-8").write("\n".join(corpus.split(corpus.plan(), "val"))[:int(sys.argv[3])])
 PY
 
-moelab train $RECIPE "${COMMON[@]}" train.run_name=base train.ckpt_every=$T
-for f in $FORMATS; do
-  moelab train $RECIPE "${COMMON[@]}" train.run_name=qat_$f train.ckpt_every=0 \
-      train.resume="$WORK/base/checkpoints/$(printf 'step%08d.ckpt' "$T")" train.qat.format=$f train.qat.start_step=$T
-done
+one() {  # one() DIR [SEED]: the base run, a QAT run per format, and the table, in DIR
+  local dir=$1 seed=${2:-}
+  local common=(train.run_dir="$dir" "${EXTRA[@]}" train.val_every=0 train.expert_image_every=0
+                train.max_steps=$((T + N)) train.keep_checkpoints=0 ${seed:+train.seed=$seed})
+  mkdir -p "$dir"; [ "$dir" = "$WORK" ] || cp "$WORK/val.txt" "$dir/"
+  moelab train $RECIPE "${common[@]}" train.run_name=base train.ckpt_every=$T
+  for f in $FORMATS; do
+    moelab train $RECIPE "${common[@]}" train.run_name=qat_$f train.ckpt_every=0 \
+        train.resume="$dir/base/checkpoints/$(printf 'step%08d.ckpt' "$T")" train.qat.format=$f train.qat.start_step=$T
+  done
+  # the table: each checkpoint loaded once, scored as `moelab eval [--quantize F]` scores it
+  "$PY" benchmarks/qat_table.py "$dir" "$T" "$N" $FORMATS | tee "$dir/table.md"
+}
 
-# the table: each checkpoint loaded once, scored as `moelab eval [--quantize F]` scores it
-"$PY" benchmarks/qat_table.py "$WORK" "$T" "$N" $FORMATS | tee "$WORK/table.md"
+if [ -z "${SEEDS:-}" ]; then
+  one "$WORK"
+else  # one arm set per seed, side by side (a proxy small enough leaves the device room), then mean and spread
+  for s in $SEEDS; do one "$WORK/seed$s" "$s" > "$WORK/seed$s.log" 2>&1 & done
+  wait
+  "$PY" benchmarks/qat_table.py --seeds "$WORK" $SEEDS | tee "$WORK/seeds.md"
+fi
