@@ -140,7 +140,7 @@ def check_expert_parallel(n_experts: int, ep: int) -> None:
 
 
 @torch.no_grad()
-def shard_experts(model: nn.Module, group, dispatch: str = "alltoall") -> List[str]:
+def shard_experts(model: nn.Module, group, dispatch: str) -> List[str]:
     """Keep only this rank's contiguous slice of every MoE layer's w_in / w_out (and
     b_in / b_out where the experts have biases; the full weights must already hold
     their values: every rank slices the same initialisation, so EP starts from the
