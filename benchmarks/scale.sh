@@ -8,11 +8,14 @@
 #            micro-batch per GPU as the 1-GPU row, so "vs 1 GPU" is weak-scaling
 #            efficiency; the 1-GPU micro-8 batch split over 4 GPUs is the micro-2 row
 #            (strong scaling: its total tokens/s over the 1-GPU micro-8 row).
+#   fsdp     the fsdp rows of `weak` alone
 #   experts  W2 with $MANY experts of width 256 (top-8): fsdp against fsdp + EP=N
 #   large    proxies/qwen3_moe_4gpu (10.7B parameters, does not fit one H100): fsdp + EP=N
-#   ckpt     W2 fsdp + EP=N writing a checkpoint at the end: save seconds
-#   profile  W2 fsdp + EP=N at micro 8, 8 steps, torch.profiler over steps 6-7 (operator
-#            tables per rank and rank 0's trace in $RUNS/profile_ep/profile; no table row)
+#   ckpt     W2 fsdp + EP=N writing a full, then a sharded checkpoint at step 5, each resumed for a
+#            step: save and load seconds
+#   profile  W2 at micro 8 under fsdp and under fsdp + EP=N, 8 steps each, torch.profiler over
+#            steps 6-7 (operator tables per rank and rank 0's trace in
+#            $RUNS/profile_fsdp/profile and $RUNS/profile_ep/profile; no table rows)
 #
 #   single   the 1-GPU rows of `weak`, one per micro-batch size, side by side on GPUs 0, 1, ...
 #            (or on the GPUs listed in SINGLE_GPUS)
@@ -26,7 +29,7 @@
 #
 # The table (tokens/s per GPU, MFU against the dense bf16 datasheet peak, peak memory of
 # rank 0, the loss at the first logged step (step 5: the same in every layout up to
-# bf16 rounding), checkpoint seconds) is printed last and written to
+# bf16 rounding), checkpoint save and load seconds) is printed last and written to
 # $RUNS/scale.md; each run's summary.json stays under $RUNS. Checkpoints are deleted after
 # each run (W2 with AdamW: 5.9 GB).
 set -u
@@ -56,7 +59,7 @@ run() {  # name, label, gpus, micro, recipe, extra overrides...
     timeout -k 20 "$LIMIT" "$PY" -m lit_modules.cli train "$recipe" "${COMMON[@]}" "train.run_name=$name" \
         "train.micro_batch_size=$micro" "train.devices=$gpus" "$@" > "$RUNS/$name.log" 2>&1 \
         || { echo "($name failed:"; tail -5 "$RUNS/$name.log"; echo ")"; pkill -9 -f "train.run_name=$name" 2>/dev/null; }
-    rm -rf "$RUNS/$name/checkpoints"
+    [ -n "${KEEP_CKPT:-}" ] || rm -rf "$RUNS/$name/checkpoints"
     printf '%s\t%s\t%s\t%s\n' "$name" "$label" "$gpus" "$micro" >> "$RUNS/rows.tsv"
     echo "($name took $((SECONDS - t0)) s)"
 }
@@ -79,6 +82,8 @@ for set in $SETS; do
             run "fsdp_ep_m$m" "fsdp + EP=$N" "$N" "$m" $W2 train.strategy=fsdp "train.expert_parallel=$N" \
                 "$@"
         done ;;
+    fsdp)  # the fsdp rows of `weak` alone (a same-machine baseline for other sets)
+        for m in $MICROS; do run "fsdp_m$m" "fsdp" "$N" "$m" $W2 train.strategy=fsdp "$@"; done ;;
     experts)
         run "fsdp_e$MANY" "fsdp, $MANY experts" "$N" 2 $W2 train.strategy=fsdp "model.moe.n_experts=$MANY" "$@"
         run "fsdp_ep_e$MANY" "fsdp + EP=$N, $MANY experts" "$N" 2 $W2 train.strategy=fsdp \
@@ -97,16 +102,21 @@ for set in $SETS; do
     large)
         run "large_fsdp_ep" "qwen3_moe_4gpu, fsdp + EP=$N" "$N" 4 proxies/qwen3_moe_4gpu train.strategy=fsdp \
             "train.expert_parallel=$N" "$@" ;;
-    ckpt)
-        run "ckpt_full" "W2 fsdp + EP=$N, full checkpoint" "$N" 2 $W2 train.strategy=fsdp \
-            "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" "$@"
-        run "ckpt_sharded" "W2 fsdp + EP=$N, sharded checkpoint" "$N" 2 $W2 train.strategy=fsdp \
-            "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" "train.checkpoint_format=sharded" \
-            "$@" ;;
-    profile)
+    ckpt)  # each format saved at step 5, then resumed for one step (its load time)
+        for fmt in full sharded; do
+            KEEP_CKPT=1 run "ckpt_$fmt" "W2 fsdp + EP=$N, $fmt checkpoint, save" "$N" 2 $W2 train.strategy=fsdp \
+                "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" "train.checkpoint_format=$fmt" "$@"
+            run "ckpt_${fmt}_load" "W2 fsdp + EP=$N, $fmt checkpoint, resumed" "$N" 2 $W2 train.strategy=fsdp \
+                "train.expert_parallel=$N" "train.max_steps=6" "train.ckpt_every=-1" "train.checkpoint_format=$fmt" \
+                "train.resume=$RUNS/ckpt_$fmt" "$@"
+            rm -rf "$RUNS/ckpt_$fmt/checkpoints"
+        done ;;
+    profile)  # where fsdp loses against one GPU, and fsdp + EP against fsdp
+        run "profile_fsdp" "W2 fsdp, profiled" "$N" 8 $W2 train.strategy=fsdp "train.max_steps=8" \
+            "train.profile_steps=2" "$@"
         run "profile_ep" "W2 fsdp + EP=$N, profiled" "$N" 8 $W2 train.strategy=fsdp "train.expert_parallel=$N" \
             "train.max_steps=8" "train.profile_steps=2" "$@"
-        sed -i '$d' "$RUNS/rows.tsv" ;;  # a profiled run's speed is not a row
+        sed -i '$d' "$RUNS/rows.tsv"; sed -i '$d' "$RUNS/rows.tsv" ;;  # a profiled run's speed is not a row
     esac
 done
 
@@ -122,11 +132,11 @@ for name, *_ in rows:
     f = runs / name / "summary.json"
     summaries[name] = json.loads(f.read_text()) if f.exists() else None
 out = ["| layout | GPUs | micro / GPU | tokens/s per GPU | vs 1 GPU, same micro | MFU | peak GiB (rank 0) "
-       "| loss at the first logged step | checkpoint s |", "|---|---|---|---|---|---|---|---|---|"]
+       "| loss at the first logged step | checkpoint save s | load s |", "|---|---|---|---|---|---|---|---|---|---|"]
 for name, label, gpus, micro in rows:
     s = summaries[name]
     if s is None or not s.get("tokens_per_s"):
-        out.append(f"| {label} | {gpus} | {micro} | failed (see {name}.log) | | | | | |")
+        out.append(f"| {label} | {gpus} | {micro} | failed (see {name}.log) | | | | | | |")
         continue
     per_gpu = s["tokens_per_s"] / int(gpus)
     base = summaries.get(f"gpu1_m{micro}")
@@ -138,8 +148,9 @@ for name, label, gpus, micro in rows:
     mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") else "-"
     peak = f"{s['peak_memory_gib']:.1f}" if s.get("peak_memory_gib") else "-"
     ck = f"{s['checkpoint_seconds']:.1f}" if s.get("checkpoint_seconds") else "-"
+    ld = f"{s['checkpoint_load_seconds']:.1f}" if s.get("checkpoint_load_seconds") else "-"
     out.append(f"| {label} | {gpus} | {micro} | {per_gpu:,.0f} | {vs} | {mfu} | {peak} | "
-               f"{first if first is None else format(first, '.4f')} | {ck} |")
+               f"{first if first is None else format(first, '.4f')} | {ck} | {ld} |")
 table = "\n".join(out)
 (runs / "scale.md").write_text(table + "\n")
 print(table)
