@@ -102,9 +102,11 @@ for set in $SETS; do
     large)
         run "large_fsdp_ep" "qwen3_moe_4gpu, fsdp + EP=$N" "$N" 4 proxies/qwen3_moe_4gpu train.strategy=fsdp \
             "train.expert_parallel=$N" "$@" ;;
-    ckpt)  # each format saved at step 5, then resumed for one step (its load time)
+    ckpt)  # each format saved at step 5, then resumed for one step (its load time). The
+        # saves run with TORCH_DISTRIBUTED_DEBUG=DETAIL: a collective that differs between
+        # ranks (the full save failed so on 4 GPUs, 2026-11-27) is then named in the log
         for fmt in full sharded; do
-            KEEP_CKPT=1 run "ckpt_$fmt" "W2 fsdp + EP=$N, $fmt checkpoint, save" "$N" 2 $W2 train.strategy=fsdp \
+            KEEP_CKPT=1 TORCH_DISTRIBUTED_DEBUG=DETAIL run "ckpt_$fmt" "W2 fsdp + EP=$N, $fmt checkpoint, save" "$N" 2 $W2 train.strategy=fsdp \
                 "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" "train.checkpoint_format=$fmt" "$@"
             run "ckpt_${fmt}_load" "W2 fsdp + EP=$N, $fmt checkpoint, resumed" "$N" 2 $W2 train.strategy=fsdp \
                 "train.expert_parallel=$N" "train.max_steps=6" "train.ckpt_every=-1" "train.checkpoint_format=$fmt" \
