@@ -163,6 +163,45 @@ def test_train_with_a_teacher(cache, tmp_path):
     assert not (runs / "bad").exists()
 
 
+def test_qat_distilled_from_its_own_starting_weights(cache, tmp_path):
+    """Gemma 3's QAT recipe: the run starts from a model's weights (train.init_from) and
+    distils from the same model, unquantized, while its own forward is fake-quantized.
+    Without QAT the student is its teacher at step 1: the same next-token loss, and a
+    `full` distillation loss of the teacher's entropy alone (KL 0). With QAT the teacher
+    stays the float model: the student's quantized forward differs from it, so the KL
+    term, and the distillation loss, grow."""
+    from lit_modules.data.datamodule import TokenDataModule
+
+    from test_train import scalars
+
+    runs = tmp_path / "runs"
+    recipe = load_recipe(RECIPE, overrides(cache, runs))
+    dm = TokenDataModule(recipe, verbose=False)
+    torch.manual_seed(3)
+    model = build_model(recipe.model, device="cpu")
+    with torch.no_grad():  # larger weights than an initialisation's: peaked outputs, which int4 visibly moves
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.mul_(4.0)
+    start = tmp_path / "start"
+    save_model_dir(model, recipe, start, tokenizer_path=dm.tokenizer_path)
+
+    def step1(name, *extra):
+        summary = train(RECIPE, overrides(cache, runs, f"train.run_name={name}", "train.max_steps=1",
+                                          "train.val_every=0", "train.ckpt_every=-1", f"train.init_from={start}",
+                                          f"train.distill.teacher={start}", "train.distill.kind=full",
+                                          "train.distill.alpha=1.0", *extra))
+        acc = scalars(Path(summary["run_dir"]))
+        return {k: acc.Scalars(f"train/{k}")[0].value for k in ("ce_loss", "teacher_ce_loss", "distill_loss")}
+
+    plain = step1("plain")
+    assert plain["ce_loss"] == pytest.approx(plain["teacher_ce_loss"], abs=1e-5)
+    qat = step1("qat", "train.qat.format=int4", "train.qat.start_step=0")
+    assert qat["teacher_ce_loss"] == pytest.approx(plain["teacher_ce_loss"], abs=1e-6)  # the teacher is not quantized
+    assert abs(qat["ce_loss"] - qat["teacher_ce_loss"]) > 1e-4
+    assert qat["distill_loss"] > plain["distill_loss"] + 1e-3, (qat, plain)
+
+
 @pytest.mark.slow
 def test_ddp_and_fsdp_match_one_process(tmp_path):
     """The same global batch of 8 sequences, distilled (topk: no sampling, so every
