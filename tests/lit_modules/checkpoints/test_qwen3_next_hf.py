@@ -198,7 +198,11 @@ def test_checkpoint_mtp_layer_matches_its_definition(kind, tmp_path):
         emb = hf.model.embed_tokens(ids[:, 1:])
         x = mtp["fc"](torch.cat([mtp["pre_fc_norm_embedding"](emb), mtp["pre_fc_norm_hidden"](h)], dim=-1))
         pos = torch.arange(T - 1)[None]
-        x = mtp["layer"](x, position_embeddings=hf.model.rotary_emb(x, pos), attention_mask=causal, position_ids=pos)
+        # Qwen3.5's rotary is multimodal: it takes (3, batch, T) positions (transformers
+        # 5.17 only those; later versions expand (batch, T) themselves)
+        rope_pos = pos[None].expand(3, -1, -1) if kind == "qwen3_5_moe" else pos
+        x = mtp["layer"](x, position_embeddings=hf.model.rotary_emb(x, rope_pos), attention_mask=causal,
+                         position_ids=pos)
         theirs = hf.lm_head(mtp["norm"](x))
         module = ours.mtp[0]
         mine = ours._logits(module(h, ours.embed_tokens(ids[:, 1:]), ours.ropes[module.block.spec.kind](T - 1, "cpu")))
