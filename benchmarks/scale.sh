@@ -51,7 +51,7 @@ COMMON=("train.run_dir=$RUNS" "train.max_steps=$STEPS" "train.log_every=5" "trai
 mkdir -p "$RUNS"
 : >> "$RUNS/rows.tsv"
 
-run() {  # name, label, gpus, micro, recipe, extra overrides...
+run() {  # name, label, gpus, micro, recipe, extra overrides... (KEEP_CKPT=1: keep its checkpoints; NO_ROW=1: no table row)
     local name=$1 label=$2 gpus=$3 micro=$4 recipe=$5; shift 5
     echo "=== $name: moelab train $recipe micro $micro on $gpus GPU(s) $*"
     local t0=$SECONDS
@@ -60,7 +60,7 @@ run() {  # name, label, gpus, micro, recipe, extra overrides...
         "train.micro_batch_size=$micro" "train.devices=$gpus" "$@" > "$RUNS/$name.log" 2>&1 \
         || { echo "($name failed:"; tail -5 "$RUNS/$name.log"; echo ")"; pkill -9 -f "train.run_name=$name" 2>/dev/null; }
     [ -n "${KEEP_CKPT:-}" ] || rm -rf "$RUNS/$name/checkpoints"
-    printf '%s\t%s\t%s\t%s\n' "$name" "$label" "$gpus" "$micro" >> "$RUNS/rows.tsv"
+    [ -n "${NO_ROW:-}" ] || printf '%s\t%s\t%s\t%s\n' "$name" "$label" "$gpus" "$micro" >> "$RUNS/rows.tsv"
     echo "($name took $((SECONDS - t0)) s)"
 }
 
@@ -106,19 +106,18 @@ for set in $SETS; do
         # saves run with TORCH_DISTRIBUTED_DEBUG=DETAIL: a collective that differs between
         # ranks (the full save failed so on 4 GPUs, 2026-11-27) is then named in the log
         for fmt in full sharded; do
-            KEEP_CKPT=1 TORCH_DISTRIBUTED_DEBUG=DETAIL run "ckpt_$fmt" "W2 fsdp + EP=$N, $fmt checkpoint, save" "$N" 2 $W2 train.strategy=fsdp \
-                "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" "train.checkpoint_format=$fmt" "$@"
+            KEEP_CKPT=1 TORCH_DISTRIBUTED_DEBUG=DETAIL run "ckpt_$fmt" "W2 fsdp + EP=$N, $fmt checkpoint, save" \
+                "$N" 2 $W2 train.strategy=fsdp "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" "train.checkpoint_format=$fmt" "$@"
             run "ckpt_${fmt}_load" "W2 fsdp + EP=$N, $fmt checkpoint, resumed" "$N" 2 $W2 train.strategy=fsdp \
                 "train.expert_parallel=$N" "train.max_steps=6" "train.ckpt_every=-1" "train.checkpoint_format=$fmt" \
                 "train.resume=$RUNS/ckpt_$fmt" "$@"
             rm -rf "$RUNS/ckpt_$fmt/checkpoints"
         done ;;
-    profile)  # where fsdp loses against one GPU, and fsdp + EP against fsdp
-        run "profile_fsdp" "W2 fsdp, profiled" "$N" 8 $W2 train.strategy=fsdp "train.max_steps=8" \
+    profile)  # where fsdp loses against one GPU, and fsdp + EP against fsdp; a profiled run's speed is no row
+        NO_ROW=1 run "profile_fsdp" "W2 fsdp, profiled" "$N" 8 $W2 train.strategy=fsdp "train.max_steps=8" \
             "train.profile_steps=2" "$@"
-        run "profile_ep" "W2 fsdp + EP=$N, profiled" "$N" 8 $W2 train.strategy=fsdp "train.expert_parallel=$N" \
-            "train.max_steps=8" "train.profile_steps=2" "$@"
-        sed -i '$d' "$RUNS/rows.tsv"; sed -i '$d' "$RUNS/rows.tsv" ;;  # a profiled run's speed is not a row
+        NO_ROW=1 run "profile_ep" "W2 fsdp + EP=$N, profiled" "$N" 8 $W2 train.strategy=fsdp \
+            "train.expert_parallel=$N" "train.max_steps=8" "train.profile_steps=2" "$@" ;;
     esac
 done
 
