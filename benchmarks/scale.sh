@@ -107,7 +107,8 @@ for set in $SETS; do
         # ranks (the full save failed so on 4 GPUs, 2026-11-27) is then named in the log
         for fmt in full sharded; do
             KEEP_CKPT=1 TORCH_DISTRIBUTED_DEBUG=DETAIL run "ckpt_$fmt" "W2 fsdp + EP=$N, $fmt checkpoint, save" \
-                "$N" 2 $W2 train.strategy=fsdp "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" "train.checkpoint_format=$fmt" "$@"
+                "$N" 2 $W2 train.strategy=fsdp "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" \
+                "train.checkpoint_format=$fmt" "$@"
             run "ckpt_${fmt}_load" "W2 fsdp + EP=$N, $fmt checkpoint, resumed" "$N" 2 $W2 train.strategy=fsdp \
                 "train.expert_parallel=$N" "train.max_steps=6" "train.ckpt_every=-1" "train.checkpoint_format=$fmt" \
                 "train.resume=$RUNS/ckpt_$fmt" "$@"
