@@ -6,10 +6,10 @@ custom ops with their own backward, so that torch.compile sees two opaque ops.
               grouped_mm: y_S = h @ w_out[e].T               sorted rows
               gather_sum: y_T[t] = sum_k w_tk y_S[row(t, k)]
     backward  glu_bwd:    G = dy[token_S] @ w_out[e]         rows of dy gathered on load;
-                          d[gate; up] = w G glu',  d w_tk = sum_f G glu  (epilogue)
+                          d[gate; up] = w G glu',  d w_tk = sum_f G glu,  hs = w glu (epilogue)
               grouped_mm: dx_S = d[gate; up] @ w_in[e]
               gather_sum: dx_T[t] = sum_k dx_S[row(t, k)]
-              wgrad:      dw_out[e] = (w dy[token]).T @ glu,  dw_in[e] = d[gate; up].T @ x[token]
+              wgrad:      dw_out[e] = dy[token].T @ hs,  dw_in[e] = d[gate; up].T @ x[token]
                           (the biases' gradients are the same kernels' column sums)
 
 Combine: a gather in a final reduction (gather_sum), not a scatter-add from the
@@ -20,9 +20,9 @@ and one read of the (S, D) rows, which the scatter-add would save.
 
 Memory for backward: the layer input x (alive anyway) and the pre-activation
 gu = [gate; up] (S, 2F) in the compute dtype are saved; the activation glu(gu) (S, F)
-is recomputed from gu inside the kernels that need it, and the expert outputs y_S
-(S, D) are not saved at all: d loss / d w_tk = dy_t . y_S = sum_f G glu is formed in
-glu_bwd's epilogue. Per routed row that is 2F elements; the eager grouped_mm path
+is not: glu_bwd recomputes it and writes it, times the routing weight, for w_out's
+gradient only (freed right after), and the expert outputs y_S (S, D) are not saved
+at all: d loss / d w_tk = dy_t . y_S = sum_f G glu is formed in glu_bwd's epilogue. Per routed row that is 2F elements; the eager grouped_mm path
 keeps the permuted x_S and the combine's rows (D each) plus h (2F) and at least one
 F-wide activation: 2D + 3F or more. Recomputing gu as well (one more gathered GEMM
 in backward, a third more forward FLOPs) would save the last 2F; not done.
@@ -89,16 +89,17 @@ def _k():
 
 # Block sizes. BM, the row tile of the tile table, is fixed per device so that
 # forward and backward share one table; the rest are tuned on CUDA over a few
-# configs (H100-minded: BM 128, BN 64-128, BK 64). The interpreter runs one small
-# config: many partial tiles on the tiny test shapes, and few configs to interpret.
+# configs. The interpreter runs one small config: many partial tiles on the tiny test
+# shapes, and few configs to interpret. The CUDA lists are the best few of
+# benchmarks/triton_sweep.py's grid on an H100 at the Qwen3-30B-A3B shape (16K tokens).
 BM_CUDA, BM_INTERPRET = 128, 16
 _INTERPRET_META = {"rows": dict(BN=16, BK=32), "wgrad": dict(BM=32, BN=32, BK=16)}
 # (BN, BK, warps, stages); the GLU kernels hold two accumulators (gate and up) or
 # an accumulator and an epilogue of loads, hence narrower tiles
-_ROW_SHAPES = {"glu": [(64, 64, 8, 3), (64, 64, 4, 4), (128, 64, 8, 3), (64, 32, 4, 5)],
-               "mm": [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3)]}
+_ROW_SHAPES = {"glu": [(128, 64, 8, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
+               "mm": [(256, 64, 8, 3), (256, 32, 8, 4), (128, 64, 4, 3), (128, 64, 8, 3)]}
 # (BM, BN, BK, warps, stages); BK runs over an expert's rows (~T K / E of them)
-_WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 2), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+_WGRAD_SHAPES = [(128, 128, 32, 8, 5), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (256, 128, 64, 8, 3)]
 
 _tuned = {}
 
@@ -199,26 +200,31 @@ class _Rows:
                 HAS_BIAS=bias is not None, **self.meta)
         return c
 
-    def glu_bwd(self, dy, src, w_out, gu, w_S, b_out, kind: int) -> Tuple[Tensor, Tensor]:
+    def glu_bwd(self, dy, src, w_out, gu, w_S, b_out, kind: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """(d[gate; up], d loss / d w of each row, w glu(gate, up)) (glu_bwd_kernel)."""
         S, F, D = src.numel(), w_out.shape[2], w_out.shape[1]
         dgu = gu.new_empty(S, 2 * F)
+        hs = gu.new_empty(S, F)
         # one partial sum per (row, n-tile); zeros where the tuned BN leaves columns
         min_bn = _INTERPRET_META["rows"]["BN"] if interpreting() else min(c[0] for c in _ROW_SHAPES["glu"])
         dwp = torch.zeros(S, -(-F // min_bn), dtype=torch.float32, device=gu.device)
         _launch("glu_bwd_kernel", self.programs(F), dy, src, w_out, gu, w_S, b_out if b_out is not None else w_out,
-                dgu, dwp, self.e, self.lo, self.hi, D, F, dy.stride(0), w_out.stride(0), w_out.stride(1),
-                gu.stride(0), dgu.stride(0), dwp.stride(0), KIND=kind, HAS_BIAS=b_out is not None, **self.meta)
-        return dgu, dwp.sum(1)
+                dgu, dwp, hs, self.e, self.lo, self.hi, D, F, dy.stride(0), w_out.stride(0), w_out.stride(1),
+                gu.stride(0), dgu.stride(0), dwp.stride(0), hs.stride(0), KIND=kind, HAS_BIAS=b_out is not None,
+                **self.meta)
+        return dgu, dwp.sum(1), hs
 
-    def wgrad(self, out: Tensor, dbias: Optional[Tensor], a, a_src, a_scale, b, b_src, b_glu: bool, kind: int):
-        """out[e] = A'[rows of e].T @ B'[rows of e] (triton_kernels.wgrad_kernel)."""
+    def wgrad(self, out: Tensor, dbias: Optional[Tensor], a, a_src, b, b_src, dbias_scale=None):
+        """out[e] = a[a_src][rows of e].T @ b[b_src][rows of e], dbias[e] its column sums of
+        a (times dbias_scale per row) (triton_kernels.wgrad_kernel)."""
         E, M, N = out.shape
         _launch("wgrad_kernel", lambda m: E * -(-M // m["BM"]) * -(-N // m["BN"]),
-                a, a_src if a_src is not None else self.counts_E, a_scale if a_scale is not None else self.n_kept,
-                b, b_src if b_src is not None else self.counts_E, out, dbias if dbias is not None else out,
+                a, a_src if a_src is not None else self.counts_E,
+                dbias_scale if dbias_scale is not None else self.n_kept, b,
+                b_src if b_src is not None else self.counts_E, out, dbias if dbias is not None else out,
                 self.first_E, self.counts_E, M, N, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
-                A_GATHER=a_src is not None, A_SCALE=a_scale is not None, B_GATHER=b_src is not None, B_GLU=b_glu,
-                KIND=kind, HAS_DBIAS=dbias is not None, INTERPRET=interpreting(), **self.wmeta)
+                A_GATHER=a_src is not None, B_GATHER=b_src is not None, HAS_DBIAS=dbias is not None,
+                DBIAS_SCALE=dbias_scale is not None, INTERPRET=interpreting(), **self.wmeta)
 
     def gather_sum(self, rows, slot_row, w, n_tokens: int) -> Tensor:
         """out[t] = sum_k w[t, k] rows[slot_row[t, k]] over kept rows (w None: 1)."""
@@ -274,16 +280,18 @@ def triton_experts_backward(dy_TD: Tensor, x_TD: Tensor, w_in: Tensor, w_out: Te
     k = KINDS[kind]
     rows = _Rows(counts_E, S, x_TD.dtype)
     w_S = weights_TK.reshape(-1)[order_S]  # routing weight of each sorted row
-    dgu, dw_S = rows.glu_bwd(dy_TD, token_S, w_out, gu, w_S, b_out, k)
+    dgu, dw_S, hs_S = rows.glu_bwd(dy_TD, token_S, w_out, gu, w_S, b_out, k)
+    dw_out, dw_in = torch.empty_like(w_out), torch.empty_like(w_in)
+    db_out = torch.empty_like(b_out) if b_out is not None else None
+    db_in = torch.empty_like(b_in) if b_in is not None else None
+    # d w_out[e] = dy[token].T @ (w glu); d b_out[e] = sum of w dy[token]
+    rows.wgrad(dw_out, db_out, dy_TD, token_S, hs_S, None, dbias_scale=w_S)
+    del hs_S
     # w_in (E, 2F, D) read as (K = 2F, N = D)
     dx_S = rows.mm(dgu, w_in, None, w_in.stride(1), w_in.stride(2), w_in.shape[2])
     dx = rows.gather_sum(dx_S, slot_row, None, T)
     del dx_S
-    dw_out, dw_in = torch.empty_like(w_out), torch.empty_like(w_in)
-    db_out = torch.empty_like(b_out) if b_out is not None else None
-    db_in = torch.empty_like(b_in) if b_in is not None else None
-    rows.wgrad(dw_out, db_out, dy_TD, token_S, w_S, gu, None, True, k)
-    rows.wgrad(dw_in, db_in, dgu, None, None, x_TD, token_S, False, k)
+    rows.wgrad(dw_in, db_in, dgu, None, x_TD, token_S)
     # d w of each slot: its row's sum, zero for dropped slots (their rows were never computed)
     dweights = torch.where(slot_row < rows.n_kept, dw_S[slot_row], 0.0).view_as(weights_TK).to(weights_TK.dtype)
     return (dx, dw_in, dw_out, db_in if db_in is not None else _empty(w_in),

@@ -16,7 +16,7 @@ own no tile; table entries past the real tiles have lo = hi and return at once.
 Kernels (operands in the compute dtype, float32 accumulators):
   glu_fwd       gu = x[src] @ w_in[e].T (+ b_in)  -> h = glu(gate, up)     gathered A
   grouped_mm    c = a @ B[e] (+ bias[e])          (down projection, dX rows)
-  glu_bwd       G = dy[src] @ w_out[e]            -> d[gate; up], dweight partials
+  glu_bwd       G = dy[src] @ w_out[e]            -> d[gate; up], dweight partials, w glu
   wgrad         dW[e] = A'[rows of e].T @ B'[rows of e]  (+ column sums: d bias)
   gather_sum    out[t] = sum_k w[t, k] * rows[slot_row[t, k]]   (kept rows only)
 
@@ -178,9 +178,9 @@ def grouped_mm_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, tile_e_ptr, tile_lo_ptr, ti
 
 
 @triton.jit
-def glu_bwd_kernel(dy_ptr, src_ptr, w_ptr, gu_ptr, wrow_ptr, bout_ptr, dgu_ptr, dwp_ptr,
+def glu_bwd_kernel(dy_ptr, src_ptr, w_ptr, gu_ptr, wrow_ptr, bout_ptr, dgu_ptr, dwp_ptr, hs_ptr,
                    tile_e_ptr, tile_lo_ptr, tile_hi_ptr, D: tl.constexpr, F,
-                   stride_dy, stride_we, stride_wd, stride_gu, stride_dgu, stride_dwp,
+                   stride_dy, stride_we, stride_wd, stride_gu, stride_dgu, stride_dwp, stride_hs,
                    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    BK: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
     """G[r, f] = dy[src r] . w_out[e, :, f] with the rows of dy gathered while loading
@@ -188,8 +188,11 @@ def glu_bwd_kernel(dy_ptr, src_ptr, w_ptr, gu_ptr, wrow_ptr, bout_ptr, dgu_ptr, 
     epilogue, from the saved pre-activation gu:
         d gate = w_r G glu'_g,  d up = w_r G glu'_u          (w_r: row r's routing weight)
         dwp[r, n-tile] = sum_f G glu(gate, up) (+ dy[src r] . b_out[e] on n-tile 0)
+        hs = w_r glu(gate, up)                                 (for w_out's gradient)
     dwp summed over n-tiles is d loss / d w_r = dy[src r] . y_r, without y ever saved.
-    w_out is (E, D, F) with unit stride along F."""
+    hs makes d w_out[e] = dy[rows of e].T @ hs a plain gathered GEMM (wgrad), with the
+    routing weight on the side that is written here anyway. w_out is (E, D, F) with
+    unit stride along F."""
     # tile of the table, then n-tile: n fastest, so the programs of one row tile run
     # side by side and share its (gathered) rows in L2
     pid_m = tl.program_id(0) // ((F + BN - 1) // BN)
@@ -229,15 +232,15 @@ def glu_bwd_kernel(dy_ptr, src_ptr, w_ptr, gu_ptr, wrow_ptr, bout_ptr, dgu_ptr, 
     wr = tl.load(wrow_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     dh = acc * wr[:, None]
     out_t = dgu_ptr.dtype.element_ty
+    tl.store(hs_ptr + r64[:, None] * stride_hs + cols[None, :], (h * wr[:, None]).to(out_t), mask=omask)
     tl.store(dgu_ptr + r64[:, None] * stride_dgu + cols[None, :], (dh * dh_dg).to(out_t), mask=omask)
     tl.store(dgu_ptr + r64[:, None] * stride_dgu + (cols + F)[None, :], (dh * dh_du).to(out_t), mask=omask)
 
 
 @triton.jit
-def _wgrad_step(acc, dbias, r0, hi, a_ptr, a_src_ptr, a_scale_ptr, b_ptr, b_src_ptr, ms, mmask, ns, nmask,
-                N, stride_a, stride_b, A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, B_GATHER: tl.constexpr,
-                B_GLU: tl.constexpr, KIND: tl.constexpr, HAS_DBIAS: tl.constexpr, BK: tl.constexpr,
-                DOT_T: tl.constexpr, PREC: tl.constexpr):
+def _wgrad_step(acc, dbias, r0, hi, a_ptr, a_src_ptr, scale_ptr, b_ptr, b_src_ptr, ms, mmask, ns, nmask,
+                stride_a, stride_b, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_DBIAS: tl.constexpr,
+                DBIAS_SCALE: tl.constexpr, BK: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
     rows = r0 + tl.arange(0, BK)
     rmask = rows < hi
     if A_GATHER:
@@ -250,33 +253,31 @@ def _wgrad_step(acc, dbias, r0, hi, a_ptr, a_src_ptr, a_scale_ptr, b_ptr, b_src_
         b_rows = rows.to(tl.int64)
     # A read transposed, (BM, BK): its columns are the rows being summed over
     a = tl.load(a_ptr + a_rows[None, :] * stride_a + ms[:, None], mask=mmask[:, None] & rmask[None, :], other=0.0)
-    if A_SCALE:
-        sc = tl.load(a_scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-        a = (a.to(tl.float32) * sc[None, :]).to(a_ptr.dtype.element_ty)  # rounded as the reference's w * dy
-    bmask = rmask[:, None] & nmask[None, :]
-    if B_GLU:
-        g = tl.load(b_ptr + b_rows[:, None] * stride_b + ns[None, :], mask=bmask, other=0.0).to(tl.float32)
-        u = tl.load(b_ptr + b_rows[:, None] * stride_b + (ns + N)[None, :], mask=bmask, other=0.0).to(tl.float32)
-        b = _glu(g, u, KIND).to(b_ptr.dtype.element_ty)
-    else:
-        b = tl.load(b_ptr + b_rows[:, None] * stride_b + ns[None, :], mask=bmask, other=0.0)
+    b = tl.load(b_ptr + b_rows[:, None] * stride_b + ns[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
     acc = tl.dot(a.to(DOT_T), b.to(DOT_T), acc, input_precision=PREC)
     if HAS_DBIAS:
-        dbias += tl.sum(a.to(tl.float32), axis=1)
+        if DBIAS_SCALE:
+            sc = tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+            dbias += tl.sum(a.to(tl.float32) * sc[None, :], axis=1)
+        else:
+            dbias += tl.sum(a.to(tl.float32), axis=1)
     return acc, dbias
 
 
 @triton.jit
-def wgrad_kernel(a_ptr, a_src_ptr, a_scale_ptr, b_ptr, b_src_ptr, out_ptr, dbias_ptr, first_ptr, counts_ptr,
+def wgrad_kernel(a_ptr, a_src_ptr, scale_ptr, b_ptr, b_src_ptr, out_ptr, dbias_ptr, first_ptr, counts_ptr,
                  M, N, stride_a, stride_b, stride_oe, stride_om,
-                 A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, B_GATHER: tl.constexpr, B_GLU: tl.constexpr,
-                 KIND: tl.constexpr, HAS_DBIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                 A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_DBIAS: tl.constexpr, DBIAS_SCALE: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+                 INTERPRET: tl.constexpr):
     """out[e, m, n] = sum over expert e's rows r of A'[r, m] B'[r, n], where
-        A'[r, m] = a[a_src r, m] * scale[r]   (gather, scale optional)
-        B'[r, n] = b[b_src r, n]  or  glu(b[r, n], b[r, N + n])  (B_GLU: from gu)
-    and, with HAS_DBIAS, dbias[e, m] = sum_r A'[r, m] (written by the n-block 0
-    programs). An expert with no rows gets zeros. Unit stride along m and n."""
+        A'[r, m] = a[a_src r, m],  B'[r, n] = b[b_src r, n]   (each gather optional)
+    and, with HAS_DBIAS, dbias[e, m] = sum_r A'[r, m] (times scale[r] with
+    DBIAS_SCALE), written by the n-block 0 programs. An expert with no rows gets
+    zeros. Unit stride along m and n. Operands go to the tensor cores as loaded: a
+    scale or an activation applied in this loop would cost a pass through registers
+    per tile (w_out's gradient took 2.4-3.9 ms against 1.9 ms for w_in's, twice
+    the FLOPs, on an H100), so the callers pass operands that need neither."""
     pid = tl.program_id(0)
     n_m = (M + BM - 1) // BM
     n_n = (N + BN - 1) // BN
@@ -295,15 +296,15 @@ def wgrad_kernel(a_ptr, a_src_ptr, a_scale_ptr, b_ptr, b_src_ptr, out_ptr, dbias
     if INTERPRET:
         r0 = lo
         while r0 < hi:
-            acc, dbias = _wgrad_step(acc, dbias, r0, hi, a_ptr, a_src_ptr, a_scale_ptr, b_ptr, b_src_ptr, ms, mmask,
-                                     ns, nmask, N, stride_a, stride_b, A_GATHER, A_SCALE, B_GATHER, B_GLU, KIND,
-                                     HAS_DBIAS, BK, DOT_T, PREC)
+            acc, dbias = _wgrad_step(acc, dbias, r0, hi, a_ptr, a_src_ptr, scale_ptr, b_ptr, b_src_ptr, ms, mmask,
+                                     ns, nmask, stride_a, stride_b, A_GATHER, B_GATHER, HAS_DBIAS, DBIAS_SCALE, BK,
+                                     DOT_T, PREC)
             r0 += BK
     else:
         for r0 in range(lo, hi, BK):
-            acc, dbias = _wgrad_step(acc, dbias, r0, hi, a_ptr, a_src_ptr, a_scale_ptr, b_ptr, b_src_ptr, ms, mmask,
-                                     ns, nmask, N, stride_a, stride_b, A_GATHER, A_SCALE, B_GATHER, B_GLU, KIND,
-                                     HAS_DBIAS, BK, DOT_T, PREC)
+            acc, dbias = _wgrad_step(acc, dbias, r0, hi, a_ptr, a_src_ptr, scale_ptr, b_ptr, b_src_ptr, ms, mmask,
+                                     ns, nmask, stride_a, stride_b, A_GATHER, B_GATHER, HAS_DBIAS, DBIAS_SCALE, BK,
+                                     DOT_T, PREC)
     e64 = e.to(tl.int64)
     tl.store(out_ptr + e64 * stride_oe + ms[:, None] * stride_om + ns[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
