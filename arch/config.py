@@ -433,6 +433,11 @@ class TrainConfig:
     # backends other than triton, but one host read of the split sizes per layer, which
     # breaks a compiled block's graph). experts/parallel.py
     ep_dispatch: str = "allgather"
+    # FSDP2 (fsdp strategy): free each block's gathered weights after its forward (true:
+    # least memory, the weights are gathered again for backward) or keep them until
+    # backward (false: one all-gather per block and step instead of two, for the
+    # memory of one block's full weights per block)
+    reshard_after_forward: bool = True
     num_nodes: int = 1  # hosts in a multi-node launch (torchrun / SLURM); devices is per host
     optim: OptimConfig = field(default_factory=OptimConfig)
     # stages of one run (Qwen3's 4K general -> knowledge -> 32K long context; Gemma 3's

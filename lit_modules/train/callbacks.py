@@ -265,8 +265,10 @@ def _short(v):
 
 class StepProfiler(Callback):
     """torch.profiler over optimizer steps [start, start + steps): each rank writes its
-    operators by device time (CPU time without a GPU) to <dirpath>/rank<r>.txt, and rank
-    0 its Chrome trace (trace.json, for Perfetto or chrome://tracing). Where a step's
+    operators by device time (CPU time without a GPU) to <dirpath>/rank<r>.txt (on a GPU
+    also by host time, rank<r>_cpu.txt), and rank 0 its Chrome trace (trace.json, for
+    Perfetto or chrome://tracing) and, on a GPU, how the trace's window splits into
+    compute, collectives, both and idle (overlap.md, lit_modules.tools.trace_overlap). Where a step's
     time goes, in the run as it runs (strategy, compile and all), without a separate
     script."""
 
@@ -300,8 +302,17 @@ class StepProfiler(Callback):
         key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=self.rows, max_name_column_width=70)
         (self.dirpath / f"rank{trainer.global_rank}.txt").write_text(table + "\n")
+        if torch.cuda.is_available():  # host-side time too: a GPU left idle waits on these
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.rows,
+                                              max_name_column_width=70)
+            (self.dirpath / f"rank{trainer.global_rank}_cpu.txt").write_text(table + "\n")
         if trainer.is_global_zero:
-            prof.export_chrome_trace(str(self.dirpath / "trace.json"))
+            trace = self.dirpath / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            if torch.cuda.is_available():
+                from lit_modules.tools.trace_overlap import format_summary, summarize_file
+
+                (self.dirpath / "overlap.md").write_text(format_summary(summarize_file(trace)) + "\n")
         log.info("profile of %d steps written to %s", self.steps, self.dirpath)
 
 

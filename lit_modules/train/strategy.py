@@ -337,6 +337,7 @@ def shard_model(model: nn.Module, train: TrainConfig, device: torch.device,
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if precision == "bf16-mixed" else MixedPrecisionPolicy())
         for block in model.blocks():
-            fully_shard(block, mesh=world_mesh, ignored_params=ignored or None, mp_policy=mp)
+            fully_shard(block, mesh=world_mesh, ignored_params=ignored or None, mp_policy=mp,
+                        reshard_after_forward=train.reshard_after_forward)
         fully_shard(model, mesh=world_mesh, ignored_params=ignored or None, mp_policy=mp)
     return plan

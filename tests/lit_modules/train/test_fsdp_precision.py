@@ -1,8 +1,10 @@
 """FSDP2 under bf16-mixed all-gathers weights in bf16 and reduces gradients in float32
 onto float32 shards (lit_modules/train/strategy.py shard_model); other precisions keep
-float32 throughout. Two gloo processes."""
+float32 throughout. train.reshard_after_forward=false keeps the gathered weights from
+forward to backward. Two gloo processes."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -48,3 +50,32 @@ def test_fsdp_gathers_bf16_under_bf16_mixed(tmp_path):
     assert grads == {torch.float32} and master == {torch.float32}
     policy, gathered, grads, master = out["32-true"]
     assert policy is None and gathered == torch.float32 and grads == {torch.float32}
+
+
+def _reshard_worker(rank, port, path):
+    init_gloo(rank, 2, port)
+    try:
+        from lit_modules.train.strategy import shard_model
+        from torch.distributed.tensor import DTensor
+
+        torch.manual_seed(0)
+        model = tiny_model("qwen3_moe").train()
+        ids = torch.randint(0, 256, (2, 8))
+        before = model(ids, targets=ids).loss.item()  # the same weights and batch on both ranks
+        shard_model(model, TrainConfig(strategy="fsdp", reshard_after_forward=False), torch.device("cpu"))
+        loss = model(ids, targets=ids).loss
+        sharded_after_forward = isinstance(next(model.layers[0].parameters()), DTensor)
+        loss.backward()
+        sharded_after_backward = isinstance(next(model.layers[0].parameters()), DTensor)
+        if rank == 0:
+            torch.save((before, loss.item(), sharded_after_forward, sharded_after_backward), path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reshard_after_forward_false_keeps_the_gathered_weights_until_backward(tmp_path):
+    mp.spawn(_reshard_worker, args=(free_port(), tmp_path / "out.pt"), nprocs=2)
+    before, loss, after_forward, after_backward = torch.load(tmp_path / "out.pt")
+    assert loss == pytest.approx(before, abs=1e-6)
+    assert not after_forward and after_backward  # gathered from forward to backward, then sharded again
