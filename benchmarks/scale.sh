@@ -12,7 +12,7 @@
 #   experts  W2 with $MANY experts of width 256 (top-8): fsdp against fsdp + EP=N
 #   large    proxies/qwen3_moe_4gpu (10.7B parameters, does not fit one H100): fsdp + EP=N
 #   ckpt     W2 fsdp + EP=N writing a full, then a sharded checkpoint at step 5, each resumed for a
-#            step: save and load seconds
+#            step: save and load seconds (CKPT_FORMATS="full" or "sharded": one of them)
 #   profile  W2 at micro 8 under fsdp and under fsdp + EP=N, 8 steps each, torch.profiler over
 #            steps 6-7 (operator tables per rank and rank 0's trace in
 #            $RUNS/profile_fsdp/profile and $RUNS/profile_ep/profile; no table rows)
@@ -102,11 +102,9 @@ for set in $SETS; do
     large)
         run "large_fsdp_ep" "qwen3_moe_4gpu, fsdp + EP=$N" "$N" 4 proxies/qwen3_moe_4gpu train.strategy=fsdp \
             "train.expert_parallel=$N" "$@" ;;
-    ckpt)  # each format saved at step 5, then resumed for one step (its load time). The
-        # saves run with TORCH_DISTRIBUTED_DEBUG=DETAIL: a collective that differs between
-        # ranks (the full save failed so on 4 GPUs, 2026-11-27) is then named in the log
-        for fmt in full sharded; do
-            KEEP_CKPT=1 TORCH_DISTRIBUTED_DEBUG=DETAIL run "ckpt_$fmt" "W2 fsdp + EP=$N, $fmt checkpoint, save" \
+    ckpt)  # each format of $CKPT_FORMATS saved at step 5, then resumed for one step (its load time)
+        for fmt in ${CKPT_FORMATS:-full sharded}; do
+            KEEP_CKPT=1 run "ckpt_$fmt" "W2 fsdp + EP=$N, $fmt checkpoint, save" \
                 "$N" 2 $W2 train.strategy=fsdp "train.expert_parallel=$N" "train.max_steps=5" "train.ckpt_every=0" \
                 "train.checkpoint_format=$fmt" "$@"
             run "ckpt_${fmt}_load" "W2 fsdp + EP=$N, $fmt checkpoint, resumed" "$N" 2 $W2 train.strategy=fsdp \

@@ -167,7 +167,8 @@ def expert_parallel_gather(backend: Callable, x_TD: torch.Tensor, weights_TK: to
     dropped), and the partial outputs go back to their tokens' ranks to be summed:
 
         tokens (T) -> all-gather (EP x T, in autocast's dtype) -> local dispatch -> backend
-        (+ combine) -> partial rows (EP x T, float32) -> to their ranks -> sum over ranks
+        (+ combine) -> partial rows (EP x T, compute dtype) -> to their ranks -> float32
+        sum over ranks
 
     Traffic: every token to every rank of the group, where the token exchange sends it
     only to the ranks holding its experts (3.6 of 4 for top-8 of 64: close). Memory:
@@ -181,9 +182,12 @@ def expert_parallel_gather(backend: Callable, x_TD: torch.Tensor, weights_TK: to
     D = x_TD.shape[1]
     e_TK = _slot_experts(d, T, K)
     x_all = all_to_all(x_TD.to(_exchange_dtype(x_TD)).expand(ep, T, D).reshape(ep * T, D), group=group)
-    w_all = all_to_all(weights_TK.float().expand(ep, T, K).reshape(ep * T, K), group=group)
+    # routing weights and expert ids in one exchange (ids < 2^24: exact in float32)
+    meta = torch.cat([weights_TK.float(), e_TK.float()], 1)
+    meta_all = all_to_all(meta.expand(ep, T, 2 * K).reshape(ep * T, 2 * K), group=group)
+    w_all = meta_all[:, :K]
     with torch.no_grad():
-        e_all = all_to_all(e_TK.expand(ep, T, K).reshape(ep * T, K), group=group)
+        e_all = meta_all[:, K:].long()
         local = torch.where(e_all // L == rank, e_all % L, L)
     dl = dispatch_local(local, L)
     fused = getattr(backend, "fused", None)
@@ -192,8 +196,10 @@ def expert_parallel_gather(backend: Callable, x_TD: torch.Tensor, weights_TK: to
     else:
         y_all = combine(backend(permute(x_all, dl), dl.counts_E, w_in_LID, w_out_LDF, kind, *biases), w_all, dl,
                         ep * T)
-    # partial outputs to their tokens' ranks, summed in float32 (a reduce-scatter)
-    return all_to_all(y_all.float(), group=group).view(ep, T, -1).sum(0)
+    # partial outputs to their tokens' ranks in the rows' dtype (the backends return the
+    # compute dtype: sending them as float32 would double the largest exchange for the
+    # same values), summed in float32 (a reduce-scatter)
+    return all_to_all(y_all, group=group).view(ep, T, -1).sum(0, dtype=torch.float32)
 
 
 def expert_parallel_capacity(backend: Callable, x_SD: torch.Tensor, counts_E: torch.Tensor,

@@ -97,7 +97,15 @@ def _fsdp(train: TrainConfig) -> Any:
                 from lit_modules.checkpoints.sharded import save_sharded
 
                 return save_sharded(checkpoint, filepath)
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
+            # One file, written by rank 0 (the gathered state is on rank 0 only). Every rank
+            # computed the same path from the step (Checkpointing.save), so Lightning's
+            # broadcast of it from rank 0, an object collective, is left out: on 4 GPUs under
+            # FSDP2 + EP=4 it failed on one rank ("pickle data was truncated", 2026-11-27).
+            if Path(filepath).is_dir():
+                raise IsADirectoryError(f"the checkpoint path {filepath} is a directory; remove it or choose "
+                                        f"another train.run_name.")
+            if self.is_global_zero:
+                self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
         def load_checkpoint(self, checkpoint_path, weights_only=None):
             from lit_modules.checkpoints.training import read_checkpoint
