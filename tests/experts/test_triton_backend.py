@@ -229,6 +229,28 @@ def test_refusals_name_the_problem_in_one_sentence(monkeypatch):
     assert "not importable" in unavailable("cuda")
 
 
+@cpu_interpreter
+def test_kernel_sweep_script_launches_every_kernel(tmp_path):
+    """benchmarks/triton_sweep.py launches each kernel by hand with its full argument
+    list: its CPU dry run (interpreter, tiny shape) must still run every kernel, so a
+    kernel signature change that the script missed fails here, not on a GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "triton_sweep.py"), "--tiny"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = out.stdout.split("#### summary", 1)[1]
+    rows = [ln for ln in summary.splitlines() if ln.startswith("| ") and not ln.startswith("| kernel")]
+    assert len(rows) == 6, summary  # glu_fwd, down, glu_bwd, dX and both weight gradients
+    assert "no config ran" not in out.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting() or not HAVE_TRITON,
                     reason="needs CUDA and triton (compiled kernels, not the interpreter)")
