@@ -133,8 +133,8 @@ def sweep(inputs, quick: bool) -> None:
         e, lo, hi, n = tables[bm]
         return lambda: k.glu_bwd_kernel[(n * -(-F // bn),)](
             dy, d.token_S, w_out, gu, w_S, w_out, dgu, dwp, hs, e, lo, hi, D, F, dy.stride(0), w_out.stride(0),
-            w_out.stride(1), gu.stride(0), dgu.stride(0), dwp.stride(0), hs.stride(0), KIND=0, HAS_BIAS=False, BM=bm, BN=bn,
-            BK=bk, num_warps=w, num_stages=s, **dot)
+            w_out.stride(1), gu.stride(0), dgu.stride(0), dwp.stride(0), hs.stride(0), KIND=0, HAS_BIAS=False,
+            BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=s, **dot)
 
     def wgrad_out(bm, bn, bk, w, s):
         return lambda: k.wgrad_kernel[(E * -(-D // bm) * -(-F // bn),)](

@@ -22,9 +22,10 @@ Memory for backward: the layer input x (alive anyway) and the pre-activation
 gu = [gate; up] (S, 2F) in the compute dtype are saved; the activation glu(gu) (S, F)
 is not: glu_bwd recomputes it and writes it, times the routing weight, for w_out's
 gradient only (freed right after), and the expert outputs y_S (S, D) are not saved
-at all: d loss / d w_tk = dy_t . y_S = sum_f G glu is formed in glu_bwd's epilogue. Per routed row that is 2F elements; the eager grouped_mm path
-keeps the permuted x_S and the combine's rows (D each) plus h (2F) and at least one
-F-wide activation: 2D + 3F or more. Recomputing gu as well (one more gathered GEMM
+at all: d loss / d w_tk = dy_t . y_S = sum_f G glu is formed in glu_bwd's epilogue.
+Per routed row that is 2F elements saved; the eager grouped_mm path keeps the
+permuted x_S and the combine's rows (D each) plus h (2F) and at least one F-wide
+activation: 2D + 3F or more. Recomputing gu as well (one more gathered GEMM
 in backward, a third more forward FLOPs) would save the last 2F; not done.
 
 Rows past counts_E.sum() (capacity-dropped) are in no tile, never computed, and the
