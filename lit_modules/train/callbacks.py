@@ -329,13 +329,17 @@ class StopOnInterrupt(Callback):
     as at max_steps but without a validation pass: the Checkpointing callback writes
     that step's checkpoint in on_train_end. A second Ctrl-C stops at once, as does one
     before the first step (Lightning's own handling: on_exception hooks, then exit);
-    `hard` says so. Under several processes the ranks agree on the step to stop at.
+    `hard` says so. Under several processes the ranks agree on the step to stop at by a
+    vote (an all-reduce and a host read on every rank), held every `vote_every` steps
+    (moelab train: train.log_every) and after each validation, not at every step: each
+    vote drains every rank's queue and waits for the slowest rank.
 
         stop = StopOnInterrupt(); stop.install()   # around trainer.fit, main thread
         ...; stop.uninstall()                      # stop.stopped_at: the step, or None
     """
 
-    def __init__(self):
+    def __init__(self, vote_every: int = 1):
+        self.vote_every = max(1, vote_every)
         self.requested = False
         self.hard = False
         self.stopped_at: Optional[int] = None
@@ -368,6 +372,9 @@ class StopOnInterrupt(Callback):
         self._training = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if trainer.world_size > 1 and step % self.vote_every and step < trainer.max_steps:
+            return  # every rank skips the same steps
         self._check(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:

@@ -274,8 +274,10 @@ class CausalLM(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         sched.step()
 
-        self.log("loss", sums["loss"], prog_bar=True, logger=False)
         step = self.global_step  # updates done, this one included
+        # metrics are read on the host at logging steps only: a read of a loss tensor
+        # waits for the whole step queued before it (the progress bar showed the loss of
+        # every step, and so drained the queue once more each step)
         if step % self.train_cfg.log_every == 0 or step >= self.train_cfg.max_steps:
             # the mean over ranks: the loss of the global batch (a collective, at the same
             # steps on every rank)
@@ -284,6 +286,7 @@ class CausalLM(L.LightningModule):
             metrics = {f"train/{k}": float(v) for k, v in zip(names, values)}
             metrics.update({"train/lr": lr, "train/grad_norm": float(grad_norm)})
             self.log_scalars(metrics)
+            self.log("loss", metrics["train/loss"], prog_bar=True, logger=False)  # kept until the next
             self.last_train = {"step": step, **{k[len("train/"):]: v for k, v in metrics.items()}}
             record = self.stage_losses.setdefault(stage.name, {"first": metrics["train/loss"]})
             record["last"] = metrics["train/loss"]

@@ -410,7 +410,7 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
     module.init_from = t.init_from if not resume else None  # a resumed run has its own weights
     ckpt = Checkpointing(layout.checkpoint_dir(run_dir), t.ckpt_every, t.keep_checkpoints,
                          sharded=t.checkpoint_format == "sharded")
-    stop = StopOnInterrupt()
+    stop = StopOnInterrupt(vote_every=t.log_every)
     throughput = Throughput(module.accounting.flops_per_token, peak_flops_per_device(t.peak_tflops, precision),
                             t.log_every)
     router_stats = RouterStats(t.log_every, t.expert_image_every, run_dir / layout.ROUTER_LOADS_FILE)

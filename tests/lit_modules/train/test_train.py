@@ -225,6 +225,62 @@ def test_ddp_two_ranks_match_one(cache, tmp_path, short_run):
     assert a[bias].abs().max() > 0 and torch.equal(a[bias], b[bias])
 
 
+def test_progress_bar_loss_is_read_at_logging_steps_only(cache, tmp_path):
+    """The bar's loss is the logged (rank-mean) training loss of the last logging step,
+    read on the host only there: between logging steps it keeps that value."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Seen(Callback):  # the bar's metrics after each step (Lightning updates them after the step's hooks)
+        def __init__(self):
+            self.loss = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.loss[trainer.global_step] = trainer.progress_bar_metrics.get("loss")
+
+        def on_train_end(self, trainer, pl_module):
+            self.loss[trainer.global_step] = trainer.progress_bar_metrics.get("loss")
+
+    seen = Seen()
+    s = train(RECIPE, overrides(cache, tmp_path, "train.run_name=bar", "train.max_steps=5", "train.log_every=2",
+                                "train.val_every=0", "train.ckpt_every=0"), callbacks=[seen])
+    logged = {e.step: e.value for e in scalars(Path(s["run_dir"])).Scalars("train/loss")}
+    assert sorted(logged) == [2, 4, 5]
+    assert seen.loss[1] is None  # no logging step yet
+    for step, at in ((2, 2), (3, 2), (4, 4), (5, 5)):
+        assert seen.loss[step] == pytest.approx(logged[at], rel=1e-6), step
+
+
+def test_ctrl_c_vote_of_several_processes_at_logging_steps_only():
+    """With several processes the ranks vote on stopping (an all-reduce and a host read
+    each) every vote_every steps and at the last step; one process decides alone."""
+    from types import SimpleNamespace
+
+    from lit_modules.train.callbacks import StopOnInterrupt
+
+    votes = []
+
+    def vote(decision, all=True):
+        votes.append(trainer.global_step)
+        return decision
+
+    trainer = SimpleNamespace(world_size=2, max_steps=8, global_step=0, should_stop=False, limit_val_batches=1.0,
+                              strategy=SimpleNamespace(reduce_boolean_decision=vote))
+    stop = StopOnInterrupt(vote_every=3)
+    for step in range(1, 9):
+        trainer.global_step = step
+        if step == 4:
+            stop.requested = True  # a Ctrl-C during step 4: the ranks stop at the next vote
+        stop.on_train_batch_end(trainer, None, None, None, 0)
+        if trainer.should_stop:
+            break
+    assert votes == [3, 6] and stop.stopped_at == 6
+    single = StopOnInterrupt(vote_every=3)
+    trainer.world_size, trainer.should_stop, trainer.global_step = 1, False, 4
+    single.requested = True
+    single.on_train_batch_end(trainer, None, None, None, 0)
+    assert single.stopped_at == 4 and votes == [3, 6]
+
+
 def test_profile_steps_writes_a_kernel_table(cache, tmp_path):
     s = train(RECIPE, overrides(cache, tmp_path, "train.run_name=prof", "train.max_steps=7", "train.val_every=0",
                                 "train.profile_steps=1", "train.ckpt_every=0"))
