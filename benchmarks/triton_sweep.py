@@ -4,16 +4,17 @@ configs suit each kernel on this GPU.
 1. A kernel profile (torch.profiler, CUDA time per kernel name) of one fwd + bwd of
    the routed-expert path (benchmarks/expert_kernels.py's `expert_path`) for
    grouped_mm and triton, both compiled: which kernels the two spend their time in.
-2. Each triton kernel launched alone over a grid of configs (row tile BM, column tile
-   BN, reduction tile BK, warps, stages), at the shapes and data of one real
-   forward/backward: ms and TFLOP/s of the best config, and of the config the
+2. Each triton kernel launched alone, as the backend launches it (its output
+   allocated, glu_bwd's partial sums added up), over a grid of configs (row tile BM,
+   column tile BN, reduction tile BK, warps, stages), at the shapes and data of one
+   real forward/backward: ms and TFLOP/s of the best config, and of the config the
    backend's autotuner picks today, so a better config list can be read off.
 3. The same kernels' work done by torch (grouped_mm on permuted rows) as the floor
    each kernel has to beat.
 
     python benchmarks/triton_sweep.py --shape 30b --tokens 16384 [--quick]
 
-CUDA only; the configs are compiled one by one (about a second each).
+CUDA (or --tiny: a dry run through the interpreter); the configs compile side by side.
 """
 from __future__ import annotations
 
@@ -79,76 +80,50 @@ def profile(inputs, top: int = 14) -> None:
 
 
 def sweep(inputs, quick: bool) -> None:
-    import triton.language as tl
-
-    k = tb._k()
     x, weights, ids, w_in, w_out, dy = inputs
-    T, D = x.shape
+    D = x.shape[1]
     E, F2, _ = w_in.shape
     F = F2 // 2
-    K = ids.shape[1]
     d = dispatch(ids, E)
     S = d.token_S.numel()
-    dot = dict(DOT_T=tl.bfloat16, PREC="tf32")
     w_S = weights.reshape(-1)[d.order_S].float()
-    gu = x.new_empty(S, 2 * F)
-    h = x.new_empty(S, F)
-    first_E = d.counts_E.cumsum(0) - d.counts_E
-    tables = {bm: tb._row_tiles(d.counts_E, S, bm) for bm in (64, 128, 256)}
     contiguous = torch.arange(S, device=x.device, dtype=d.token_S.dtype)
     x_S = x[d.token_S].contiguous()
-    # run the real forward once so gu / h hold real values
-    e, lo, hi, n = tables[128]
-    k.glu_fwd_kernel[(n * -(-F // 64),)](x, d.token_S, w_in, w_in, h, gu, e, lo, hi, D, F, x.stride(0),
-                                         w_in.stride(0), w_in.stride(1), h.stride(0), gu.stride(0), KIND=0,
-                                         HAS_BIAS=False, SAVE_GU=True, BM=128, BN=64, BK=64, num_warps=8,
-                                         num_stages=3, **dot)
-    dgu = torch.empty_like(gu)
-    hs = torch.empty_like(h)
-    dwp = torch.zeros(S, -(-F // 32), dtype=torch.float32, device=x.device)
-    c_D = x.new_empty(S, D)
+    # the backend's own launches (triton_backend._Rows), one config each; a real forward
+    # and backward first, so that every kernel reads real values
+    gu = x.new_empty(S, 2 * F)
+    first = tb._Rows(d.counts_E, S, x.dtype, config=(128, 64, 64, 8, 3))
+    h = first.glu_fwd(x, d.token_S, w_in, None, gu, 0, True)
+    dgu, _, hs = first.glu_bwd(dy, d.token_S, w_out, gu, w_S, None, 0)
     dw_out, dw_in = torch.empty_like(w_out), torch.empty_like(w_in)
     row_flops = 2 * S * D * F  # one (S x D) @ (D x F) GEMM
 
-    def glu_fwd(bm, bn, bk, w, s, src=d.token_S, xx=x):
-        e, lo, hi, n = tables[bm]
-        return lambda: k.glu_fwd_kernel[(n * -(-F // bn),)](
-            xx, src, w_in, w_in, h, gu, e, lo, hi, D, F, xx.stride(0), w_in.stride(0), w_in.stride(1),
-            h.stride(0), gu.stride(0), KIND=0, HAS_BIAS=False, SAVE_GU=True, BM=bm, BN=bn, BK=bk, num_warps=w,
-            num_stages=s, **dot)
+    def rows(cfg):
+        return tb._Rows(d.counts_E, S, x.dtype, config=cfg)
 
-    def down(bm, bn, bk, w, s):
-        e, lo, hi, n = tables[bm]
-        return lambda: k.grouped_mm_kernel[(n * -(-D // bn),)](
-            h, w_out, w_out, c_D, e, lo, hi, D, F, h.stride(0), w_out.stride(0), w_out.stride(2), w_out.stride(1),
-            c_D.stride(0), HAS_BIAS=False, BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=s, **dot)
+    def glu_fwd(*cfg, src=d.token_S, xx=x):
+        r = rows(cfg)
+        return lambda: r.glu_fwd(xx, src, w_in, None, gu, 0, True)
 
-    def dx(bm, bn, bk, w, s):
-        e, lo, hi, n = tables[bm]
-        return lambda: k.grouped_mm_kernel[(n * -(-D // bn),)](
-            dgu, w_in, w_in, c_D, e, lo, hi, D, 2 * F, dgu.stride(0), w_in.stride(0), w_in.stride(1),
-            w_in.stride(2), c_D.stride(0), HAS_BIAS=False, BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=s, **dot)
+    def down(*cfg):  # w_out (E, D, F) read as (K = F, N = D)
+        r = rows(cfg)
+        return lambda: r.mm(h, w_out, None, w_out.stride(2), w_out.stride(1), D)
 
-    def glu_bwd(bm, bn, bk, w, s):
-        e, lo, hi, n = tables[bm]
-        return lambda: k.glu_bwd_kernel[(n * -(-F // bn),)](
-            dy, d.token_S, w_out, gu, w_S, w_out, dgu, dwp, hs, e, lo, hi, D, F, dy.stride(0), w_out.stride(0),
-            w_out.stride(1), gu.stride(0), dgu.stride(0), dwp.stride(0), hs.stride(0), KIND=0, HAS_BIAS=False,
-            BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=s, **dot)
+    def dx(*cfg):  # w_in (E, 2F, D) read as (K = 2F, N = D)
+        r = rows(cfg)
+        return lambda: r.mm(dgu, w_in, None, w_in.stride(1), w_in.stride(2), D)
 
-    def wgrad_out(bm, bn, bk, w, s):
-        return lambda: k.wgrad_kernel[(E * -(-D // bm) * -(-F // bn),)](
-            dy, d.token_S, w_S, hs, d.counts_E, dw_out, dw_out, first_E, d.counts_E, D, F, dy.stride(0),
-            hs.stride(0), dw_out.stride(0), dw_out.stride(1), A_GATHER=True, B_GATHER=False,
-            HAS_DBIAS=False, DBIAS_SCALE=False, BM=bm, BN=bn, BK=bk, INTERPRET=tb.interpreting(), num_warps=w,
-            num_stages=s, **dot)
+    def glu_bwd(*cfg):
+        r = rows(cfg)
+        return lambda: r.glu_bwd(dy, d.token_S, w_out, gu, w_S, None, 0)
 
-    def wgrad_in(bm, bn, bk, w, s):
-        return lambda: k.wgrad_kernel[(E * -(-(2 * F) // bm) * -(-D // bn),)](
-            dgu, d.counts_E, d.counts_E, x, d.token_S, dw_in, dw_in, first_E, d.counts_E, 2 * F, D,
-            dgu.stride(0), x.stride(0), dw_in.stride(0), dw_in.stride(1), A_GATHER=False,
-            B_GATHER=True, HAS_DBIAS=False, DBIAS_SCALE=False, BM=bm, BN=bn, BK=bk, INTERPRET=tb.interpreting(),
-            num_warps=w, num_stages=s, **dot)
+    def wgrad_out(*cfg):
+        r = rows(cfg)
+        return lambda: r.wgrad(dw_out, None, dy, d.token_S, hs, None)
+
+    def wgrad_in(*cfg):
+        r = rows(cfg)
+        return lambda: r.wgrad(dw_in, None, dgu, None, x, d.token_S)
 
     today = {"glu": {(tb.BM_CUDA,) + tuple(c) for c in tb._ROW_SHAPES["glu"]},
              "mm": {(tb.BM_CUDA,) + tuple(c) for c in tb._ROW_SHAPES["mm"]},

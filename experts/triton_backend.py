@@ -169,16 +169,28 @@ def _row_tiles(counts_E: Tensor, n_rows: int, bm: int) -> Tuple[Tensor, Tensor, 
 
 
 class _Rows:
-    """The sorted rows' layout, shared by the kernels of one forward or backward."""
+    """The sorted rows' layout, shared by the kernels of one forward or backward.
 
-    def __init__(self, counts_E: Tensor, n_rows: int, dtype: torch.dtype):
-        self.bm = BM_INTERPRET if interpreting() else BM_CUDA
+    `config` = (BM, BN, BK, warps, stages) launches every kernel of this layout with
+    that one config instead of the autotuner's (BM: the tile table's row tile, and
+    wgrad's own): benchmarks/triton_sweep.py times each kernel over a grid so."""
+
+    def __init__(self, counts_E: Tensor, n_rows: int, dtype: torch.dtype, config: Optional[tuple] = None):
+        self.config = config
+        self.bm = config[0] if config is not None else BM_INTERPRET if interpreting() else BM_CUDA
         self.e, self.lo, self.hi, self.n_tiles = _row_tiles(counts_E, n_rows, self.bm)
         self.first_E = counts_E.cumsum(0) - counts_E
         self.counts_E = counts_E
         self.n_kept = counts_E.sum().reshape(1)
         self.meta = dict(BM=self.bm, **_dot_meta(dtype))
         self.wmeta = _dot_meta(dtype)
+
+    def _launch(self, name: str, n_programs, *args, **meta):
+        if self.config is None:
+            return _launch(name, n_programs, *args, **meta)
+        bm, bn, bk, warps, stages = self.config
+        meta = {**meta, "BN": bn, "BK": bk, **({"BM": bm} if name == "wgrad_kernel" else {})}
+        return getattr(_k(), name)[(n_programs(meta),)](*args, num_warps=warps, num_stages=stages, **meta)
 
     def programs(self, n_cols: int):
         """Program count of a row-tiled kernel with n_cols output columns."""
@@ -187,18 +199,18 @@ class _Rows:
     def glu_fwd(self, x, src, w_in, b_in, gu, kind: int, save: bool) -> Tensor:
         S, F = src.numel(), w_in.shape[1] // 2
         h = x.new_empty(S, F)
-        _launch("glu_fwd_kernel", self.programs(F), x, src, w_in, b_in if b_in is not None else w_in, h,
-                gu if save else h, self.e, self.lo, self.hi, x.shape[1], F, x.stride(0), w_in.stride(0),
-                w_in.stride(1), h.stride(0), gu.stride(0) if save else 0,
-                KIND=kind, HAS_BIAS=b_in is not None, SAVE_GU=save, **self.meta)
+        self._launch("glu_fwd_kernel", self.programs(F), x, src, w_in, b_in if b_in is not None else w_in, h,
+                     gu if save else h, self.e, self.lo, self.hi, x.shape[1], F, x.stride(0), w_in.stride(0),
+                     w_in.stride(1), h.stride(0), gu.stride(0) if save else 0,
+                     KIND=kind, HAS_BIAS=b_in is not None, SAVE_GU=save, **self.meta)
         return h
 
     def mm(self, a, w, bias, k_stride: int, n_stride: int, N: int) -> Tensor:
         """c[r] = a[r] @ W[e] (+ bias[e]), W[e] read as (K, N) with the given strides."""
         c = a.new_empty(a.shape[0], N)
-        _launch("grouped_mm_kernel", self.programs(N), a, w, bias if bias is not None else w, c, self.e, self.lo,
-                self.hi, N, a.shape[1], a.stride(0), w.stride(0), k_stride, n_stride, c.stride(0),
-                HAS_BIAS=bias is not None, **self.meta)
+        self._launch("grouped_mm_kernel", self.programs(N), a, w, bias if bias is not None else w, c, self.e, self.lo,
+                     self.hi, N, a.shape[1], a.stride(0), w.stride(0), k_stride, n_stride, c.stride(0),
+                     HAS_BIAS=bias is not None, **self.meta)
         return c
 
     def glu_bwd(self, dy, src, w_out, gu, w_S, b_out, kind: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -207,25 +219,26 @@ class _Rows:
         dgu = gu.new_empty(S, 2 * F)
         hs = gu.new_empty(S, F)
         # one partial sum per (row, n-tile); zeros where the tuned BN leaves columns
-        min_bn = _INTERPRET_META["rows"]["BN"] if interpreting() else min(c[0] for c in _ROW_SHAPES["glu"])
+        min_bn = (self.config[1] if self.config is not None else _INTERPRET_META["rows"]["BN"] if interpreting()
+                  else min(c[0] for c in _ROW_SHAPES["glu"]))
         dwp = torch.zeros(S, -(-F // min_bn), dtype=torch.float32, device=gu.device)
-        _launch("glu_bwd_kernel", self.programs(F), dy, src, w_out, gu, w_S, b_out if b_out is not None else w_out,
-                dgu, dwp, hs, self.e, self.lo, self.hi, D, F, dy.stride(0), w_out.stride(0), w_out.stride(1),
-                gu.stride(0), dgu.stride(0), dwp.stride(0), hs.stride(0), KIND=kind, HAS_BIAS=b_out is not None,
-                **self.meta)
+        self._launch("glu_bwd_kernel", self.programs(F), dy, src, w_out, gu, w_S, b_out if b_out is not None else w_out,
+                     dgu, dwp, hs, self.e, self.lo, self.hi, D, F, dy.stride(0), w_out.stride(0), w_out.stride(1),
+                     gu.stride(0), dgu.stride(0), dwp.stride(0), hs.stride(0), KIND=kind, HAS_BIAS=b_out is not None,
+                     **self.meta)
         return dgu, dwp.sum(1), hs
 
     def wgrad(self, out: Tensor, dbias: Optional[Tensor], a, a_src, b, b_src, dbias_scale=None):
         """out[e] = a[a_src][rows of e].T @ b[b_src][rows of e], dbias[e] its column sums of
         a (times dbias_scale per row) (triton_kernels.wgrad_kernel)."""
         E, M, N = out.shape
-        _launch("wgrad_kernel", lambda m: E * -(-M // m["BM"]) * -(-N // m["BN"]),
-                a, a_src if a_src is not None else self.counts_E,
-                dbias_scale if dbias_scale is not None else self.n_kept, b,
-                b_src if b_src is not None else self.counts_E, out, dbias if dbias is not None else out,
-                self.first_E, self.counts_E, M, N, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
-                A_GATHER=a_src is not None, B_GATHER=b_src is not None, HAS_DBIAS=dbias is not None,
-                DBIAS_SCALE=dbias_scale is not None, INTERPRET=interpreting(), **self.wmeta)
+        self._launch("wgrad_kernel", lambda m: E * -(-M // m["BM"]) * -(-N // m["BN"]),
+                     a, a_src if a_src is not None else self.counts_E,
+                     dbias_scale if dbias_scale is not None else self.n_kept, b,
+                     b_src if b_src is not None else self.counts_E, out, dbias if dbias is not None else out,
+                     self.first_E, self.counts_E, M, N, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
+                     A_GATHER=a_src is not None, B_GATHER=b_src is not None, HAS_DBIAS=dbias is not None,
+                     DBIAS_SCALE=dbias_scale is not None, INTERPRET=interpreting(), **self.wmeta)
 
     def gather_sum(self, rows, slot_row, w, n_tokens: int) -> Tensor:
         """out[t] = sum_k w[t, k] rows[slot_row[t, k]] over kept rows (w None: 1)."""
