@@ -268,9 +268,9 @@ class StepProfiler(Callback):
     operators by device time (CPU time without a GPU) to <dirpath>/rank<r>.txt (on a GPU
     also by host time, rank<r>_cpu.txt), and rank 0 its Chrome trace (trace.json, for
     Perfetto or chrome://tracing) and, on a GPU, how the trace's window splits into
-    compute, collectives, both and idle (overlap.md, lit_modules.tools.trace_overlap). Where a step's
-    time goes, in the run as it runs (strategy, compile and all), without a separate
-    script."""
+    compute, collectives, both and idle (overlap.md, lit_modules.tools.trace_overlap).
+    Where a step's time goes, in the run as it runs (strategy, compile and all),
+    without a separate script."""
 
     def __init__(self, dirpath: Path, steps: int, start: int = 5, rows: int = 40):
         self.dirpath, self.steps, self.start, self.rows = Path(dirpath), steps, start, rows
@@ -299,13 +299,13 @@ class StepProfiler(Callback):
         prof.__exit__(None, None, None)
         self.start = -1  # once per run
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=key, row_limit=self.rows, max_name_column_width=70)
-        (self.dirpath / f"rank{trainer.global_rank}.txt").write_text(table + "\n")
-        if torch.cuda.is_available():  # host-side time too: a GPU left idle waits on these
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.rows,
-                                              max_name_column_width=70)
-            (self.dirpath / f"rank{trainer.global_rank}_cpu.txt").write_text(table + "\n")
+        averages = prof.key_averages()
+        # by device time; on a GPU by host time too (a GPU left idle waits on these)
+        tables = ({"": "self_cuda_time_total", "_cpu": "self_cpu_time_total"} if torch.cuda.is_available()
+                  else {"": "self_cpu_time_total"})
+        for suffix, key in tables.items():
+            table = averages.table(sort_by=key, row_limit=self.rows, max_name_column_width=70)
+            (self.dirpath / f"rank{trainer.global_rank}{suffix}.txt").write_text(table + "\n")
         if trainer.is_global_zero:
             trace = self.dirpath / "trace.json"
             prof.export_chrome_trace(str(trace))
