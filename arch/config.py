@@ -405,6 +405,12 @@ class TrainConfig:
     val_every: int = 200
     val_batches: int = 20
     log_every: int = 10
+    # when the step's loss and gradient norm are checked for NaN / inf (a non-finite
+    # step is never applied, and stops the run): deferred (the update is skipped on
+    # the device through fused AdamW's found_inf, and the flag read one step later,
+    # so no step waits for the device; needs train.optim.fused, else it acts as step)
+    # | step (read before each update: one host sync per step)
+    finite_check: str = "deferred"
     ckpt_every: int = 500  # 0: only at the end; -1: never (benchmarks)
     keep_checkpoints: int = 3  # periodic checkpoints kept besides last.ckpt; 0 = all
     checkpoint_format: str = "full"  # full: one file (rank 0); sharded: a folder, each rank writes its shards

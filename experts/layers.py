@@ -109,7 +109,8 @@ def next_micro_batch(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def update_router_biases(model: nn.Module, group=None) -> Optional[torch.Tensor]:
+def update_router_biases(model: nn.Module, group=None, keep: Optional[torch.Tensor] = None
+                         ) -> Optional[torch.Tensor]:
     """Aux-loss-free balancing step for every layer whose router has a
     bias_update_rate: sum the selections counted since the last call (training
     forwards only) over the data-parallel `group` (None: each layer's
@@ -119,12 +120,18 @@ def update_router_biases(model: nn.Module, group=None) -> Optional[torch.Tensor]
     Call before optimizer.step(), on every rank. Returns the (layers, E) loads used,
     or None when no router has a bias rate. Every rank gets the same summed loads and
     so the same biases. Activation checkpointing re-runs forwards and counts each
-    token twice; that scales every load alike, which a sign update ignores."""
+    token twice; that scales every load alike, which a sign update ignores.
+
+    `keep`: a boolean scalar on the device; where False (a step whose update is
+    skipped without a host read, lit_modules/train/module.py), the loads are zeroed,
+    so no bias moves (sign(0) = 0) and the counts are still consumed."""
     layers = [m for m in moe_layers(model) if m.router.bias_update_rate > 0]
     if not layers:
         return None
     loads = [layer.balance.take_loads(layer.router.expert_bias.device) for layer in layers]
     loads_LE = all_reduce_sum(torch.stack(loads), group if group is not None else layers[0].balance.dp_group)
+    if keep is not None:
+        loads_LE = loads_LE * keep.to(loads_LE.dtype)
     for layer, load_E in zip(layers, loads_LE):
         layer.router.update_bias(load_E)
     return loads_LE

@@ -11,6 +11,7 @@ place, `training_step`:
                           (with train.distill: alpha * distill + (1 - alpha) * CE + ...)
                           backward(loss / grad_accum)   (DDP syncs on the last only)
     clip -> finite check -> router-bias update -> AdamW step -> LR schedule step
+    (the finite check does not wait for the device: train.finite_check, `_guard_update`)
 
 With train.stages (arch/stages.py) the stage is a function of the step: each step
 first enters its stage (the RoPE of each layer kind set on the model when the stage
@@ -39,6 +40,7 @@ from arch.documents import document_ids, document_positions
 from arch.registry import RecipeError
 from arch.stages import Stage, recipe_at_step, stage_after, stage_of_update, stage_plan
 from experts.layers import clear_global_counts, next_micro_batch, precompute_global_counts, update_router_biases
+from experts.parallel import all_reduce_sum
 
 from lit_modules.checkpoints.training import check_checkpoint_recipe
 from lit_modules.train.optim import build_optimizer
@@ -114,6 +116,9 @@ class CausalLM(L.LightningModule):
         self.val_history: List[Dict[str, float]] = []
         # per stage name: the first and last logged training loss (the summary's table)
         self.stage_losses: Dict[str, Dict[str, float]] = {}
+        # train.finite_check = deferred: (step, loss, grad norm, non-finite flag) of the
+        # last update, on the device until confirm_finite reads it
+        self._pending_finite = None
 
     # ------------------------------------------------------------------ build
 
@@ -265,12 +270,14 @@ class CausalLM(L.LightningModule):
 
         self.scale_plan.finish_grads(self.model)
         grad_norm = self._clip_gradients()
-        # One host sync per step: never apply an update computed from a non-finite loss.
-        if not bool(torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)):
-            raise NonFiniteLoss(self.global_step + 1, float(sums["loss"]), float(grad_norm))
-        update_router_biases(self.model, group=None)  # a no-op without a router bias rate
+        # never apply an update computed from a non-finite loss or gradient norm
+        keep = self._guard_update(sums["loss"], grad_norm)
+        update_router_biases(self.model, group=None, keep=keep)  # a no-op without a router bias rate
         lr = sched.get_last_lr()[0]
-        opt.step()
+        try:
+            opt.step()
+        finally:
+            self._optimizer().__dict__.pop("found_inf", None)
         opt.zero_grad(set_to_none=True)
         sched.step()
 
@@ -291,6 +298,46 @@ class CausalLM(L.LightningModule):
             record = self.stage_losses.setdefault(stage.name, {"first": metrics["train/loss"]})
             record["last"] = metrics["train/loss"]
             log.info("step %d  " + "  ".join(f"{k[6:]} {v:.4g}" for k, v in metrics.items()), step)
+            self.confirm_finite()  # the read above waited for this step: its verdict is free
+
+    # ------------------------------------------------------------------ finite check
+
+    def _guard_update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> Optional[torch.Tensor]:
+        """Stop before an update computed from a non-finite loss or gradient norm.
+
+        train.finite_check = step (or an optimizer that is not fused): read the verdict
+        now, one host sync per step. deferred (fused AdamW): the verdict stays on the
+        device and becomes the optimizer's `found_inf`, with which the fused kernel
+        skips the whole update (weights, moments and step count); the returned flag
+        keeps the router biases still too. The host reads it one step later, when this
+        step's forward and backward are queued behind it (`confirm_finite`: the next
+        step, a logging step, validation, a checkpoint and the end of training read it
+        first), and the run stops there, naming the step that went non-finite. Under
+        several processes the verdict is all-reduced, so every rank skips or applies
+        the same update."""
+        step = self.global_step + 1
+        opt = self._optimizer()
+        if self.train_cfg.finite_check == "step" or opt is None or not opt.defaults.get("fused"):
+            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                raise NonFiniteLoss(step, float(loss), float(grad_norm))
+            return None
+        bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+        # all ranks (no-op in one process); not strategy.reduce, whose barrier waits on the host
+        bad = all_reduce_sum(bad)
+        self.confirm_finite()  # the previous step's verdict: long computed by now
+        self._pending_finite = (step, loss, grad_norm, bad)
+        opt.found_inf = bad.reshape(())  # read by AdamW.step (torch/optim/adam.py), dropped after it
+        return bad == 0
+
+    def confirm_finite(self) -> None:
+        """Raise NonFiniteLoss for a step whose update was skipped on the device
+        (`_guard_update`, deferred); a no-op when none is pending. One host read."""
+        pending, self._pending_finite = getattr(self, "_pending_finite", None), None
+        if pending is None:
+            return
+        step, loss, grad_norm, bad = pending
+        if bool(bad > 0):
+            raise NonFiniteLoss(step, float(loss), float(grad_norm))
 
     def _clip_gradients(self) -> torch.Tensor:
         """Total gradient norm before clipping (gradients already reduced over ranks);
@@ -305,7 +352,11 @@ class CausalLM(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
 
+    def on_train_end(self) -> None:
+        self.confirm_finite()
+
     def on_validation_epoch_start(self) -> None:
+        self.confirm_finite()  # never validate (or record) the weights of a failed step
         # validation at step n sees the weights step n+1 trains with (quantized from start_step)
         set_qat_step(self.model, self.train_cfg, self.global_step)
 
@@ -364,6 +415,7 @@ class CausalLM(L.LightningModule):
         return opt if isinstance(opt, torch.optim.Optimizer) else None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.confirm_finite()  # a checkpoint is never written for a step that went non-finite
         # the interop code reads the architecture from here, and resume checks it
         # the RoPE of the stage that trained these weights, for whoever loads them
         checkpoint["moelab_recipe"] = recipe_to_yaml(recipe_at_step(self.recipe, self.global_step))

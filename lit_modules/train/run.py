@@ -49,6 +49,9 @@ def normalize_overrides(overrides: Sequence[str]) -> List[str]:
     return ["train." + o if o.startswith("resume=") else o for o in overrides]
 
 
+FINITE_CHECKS = ("deferred", "step")
+
+
 def check_train(recipe: Recipe) -> None:
     """What the number rules of load_recipe (arch/ranges.py) cannot see: fields
     against each other, and the free-form train.devices."""
@@ -67,6 +70,11 @@ def check_train(recipe: Recipe) -> None:
         raise RecipeError(f"train.checkpoint_format = '{t.checkpoint_format}' is not a checkpoint format"
                           f"{nearest(t.checkpoint_format, layout.CHECKPOINT_FORMATS)}; choose "
                           f"{' or '.join(layout.CHECKPOINT_FORMATS)}.")
+    if t.finite_check not in FINITE_CHECKS:
+        from arch.registry import nearest
+
+        raise RecipeError(f"train.finite_check = '{t.finite_check}' is unknown{nearest(t.finite_check, FINITE_CHECKS)}; "
+                          f"choose deferred (no host wait per step) or step (each step checked before its update).")
     from lit_modules.train.distill import check_distill_config
     from lit_modules.train.optim import check_optim
 

@@ -323,3 +323,47 @@ def test_train_log_that_cannot_be_written_is_said_once(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == (f"moelab train: cannot write {tmp_path / 'train.log'}: the disk is full (ENOSPC); its lines are "
                    f"lost from here on")
+
+
+# ------------------------------------------------------------------ non-finite steps
+
+_NAN_ON_RANK_1 = '''
+import sys, torch
+from lightning.pytorch.callbacks import Callback
+from conftest import RECIPE, overrides
+from lit_modules.train.run import train
+
+class NaNOnRank1(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            self.hook = pl_module.model.layers[0].register_forward_hook(lambda m, i, o: o * float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if getattr(self, "hook", None) is not None:
+            self.hook.remove()
+            self.hook = None
+
+train(RECIPE, overrides(sys.argv[1], sys.argv[2], *sys.argv[3:]), callbacks=[NaNOnRank1()])
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("check", ["deferred", "step"])
+def test_a_nan_on_one_rank_of_two_stops_both(cache, tmp_path, check):
+    """DDP on two gloo ranks, fused AdamW; step 3's loss is NaN on rank 1 only. The
+    gradients are averaged, so the gradient norm is NaN on both: each rank stops naming
+    step 3 (deferred: a step later, the update skipped on the device by both), and
+    neither waits forever for the other. The last checkpoint is step 2's."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(_NAN_ON_RANK_1)
+    cmd = [sys.executable, str(script), str(cache), str(tmp_path), "train.run_name=nan", "train.max_steps=6",
+           "train.val_every=0", "train.ckpt_every=2", "train.strategy=ddp", "train.devices=2",
+           "train.accelerator=cpu", "train.micro_batch_size=4", "train.optim.fused=true",
+           f"train.finite_check={check}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=_WAIT, env=env)
+    assert done.returncode != 0
+    assert done.stderr.count("training stopped at step 3: the gradient norm is nan") >= 1, done.stderr[-3000:]
+    ckpts = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step00000002.ckpt"], ckpts
+    assert torch.load(tmp_path / "nan" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2

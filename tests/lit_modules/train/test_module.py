@@ -106,10 +106,17 @@ class PoisonAfter(Callback):
                 pl_module.model.layers[0].attn.q_proj.weight.fill_(float("nan"))
 
 
-def test_nan_loss_stops_with_the_last_good_checkpoint(cache, tmp_path):
+# deferred: the step's verdict read one step later, the update skipped on the device by
+# fused AdamW (the CPU has a fused kernel too); step: read before each update
+FINITE_CHECKS = {"deferred": ["train.finite_check=deferred", "train.optim.fused=true"],
+                 "step": ["train.finite_check=step"]}
+
+
+@pytest.mark.parametrize("check", FINITE_CHECKS)
+def test_nan_loss_stops_with_the_last_good_checkpoint(cache, tmp_path, check):
     with pytest.raises(TrainingFailed) as e:
         train(RECIPE, overrides(cache, tmp_path, "train.run_name=nan", "train.max_steps=10", "train.ckpt_every=2",
-                                "train.val_every=0"), callbacks=[PoisonAfter(3)])
+                                "train.val_every=0", *FINITE_CHECKS[check]), callbacks=[PoisonAfter(3)])
     msg = str(e.value)
     last = tmp_path / "nan" / "checkpoints" / "last.ckpt"
     assert "training stopped at step 4" in msg and str(last) in msg and "train.optim.lr" in msg
@@ -117,6 +124,72 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(cache, tmp_path):
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "step00000002.ckpt"]
+
+
+class NaNOnce(Callback):
+    """Step `step`'s forward returns NaN (the weights stay finite); records the weights,
+    router biases and optimizer state before that step, and the module."""
+
+    def __init__(self, step):
+        self.step, self.hook, self.before, self.module = step, None, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1:
+            self.module = pl_module
+            opt = pl_module.optimizers(use_pl_optimizer=False)
+            self.before = ({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()},
+                           {i: {k: v.clone() for k, v in st.items()} for i, st in enumerate(opt.state.values())})
+            self.hook = pl_module.model.layers[0].register_forward_hook(lambda m, i, o: o * float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+
+
+@pytest.mark.parametrize("check", FINITE_CHECKS)
+def test_a_non_finite_step_is_never_applied(cache, tmp_path, check):
+    """One NaN forward at step 3: the run stops naming step 3, and the weights, router
+    biases and optimizer state (moments and step counts) are those from before step 3,
+    also when the stop comes a step later (deferred: step 4's forward and backward ran on
+    the unchanged weights; the update of step 3 was skipped on the device)."""
+    cb = NaNOnce(3)
+    with pytest.raises(TrainingFailed) as e:
+        train(RECIPE, overrides(cache, tmp_path, "train.max_steps=6", "train.ckpt_every=-1", "train.val_every=0",
+                                "train.log_every=100", "model.moe.router.bias_update_rate=0.01",
+                                *FINITE_CHECKS[check]), callbacks=[cb])
+    assert "training stopped at step 3: the loss is nan" in str(e.value)
+    weights, state = cb.before
+    now = cb.module.model.state_dict()
+    assert any("expert_bias" in k for k in weights)
+    for k, v in weights.items():
+        assert torch.equal(now[k], v), k
+    opt = cb.module.optimizers(use_pl_optimizer=False)
+    for i, st in enumerate(opt.state.values()):
+        for k, v in st.items():
+            assert torch.equal(v, state[i][k]), (i, k)
+
+
+def test_deferred_check_with_a_fused_optimizer_makes_no_host_read_per_step(cache, tmp_path, monkeypatch):
+    """train.finite_check = deferred reads each step's verdict one step later, at the
+    next step's update, so the host never waits on the step it has just queued: the
+    verdict read at update n is that of step n - 1."""
+    from lit_modules.train import module as mod
+
+    reads = []
+    real = mod.CausalLM.confirm_finite
+
+    def confirm(self):
+        pending = self._pending_finite
+        reads.append((self.global_step, pending[0] if pending else None))
+        real(self)
+
+    monkeypatch.setattr(mod.CausalLM, "confirm_finite", confirm)
+    train(RECIPE, overrides(cache, tmp_path, "train.max_steps=4", "train.ckpt_every=-1", "train.val_every=0",
+                            "train.log_every=100", *FINITE_CHECKS["deferred"]))
+    # updates 2..4 each read the previous step's verdict, before their own update;
+    # the last step (a logging step: its metrics were read anyway) and the end of training
+    assert [r for r in reads if r[1] is not None] == [(1, 1), (2, 2), (3, 3), (4, 4)]
 
 
 def test_model_mismatch_names_the_first_field():

@@ -41,6 +41,7 @@ RECIPE = "proxies/qwen3_moe_tiny"
     ("data.val_fraction=1.0", "data.val_fraction = 1.0 is out of range"),
     ("data.max_chars=0", "data.max_chars = 0 is out of range"),
     ("train.checkpoint_format=shards", "train.checkpoint_format = 'shards' is not a checkpoint format (did you mean"),
+    ("train.finite_check=defered", "train.finite_check = 'defered' is unknown (did you mean 'deferred'?)"),
     ("train.document_positions=true", "train.document_positions = true needs train.document_mask = true"),
 ])
 def test_train_settings_fail_in_one_sentence(override, words):
