@@ -19,11 +19,13 @@ side, collective under data parallelism) drive it:
     optimizer.step()
     clear_global_counts(model)            every layer: clear_step_counts()
 
-With grad_accum = 1 nothing is precomputed: `step_counts` all-reduces this
-micro-batch's counts inside the training forward, which then is the whole step.
+With grad_accum = 1 nothing is precomputed: this micro-batch's counts, which then are
+the whole step's, are summed over the ranks after the forward's last layer, every
+layer's in one all-reduce (`sum_rows`, from MoE.gather_aux), and each layer's loss is
+formed there; a layer called alone sums its own in `step_counts`.
 
 The running form (balance.global_counts: running) skips the pre-pass: each training
-forward all-reduces its micro-batch's counts and adds those of the step's earlier
+forward sums its micro-batch's counts over the ranks and adds those of the step's earlier
 micro-batches (`next_micro_batch` closes one; activation checkpointing's re-run of a
 forward reuses its micro-batch's sum instead of adding it twice).
 
@@ -32,13 +34,36 @@ none of it belongs in a checkpoint (a step never spans a save).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
 from .parallel import all_reduce_sum
 
 Tokens = Union[int, torch.Tensor]
+
+
+def count_row(counts_E: torch.Tensor, T: int) -> torch.Tensor:
+    """One forward's selections per expert and its number of tokens as one row (E + 1),
+    what the data-parallel ranks sum. torch.full, not a tensor from a Python list: no
+    host-to-device copy."""
+    return torch.cat([counts_E, torch.full((1,), T, dtype=counts_E.dtype, device=counts_E.device)])
+
+
+def sum_rows(states: List["BalanceState"], rows: List[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """`step_counts` for several layers at once: their `count_row`s summed over each
+    layer's `dp_group` in one all-reduce per group (one for a whole model), then each
+    layer's `summed`. What MoE.gather_aux uses, so that a forward's balancing counts
+    cross the ranks once, after its last layer, not once inside every layer."""
+    out: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(states)
+    groups: Dict[int, List[int]] = {}
+    for i, st in enumerate(states):
+        groups.setdefault(id(st.dp_group), []).append(i)
+    for idx in groups.values():
+        table = all_reduce_sum(torch.stack([rows[i] for i in idx]), states[idx[0]].dp_group)
+        for i, row in zip(idx, table):
+            out[i] = states[i].summed(row)
+    return out
 
 
 class BalanceState:
@@ -113,17 +138,27 @@ class BalanceState:
         join."""
         if self._step is not None:
             return self._step
-        if training and torch.is_grad_enabled():
-            if self.running and self._current is not None:  # a re-run of this micro-batch's forward
-                return self._running_sum()
-            # torch.full, not a tensor from a Python list: no host-to-device copy
-            n = torch.full((1,), T, dtype=counts_E.dtype, device=counts_E.device)
-            both = all_reduce_sum(torch.cat([counts_E, n]), self.dp_group)
-            if self.running:
-                self._current = (both[:-1], both[-1])
-                return self._running_sum()
-            return both[:-1], both[-1]
+        if self.needs_sum(training):
+            return self.summed(all_reduce_sum(count_row(counts_E, T), self.dp_group))
+        if training and torch.is_grad_enabled():  # a re-run of this micro-batch's forward (running form)
+            return self._running_sum()
         return counts_E, T
+
+    def needs_sum(self, training: bool) -> bool:
+        """Whether a forward's counts must be summed over `dp_group` to give f^G (the
+        collective of `step_counts`): a training forward with gradients, with no
+        precomputed step counts, that is not activation checkpointing's re-run of a
+        micro-batch the running form has already summed."""
+        return (self._step is None and training and torch.is_grad_enabled()
+                and not (self.running and self._current is not None))
+
+    def summed(self, row: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(counts, tokens) of the step from `row`, this forward's `count_row` summed
+        over `dp_group`; the running form adds the step's earlier micro-batches."""
+        if self.running:
+            self._current = (row[:-1], row[-1])
+            return self._running_sum()
+        return row[:-1], row[-1]
 
     def _running_sum(self) -> Tuple[torch.Tensor, torch.Tensor]:
         c, b = self._current, self._before

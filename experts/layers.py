@@ -25,6 +25,7 @@ from torch import nn
 
 from arch.registry import RecipeError
 
+from .balance import count_row
 from .moe import MoE
 from .parallel import ExpertParallel, all_reduce_sum, average_shard_grads, group_rank, group_size
 
@@ -87,7 +88,7 @@ def precompute_global_counts(model: nn.Module, micro_batches: Iterable, group=No
     if counted[0] is None or counted[0][1] == 0:
         raise ValueError("precompute_global_counts got no micro-batches; pass the step's input ids.")
     # one collective for all layers: rows = layers, columns = experts + token count
-    rows = [torch.cat([c, torch.full((1,), n, dtype=torch.long, device=c.device)]) for c, n in counted]
+    rows = [count_row(c, n) for c, n in counted]
     table = all_reduce_sum(torch.stack(rows), group if group is not None else layers[0].balance.dp_group)
     for layer, row in zip(layers, table):
         layer.balance.set_step_counts(row[:-1], row[-1])

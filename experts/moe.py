@@ -15,8 +15,9 @@ E * sum_i f_i P_i of experts/losses.py, weighted by aux_coef:
           (Qwen's global-batch loss). With equal micro-batches, the mean of these
           losses over ranks and micro-batches (what DDP and gradient accumulation
           take) is E * sum_i f_i^G P_i^G, so the loss and its gradients do not depend
-          on how the batch is split. f^G comes from an all-reduce in forward
-          (grad_accum = 1) or from experts.layers.precompute_global_counts.
+          on how the batch is split. f^G comes from one all-reduce of every layer's
+          counts after the forward's last layer (`gather_aux`; grad_accum = 1) or
+          from experts.layers.precompute_global_counts.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from arch.ffn import GATED
 from arch.quant import read_weight
 from arch.registry import EXPERT_BACKEND, FFN, MOE, ROUTER
 
-from .balance import BalanceState
+from .balance import BalanceState, count_row, sum_rows
 from .dispatch import Dispatch, combine, dispatch, expert_capacity, permute
 from .losses import router_entropy, switch_loss, z_loss
 from .router import Routing
@@ -86,6 +87,9 @@ class MoE(nn.Module):
         self.aux: Dict[str, torch.Tensor] = {}
         self.stats: Dict[str, torch.Tensor] = {}
         self._pooled = None  # (counts_E, probs_E, T) for the pooled scope, read by gather_aux
+        # (counts_E, T, probs_E) of a training forward in the global scope, whose counts
+        # gather_aux sums over the ranks with every other layer's
+        self._global = None
         self.init_weights(0.02, 0.02)
 
     def extra_repr(self) -> str:
@@ -138,11 +142,12 @@ class MoE(nn.Module):
 
     def _record(self, r: Routing, d: Dispatch, T: int) -> None:
         """Losses, statistics and load counts of this forward. Reads nothing on the
-        host; the all-reduce of the global scope is asynchronous on GPU."""
+        host and starts no collective: a training forward's global-scope counts wait
+        for gather_aux, which sums every layer's at once."""
         counts_E = d.tokens_per_expert_E  # selections, before capacity: what f counts
         if self.balance.counting:  # precompute_global_counts: counts only
             self.balance.count(counts_E, T)
-            self.aux, self._pooled = {}, None
+            self.aux, self._pooled, self._global = {}, None, None
             return
         if self.training and self.router.bias_update_rate > 0:
             self.balance.record_selections(counts_E)
@@ -150,11 +155,15 @@ class MoE(nn.Module):
         b = self.cfg.balance
         probs_E = r.probs_TE.mean(0)
         aux: Dict[str, torch.Tensor] = {}
-        self._pooled = None
+        self._pooled = self._global = None
         if b.aux_coef > 0:
             if b.aux_scope == "micro":
                 aux["aux_loss"] = b.aux_coef * switch_loss(counts_E, T, probs_E)
-            elif b.aux_scope == "global":
+            elif b.aux_scope == "global" and self.balance.needs_sum(self.training):
+                # summed over the ranks with every other layer's in gather_aux: one
+                # collective per forward, after the last layer, none inside a block
+                self._global = (counts_E, T, probs_E)
+            elif b.aux_scope == "global":  # precomputed step counts, a re-run, or evaluation
                 counts_G, tokens_G = self.balance.step_counts(counts_E, T, self.training)
                 aux["aux_loss"] = b.aux_coef * switch_loss(counts_G, tokens_G, probs_E)
             else:  # pooled: gather_aux forms the loss over all layers
@@ -180,7 +189,18 @@ class MoE(nn.Module):
     @staticmethod
     def gather_aux(layers: List["MoE"]) -> Dict[str, torch.Tensor]:
         """Sum each named loss over layers; the pooled scope is formed here, over the
-        router outputs of all layers together (Hugging Face Qwen3-MoE)."""
+        router outputs of all layers together (Hugging Face Qwen3-MoE), and so is the
+        global scope's loss of a training forward, from every layer's counts summed
+        over the ranks in one all-reduce (experts/balance.py)."""
+        pending = [layer for layer in layers if layer._global is not None]
+        if pending:
+            summed = sum_rows([layer.balance for layer in pending],
+                              [count_row(layer._global[0], layer._global[1]) for layer in pending])
+            for layer, (counts_G, tokens_G) in zip(pending, summed):
+                probs_E = layer._global[2]
+                layer.aux = {"aux_loss": layer.cfg.balance.aux_coef * switch_loss(counts_G, tokens_G, probs_E),
+                             **layer.aux}
+                layer._global = None
         out: Dict[str, torch.Tensor] = {}
         for layer in layers:
             for name, value in layer.aux.items():

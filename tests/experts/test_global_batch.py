@@ -4,6 +4,8 @@ gloo processes (with and without accumulation; gradients averaged over ranks as
 DDP does). The aux-loss-free bias update lands on the same biases in every case."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -169,3 +171,31 @@ def test_precomputed_counts_route_with_the_document_masks():
     precompute_global_counts(model, [h[:2] for h in halves])  # without them: other routes
     assert not torch.equal(layer.balance._step[0], want)
     clear_global_counts(model)
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_a_training_forward_sums_its_counts_over_the_ranks_once(monkeypatch, running):
+    """grad_accum = 1: the counts of every MoE layer cross the ranks in one all-reduce
+    after the last layer (MoE.gather_aux), none inside a block, and each layer's loss is
+    what its own step_counts gives; an evaluation forward starts no collective."""
+    import experts.balance as balance
+
+    calls = []
+    real = balance.all_reduce_sum
+    monkeypatch.setattr(balance, "all_reduce_sum", lambda t, group=None: calls.append(tuple(t.shape)) or real(t, group))
+    model = make_model()
+    for m in model.moe_layers:
+        m.balance.running = running
+    ids = torch.randint(0, model.cfg.vocab_size, (2, SEQ))
+    # one process: f^G is this forward's own f, so the loss is the per-micro-batch one
+    micro = copy.deepcopy(model)
+    for m in micro.moe_layers:
+        m.cfg.balance.aux_scope = "micro"
+    out = model(ids, targets=ids.roll(-1, dims=1))
+    L, E = len(model.moe_layers), model.cfg.moe.n_experts
+    assert L == 2 and calls == [(L, E + 1)]
+    torch.testing.assert_close(out.aux["aux_loss"], micro(ids, targets=ids.roll(-1, dims=1)).aux["aux_loss"])
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(ids, targets=ids.roll(-1, dims=1))
+    assert calls == []
