@@ -334,6 +334,13 @@ class StopOnInterrupt(Callback):
     (moelab train: train.log_every) and after each validation, not at every step: each
     vote drains every rank's queue and waits for the slowest rank.
 
+    SIGTERM (a scheduler's preemption, `kill`) during training stops the same way, at
+    the same vote. Lightning's own SIGTERM handling is replaced for the run: under
+    several processes it broadcast a flag from rank 0 and read it on the host at every
+    step (`_broadcast_sigterm_tensor` of its training loop, and a broadcast inside its
+    signal handler that only that per-step broadcast would meet), a wait on every
+    rank's queue each step; and it stopped at the end of the step with no checkpoint.
+
         stop = StopOnInterrupt(); stop.install()   # around trainer.fit, main thread
         ...; stop.uninstall()                      # stop.stopped_at: the step, or None
     """
@@ -341,7 +348,9 @@ class StopOnInterrupt(Callback):
     def __init__(self, vote_every: int = 1):
         self.vote_every = max(1, vote_every)
         self.requested = False
+        self.sigterm = False  # the stop was asked by SIGTERM (not Ctrl-C)
         self.hard = False
+        self._trainer = None
         self.stopped_at: Optional[int] = None
         self._training = False
         self._rank0 = True
@@ -365,8 +374,27 @@ class StopOnInterrupt(Callback):
             print("\nmoelab train: Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to stop "
                   "at once)", file=sys.stderr, flush=True)
 
+    def _sigterm(self, signum, frame) -> None:
+        trainer = self._trainer
+        if not self.sigterm and trainer is not None and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)  # the launched ranks hear it too (Lightning did this)
+        first = not self.requested
+        # Lightning's received_sigterm stays False: it would raise at the end of the step,
+        # before the checkpoint
+        self.requested = self.sigterm = True
+        if first and self._rank0:
+            print("\nmoelab train: SIGTERM: stopping after this step and writing a checkpoint", file=sys.stderr,
+                  flush=True)
+
     def on_train_start(self, trainer, pl_module) -> None:
-        self._training, self._rank0 = True, trainer.is_global_zero
+        self._training, self._rank0, self._trainer = True, trainer.is_global_zero, trainer
+        # after Lightning's connector registered its handler (it restores the handlers
+        # it found when fit ends); main thread only, as for SIGINT
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._sigterm)
+            loop = trainer.fit_loop.epoch_loop
+            if hasattr(loop, "_broadcast_sigterm_tensor"):  # Lightning >= 2.5: its per-step broadcast and read
+                loop._broadcast_sigterm_tensor = lambda: None
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._training = False

@@ -82,6 +82,20 @@ def test_ctrl_c_checkpoints_the_step_and_resumes_to_the_same_loss(cache, tmp_pat
     assert b["train_loss"] == a["train_loss"] and b["val_loss"] == a["val_loss"]
 
 
+def test_sigterm_checkpoints_the_step_like_ctrl_c(cache, tmp_path):
+    """SIGTERM (a scheduler preempting the job) as step 5 starts: step 5 finishes and its
+    checkpoint is written, as for Ctrl-C (Lightning alone stopped with no checkpoint);
+    the handler Lightning found is handed back."""
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as e:
+        train(RECIPE, overrides(cache, tmp_path, "train.max_steps=10", "train.ckpt_every=4", "train.val_every=0",
+                                "train.run_name=t"), callbacks=[At(5, lambda: os.kill(os.getpid(), signal.SIGTERM))])
+    step5 = tmp_path / "t" / "checkpoints" / "step00000005.ckpt"
+    assert one_sentence(e) == f"interrupted at step 5; checkpoint {step5} (resume with resume={step5})"
+    assert torch.load(step5, weights_only=True)["global_step"] == 5
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_ctrl_c_on_a_checkpoint_step_writes_no_second_file(cache, tmp_path):
     with pytest.raises(TrainingInterrupted) as e:
         train(RECIPE, overrides(cache, tmp_path, "train.max_steps=10", "train.ckpt_every=3", "train.val_every=0",
@@ -286,6 +300,54 @@ def test_ctrl_c_to_rank_0_of_two_stops_both_at_the_same_step(cache, tmp_path):
     step = int(said[0].split("interrupted at step ")[1].split(";")[0])
     ckpt = tmp_path / "ddp" / "checkpoints" / f"step{step:08d}.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == step
+
+
+_SIGTERM_TO_RANK_0 = '''
+import os, signal, sys, torch
+from lightning.pytorch.callbacks import Callback
+from conftest import RECIPE, overrides
+from lit_modules.train.run import train
+
+class Watch(Callback):
+    """Counts broadcasts during training steps (Lightning's per-step SIGTERM check was
+    one); SIGTERM to rank 0 as step 4 starts."""
+    def __init__(self):
+        self.n, real = 0, torch.distributed.broadcast
+        def counted(*a, **k):
+            self.n += 1
+            return real(*a, **k)
+        torch.distributed.broadcast = counted
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 1:
+            self.n = 0
+        if trainer.global_step == 3 and trainer.global_rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_end(self, trainer, pl_module):
+        print(f"rank {trainer.global_rank}: {self.n} broadcasts", file=sys.stderr, flush=True)
+
+train(RECIPE, overrides(sys.argv[1], sys.argv[2], *sys.argv[3:]), callbacks=[Watch()])
+'''
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank_0_of_two_stops_both_with_no_broadcast_per_step(cache, tmp_path):
+    """DDP on two gloo ranks: no rank broadcasts anything during training steps (Lightning
+    broadcast and read a SIGTERM flag at every step), and SIGTERM to rank 0 still stops
+    both at the same step (the next vote: train.log_every), with that step's checkpoint."""
+    script = tmp_path / "sigterm.py"
+    script.write_text(_SIGTERM_TO_RANK_0)
+    cmd = [sys.executable, str(script), str(cache), str(tmp_path), "train.run_name=term", "train.max_steps=20",
+           "train.val_every=0", "train.ckpt_every=0", "train.log_every=3", "train.strategy=ddp", "train.devices=2",
+           "train.accelerator=cpu", "train.micro_batch_size=4"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=_WAIT, env=env)
+    assert "interrupted at step 6; checkpoint" in done.stderr, done.stderr[-3000:]
+    assert sorted(line for line in done.stderr.splitlines() if "broadcasts" in line) == [
+        "rank 0: 0 broadcasts", "rank 1: 0 broadcasts"], done.stderr[-3000:]
+    ckpt = tmp_path / "term" / "checkpoints" / "step00000006.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 6
 
 
 def test_full_disk_under_the_loggers_is_one_sentence(cache, tmp_path):
