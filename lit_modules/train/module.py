@@ -276,8 +276,10 @@ class CausalLM(L.LightningModule):
         lr = sched.get_last_lr()[0]
         try:
             opt.step()
-        finally:
-            self._optimizer().__dict__.pop("found_inf", None)
+        finally:  # found_inf is this step's alone (_guard_update)
+            raw = self._optimizer()
+            if raw is not None:
+                vars(raw).pop("found_inf", None)
         opt.zero_grad(set_to_none=True)
         sched.step()
 

@@ -133,6 +133,13 @@ def test_ctrl_c_twice_mid_run_names_the_last_checkpoint(cache, tmp_path):
 _WAIT = 240
 
 
+def _with_tests_importable() -> dict:
+    """The environment for a script that imports the project and tests/conftest.py (the
+    paths already on PYTHONPATH kept: a machine may install dependencies there)."""
+    paths = [str(ROOT), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def _popen(cache, runs, *extra):
     cmd = [sys.executable, "-m", "lit_modules.cli", "train", RECIPE,
            *overrides(cache, runs, "train.max_steps=300", "train.val_every=0", "train.ckpt_every=0", *extra)]
@@ -341,7 +348,7 @@ def test_sigterm_to_rank_0_of_two_stops_both_with_no_broadcast_per_step(cache, t
     cmd = [sys.executable, str(script), str(cache), str(tmp_path), "train.run_name=term", "train.max_steps=20",
            "train.val_every=0", "train.ckpt_every=0", "train.log_every=3", "train.strategy=ddp", "train.devices=2",
            "train.accelerator=cpu", "train.micro_batch_size=4"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env = _with_tests_importable()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=_WAIT, env=env)
     assert "interrupted at step 6; checkpoint" in done.stderr, done.stderr[-3000:]
     assert sorted(line for line in done.stderr.splitlines() if "broadcasts" in line) == [
@@ -422,7 +429,7 @@ def test_a_nan_on_one_rank_of_two_stops_both(cache, tmp_path, check):
            "train.val_every=0", "train.ckpt_every=2", "train.strategy=ddp", "train.devices=2",
            "train.accelerator=cpu", "train.micro_batch_size=4", "train.optim.fused=true",
            f"train.finite_check={check}"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env = _with_tests_importable()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=_WAIT, env=env)
     assert done.returncode != 0
     assert done.stderr.count("training stopped at step 3: the gradient norm is nan") >= 1, done.stderr[-3000:]
