@@ -210,3 +210,33 @@ def test_router_loads_record(tmp_path):
     lines = [json.loads(ln) for ln in path.read_text().splitlines()]
     assert [(ln["step"], ln["steps"]) for ln in lines] == [(3, 3), (6, 3)]
     assert sum(lines[1]["layers"]["0"]["tokens_per_expert"]) == 3 * 2 * 16 * 2  # steps x tokens x top-k
+
+
+def test_host_syncs_benchmark_counts_each_sync_by_its_stack(cache, tmp_path, monkeypatch):
+    """benchmarks/host_syncs.py over a CPU run: torch flags nothing there, so a
+    callback raises torch's own warning inside the window, once; it is counted once, by
+    the stack that raised it, and nothing outside the window is."""
+    import importlib.util
+    import warnings
+
+    from lightning.pytorch.callbacks import Callback
+
+    from conftest import RECIPE, overrides
+
+    root = Path(__file__).resolve().parents[3]
+    spec = importlib.util.spec_from_file_location("host_syncs", root / "benchmarks" / "host_syncs.py")
+    host_syncs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_syncs)
+
+    class Syncs(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step in (2, 10):  # step 2 is before the window
+                warnings.warn("called a synchronizing CUDA operation")
+
+    real = host_syncs.train
+    monkeypatch.setattr(host_syncs, "train", lambda r, o, callbacks: real(r, o, callbacks=callbacks + [Syncs()]))
+    out = tmp_path / "syncs"
+    host_syncs.main([str(out), RECIPE, *overrides(cache, tmp_path, "train.val_every=0", "train.ckpt_every=-1")])
+    lines = (out / "syncs_rank0.txt").read_text().splitlines()
+    assert lines[0].startswith("# rank 0: host syncs in steps 9-11")
+    assert len(lines) == 2 and lines[1].startswith("  0.3/step") and "on_train_batch_end" in lines[1], lines
