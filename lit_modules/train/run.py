@@ -479,12 +479,12 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
                f"(step {summary['steps']}); " if first and summary["val_ppl"] is not None else "")
         tps = f" at {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else ""
         runlog.say(f"moelab train: done: {ppl}{summary['tokens']:,} tokens{tps}")
-        times = ""
+        parts = []
         if summary["checkpoint_saves"]:
-            times = (f" ({t.checkpoint_format}: {summary['checkpoint_saves']} saves in "
-                     f"{summary['checkpoint_seconds']:.2f} s")
-            times += (f", restored in {summary['checkpoint_load_seconds']:.2f} s)"
-                      if summary["checkpoint_load_seconds"] is not None else ")")
+            parts.append(f"{summary['checkpoint_saves']} saves in {summary['checkpoint_seconds']:.2f} s")
+        if summary["checkpoint_load_seconds"] is not None:  # a resumed run, with or without saves
+            parts.append(f"restored in {summary['checkpoint_load_seconds']:.2f} s")
+        times = f" ({t.checkpoint_format}: {', '.join(parts)})" if parts else ""
         runlog.say(f"moelab train: checkpoint {summary['checkpoint']}{times}; summary "
                    f"{run_dir / layout.SUMMARY_FILE}")
     return summary

@@ -156,6 +156,16 @@ def test_error_truncated_checkpoint(cache, tmp_path, short_run):
     fails_before_training(cache, tmp_path / "runs", f"train.resume={bad}", match="cannot be read")
 
 
+def test_a_resumed_run_says_how_long_the_restore_took(cache, tmp_path, short_run, capsys):
+    """Also when it writes no checkpoint of its own (train.ckpt_every=-1: a benchmark's
+    resume), the closing line says the restore time, as summary.json does."""
+    s = train(RECIPE, overrides(cache, tmp_path, "train.run_name=again", "train.max_steps=13",
+                                "train.ckpt_every=-1", "train.val_every=0",
+                                f"train.resume={short_run[0]}"))
+    assert s["checkpoint_saves"] == 0 and s["checkpoint_load_seconds"] > 0
+    assert f"(full: restored in {s['checkpoint_load_seconds']:.2f} s)" in capsys.readouterr().out
+
+
 def test_cli_error_is_one_line(cache, tmp_path, capsys):
     from lit_modules.cli import main
 
