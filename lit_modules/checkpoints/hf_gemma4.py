@@ -1,9 +1,10 @@
-"""Gemma 4 (text) <-> moelab: the family-specific half of lit_modules/checkpoints/hf.py.
+"""Gemma 4 (text) <-> moelab: the family-specific half of lit_modules/checkpoints/hf.py and
+hf_config.py.
 
-hf.py hands Gemma4ForCausalLM and the text model of Gemma4ForConditionalGeneration
+They hand Gemma4ForCausalLM and the text model of Gemma4ForConditionalGeneration
 over to this module (a FAMILY_MODULES entry) for the config (text_config, model_config),
 the tensor names (hf_to_ours, ours_to_hf, ignorable) and the export (export_family,
-config_kwargs, signature). It does not import hf.py. Names on both
+config_kwargs, signature). It imports neither. Names on both
 sides (HF left, under model. or model.language_model.; moelab right):
 
     embed_tokens_per_layer / per_layer_model_projection    per_layer.embed / per_layer.proj
@@ -50,7 +51,7 @@ IGNORED = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "
 
 
 class Refused(RecipeError):
-    """A Gemma 4 config field moelab cannot honour (hf.py raises it as a ConvertError)."""
+    """A Gemma 4 config field moelab cannot honour (hf_config.py raises it as a ConvertError)."""
 
 
 def _cannot(arch: str, field: str, value, why: str) -> Refused:
@@ -146,7 +147,7 @@ def export_family(m: ModelConfig) -> Optional[str]:
 
 
 def config_kwargs(arch: str, m: ModelConfig) -> dict:
-    """Keyword arguments of transformers.Gemma4TextConfig for `m` (hf.py compares the
+    """Keyword arguments of transformers.Gemma4TextConfig for `m` (hf_config.py compares the
     signatures of `m` and of what these map back to, so nothing is lost silently)."""
     from arch.resolve import layer_specs
 
@@ -188,7 +189,7 @@ def config_kwargs(arch: str, m: ModelConfig) -> dict:
 
 
 def signature(m: ModelConfig) -> Dict[str, object]:
-    """What hf.signature leaves out and Gemma 4 computes with: per-layer head widths,
+    """What hf_config.signature leaves out and Gemma 4 computes with: per-layer head widths,
     KV heads, keys = values, KV sharing, per-layer inputs, the MoE kind (nothing for a
     model that uses none of Gemma 4's own fields)."""
     from arch.resolve import layer_specs

@@ -1,8 +1,8 @@
 """Hugging Face <-> moelab for the hybrid Qwen families: Qwen3-Next (Qwen3NextForCausalLM)
 and the text model of Qwen3.5-MoE (Qwen3_5MoeForConditionalGeneration, and the text-only
-Qwen3_5MoeForCausalLM). A FAMILY_MODULES entry of lit_modules/checkpoints/hf.py;
-everything Qwen3-MoE-like (norms, q/k/v/o, QK-norm, router, experts) goes through that
-file's rules. Names besides those (HF left, moelab right):
+Qwen3_5MoeForCausalLM). A FAMILY_MODULES entry of lit_modules/checkpoints/hf_config.py;
+everything Qwen3-MoE-like (norms, q/k/v/o, QK-norm, router, experts) goes through
+hf.py's rules. Names besides those (HF left, moelab right):
 
     layers.i.linear_attn.in_proj_qkv / _z / _b / _a         layers.i.attn.in_proj_qkv / _z / _b / _a
     layers.i.linear_attn.in_proj_qkvz, in_proj_ba  (Qwen3-Next: per key head [q, k, v, z] and [b, a];
@@ -37,7 +37,7 @@ from arch.config import (
     ModelConfig, MoEConfig, NormConfig, RouterConfig,
 )
 from arch.resolve import layer_specs
-from lit_modules.checkpoints import hf
+from lit_modules.checkpoints import hf, hf_config
 from lit_modules.checkpoints.model_dir import TensorSource
 
 QWEN3_NEXT, QWEN3_5_MOE, QWEN3_5_MOE_TEXT = (
@@ -99,15 +99,15 @@ def check_mtp(arch: str, m: ModelConfig, depth: int) -> None:
 
 
 def _cannot(arch, field, value, why):
-    return hf._cannot(arch, field, value, why)
+    return hf_config.cannot(arch, field, value, why)
 
 
 def model_config(arch: str, text) -> ModelConfig:
     """The transformers text config of either family as a moelab ModelConfig; every field
-    that changes the function is mapped or refused (hf.model_config_from_hf's contract)."""
+    that changes the function is mapped or refused (hf_config.model_config_from_hf's contract)."""
     g = lambda name, default=None: getattr(text, name, default)  # noqa: E731
     n_layers, d = g("num_hidden_layers"), g("hidden_size")
-    if g("hidden_act") != hf.SILU:
+    if g("hidden_act") != hf_config.SILU:
         raise _cannot(arch, "hidden_act", g("hidden_act"), "the experts, the DeltaNet convolution and its gate are "
                       "SiLU in moelab, as in every released checkpoint")
     if g("attention_dropout", 0.0):
@@ -117,7 +117,7 @@ def model_config(arch: str, text) -> ModelConfig:
         raise _cannot(arch, "layer_types", layer_types, f"it has {len(layer_types)} entries for {n_layers} layers")
     for t in set(layer_types) - {LINEAR, FULL}:
         raise _cannot(arch, "layer_types", t, f"{arch} has {LINEAR} and {FULL} layers only")
-    rope = hf._layer_ropes(arch, text, [FULL])[0]
+    rope = hf_config.layer_ropes(arch, text, [FULL])[0]
     heads = g("num_attention_heads")
     lin = LinearAttentionConfig(n_k_heads=g("linear_num_key_heads"), n_v_heads=g("linear_num_value_heads"),
                                 k_head_dim=g("linear_key_head_dim"), v_head_dim=g("linear_value_head_dim"),
@@ -261,7 +261,7 @@ def export_pairs(arch: str, m: ModelConfig, pairs: Iterator[Tuple[str, torch.Ten
             fused, tensor = _fuse(m, held)
             yield f"{f.group(1)}{fused}.weight", tensor
     if waiting:
-        raise hf.ConvertError(f"the checkpoint lacks half of {next(iter(waiting))}'s input projections; it is "
+        raise hf_config.ConvertError(f"the checkpoint lacks half of {next(iter(waiting))}'s input projections; it is "
                               "incomplete.")
 
 
@@ -275,12 +275,12 @@ def export_family(m: ModelConfig) -> Optional[str]:
 def config_kwargs(arch: str, m: ModelConfig) -> dict:
     a, lin, mo, specs = m.attention, m.attention.linear, m.moe, layer_specs(m)
     full = [s for s in specs if s.attention != "gated_deltanet"]
-    rope = hf._rope_dict(full[0].rope if full else specs[0].rope)
+    rope = hf_config.rope_dict(full[0].rope if full else specs[0].rope)
     rope["partial_rotary_factor"] = (full[0].rope if full else specs[0].rope).partial  # HF's default is 0.25
     kw = dict(vocab_size=m.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.n_layers,
               num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
               max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm.eps, tie_word_embeddings=m.tie_embeddings,
-              attention_bias=a.bias, initializer_range=m.init_std, hidden_act=hf.SILU, rope_parameters=rope,
+              attention_bias=a.bias, initializer_range=m.init_std, hidden_act=hf_config.SILU, rope_parameters=rope,
               layer_types=[LINEAR if s.attention == "gated_deltanet" else FULL for s in specs],
               linear_num_key_heads=lin.n_k_heads, linear_num_value_heads=lin.n_v_heads,
               linear_key_head_dim=lin.k_head_dim, linear_value_head_dim=lin.v_head_dim,

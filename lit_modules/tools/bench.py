@@ -349,20 +349,20 @@ def hf_twin(model: nn.Module, recipe: Recipe) -> Tuple[nn.Module, List[str]]:
         import transformers
     except ImportError:
         raise BenchError("--vs-hf needs the transformers package; pip install 'moelab[hf]'.") from None
-    from lit_modules.checkpoints import hf
+    from lit_modules.checkpoints import hf, hf_config
 
     if recipe.model.mtp.depth:
         raise BenchError(f"--vs-hf: model.mtp.depth = {recipe.model.mtp.depth}, and transformers trains no "
                          "multi-token prediction modules; set model.mtp.depth=0 to compare like with like.")
     try:
-        arch, cfg, notes = hf.hf_config_for(recipe.model)
+        arch, cfg, notes = hf_config.hf_config_for(recipe.model)
         pairs = (pair for name, tensor in model.state_dict().items()
                  for pair in hf.ours_to_hf(arch, name, tensor.detach().to("cpu", torch.float32, copy=True)))
         state = dict(hf.export_pairs(arch, recipe.model, pairs))  # Qwen3-Next fuses some
     except RecipeError as e:  # ConvertError: one sentence naming what HF cannot express
         raise BenchError(f"--vs-hf: {e}") from None
     kwargs = {"attn_implementation": "sdpa"}
-    if arch == hf.GPT_OSS:  # transformers runs its sinks on the eager path only (as moelab does)
+    if arch == hf_config.GPT_OSS:  # transformers runs its sinks on the eager path only (as moelab does)
         kwargs["attn_implementation"] = "eager"
         notes.append(f"{arch} has no sdpa attention in transformers: both sides run eager attention")
     cfg.use_cache = False

@@ -17,7 +17,8 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from lit_modules.checkpoints.model_dir import load_model_dir, save_model_dir  # noqa: E402
-from lit_modules.checkpoints.hf import ConvertError, export_hf, hf_config_for, import_hf, parse_size  # noqa: E402
+from lit_modules.checkpoints.hf import export_hf, import_hf, parse_size  # noqa: E402
+from lit_modules.checkpoints.hf_config import ConvertError, hf_config_for  # noqa: E402
 
 ROUND_TRIP = {
     "qwen3": ("qwen3", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=5, max_window_layers=2)),

@@ -77,7 +77,7 @@ def test_gemma4_multimodal_text_model(tmp_path):
 def test_export_refuses_what_gemma4_cannot_hold(override, named):
     from arch import load_recipe
     from arch.recipe import resolve_recipe
-    from lit_modules.checkpoints.hf import ConvertError, hf_config_for
+    from lit_modules.checkpoints.hf_config import ConvertError, hf_config_for
 
     extra = ["model.layer_pattern=[local,local,global]", "model.kv_shared_layers=3"] if "ffn_mult" in override else []
     m = resolve_recipe(load_recipe("proxies/gemma4_moe_tiny", [override] + extra)).model
@@ -98,7 +98,7 @@ def test_kv_sharing_layers_stored_kv_weights_are_skipped(tmp_path):
     ids = tokens()
     with torch.no_grad():
         assert max_diff(ours(ids).logits, hf(ids).logits) <= TOL
-    from lit_modules.checkpoints.hf import ConvertError
+    from lit_modules.checkpoints.hf_config import ConvertError
 
     state["model.layers.2.self_attn.v_norm.weight"] = torch.ones(hd)  # layer 2 computes its own: not skipped
     (tmp_path / "again").mkdir()
@@ -117,7 +117,7 @@ def test_released_configs_import_as_the_shipped_recipes(name):
     from _hf_tiny_gemma4 import RELEASED
     from arch import load_recipe
     from arch.recipe import resolve_recipe
-    from lit_modules.checkpoints.hf import model_config_from_hf, signature
+    from lit_modules.checkpoints.hf_config import model_config_from_hf, signature
     from lit_modules.checkpoints.hf_gemma4 import GEMMA4
 
     from arch.config import Recipe
@@ -139,7 +139,7 @@ def test_config_fields_moelab_cannot_honour_are_one_sentence(field, value, named
     import transformers
 
     from _hf_tiny_gemma4 import BASE
-    from lit_modules.checkpoints.hf import ConvertError, model_config_from_hf
+    from lit_modules.checkpoints.hf_config import ConvertError, model_config_from_hf
     from lit_modules.checkpoints.hf_gemma4 import GEMMA4
 
     text = transformers.Gemma4TextConfig(**copy.deepcopy({**BASE, **CASES["moe-keqv"], field: value}))

@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from _hf_tiny import VOCAB, import_and_load, max_diff, perturb, tokens  # noqa: E402
-from lit_modules.checkpoints.hf import ConvertError, export_hf, import_hf  # noqa: E402
+from lit_modules.checkpoints.hf import export_hf, import_hf  # noqa: E402
+from lit_modules.checkpoints.hf_config import ConvertError  # noqa: E402
 from lit_modules.checkpoints.hf_qwen3_next import transformers_pytorch_delta_rule  # noqa: E402
 
 
