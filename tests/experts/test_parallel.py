@@ -97,6 +97,7 @@ def _worker(rank, port, path):
 
         for how in ("alltoall", "allgather"):
             _whole_model(rank, ref, how)
+        dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -81,6 +81,7 @@ def _worker(rank, port, out):
         y_e = expert_parallel_capacity(_equal_rows_backend, x, d.counts_E, w_in, w_out, "swiglu", None, C)
         n_kept = int(d.counts_E.sum())
         out[(rank, "compiled")] = float((y_c[:n_kept] - y_e[:n_kept]).abs().max())
+        dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -129,6 +130,7 @@ def _gather_worker(rank, port, out):
         y_g = expert_parallel_gather(_any_rows_backend, *args)
         y_a = expert_parallel(_any_rows_backend, *args)  # the token all-to-all
         out[rank] = (float((y_c - y_g).abs().max()), float((y_g - y_a).norm() / y_a.norm()))
+        dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

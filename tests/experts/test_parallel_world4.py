@@ -76,6 +76,7 @@ def _worker(rank, port, path):
             assert torch.equal(layer.router.expert_bias, b)
         for n in plan.expert_names:  # what a checkpoint gathers (a list: the same order on every rank)
             assert torch.equal(gather_expert_shard(model.get_parameter(n).detach(), plan.ep_group), ref["state"][n])
+        dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
