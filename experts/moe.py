@@ -195,12 +195,11 @@ class MoE(nn.Module):
         pending = [layer for layer in layers if layer._global is not None]
         if pending:
             summed = sum_rows([layer.balance for layer in pending],
-                              [count_row(layer._global[0], layer._global[1]) for layer in pending])
+                              [count_row(counts_E, T) for counts_E, T, _ in (layer._global for layer in pending)])
             for layer, (counts_G, tokens_G) in zip(pending, summed):
-                probs_E = layer._global[2]
+                probs_E, layer._global = layer._global[2], None
                 layer.aux = {"aux_loss": layer.cfg.balance.aux_coef * switch_loss(counts_G, tokens_G, probs_E),
                              **layer.aux}
-                layer._global = None
         out: Dict[str, torch.Tensor] = {}
         for layer in layers:
             for name, value in layer.aux.items():

@@ -271,13 +271,13 @@ class CausalLM(L.LightningModule):
         self.scale_plan.finish_grads(self.model)
         grad_norm = self._clip_gradients()
         # never apply an update computed from a non-finite loss or gradient norm
-        keep = self._guard_update(sums["loss"], grad_norm)
+        raw = self._optimizer()
+        keep = self._guard_update(raw, sums["loss"], grad_norm)
         update_router_biases(self.model, group=None, keep=keep)  # a no-op without a router bias rate
         lr = sched.get_last_lr()[0]
         try:
             opt.step()
         finally:  # found_inf is this step's alone (_guard_update)
-            raw = self._optimizer()
             if raw is not None:
                 vars(raw).pop("found_inf", None)
         opt.zero_grad(set_to_none=True)
@@ -304,8 +304,9 @@ class CausalLM(L.LightningModule):
 
     # ------------------------------------------------------------------ finite check
 
-    def _guard_update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> Optional[torch.Tensor]:
-        """Stop before an update computed from a non-finite loss or gradient norm.
+    def _guard_update(self, opt: Optional[torch.optim.Optimizer], loss: torch.Tensor,
+                      grad_norm: torch.Tensor) -> Optional[torch.Tensor]:
+        """Stop before `opt`'s update if it was computed from a non-finite loss or gradient norm.
 
         train.finite_check = step (or an optimizer that is not fused): read the verdict
         now, one host sync per step. deferred (fused AdamW): the verdict stays on the
@@ -318,7 +319,6 @@ class CausalLM(L.LightningModule):
         several processes the verdict is all-reduced, so every rank skips or applies
         the same update."""
         step = self.global_step + 1
-        opt = self._optimizer()
         if self.train_cfg.finite_check == "step" or opt is None or not opt.defaults.get("fused"):
             if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
                 raise NonFiniteLoss(step, float(loss), float(grad_norm))
@@ -334,7 +334,7 @@ class CausalLM(L.LightningModule):
     def confirm_finite(self) -> None:
         """Raise NonFiniteLoss for a step whose update was skipped on the device
         (`_guard_update`, deferred); a no-op when none is pending. One host read."""
-        pending, self._pending_finite = getattr(self, "_pending_finite", None), None
+        pending, self._pending_finite = self._pending_finite, None
         if pending is None:
             return
         step, loss, grad_norm, bad = pending
