@@ -91,13 +91,40 @@ def free_port() -> int:
 def init_gloo(rank: int, world: int, port: int) -> None:
     """Join a CPU (gloo) process group on localhost; one thread per process, as the
     test processes share a small CPU."""
-    import os
-
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def spawn_gloo(worker, world: int, *args) -> None:
+    """Run `worker(rank, *args)` in `world` fresh processes joined in one gloo group; a
+    worker that raises fails the test with its traceback. `worker` must be a module-level
+    function (the processes are spawned, so it travels by name)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_process, args=(world, free_port(), worker, args), nprocs=world)
+
+
+def _gloo_process(rank, world, port, worker, args):
+    import sys
+
+    import torch.distributed as dist
+
+    init_gloo(rank, world, port)
+    try:
+        worker(rank, *args)
+        dist.barrier()  # no rank tears its group down while another still talks to it
+    finally:
+        dist.destroy_process_group()
+    # A worker that finished leaves without the interpreter's teardown: there, gloo's and
+    # the TCP store's C++ threads can be destroyed while still joinable, which aborts the
+    # process ("terminate called without an active exception", SIGABRT) after its work
+    # was done and checked. CI lost two runs to that, each in a different test.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(params=sorted(TINY))

@@ -9,9 +9,8 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import free_port, init_gloo, tiny_model
+from conftest import spawn_gloo, tiny_model
 from experts.layers import clear_global_counts, precompute_global_counts, update_router_biases
 
 OVERRIDES = ("model.moe.balance.aux_scope=global", "model.moe.balance.aux_coef=0.1",
@@ -60,32 +59,27 @@ def assert_same(got, ref, what):
         assert err < 1e-5, f"{what}: {name} differs (relative error {err:.2e})"
 
 
-def _worker(rank, world, port, path):
-    init_gloo(rank, world, port)
-    try:
-        ref = torch.load(path)
-        local = ref["ids"].chunk(world)[rank]
-        for accum in (1, 2):
-            model = make_model()
-            model.load_state_dict(ref["state"])
-            if accum == 1:  # counts all-reduced inside forward
-                loss, aux = step_loss(model, local)
-                loss.backward()
-            else:  # each rank: 2 micro-batches of 2 sequences, counts precomputed
-                loss, aux = run_accumulated(model, list(local.chunk(accum)))
-            # what DDP does: average gradients (and here the logged losses) over ranks
-            for t in [loss, aux] + [p.grad for p in model.parameters()]:
-                dist.all_reduce(t)
-                t /= world
-            assert abs(loss.item() - ref["loss"]) < 1e-5 * abs(ref["loss"]), (rank, accum, loss.item(), ref["loss"])
-            assert abs(aux.item() - ref["aux"]) < 1e-5 * abs(ref["aux"]), (rank, accum, aux.item(), ref["aux"])
-            assert_same(grads(model), ref["grads"], f"rank {rank}, {world} ranks x {accum} micro-batches")
-            update_router_biases(model)
-            for b, b_ref in zip(biases(model), ref["biases"]):
-                assert torch.equal(b, b_ref), f"rank {rank}: biases differ from the single-process update"
-        dist.barrier()  # no rank tears its group down while another still talks to it
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, path):
+    ref = torch.load(path)
+    local = ref["ids"].chunk(world)[rank]
+    for accum in (1, 2):
+        model = make_model()
+        model.load_state_dict(ref["state"])
+        if accum == 1:  # counts all-reduced inside forward
+            loss, aux = step_loss(model, local)
+            loss.backward()
+        else:  # each rank: 2 micro-batches of 2 sequences, counts precomputed
+            loss, aux = run_accumulated(model, list(local.chunk(accum)))
+        # what DDP does: average gradients (and here the logged losses) over ranks
+        for t in [loss, aux] + [p.grad for p in model.parameters()]:
+            dist.all_reduce(t)
+            t /= world
+        assert abs(loss.item() - ref["loss"]) < 1e-5 * abs(ref["loss"]), (rank, accum, loss.item(), ref["loss"])
+        assert abs(aux.item() - ref["aux"]) < 1e-5 * abs(ref["aux"]), (rank, accum, aux.item(), ref["aux"])
+        assert_same(grads(model), ref["grads"], f"rank {rank}, {world} ranks x {accum} micro-batches")
+        update_router_biases(model)
+        for b, b_ref in zip(biases(model), ref["biases"]):
+            assert torch.equal(b, b_ref), f"rank {rank}: biases differ from the single-process update"
 
 
 
@@ -124,7 +118,7 @@ def test_global_batch_loss_is_split_invariant(tmp_path):
     # 2 gloo processes, each 4 sequences (1 micro-batch, then 2 of 2)
     path = tmp_path / "ref.pt"
     torch.save(ref, path)
-    mp.spawn(_worker, args=(2, free_port(), str(path)), nprocs=2, join=True)
+    spawn_gloo(_worker, 2, 2, str(path))
 
 
 def test_running_counts_sum_the_micro_batches_so_far():

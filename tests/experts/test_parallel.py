@@ -13,9 +13,8 @@ import importlib.util
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import free_port, init_gloo, tiny_model
+from conftest import spawn_gloo, tiny_model
 from moe_helpers import GLOBAL_BALANCE, rel_err
 from experts.layers import update_router_biases
 from experts.layers import check_expert_parallel, reduce_expert_grads, shard_experts
@@ -62,44 +61,39 @@ def layer_reference(case, x, g):
     return {"y": y.detach(), "x": x.grad, **{n: p.grad.clone() for n, p in layer.named_parameters()}}
 
 
-def _worker(rank, port, path):
-    init_gloo(rank, WORLD, port)
-    try:
-        ref = torch.load(path)
-        runs = [(case, r, False, "alltoall") for case, r in zip(layer_cases(), ref["layers"])]
-        # dropless loop, traced (aot_eager: the graphs Inductor gets): torch 2.11 gave
-        # wrong gradients through the uneven exchange's autograd (issue 21)
-        runs.append((layer_cases()[1], ref["layers"][1], True, "alltoall"))
-        # the all-gather dispatch on every dropless case, and traced
-        runs += [(case, r, False, "allgather") for case, r in zip(layer_cases(), ref["layers"]) if case[1] == "null"]
-        runs.append((layer_cases()[1], ref["layers"][1], True, "allgather"))
-        for case, r, compiled, how in runs:
-            layer = make_layer(*case)
-            names = shard_experts(layer, None, how)
-            assert names == ["w_in", "w_out"] + (["b_in", "b_out"] if case[3:] == (True,) else [])
-            if compiled:
-                torch._dynamo.reset()
-                layer.compile(backend="aot_eager")
-            x = ref["x"].chunk(WORLD)[rank].clone().requires_grad_()
-            y = layer(x)
-            (y * ref["g"].chunk(WORLD)[rank]).sum().backward()
-            if case[2]:  # the skewed case really is one-sided
-                assert layer.stats["tokens_per_expert"][4:].sum() == 0
-            assert rel_err(y, r["y"].chunk(WORLD)[rank]) < 1e-5, (case, compiled, how)
-            assert rel_err(x.grad, r["x"].chunk(WORLD)[rank]) < 1e-5, (case, compiled, how)
-            for n, p in layer.named_parameters():
-                want = r[n]
-                if n in names:  # this rank's slice; its gradient already holds both ranks' tokens
-                    want = want.chunk(WORLD)[rank]
-                else:  # replicated: sum the ranks' parts (the losses are sums)
-                    dist.all_reduce(p.grad)
-                assert rel_err(p.grad, want) < 1e-5, (case, compiled, how, n, rel_err(p.grad, want))
+def _worker(rank, path):
+    ref = torch.load(path)
+    runs = [(case, r, False, "alltoall") for case, r in zip(layer_cases(), ref["layers"])]
+    # dropless loop, traced (aot_eager: the graphs Inductor gets): torch 2.11 gave
+    # wrong gradients through the uneven exchange's autograd (issue 21)
+    runs.append((layer_cases()[1], ref["layers"][1], True, "alltoall"))
+    # the all-gather dispatch on every dropless case, and traced
+    runs += [(case, r, False, "allgather") for case, r in zip(layer_cases(), ref["layers"]) if case[1] == "null"]
+    runs.append((layer_cases()[1], ref["layers"][1], True, "allgather"))
+    for case, r, compiled, how in runs:
+        layer = make_layer(*case)
+        names = shard_experts(layer, None, how)
+        assert names == ["w_in", "w_out"] + (["b_in", "b_out"] if case[3:] == (True,) else [])
+        if compiled:
+            torch._dynamo.reset()
+            layer.compile(backend="aot_eager")
+        x = ref["x"].chunk(WORLD)[rank].clone().requires_grad_()
+        y = layer(x)
+        (y * ref["g"].chunk(WORLD)[rank]).sum().backward()
+        if case[2]:  # the skewed case really is one-sided
+            assert layer.stats["tokens_per_expert"][4:].sum() == 0
+        assert rel_err(y, r["y"].chunk(WORLD)[rank]) < 1e-5, (case, compiled, how)
+        assert rel_err(x.grad, r["x"].chunk(WORLD)[rank]) < 1e-5, (case, compiled, how)
+        for n, p in layer.named_parameters():
+            want = r[n]
+            if n in names:  # this rank's slice; its gradient already holds both ranks' tokens
+                want = want.chunk(WORLD)[rank]
+            else:  # replicated: sum the ranks' parts (the losses are sums)
+                dist.all_reduce(p.grad)
+            assert rel_err(p.grad, want) < 1e-5, (case, compiled, how, n, rel_err(p.grad, want))
 
-        for how in ("alltoall", "allgather"):
-            _whole_model(rank, ref, how)
-        dist.barrier()  # no rank tears its group down while another still talks to it
-    finally:
-        dist.destroy_process_group()
+    for how in ("alltoall", "allgather"):
+        _whole_model(rank, ref, how)
 
 
 def _whole_model(rank, ref, how):
@@ -148,7 +142,7 @@ def test_ep2_matches_single_process(tmp_path):
            "model_grads": grads, "biases": [m.router.expert_bias.clone() for m in model.moe_layers]}
     path = tmp_path / "ref.pt"
     torch.save(ref, path)
-    mp.spawn(_worker, args=(free_port(), str(path)), nprocs=WORLD, join=True)
+    spawn_gloo(_worker, WORLD, str(path))
 
 
 def test_expert_parallel_must_divide_experts():

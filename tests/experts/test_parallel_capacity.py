@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port, init_gloo
+from conftest import spawn_gloo
 from experts.backends import EXPERT_BACKEND
 from experts.dispatch import dispatch, expert_capacity
 from experts.parallel import expert_parallel_capacity
@@ -53,43 +53,38 @@ def _run(fn, x, w_in, w_out, n_kept):
     return [y.detach(), x.grad, w_in.grad, w_out.grad]
 
 
-def _worker(rank, port, out):
-    init_gloo(rank, WORLD, port)
-    try:
-        loop = EXPERT_BACKEND.get("loop")
-        for skew in (False, True):
-            d, C, x, w_in, w_out = _case(rank, skew)
-            n_kept = int(d.counts_E.sum())
-            # every expert in this process, on this rank's rows; the shards' gradients
-            # collect every rank's rows, so the reference's are summed over the ranks
-            exact = _run(lambda a, b, c: loop(a, d.counts_E, b, c, "swiglu"), x, w_in, w_out, n_kept)
-            for g in exact[2:]:
-                dist.all_reduce(g)
-            exact[2:] = [_local(g, rank) for g in exact[2:]]
-            static = _run(lambda a, b, c: expert_parallel_capacity(loop, a, d.counts_E, b, c, "swiglu", None, C),
-                          x, _local(w_in, rank), _local(w_out, rank), n_kept)
-            errs = [float((a - b).norm() / max(float(a.norm()), 1e-12)) for a, b in zip(exact, static)]
-            to_rank1 = int(d.counts_E[E // WORLD:].sum())  # rows this rank sends to rank 1's experts
-            out[(rank, skew)] = (errs, int(d.n_dropped), to_rank1)
-
-        # one graph: no graph break, so no host read of the counts
-        d, C, x, w_in, w_out = _case(rank, False)
-        w_in, w_out = _local(w_in, rank), _local(w_out, rank)
-        torch._dynamo.reset()
-        compiled = torch.compile(expert_parallel_capacity, fullgraph=True, backend="eager")
-        y_c = compiled(_equal_rows_backend, x, d.counts_E, w_in, w_out, "swiglu", None, C)
-        y_e = expert_parallel_capacity(_equal_rows_backend, x, d.counts_E, w_in, w_out, "swiglu", None, C)
+def _worker(rank, out):
+    loop = EXPERT_BACKEND.get("loop")
+    for skew in (False, True):
+        d, C, x, w_in, w_out = _case(rank, skew)
         n_kept = int(d.counts_E.sum())
-        out[(rank, "compiled")] = float((y_c[:n_kept] - y_e[:n_kept]).abs().max())
-        dist.barrier()  # no rank tears its group down while another still talks to it
-    finally:
-        dist.destroy_process_group()
+        # every expert in this process, on this rank's rows; the shards' gradients
+        # collect every rank's rows, so the reference's are summed over the ranks
+        exact = _run(lambda a, b, c: loop(a, d.counts_E, b, c, "swiglu"), x, w_in, w_out, n_kept)
+        for g in exact[2:]:
+            dist.all_reduce(g)
+        exact[2:] = [_local(g, rank) for g in exact[2:]]
+        static = _run(lambda a, b, c: expert_parallel_capacity(loop, a, d.counts_E, b, c, "swiglu", None, C),
+                      x, _local(w_in, rank), _local(w_out, rank), n_kept)
+        errs = [float((a - b).norm() / max(float(a.norm()), 1e-12)) for a, b in zip(exact, static)]
+        to_rank1 = int(d.counts_E[E // WORLD:].sum())  # rows this rank sends to rank 1's experts
+        out[(rank, skew)] = (errs, int(d.n_dropped), to_rank1)
+
+    # one graph: no graph break, so no host read of the counts
+    d, C, x, w_in, w_out = _case(rank, False)
+    w_in, w_out = _local(w_in, rank), _local(w_out, rank)
+    torch._dynamo.reset()
+    compiled = torch.compile(expert_parallel_capacity, fullgraph=True, backend="eager")
+    y_c = compiled(_equal_rows_backend, x, d.counts_E, w_in, w_out, "swiglu", None, C)
+    y_e = expert_parallel_capacity(_equal_rows_backend, x, d.counts_E, w_in, w_out, "swiglu", None, C)
+    n_kept = int(d.counts_E.sum())
+    out[(rank, "compiled")] = float((y_c[:n_kept] - y_e[:n_kept]).abs().max())
 
 
 def test_static_exchange_matches_the_exact_one():
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD)
+        spawn_gloo(_worker, WORLD, out)
         out = dict(out)
     for rank in range(WORLD):
         for skew in (False, True):
@@ -110,29 +105,24 @@ def _any_rows_backend(x_SD, counts_E, w_in_LID, w_out_LDF, kind):
     return torch.einsum("sf,sdf->sd", torch.nn.functional.silu(gate) * up, w_out_LDF[e_S])
 
 
-def _gather_worker(rank, port, out):
+def _gather_worker(rank, out):
     from experts.parallel import expert_parallel, expert_parallel_gather
 
-    init_gloo(rank, WORLD, port)
-    try:
-        gen = torch.Generator().manual_seed(20 + rank)
-        ids = torch.rand(T, E, generator=gen).argsort(-1)[:, :K]
-        d = dispatch(ids, E)
-        x, w = torch.randn(T, D, generator=gen), torch.rand(T, K, generator=gen)
-        gen_w = torch.Generator().manual_seed(99)
-        w_in, w_out = torch.randn(E, 2 * F, D, generator=gen_w), torch.randn(E, D, F, generator=gen_w)
-        w_in, w_out = _local(w_in, rank), _local(w_out, rank)
-        args = (x, w, d, w_in, w_out, "swiglu", None)
-        torch._dynamo.reset()
-        # fullgraph: no graph break anywhere, so no host read of the counts
-        compiled = torch.compile(expert_parallel_gather, fullgraph=True, backend="eager")
-        y_c = compiled(_any_rows_backend, *args)
-        y_g = expert_parallel_gather(_any_rows_backend, *args)
-        y_a = expert_parallel(_any_rows_backend, *args)  # the token all-to-all
-        out[rank] = (float((y_c - y_g).abs().max()), float((y_g - y_a).norm() / y_a.norm()))
-        dist.barrier()  # no rank tears its group down while another still talks to it
-    finally:
-        dist.destroy_process_group()
+    gen = torch.Generator().manual_seed(20 + rank)
+    ids = torch.rand(T, E, generator=gen).argsort(-1)[:, :K]
+    d = dispatch(ids, E)
+    x, w = torch.randn(T, D, generator=gen), torch.rand(T, K, generator=gen)
+    gen_w = torch.Generator().manual_seed(99)
+    w_in, w_out = torch.randn(E, 2 * F, D, generator=gen_w), torch.randn(E, D, F, generator=gen_w)
+    w_in, w_out = _local(w_in, rank), _local(w_out, rank)
+    args = (x, w, d, w_in, w_out, "swiglu", None)
+    torch._dynamo.reset()
+    # fullgraph: no graph break anywhere, so no host read of the counts
+    compiled = torch.compile(expert_parallel_gather, fullgraph=True, backend="eager")
+    y_c = compiled(_any_rows_backend, *args)
+    y_g = expert_parallel_gather(_any_rows_backend, *args)
+    y_a = expert_parallel(_any_rows_backend, *args)  # the token all-to-all
+    out[rank] = (float((y_c - y_g).abs().max()), float((y_g - y_a).norm() / y_a.norm()))
 
 
 def test_allgather_dispatch_traces_into_one_graph():
@@ -141,7 +131,7 @@ def test_allgather_dispatch_traces_into_one_graph():
     process, gradients included, in test_parallel.py)."""
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_gather_worker, args=(free_port(), out), nprocs=WORLD)
+        spawn_gloo(_gather_worker, WORLD, out)
         out = dict(out)
     for rank in range(WORLD):
         traced, vs_alltoall = out[rank]

@@ -6,44 +6,37 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from arch.config import TrainConfig
-from conftest import free_port, init_gloo, tiny_model
+from conftest import spawn_gloo, tiny_model
 
 
-def _worker(rank, port, path):
-    init_gloo(rank, 2, port)
+def _worker(rank, path):
     out = {}
-    try:
-        from lit_modules.train.strategy import shard_model
+    from lit_modules.train.strategy import shard_model
 
-        for precision in ("bf16-mixed", "32-true"):
-            model = tiny_model("qwen3_moe").train()
-            shard_model(model, TrainConfig(strategy="fsdp"), torch.device("cpu"), precision)
-            policy = model.layers[0]._get_fsdp_state()._mp_policy
-            ids = torch.randint(0, 256, (2, 8))
-            seen = {}
-            def record(module, args):  # the weight dtype the block computes with
-                seen.setdefault("w", next(module.parameters()).dtype)
+    for precision in ("bf16-mixed", "32-true"):
+        model = tiny_model("qwen3_moe").train()
+        shard_model(model, TrainConfig(strategy="fsdp"), torch.device("cpu"), precision)
+        policy = model.layers[0]._get_fsdp_state()._mp_policy
+        ids = torch.randint(0, 256, (2, 8))
+        seen = {}
+        def record(module, args):  # the weight dtype the block computes with
+            seen.setdefault("w", next(module.parameters()).dtype)
 
-            hook = model.layers[0].attn.register_forward_pre_hook(record)
-            out_ = model(ids, targets=ids)
-            out_.loss.backward()
-            hook.remove()
-            grad_dtypes = {p.grad.dtype for p in model.parameters() if p.grad is not None}
-            master = {p.dtype for p in model.parameters()}
-            out[precision] = (policy.param_dtype, seen["w"], grad_dtypes, master)
-        if rank == 0:
-            torch.save(out, path)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        hook = model.layers[0].attn.register_forward_pre_hook(record)
+        out_ = model(ids, targets=ids)
+        out_.loss.backward()
+        hook.remove()
+        grad_dtypes = {p.grad.dtype for p in model.parameters() if p.grad is not None}
+        master = {p.dtype for p in model.parameters()}
+        out[precision] = (policy.param_dtype, seen["w"], grad_dtypes, master)
+    if rank == 0:
+        torch.save(out, path)
 
 
 def test_fsdp_gathers_bf16_under_bf16_mixed(tmp_path):
-    mp.spawn(_worker, args=(free_port(), tmp_path / "out.pt"), nprocs=2)
+    spawn_gloo(_worker, 2, tmp_path / "out.pt")
     out = torch.load(tmp_path / "out.pt")
     policy, gathered, grads, master = out["bf16-mixed"]
     assert policy == torch.bfloat16 and gathered == torch.bfloat16
@@ -52,30 +45,25 @@ def test_fsdp_gathers_bf16_under_bf16_mixed(tmp_path):
     assert policy is None and gathered == torch.float32 and grads == {torch.float32}
 
 
-def _reshard_worker(rank, port, path):
-    init_gloo(rank, 2, port)
-    try:
-        from lit_modules.train.strategy import shard_model
-        from torch.distributed.tensor import DTensor
+def _reshard_worker(rank, path):
+    from lit_modules.train.strategy import shard_model
+    from torch.distributed.tensor import DTensor
 
-        torch.manual_seed(0)
-        model = tiny_model("qwen3_moe").train()
-        ids = torch.randint(0, 256, (2, 8))
-        before = model(ids, targets=ids).loss.item()  # the same weights and batch on both ranks
-        shard_model(model, TrainConfig(strategy="fsdp", reshard_after_forward=False), torch.device("cpu"))
-        loss = model(ids, targets=ids).loss
-        sharded_after_forward = isinstance(next(model.layers[0].parameters()), DTensor)
-        loss.backward()
-        sharded_after_backward = isinstance(next(model.layers[0].parameters()), DTensor)
-        if rank == 0:
-            torch.save((before, loss.item(), sharded_after_forward, sharded_after_backward), path)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = tiny_model("qwen3_moe").train()
+    ids = torch.randint(0, 256, (2, 8))
+    before = model(ids, targets=ids).loss.item()  # the same weights and batch on both ranks
+    shard_model(model, TrainConfig(strategy="fsdp", reshard_after_forward=False), torch.device("cpu"))
+    loss = model(ids, targets=ids).loss
+    sharded_after_forward = isinstance(next(model.layers[0].parameters()), DTensor)
+    loss.backward()
+    sharded_after_backward = isinstance(next(model.layers[0].parameters()), DTensor)
+    if rank == 0:
+        torch.save((before, loss.item(), sharded_after_forward, sharded_after_backward), path)
 
 
 def test_reshard_after_forward_false_keeps_the_gathered_weights_until_backward(tmp_path):
-    mp.spawn(_reshard_worker, args=(free_port(), tmp_path / "out.pt"), nprocs=2)
+    spawn_gloo(_reshard_worker, 2, tmp_path / "out.pt")
     before, loss, after_forward, after_backward = torch.load(tmp_path / "out.pt")
     assert loss == pytest.approx(before, abs=1e-6)
     assert not after_forward and after_backward  # gathered from forward to backward, then sharded again

@@ -5,38 +5,31 @@ the weights are fake-quantized after FSDP2's all-gather)."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from arch.config import QATConfig, TrainConfig
-from conftest import free_port, init_gloo, tiny_model
+from conftest import spawn_gloo, tiny_model
 
 TRAIN = TrainConfig(strategy="fsdp", qat=QATConfig(format="int4_b32", include=["head"]))
 
 
-def _worker(rank, port, path):
-    init_gloo(rank, 2, port)
-    try:
-        from lit_modules.train.strategy import parallelize, shard_model
+def _worker(rank, path):
+    from lit_modules.train.strategy import parallelize, shard_model
 
-        model = tiny_model("qwen3_moe").train()
-        parallelize(model, TRAIN)
-        shard_model(model, TRAIN, torch.device("cpu"), "32-true")
-        ids = torch.arange(24).view(2, 12) % 256
-        out = model(ids, targets=ids)
-        out.loss.backward()
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-        if rank == 0:
-            torch.save({"loss": out.loss.detach(), "grads": grads}, path)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    model = tiny_model("qwen3_moe").train()
+    parallelize(model, TRAIN)
+    shard_model(model, TRAIN, torch.device("cpu"), "32-true")
+    ids = torch.arange(24).view(2, 12) % 256
+    out = model(ids, targets=ids)
+    out.loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save({"loss": out.loss.detach(), "grads": grads}, path)
 
 
 def test_qat_under_fsdp2_matches_one_process(tmp_path):
     from lit_modules.train.strategy import parallelize
 
-    mp.spawn(_worker, args=(free_port(), tmp_path / "out.pt"), nprocs=2)
+    spawn_gloo(_worker, 2, tmp_path / "out.pt")
     got = torch.load(tmp_path / "out.pt")
     model = tiny_model("qwen3_moe").train()
     plain = model(torch.arange(24).view(2, 12) % 256, targets=torch.arange(24).view(2, 12) % 256).loss
