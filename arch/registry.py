@@ -24,6 +24,20 @@ def nearest(name: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def choice_error(path: str, value, choices, noun: str = "valid") -> str:
+    """The one sentence for a field set to none of its choices: the field, the value, the
+    closest choice and every choice."""
+    names = [str(c) for c in choices]
+    listed = " or ".join(names) if len(names) <= 2 else "one of " + ", ".join(names)
+    return f"{path} = '{value}' is not {noun}{nearest(value, names)}; choose {listed}."
+
+
+def check_choice(path: str, value, choices, noun: str = "valid") -> None:
+    """Refuse a string field set to none of `choices` (RecipeError, choice_error's sentence)."""
+    if value not in choices:
+        raise RecipeError(choice_error(path, value, choices, noun))
+
+
 class Registry:
     def __init__(self, name: str, plugins: Sequence[str] = ()):
         self.name = name

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from .config import LayerSpec, ModelConfig
 from .ranges import check_numbers
-from .registry import ATTENTION, EXPERT_BACKEND, FFN, MOE, NORM, ROUTER, RecipeError, nearest
+from .registry import ATTENTION, EXPERT_BACKEND, FFN, MOE, NORM, ROUTER, RecipeError, choice_error, nearest
 
 NORM_PLACEMENTS = ("pre", "sandwich", "post")
 ROPE_SCALINGS = ("none", "linear", "yarn")
@@ -85,7 +85,7 @@ def _check_key(errors: List[str], registry, key: str, path: str) -> None:
 
 def _check_choice(errors: List[str], value, choices, path: str) -> None:
     if value not in choices:
-        errors.append(f"{path} = '{value}' is not valid{nearest(value, choices)}; choose one of {', '.join(choices)}.")
+        errors.append(choice_error(path, value, choices))
 
 
 def resolve_model(cfg: ModelConfig) -> ModelConfig:

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from arch.config import Recipe, TrainConfig
-from arch.registry import RecipeError, nearest
+from arch.registry import RecipeError, check_choice
 
 
 # 16-mixed is left out: its loss scaling would need unscaling before clipping and
@@ -29,9 +29,7 @@ def resolve_accelerator(train: TrainConfig) -> str:
 
 def resolve_precision(train: TrainConfig, accelerator: str) -> str:
     """`auto` -> bf16-mixed on a GPU, 32-true on a CPU (CPU bf16 autocast is slow)."""
-    if train.precision not in PRECISIONS:
-        raise RecipeError(f"train.precision = '{train.precision}' is not one of {', '.join(PRECISIONS)}"
-                          f"{nearest(train.precision, PRECISIONS)}.")
+    check_choice("train.precision", train.precision, PRECISIONS, "a precision")
     if train.precision == "auto":
         return "bf16-mixed" if accelerator in ("gpu", "cuda") else "32-true"
     return train.precision

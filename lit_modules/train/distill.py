@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from arch.config import DistillConfig, Recipe
 from arch.distill import KINDS, fused_distill_loss
-from arch.registry import RecipeError, nearest
+from arch.registry import RecipeError, check_choice
 
 MODES = ("online", "offline")
 
@@ -31,12 +31,8 @@ def check_distill_config(cfg: DistillConfig) -> None:
     """The string fields; numbers are arch/ranges.py's."""
     if cfg.teacher is None:
         return
-    if cfg.kind not in KINDS:
-        raise RecipeError(f"train.distill.kind = '{cfg.kind}' is not a distillation kind"
-                          f"{nearest(cfg.kind, KINDS)}; choose {', '.join(KINDS)}.")
-    if cfg.mode not in MODES:
-        raise RecipeError(f"train.distill.mode = '{cfg.mode}' is not a mode{nearest(cfg.mode, MODES)}; "
-                          f"choose {' or '.join(MODES)}.")
+    check_choice("train.distill.kind", cfg.kind, KINDS, "a distillation kind")
+    check_choice("train.distill.mode", cfg.mode, MODES, "a mode")
 
 
 def _open(source: str) -> Tuple[Recipe, Optional[Path], Callable]:

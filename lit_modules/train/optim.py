@@ -35,7 +35,7 @@ from torch import nn
 from arch.config import OptimConfig
 from arch.ranges import require_numbers
 from arch.stages import Stage, stage_of_update
-from arch.registry import RecipeError, nearest
+from arch.registry import RecipeError, choice_error
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -76,8 +76,7 @@ def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, max_steps: int
             return 1.0
         p = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
         return 1.0 - (1.0 - r) * p
-    raise RecipeError(f"train.optim.schedule = '{schedule}' is not a schedule{nearest(schedule, SCHEDULES)}; "
-                      f"choose one of {', '.join(SCHEDULES)}.")
+    raise RecipeError(choice_error("train.optim.schedule", schedule, SCHEDULES, "a schedule"))
 
 
 def staged_lr_multiplier(step: int, *, plan: Sequence[Stage], cfg: OptimConfig, max_steps: int) -> float:

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from arch import count, load_recipe, recipe_to_yaml
 from arch.config import Recipe
-from arch.registry import RecipeError
+from arch.registry import RecipeError, check_choice
 from lit_modules.checkpoints import layout
 from lit_modules.checkpoints.layout import RunLock, check_run_name
 from lit_modules.checkpoints.training import check_init_from, check_resume
@@ -64,17 +64,9 @@ def check_train(recipe: Recipe) -> None:
             or (isinstance(devices, list) and devices and all(isinstance(d, int) and d >= 0 for d in devices))):
         raise RecipeError(f"train.devices = {devices!r} must be 'auto', a positive number of devices or a list "
                           f"of device indices such as [0, 1].")
-    if t.checkpoint_format not in layout.CHECKPOINT_FORMATS:
-        from arch.registry import nearest
-
-        raise RecipeError(f"train.checkpoint_format = '{t.checkpoint_format}' is not a checkpoint format"
-                          f"{nearest(t.checkpoint_format, layout.CHECKPOINT_FORMATS)}; choose "
-                          f"{' or '.join(layout.CHECKPOINT_FORMATS)}.")
-    if t.finite_check not in FINITE_CHECKS:
-        from arch.registry import nearest
-
-        raise RecipeError(f"train.finite_check = '{t.finite_check}' is unknown{nearest(t.finite_check, FINITE_CHECKS)}; "
-                          f"choose deferred (no host wait per step) or step (each step checked before its update).")
+    check_choice("train.checkpoint_format", t.checkpoint_format, layout.CHECKPOINT_FORMATS, "a checkpoint format")
+    # deferred: no host wait per step; step: each step checked before its update
+    check_choice("train.finite_check", t.finite_check, FINITE_CHECKS, "a finite check")
     from lit_modules.train.distill import check_distill_config
     from lit_modules.train.optim import check_optim
 

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from arch.config import TrainConfig
 from arch.ranges import require_numbers
-from arch.registry import RecipeError, nearest
+from arch.registry import RecipeError, check_choice
 from experts.layers import check_expert_parallel
 
 def _auto(train: TrainConfig) -> Any:
@@ -150,9 +150,7 @@ STRATEGIES: Dict[str, Callable[[TrainConfig], Any]] = {
 
 
 def build_strategy(train: TrainConfig) -> Any:
-    if train.strategy not in STRATEGIES:
-        raise RecipeError(f"train.strategy = '{train.strategy}' is unknown{nearest(train.strategy, STRATEGIES)}; "
-                          f"choose one of {', '.join(STRATEGIES)}.")
+    check_choice("train.strategy", train.strategy, STRATEGIES, "a strategy")
     require_numbers(train, "train")  # a TrainConfig built in code: expert_parallel >= 1, ...
     if train.expert_parallel > 1 and train.strategy == "auto":
         raise RecipeError(f"train.expert_parallel = {train.expert_parallel} needs several processes; set "
@@ -165,9 +163,7 @@ EP_DISPATCH = ("alltoall", "allgather")
 
 
 def check_ep_dispatch(value: str) -> None:
-    if value not in EP_DISPATCH:
-        raise RecipeError(f"train.ep_dispatch = '{value}' is unknown{nearest(value, EP_DISPATCH)}; choose "
-                          f"alltoall or allgather.")
+    check_choice("train.ep_dispatch", value, EP_DISPATCH, "a dispatch")
 
 
 def check_scale(recipe) -> None:

@@ -141,5 +141,5 @@ def test_expert_parallel_recipe_checks():
     check_scale(load_recipe(RECIPE, ["train.expert_parallel=2", "train.ep_dispatch=allgather"]))
     with pytest.raises(RecipeError) as e:
         check_scale(load_recipe(RECIPE, ["train.ep_dispatch=allgathr"]))
-    assert str(e.value) == ("train.ep_dispatch = 'allgathr' is unknown (did you mean 'allgather'?); choose "
-                            "alltoall or allgather.")
+    assert str(e.value) == ("train.ep_dispatch = 'allgathr' is not a dispatch (did you mean 'allgather'?); "
+                            "choose alltoall or allgather.")

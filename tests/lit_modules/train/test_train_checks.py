@@ -41,13 +41,29 @@ RECIPE = "proxies/qwen3_moe_tiny"
     ("data.val_fraction=1.0", "data.val_fraction = 1.0 is out of range"),
     ("data.max_chars=0", "data.max_chars = 0 is out of range"),
     ("train.checkpoint_format=shards", "train.checkpoint_format = 'shards' is not a checkpoint format (did you mean"),
-    ("train.finite_check=defered", "train.finite_check = 'defered' is unknown (did you mean 'deferred'?)"),
+    ("train.finite_check=defered", "train.finite_check = 'defered' is not a finite check (did you mean 'deferred'?); "
+                                     "choose deferred or step."),
+    ("train.optim.schedule=cosin", "train.optim.schedule = 'cosin' is not a schedule (did you mean 'cosine'?)"),
     ("train.document_positions=true", "train.document_positions = true needs train.document_mask = true"),
 ])
 def test_train_settings_fail_in_one_sentence(override, words):
     with pytest.raises(RecipeError) as exc:
         check_train(load_recipe(RECIPE, [override]))
     assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_unknown_strategy_and_precision_fail_in_one_sentence():
+    from lit_modules.runtime import resolve_precision
+    from lit_modules.train.strategy import build_strategy
+
+    with pytest.raises(RecipeError) as exc:
+        build_strategy(load_recipe(RECIPE, ["train.strategy=fsd"]).train)
+    assert str(exc.value) == ("train.strategy = 'fsd' is not a strategy (did you mean 'fsdp'?); choose one of "
+                              "auto, ddp, fsdp, model_parallel.")
+    with pytest.raises(RecipeError) as exc:
+        resolve_precision(load_recipe(RECIPE, ["train.precision=bf16"]).train, "cpu")
+    assert str(exc.value) == ("train.precision = 'bf16' is not a precision (did you mean 'bf16-true'?); choose "
+                              "one of auto, 32-true, bf16-mixed, bf16-true.")
 
 
 def test_device_lists_and_auto_are_accepted():
