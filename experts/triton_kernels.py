@@ -37,7 +37,9 @@ import triton.language as tl
 
 # KIND: 0 swiglu, 1 geglu, 2 swiglu_clamped (triton_backend.KINDS maps the recipe's names)
 # arch.ffn's gpt-oss constants, repeated as literals: a jit function reads globals only
-# when they are constexpr; triton_backend checks at import that they still agree
+# when they are constexpr; triton_backend checks at import that they still agree. In a
+# product they stand right of a tensor: Triton 3.9's interpreter turns constexpr * tensor
+# into a constexpr holding the tensor, which tl.exp then refuses
 CLAMP_ALPHA = tl.constexpr(1.702)
 CLAMP_LIMIT = tl.constexpr(7.0)
 GELU_C = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
@@ -50,11 +52,11 @@ def _glu(g, u, KIND: tl.constexpr):
     if KIND == 0:
         a = g / (1.0 + tl.exp(-g)) * u
     elif KIND == 1:  # gelu_tanh(g) = g (1 + tanh z) / 2 = g sigmoid(2z)
-        a = g / (1.0 + tl.exp(-2.0 * GELU_C * (g + 0.044715 * g * g * g))) * u
+        a = g / (1.0 + tl.exp((g + 0.044715 * g * g * g) * (-2.0 * GELU_C))) * u
     else:
         gc = tl.minimum(g, CLAMP_LIMIT)
         uc = tl.minimum(tl.maximum(u, -CLAMP_LIMIT), CLAMP_LIMIT)
-        a = (uc + 1.0) * gc / (1.0 + tl.exp(-CLAMP_ALPHA * gc))
+        a = (uc + 1.0) * gc / (1.0 + tl.exp(gc * -CLAMP_ALPHA))
     return a
 
 
@@ -69,7 +71,7 @@ def _glu_grad(g, u, KIND: tl.constexpr):
         da_dg = u * s * (1.0 + g * (1.0 - s))
         da_du = act
     elif KIND == 1:
-        t = 2.0 / (1.0 + tl.exp(-2.0 * GELU_C * (g + 0.044715 * g * g * g))) - 1.0  # tanh z
+        t = 2.0 / (1.0 + tl.exp((g + 0.044715 * g * g * g) * (-2.0 * GELU_C))) - 1.0  # tanh z
         act = 0.5 * g * (1.0 + t)
         dact = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * 0.044715 * g * g)
         a = act * u
@@ -78,7 +80,7 @@ def _glu_grad(g, u, KIND: tl.constexpr):
     else:
         gc = tl.minimum(g, CLAMP_LIMIT)
         uc = tl.minimum(tl.maximum(u, -CLAMP_LIMIT), CLAMP_LIMIT)
-        s = 1.0 / (1.0 + tl.exp(-CLAMP_ALPHA * gc))
+        s = 1.0 / (1.0 + tl.exp(gc * -CLAMP_ALPHA))
         act = gc * s
         a = (uc + 1.0) * act
         dact = s + gc * CLAMP_ALPHA * s * (1.0 - s)
@@ -309,7 +311,10 @@ def wgrad_kernel(a_ptr, a_src_ptr, scale_ptr, b_ptr, b_src_ptr, out_ptr, dbias_p
     tl.store(out_ptr + e64 * stride_oe + ms[:, None] * stride_om + ns[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
     if HAS_DBIAS:
-        tl.store(dbias_ptr + e64 * M + ms, dbias.to(dbias_ptr.dtype.element_ty), mask=mmask & (pid_n == 0))
+        # one column block writes the bias gradient; a branch, not mmask & (pid_n == 0):
+        # Triton 3.9's interpreter refuses a mask made of a vector and a scalar
+        if pid_n == 0:
+            tl.store(dbias_ptr + e64 * M + ms, dbias.to(dbias_ptr.dtype.element_ty), mask=mmask)
 
 
 @triton.jit
