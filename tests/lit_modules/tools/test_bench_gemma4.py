@@ -1,7 +1,9 @@
 """`moelab bench --vs-hf` on the tiny Gemma 4 MoE proxy (CPU): the transformers twin
 gets the same weights and trains to the same losses. A small learning rate keeps the
-two runs' routing choices identical over the steps (at the proxy's 3e-3 a rounding
-difference can flip an expert after two updates, which then shows in the loss)."""
+two runs' routing choices identical over the steps: at the proxy's 3e-3 a rounding
+difference can flip an expert after two updates, which then shows in the loss, and
+at 1e-4 the 12-layer case flipped one on some CPUs (a 6e-3 loss difference at step
+2, against 6e-6 at 1e-5; the gradients agree to 3e-5 either way)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +21,7 @@ from lit_modules.cli import main
 def test_vs_hf_gemma4_moe(capsys, extra):
     pytest.importorskip("transformers")
     argv = ["bench", "proxies/gemma4_moe_tiny", "train.seq_len=16", "train.micro_batch_size=2",
-            "model.moe.backend=loop", "train.optim.lr=1e-4", *extra, "--device", "cpu", "--steps", "2",
+            "model.moe.backend=loop", "train.optim.lr=1e-5", *extra, "--device", "cpu", "--steps", "2",
             "--warmup", "1", "--vs-hf", "--json"]
     assert main(argv) == 0
     d = json.loads(capsys.readouterr().out)
