@@ -157,6 +157,9 @@ def _attention(cfg: ModelConfig, errors: List[str], sane) -> None:
     _check_key(errors, ATTENTION, a.kind, "model.attention.kind")
     _linear_attention(cfg, errors, sane)
     _check_choice(errors, a.impl, ATTENTION_IMPLS, "model.attention.impl")
+    if a.sinks and a.impl == "sdpa":  # SDPA has no softmax term without a key (arch/attention.py _impl)
+        errors.append("model.attention.impl = 'sdpa' cannot add attention sinks; use impl 'auto', 'flex' or "
+                      "'eager' with model.attention.sinks.")
     _check_choice(errors, a.qk_norm_scope, QK_NORM_SCOPES, "model.attention.qk_norm_scope")
     _check_key(errors, NORM, cfg.norm.kind, "model.norm.kind")
     _check_choice(errors, cfg.norm_placement, NORM_PLACEMENTS, "model.norm_placement")

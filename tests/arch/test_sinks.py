@@ -56,6 +56,15 @@ def test_sinks_learn_and_pick_their_path():
                   NormConfig(), window=None)._impl(16, is_cuda=False)
 
 
+def test_sdpa_with_sinks_is_refused_when_the_recipe_loads():
+    from arch import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError) as e:
+        load_recipe("proxies/gpt_oss_tiny", ["model.attention.impl=sdpa"])
+    assert str(e.value) == ("model.attention.impl = 'sdpa' cannot add attention sinks; use impl 'auto', 'flex' "
+                            "or 'eager' with model.attention.sinks.")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("window", [None, 5])
