@@ -13,6 +13,7 @@ import copy
 from typing import Dict, List, Optional
 
 from .config import LayerSpec, ModelConfig
+from .ffn import ACTIVATIONS
 from .ranges import check_numbers
 from .registry import ATTENTION, EXPERT_BACKEND, FFN, MOE, NORM, ROUTER, RecipeError, choice_error, nearest
 
@@ -328,6 +329,10 @@ def _per_layer_fields(cfg: ModelConfig, errors: List[str], sane) -> None:
     if cfg.kv_shared_ffn_mult != 1 and not shared:
         errors.append(f"model.kv_shared_ffn_mult = {cfg.kv_shared_ffn_mult} widens the FFN of the KV-sharing "
                       "layers, but model.kv_shared_layers is 0; set it to 1 or share layers.")
+    if cfg.per_layer_input.dim and cfg.ffn.kind not in ACTIVATIONS:
+        errors.append(f"model.per_layer_input gates its input with model.ffn.kind's activation, and "
+                      f"'{cfg.ffn.kind}' has none of its own; use an ffn kind of {', '.join(ACTIVATIONS)}, or set "
+                      f"model.per_layer_input.dim=0.")
     if cfg.mtp.depth and (shared or cfg.per_layer_input.dim):
         errors.append("model.mtp.depth > 0 cannot go with model.kv_shared_layers or model.per_layer_input "
                       "(an MTP block has no per-layer input and no earlier layer to share with); turn one off.")

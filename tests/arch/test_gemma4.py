@@ -103,12 +103,13 @@ BAD = {
     "model.layer_kinds.global.rope.scaling=yarn": "proportional takes scaling",
     "model.ffn.d_ff=0": "beside their experts (moe.kind parallel_dense)",
     "model.mtp.depth=1": "model.mtp.depth > 0 cannot go with",
+    "model.ffn.kind=swiglu_clamped": "model.per_layer_input gates its input with model.ffn.kind's activation",
 }
 
 
 @pytest.mark.parametrize("override", sorted(BAD))
 def test_bad_combinations_are_one_sentence(override):
-    extra = ["model.per_layer_input.dim=8"] if "mtp" in override else []
+    extra = ["model.per_layer_input.dim=8"] if "mtp" in override or "ffn.kind" in override else []
     with pytest.raises(RecipeError) as e:
         resolve_recipe(load_recipe("proxies/gemma4_moe_tiny", [override] + extra))
     assert BAD[override] in str(e.value)
