@@ -1,0 +1,125 @@
+"""Where a small training step's time goes: wall time, the host's time to issue the step,
+and the GPU's kernel time per step, with the blocks compiled as the recipe says and with
+other torch.compile modes (reduce-overhead: CUDA graphs), at each micro-batch size.
+
+    python benchmarks/step_overhead.py [RECIPE] [a.b=c ...] [--micro 2,8]
+        [--modes default,reduce-overhead] [--steps 12] [--warmup 5] [--device cuda]
+
+The step is `moelab bench`'s (lit_modules.tools.bench: the model prepared as training
+prepares it, AdamW, bf16-mixed on CUDA). GPU busy = summed kernel time / wall time: near
+100% the GPU is the limit; well below it the host is (Python, kernel launches), which is
+what CUDA graphs remove. The first steps' losses are printed per mode: every mode must
+train the same model. On a CPU only the default mode runs, with no kernel times (a check
+that the script works).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from arch import load_recipe  # noqa: E402
+from lit_modules.tools import bench  # noqa: E402
+
+MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def measure(recipe_name, overrides, micro, mode, device, warmup, steps):
+    """One row: (first losses, wall ms, host ms, kernel ms, kernels) per step."""
+    cuda = device.type == "cuda"
+    torch._dynamo.reset()
+    extra = [f"train.micro_batch_size={micro}"] + (["train.compile=false"] if mode != "default" else [])
+    recipe = load_recipe(recipe_name, list(overrides) + extra)
+    precision = bench.PRECISIONS["bf16-mixed" if cuda else "fp32"]
+    batches = bench.make_batches(recipe.model.vocab_size, micro, recipe.train.seq_len, 2, recipe.train.seed, device)
+    torch.manual_seed(recipe.train.seed)
+    model = bench.prepare_model(recipe, device, precision).train()
+    if mode != "default":
+        for block in model.blocks():
+            block.compile(mode=mode)
+    opt = bench.make_optimizer(model, recipe, device)
+    graphs = mode == "reduce-overhead"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step(i):
+        if graphs:  # a new iteration: the graphs' outputs of the last one may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        x, y = batches[i % 2]
+        opt.zero_grad(set_to_none=True)
+        with precision.autocast(device):
+            total, ce = bench.moelab_loss(model, x, y)
+        total.backward()
+        opt.step()
+        return ce.detach().clone()
+
+    first = [step(i) for i in range(warmup)]
+    sync()
+    losses = [round(float(v), 5) for v in first]
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    host = time.perf_counter() - t0
+    sync()
+    wall = time.perf_counter() - t0
+    kernel_ms = kernels = None
+    if cuda:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for i in range(3):
+                step(i)
+            sync()
+        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / 3
+        kernels = sum(e.count for e in events) / 3
+    del model, opt
+    if cuda:
+        torch.cuda.empty_cache()
+    return losses, wall / steps * 1e3, host / steps * 1e3, kernel_ms, kernels
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("recipe", nargs="?", default="proxies/qwen3_moe_w2")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--micro", default="2,8", help="micro-batch sizes, comma-separated")
+    p.add_argument("--modes", default="default,reduce-overhead", help=f"of {', '.join(MODES)}")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    modes = args.modes.split(",")
+    for m in modes:
+        if m not in MODES:
+            p.error(f"--modes: '{m}' is not one of {', '.join(MODES)}")
+    if device.type != "cuda":
+        modes = ["default"]
+    rows, losses = [], {}
+    for micro in [int(m) for m in args.micro.split(",")]:
+        for mode in modes:
+            first, wall, host, kernel, n = measure(args.recipe, args.overrides, micro, mode, device,
+                                                   args.warmup, args.steps)
+            losses[(micro, mode)] = first
+            seq = load_recipe(args.recipe, list(args.overrides)).train.seq_len
+            rows.append((micro, mode, wall, host, kernel, n, micro * seq / wall * 1e3))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{args.recipe} {' '.join(args.overrides)}: {name}, torch {torch.__version__}")
+    print("first losses per mode (the same model must train the same):")
+    for key, value in losses.items():
+        print(f"  micro {key[0]}, {key[1]}: {value}")
+    print("| micro | compile mode | wall ms/step | host ms/step | kernel ms/step | GPU busy | kernels/step | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for micro, mode, wall, host, kernel, n, tps in rows:
+        busy = "n/a" if kernel is None else f"{100 * kernel / wall:.0f}%"
+        k = "n/a" if kernel is None else f"{kernel:.1f}"
+        nk = "n/a" if n is None else f"{n:.0f}"
+        print(f"| {micro} | {mode} | {wall:.1f} | {host:.1f} | {k} | {busy} | {nk} | {tps:,.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
