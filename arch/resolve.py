@@ -259,11 +259,12 @@ def _ffn_and_experts(cfg: ModelConfig, errors: List[str], sane) -> None:
     _check_choice(errors, m.balance.aux_scope, AUX_SCOPES, "model.moe.balance.aux_scope")
     _check_choice(errors, m.balance.global_counts, ("exact", "running"), "model.moe.balance.global_counts")
     r = m.router
-    if sane("model.moe.router.n_group", "model.moe.router.topk_group", "model.moe.n_experts", "model.moe.top_k") \
-            and r.n_group > 1:
+    # n_group 1 is no grouping; topk_group must then be 1 too (transformers' DeepSeek-V3
+    # indexes groups with it and fails)
+    if sane("model.moe.router.n_group", "model.moe.router.topk_group", "model.moe.n_experts", "model.moe.top_k"):
         if m.n_experts % r.n_group:
             errors.append(f"model.moe.router.n_group ({r.n_group}) must divide model.moe.n_experts ({m.n_experts}).")
-        elif r.topk_group > r.n_group or r.topk_group * (m.n_experts // r.n_group) < m.top_k:
+        elif r.topk_group > r.n_group or (r.n_group > 1 and r.topk_group * (m.n_experts // r.n_group) < m.top_k):
             errors.append(f"model.moe.router.topk_group ({r.topk_group}) must be at most n_group ({r.n_group}) and "
                           f"leave at least top_k ({m.top_k}) experts: topk_group x n_experts / n_group >= top_k.")
     backend = EXPERT_BACKEND.get(m.backend) if m.backend in EXPERT_BACKEND else None

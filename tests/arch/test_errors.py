@@ -45,6 +45,11 @@ BAD = [
     ("qwen3/0.6b", ["proxy.d_model=-8"], ["proxy.d_model", "positive"]),
     ("qwen3/0.6b", ["model.d_model"], ["key.path=value"]),
     ("qwen3/30b_a3b", ["model.moe.capacity_factor=0"], ["model.moe.capacity_factor", "positive"]),
+    # no groups (n_group 1) with a token routed to 2 of them: transformers' DeepSeek-V3 fails on it
+    ("proxies/deepseek_v3_tiny", ["model.moe.router.n_group=1"],
+     ["model.moe.router.topk_group (2) must be at most n_group (1)"]),
+    ("proxies/gpt_oss_tiny", ["model.attention.impl=sdpa"], ["'sdpa' cannot add attention sinks"]),
+    ("proxies/gpt_oss_tiny", ["model.per_layer_input.dim=8"], ["'swiglu_clamped' has none of its own"]),
 ]
 
 
