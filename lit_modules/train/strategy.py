@@ -45,7 +45,15 @@ from arch.registry import RecipeError, check_choice
 from experts.layers import check_expert_parallel
 
 def _auto(train: TrainConfig) -> Any:
-    return "auto"
+    """One process: Lightning's own choice (one device). Several (train.devices or
+    train.num_nodes above 1): moelab's DDP, as train.strategy=ddp builds it. Lightning's
+    auto would pick its plain DDP there, which writes a sharded checkpoint on rank 0
+    alone while the others wait at the save's barrier: a deadlock."""
+    from lit_modules.runtime import resolve_devices
+
+    devices = resolve_devices(train)
+    processes = (devices if isinstance(devices, int) else len(devices)) * train.num_nodes
+    return _ddp(train) if processes > 1 else "auto"
 
 
 def _ddp(train: TrainConfig) -> Any:

@@ -18,6 +18,10 @@ def test_precision_auto():
 
 def test_strategies():
     assert build_strategy(TrainConfig()) == "auto"
+    # several processes under auto: moelab's DDP (sharded saves from every rank), not Lightning's
+    for several in (TrainConfig(devices=2), TrainConfig(devices=[0, 1]), TrainConfig(num_nodes=2)):
+        assert type(build_strategy(several)).__name__ == "MoelabDDPStrategy"
+    assert build_strategy(TrainConfig(devices=[1])) == "auto"
     from lightning.pytorch.strategies import DDPStrategy
     assert isinstance(build_strategy(TrainConfig(strategy="ddp")), DDPStrategy)
     with pytest.raises(RecipeError, match="did you mean 'ddp'"):

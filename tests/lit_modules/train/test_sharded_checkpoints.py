@@ -52,6 +52,19 @@ def test_every_rank_writes_its_shards(saved):
 
 
 @pytest.mark.slow
+def test_strategy_auto_on_two_processes_writes_from_every_rank(saved):
+    """train.strategy=auto with train.devices=2 is moelab's DDP, so every rank writes its
+    part of a sharded save. It was Lightning's own DDP, which wrote on rank 0 alone while
+    the other rank waited at the save's barrier: the run hung at its first save."""
+    tmp, one, _ = saved
+    auto = run(tmp, "auto2", 2, *TWO, SHARDED, "train.ckpt_every=2")
+    for step, loss in losses(auto).items():
+        assert loss == pytest.approx(one[step], abs=1e-5), (step, loss, one)
+    assert sorted(os.listdir(layout.checkpoint_dir(auto) / "last.dcp")) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "complete.json", "trainer.pt"]
+
+
+@pytest.mark.slow
 def test_resumes_on_one_process(saved):
     """EP=2 on 2 processes -> 1 process (strategy auto), from the run directory; the
     resumed run saves sharded too, on its one process."""
