@@ -1,7 +1,7 @@
 """Accelerator, precision and strategy from the recipe, and how a model is prepared.
 
 Strategies (`train.strategy`; `STRATEGIES` maps each to what `Trainer(strategy=)` takes):
-  auto            one device.
+  auto            one device; several (train.devices or num_nodes above 1): ddp.
   ddp             Lightning's DDPStrategy: weights replicated, gradients all-reduced.
   fsdp            FSDP2 (`fully_shard`) through Lightning's ModelParallelStrategy: every
                   block, then the root, sharded over all ranks.
@@ -49,11 +49,15 @@ def _auto(train: TrainConfig) -> Any:
     train.num_nodes above 1): moelab's DDP, as train.strategy=ddp builds it. Lightning's
     auto would pick its plain DDP there, which writes a sharded checkpoint on rank 0
     alone while the others wait at the save's barrier: a deadlock."""
+    return _ddp(train) if _processes(train) > 1 else "auto"
+
+
+def _processes(train: TrainConfig) -> int:
+    """How many processes train.strategy=auto runs (auto devices: one)."""
     from lit_modules.runtime import resolve_devices
 
     devices = resolve_devices(train)
-    processes = (devices if isinstance(devices, int) else len(devices)) * train.num_nodes
-    return _ddp(train) if processes > 1 else "auto"
+    return (devices if isinstance(devices, int) else len(devices)) * train.num_nodes
 
 
 def _ddp(train: TrainConfig) -> Any:
@@ -160,9 +164,9 @@ STRATEGIES: Dict[str, Callable[[TrainConfig], Any]] = {
 def build_strategy(train: TrainConfig) -> Any:
     check_choice("train.strategy", train.strategy, STRATEGIES, "a strategy")
     require_numbers(train, "train")  # a TrainConfig built in code: expert_parallel >= 1, ...
-    if train.expert_parallel > 1 and train.strategy == "auto":
+    if train.expert_parallel > 1 and train.strategy == "auto" and _processes(train) == 1:
         raise RecipeError(f"train.expert_parallel = {train.expert_parallel} needs several processes; set "
-                          f"train.strategy to ddp or fsdp (and train.devices), or train.expert_parallel=1.")
+                          f"train.devices (and train.strategy to ddp or fsdp), or train.expert_parallel=1.")
     check_ep_dispatch(train.ep_dispatch)
     return STRATEGIES[train.strategy](train)
 

@@ -126,6 +126,8 @@ def test_strategy_choices():
                       ModelParallelStrategy)
     with pytest.raises(RecipeError, match="train.expert_parallel = 2 needs several processes"):
         build_strategy(TrainConfig(expert_parallel=2))
+    # auto over several processes is moelab's DDP, which expert parallelism runs under
+    assert type(build_strategy(TrainConfig(expert_parallel=2, devices=2))).__name__ == "MoelabDDPStrategy"
     with pytest.raises(RecipeError, match="train.expert_parallel = 0 is out of range"):
         build_strategy(TrainConfig(strategy="ddp", expert_parallel=0))
 
