@@ -416,7 +416,9 @@ def signature(m: ModelConfig) -> Dict[str, object]:
             "model.moe.kind": mo.kind, "model.moe.n_experts": mo.n_experts, "model.moe.top_k": mo.top_k,
             "model.moe.d_expert": mo.d_expert, "model.moe.expert_ffn": mo.expert_ffn,
             "model.moe.expert_bias": mo.expert_bias,
-            "model.moe.router.kind": r.kind, "model.moe.router.renormalize": r.renormalize,
+            # topk_softmax's weights sum to 1 already: renormalizing them changes nothing
+            "model.moe.router.kind": r.kind,
+            "model.moe.router.renormalize": r.renormalize if r.kind != "topk_softmax" else None,
             "model.moe.router.bias": r.bias, "model.moe.router.scale": r.scale,
             "model.moe.router groups": (r.n_group, r.topk_group) if r.n_group > 1 else None,
             # a learned selection bias changes which experts run at inference

@@ -196,6 +196,24 @@ def test_export_refuses_what_transformers_cannot_express(name, extra, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_gpt_oss_router_renormalize_changes_nothing_so_it_exports():
+    """gpt-oss's router softmaxes its top-k logits, so its weights sum to 1 and
+    renormalize=true computes what transformers' GptOss computes: the export is allowed
+    (it was refused as a difference) and both give the same logits."""
+    from arch import build_model, load_recipe
+    from lit_modules.tools.bench import hf_twin
+
+    recipe = load_recipe("proxies/gpt_oss_tiny", ["model.moe.router.renormalize=true", "model.moe.backend=loop",
+                                                  "model.fused_ce_chunk=0", "model.fused_ce_compile=false"])
+    torch.manual_seed(0)
+    model = build_model(recipe.model, device="cpu").eval()
+    twin, _ = hf_twin(model, recipe)
+    ids = torch.randint(0, recipe.model.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, twin.eval()(input_ids=ids, use_cache=False).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_parse_size():
     assert parse_size("2GB") == 2_000_000_000 and parse_size("1GiB") == 1024**3
     assert parse_size("500kb") == 500_000 and parse_size("1234") == 1234 and parse_size(None) is None
