@@ -4,17 +4,23 @@ other torch.compile modes (reduce-overhead: CUDA graphs), at each micro-batch si
 
     python benchmarks/step_overhead.py [RECIPE] [a.b=c ...] [--micro 2,8]
         [--modes default,reduce-overhead] [--steps 12] [--warmup 5] [--device cuda]
+        [--host-profile N]
 
 The step is `moelab bench`'s (lit_modules.tools.bench: the model prepared as training
 prepares it, AdamW, bf16-mixed on CUDA). GPU busy = summed kernel time / wall time: near
 100% the GPU is the limit; well below it the host is (Python, kernel launches), which is
 what CUDA graphs remove. The first steps' losses are printed per mode: every mode must
-train the same model. On a CPU only the default mode runs, with no kernel times (a check
+train the same model. `--host-profile N` also runs N more steps under cProfile and prints,
+per row, the functions where the host spent its time (own time, with the call counts per
+step): what a host-bound step would have to shed. On a CPU only the default mode runs, with no kernel times (a check
 that the script works).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -29,17 +35,37 @@ from lit_modules.tools import bench  # noqa: E402
 MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
-def measure(recipe_name, overrides, micro, mode, device, warmup, steps):
-    """One row: (first losses, wall ms, host ms, kernel ms, kernels) per step."""
+def host_profile(step, n, top=18):
+    """The `top` functions by own host time over n steps, as text: ms per step, calls per step."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(n):
+        step(i)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    total = sum(v[2] for v in stats.stats.values())
+    out = io.StringIO()
+    out.write(f"    host time under cProfile: {total / n * 1e3:.1f} ms/step (profiling inflates it)\n")
+    for (file, line, func), (_cc, calls, own, _cum, _callers) in rows:
+        where = f"{Path(file).parent.name}/{Path(file).name}:{line}" if line else file
+        out.write(f"    {own / n * 1e3:7.2f} ms {calls / n:7.1f}x  {func}  {where}\n")
+    return out.getvalue()
+
+
+def measure(recipe_name, overrides, micro, mode, device, warmup, steps, profile_steps=0):
+    """One row: (first losses, wall ms, host ms, kernel ms, kernels, host profile) per step."""
     cuda = device.type == "cuda"
     torch._dynamo.reset()
-    extra = [f"train.micro_batch_size={micro}"] + (["train.compile=false"] if mode != "default" else [])
+    # reduce-overhead is train.compile=graphs, as moelab train runs it; other modes compile here
+    extra = [f"train.micro_batch_size={micro}"] + {"default": [], "reduce-overhead": ["train.compile=graphs"]}.get(
+        mode, ["train.compile=false"])
     recipe = load_recipe(recipe_name, list(overrides) + extra)
     precision = bench.PRECISIONS["bf16-mixed" if cuda else "fp32"]
     batches = bench.make_batches(recipe.model.vocab_size, micro, recipe.train.seq_len, 2, recipe.train.seed, device)
     torch.manual_seed(recipe.train.seed)
     model = bench.prepare_model(recipe, device, precision).train()
-    if mode != "default":
+    if mode not in ("default", "reduce-overhead"):
         for block in model.blocks():
             block.compile(mode=mode)
     opt = bench.make_optimizer(model, recipe, device)
@@ -75,10 +101,12 @@ def measure(recipe_name, overrides, micro, mode, device, warmup, steps):
         events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
         kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / 3
         kernels = sum(e.count for e in events) / 3
+    profile = host_profile(step, profile_steps) if profile_steps else ""
+    sync()
     del model, opt
     if cuda:
         torch.cuda.empty_cache()
-    return losses, wall / steps * 1e3, host / steps * 1e3, kernel_ms, kernels
+    return losses, wall / steps * 1e3, host / steps * 1e3, kernel_ms, kernels, profile
 
 
 def main(argv=None) -> int:
@@ -90,6 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--host-profile", type=int, default=0, metavar="N",
+                   help="also profile N steps' host work per row with cProfile")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     modes = args.modes.split(",")
@@ -98,16 +128,20 @@ def main(argv=None) -> int:
             p.error(f"--modes: '{m}' is not one of {', '.join(MODES)}")
     if device.type != "cuda":
         modes = ["default"]
-    rows, losses = [], {}
+    rows, losses, profiles = [], {}, {}
     for micro in [int(m) for m in args.micro.split(",")]:
         for mode in modes:
-            first, wall, host, kernel, n = measure(args.recipe, args.overrides, micro, mode, device,
-                                                   args.warmup, args.steps)
+            first, wall, host, kernel, n, prof = measure(args.recipe, args.overrides, micro, mode, device,
+                                                         args.warmup, args.steps, args.host_profile)
             losses[(micro, mode)] = first
+            profiles[(micro, mode)] = prof
             seq = load_recipe(args.recipe, list(args.overrides)).train.seq_len
             rows.append((micro, mode, wall, host, kernel, n, micro * seq / wall * 1e3))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{args.recipe} {' '.join(args.overrides)}: {name}, torch {torch.__version__}")
+    for (micro, mode), prof in profiles.items():
+        if prof:
+            print(f"host profile, micro {micro}, {mode}:\n{prof}", end="")
     print("first losses per mode (the same model must train the same):")
     for key, value in losses.items():
         print(f"  micro {key[0]}, {key[1]}: {value}")

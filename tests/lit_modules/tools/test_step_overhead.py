@@ -17,9 +17,12 @@ def test_step_overhead_prints_a_row_per_micro_batch(capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["proxies/qwen3_moe_tiny", *SMALL, "--device", "cpu", "--micro", "1,2", "--modes",
-                     "default,reduce-overhead", "--steps", "2", "--warmup", "2"]) == 0
+                     "default,reduce-overhead", "--steps", "2", "--warmup", "2", "--host-profile", "1"]) == 0
     out = capsys.readouterr().out
     rows = re.findall(r"^\| (\d) \| (\S+) \| ([\d.]+) \| ([\d.]+) \| n/a \| n/a \| n/a \| ([\d,]+) \|$", out, re.M)
     assert [(m, mode) for m, mode, *_ in rows] == [("1", "default"), ("2", "default")]  # CPU: default only
     assert all(float(wall) > 0 and float(host) > 0 for _, _, wall, host, _ in rows)
     assert "micro 1, default: [" in out
+    # the host profile names where the step's host time went, per micro-batch size
+    assert out.count("host time under cProfile") == 2
+    assert re.search(r"^ +[\d.]+ ms +[\d.]+x  \S+", out, re.M)
