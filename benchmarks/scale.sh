@@ -8,7 +8,7 @@
 #            micro-batch per GPU as the 1-GPU row, so "vs 1 GPU" is weak-scaling
 #            efficiency; the 1-GPU micro-8 batch split over 4 GPUs is the micro-2 row
 #            (strong scaling: its total tokens/s over the 1-GPU micro-8 row).
-#   fsdp     the fsdp rows of `weak` alone
+#   fsdp     the fsdp rows of `weak` alone (ddp: the ddp rows)
 #   experts  W2 with $MANY experts of width 256 (top-8): fsdp against fsdp + EP=N
 #   large    proxies/qwen3_moe_4gpu (10.7B parameters, does not fit one H100): fsdp + EP=N
 #   ckpt     W2 fsdp + EP=N writing a full, then a sharded checkpoint at step 5, each resumed for a
@@ -18,7 +18,8 @@
 #            $RUNS/profile_fsdp/profile and $RUNS/profile_ep/profile; no table rows)
 #
 #   single   the 1-GPU rows of `weak`, one per micro-batch size, side by side on GPUs 0, 1, ...
-#            (or on the GPUs listed in SINGLE_GPUS)
+#            (or on the GPUs listed in SINGLE_GPUS); GRAPHS=1 adds each under train.compile=graphs
+#            (the compiled blocks replayed as CUDA graphs) on the next GPU
 #   capacity W2 with capacity factor 1.25 (the static-shape exchange): fsdp against fsdp + EP=N
 #   allgather W2 fsdp + EP=N with train.ep_dispatch=allgather (static shapes, no host read),
 #            with the grouped_mm and the triton expert backends, at each micro-batch of $MICROS
@@ -73,6 +74,11 @@ for set in $SETS; do
         for m in $MICROS; do
             CUDA_VISIBLE_DEVICES=${gpus[$i]} run "gpu1_m$m" "1 GPU" 1 "$m" $W2 train.strategy=auto "$@" &
             i=$((i + 1))
+            if [ -n "${GRAPHS:-}" ]; then  # and the same row with the blocks replayed as CUDA graphs
+                CUDA_VISIBLE_DEVICES=${gpus[$i]} run "gpu1g_m$m" "1 GPU, CUDA graphs" 1 "$m" $W2 \
+                    train.strategy=auto train.compile=graphs "$@" &
+                i=$((i + 1))
+            fi
         done
         wait ;;
     weak)
@@ -84,6 +90,8 @@ for set in $SETS; do
         done ;;
     fsdp)  # the fsdp rows of `weak` alone (a same-machine baseline for other sets)
         for m in $MICROS; do run "fsdp_m$m" "fsdp" "$N" "$m" $W2 train.strategy=fsdp "$@"; done ;;
+    ddp)  # the ddp rows of `weak` alone
+        for m in $MICROS; do run "ddp_m$m" "ddp" "$N" "$m" $W2 train.strategy=ddp "$@"; done ;;
     experts)
         run "fsdp_e$MANY" "fsdp, $MANY experts" "$N" 2 $W2 train.strategy=fsdp "model.moe.n_experts=$MANY" "$@"
         run "fsdp_ep_e$MANY" "fsdp + EP=$N, $MANY experts" "$N" 2 $W2 train.strategy=fsdp \

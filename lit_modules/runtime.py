@@ -126,8 +126,12 @@ def resolve_speed(recipe: Recipe, device_type: str) -> Recipe:
     recipe sets are kept. Returns the recipe."""
     t, m = recipe.train, recipe.model
     cuda = device_type == "cuda"
-    if t.compile not in (True, False, "auto"):
-        raise RecipeError(f"train.compile = {t.compile!r} must be true, false or auto (on with CUDA).")
+    if t.compile not in (True, False, "auto", "graphs"):
+        raise RecipeError(f"train.compile = {t.compile!r} must be true, false, auto (on with CUDA) or graphs "
+                          f"(compiled blocks replayed as CUDA graphs).")
+    if t.compile == "graphs" and not cuda:
+        raise RecipeError(f"train.compile = graphs replays the compiled blocks as CUDA graphs and needs a CUDA "
+                          f"device, not {device_type}; set train.compile=true or auto.")
     if t.compile == "auto":
         t.compile = cuda
     if m.fused_ce_chunk is None:  # fused_ce_compile: true asks for the fused loss anywhere

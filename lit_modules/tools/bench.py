@@ -312,8 +312,12 @@ def run_training_steps(name: str, model: nn.Module, loss_fn: LossFn, recipe: Rec
     model.train()
     opt = make_optimizer(model, recipe, device)
 
+    graphs = recipe.train.compile == "graphs"
+
     def step(i: int) -> torch.Tensor:
         x, y = batches[i % len(batches)]
+        if graphs:  # the last step's graph outputs may be overwritten now (lit_modules/train/module.py)
+            torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
         with precision.autocast(device):
             total, ce = loss_fn(model, x, y)
@@ -488,7 +492,7 @@ def model_detail(recipe: Recipe) -> str:
     resolved for a device reads auto as off)."""
     m, t = recipe.model, recipe.train
     parts = [f"experts {m.moe.backend}"] if m.moe.n_experts else []
-    parts.append("compiled blocks" if t.compile is True else "eager")
+    parts.append({True: "compiled blocks", "graphs": "compiled blocks as CUDA graphs"}.get(t.compile, "eager"))
     if t.activation_checkpointing:
         parts.append("act. checkpointing")
     if (m.fused_ce_chunk or 0) > 0:

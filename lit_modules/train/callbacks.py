@@ -84,7 +84,7 @@ class Throughput(Callback):
             self.last_mfu = flops / seconds / (self.peak_flops * trainer.world_size)
             metrics["perf/mfu"] = self.last_mfu
         pl_module.log_scalars(metrics)
-        pl_module.log("tok/s", self.last_tps, prog_bar=True, logger=False)
+        pl_module.show("tok/s", self.last_tps)
 
     def summary(self) -> Dict[str, Optional[float]]:
         steady = self.intervals[1:] or self.intervals

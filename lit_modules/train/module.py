@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
@@ -66,6 +66,20 @@ class NonFiniteLoss(TrainingFailed):
         if not math.isfinite(self.loss):
             return f"the loss is {self.loss} (gradient norm {self.grad_norm})"
         return f"the gradient norm is {self.grad_norm} (the loss, {self.loss}, is finite)"
+
+
+def host_copy(t: torch.Tensor) -> Tuple[torch.Tensor, Optional["torch.cuda.Event"]]:
+    """(`t` on the host, an event that is done once the copy is): on CUDA a copy into
+    pinned memory queued behind the work that computes `t`, which the host neither waits
+    for now nor, later, for the work queued after it (`event.synchronize()`); elsewhere
+    `t` itself, and no event."""
+    if t.device.type != "cuda":
+        return t, None
+    copy = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    copy.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return copy, done
 
 
 class CausalLM(L.LightningModule):
@@ -251,6 +265,7 @@ class CausalLM(L.LightningModule):
                 if n > 1:  # one micro-batch: FSDP2's default (reduce every backward) is right
                     self.scale_plan.sync_grads(self.model, i == n - 1)
                 with opt.toggle_model(sync_grad=(i == n - 1)):
+                    self.new_graph_step()
                     if self.teacher is None:
                         out = self.model(xi, targets=yi, return_logits=False, **docs[i])
                         parts = {"ce_loss": out.loss}
@@ -295,7 +310,7 @@ class CausalLM(L.LightningModule):
             metrics = {f"train/{k}": float(v) for k, v in zip(names, values)}
             metrics.update({"train/lr": lr, "train/grad_norm": float(grad_norm)})
             self.log_scalars(metrics)
-            self.log("loss", metrics["train/loss"], prog_bar=True, logger=False)  # kept until the next
+            self.show("loss", metrics["train/loss"])  # kept until the next
             self.last_train = {"step": step, **{k[len("train/"):]: v for k, v in metrics.items()}}
             record = self.stage_losses.setdefault(stage.name, {"first": metrics["train/loss"]})
             record["last"] = metrics["train/loss"]
@@ -312,12 +327,13 @@ class CausalLM(L.LightningModule):
         now, one host sync per step. deferred (fused AdamW): the verdict stays on the
         device and becomes the optimizer's `found_inf`, with which the fused kernel
         skips the whole update (weights, moments and step count); the returned flag
-        keeps the router biases still too. The host reads it one step later, when this
-        step's forward and backward are queued behind it (`confirm_finite`: the next
-        step, a logging step, validation, a checkpoint and the end of training read it
-        first), and the run stops there, naming the step that went non-finite. Under
-        several processes the verdict is all-reduced, so every rank skips or applies
-        the same update."""
+        keeps the router biases still too. The verdict is copied to pinned host memory
+        as soon as it is computed (no wait), and the host reads that copy one step
+        later (`confirm_finite`: the next step, a logging step, validation, a
+        checkpoint and the end of training read it first), waiting only for the copy,
+        never for the work queued after it; the run stops there, naming the step that
+        went non-finite. Under several processes the verdict is all-reduced, so every
+        rank skips or applies the same update."""
         step = self.global_step + 1
         if self.train_cfg.finite_check == "step" or opt is None or not opt.defaults.get("fused"):
             if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
@@ -327,7 +343,7 @@ class CausalLM(L.LightningModule):
         # all ranks (no-op in one process); not strategy.reduce, whose barrier waits on the host
         bad = all_reduce_sum(bad)
         self.confirm_finite()  # the previous step's verdict: long computed by now
-        self._pending_finite = (step, loss, grad_norm, bad)
+        self._pending_finite = (step, loss, grad_norm, bad, host_copy(bad))
         opt.found_inf = bad.reshape(())  # read by AdamW.step (torch/optim/adam.py), dropped after it
         return bad == 0
 
@@ -337,14 +353,29 @@ class CausalLM(L.LightningModule):
         pending, self._pending_finite = self._pending_finite, None
         if pending is None:
             return
-        step, loss, grad_norm, bad = pending
-        if bool(bad > 0):
+        step, loss, grad_norm, bad, (copy, done) = pending
+        if done is not None:
+            done.synchronize()  # the copy of that step's verdict, not the steps queued since
+        if bool(copy > 0):
             raise NonFiniteLoss(step, float(loss), float(grad_norm))
 
     def _clip_gradients(self) -> torch.Tensor:
         """Total gradient norm before clipping (gradients already reduced over ranks);
         clips to train.grad_clip when it is > 0."""
         return self.scale_plan.clip(self.model, self.train_cfg.grad_clip)
+
+    def new_graph_step(self) -> None:
+        """Before each forward under train.compile = graphs: the outputs of the blocks'
+        CUDA graphs from the last forward (and its backward) are no longer needed, so
+        the next replay may overwrite them (torch.compile's reduce-overhead contract)."""
+        if self.train_cfg.compile == "graphs":
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def show(self, name: str, value: float) -> None:
+        """Put `value` on the progress bar (not in the logs). As a CPU tensor: Lightning
+        turns a float into a tensor on the model's device and reads the bar's values on
+        the host after every step, which would wait for the GPU to finish the step."""
+        self.log(name, torch.tensor(float(value)), prog_bar=True, logger=False)
 
     def log_scalars(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
         """Write scalars to every logger at `step` (default: the optimizer step)."""
@@ -367,6 +398,7 @@ class CausalLM(L.LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch[:, :-1], batch[:, 1:]
+        self.new_graph_step()
         out = self.model(x, targets=y, **self.documents(x))
         if self.val_mix is not None:
             self.val_mix_loss[dataloader_idx].update(out.loss, weight=y.numel())
@@ -402,7 +434,7 @@ class CausalLM(L.LightningModule):
         ppl = math.exp(min(loss, 80.0))  # perplexity = exp(mean token cross-entropy)
         metrics = {"val/loss": loss, "val/ppl": ppl, "val/acc": acc, **per_source}
         self.log_scalars(metrics)
-        self.log("val_ppl", ppl, prog_bar=True, logger=False)
+        self.show("val_ppl", ppl)
         if not self.val_history or self.val_history[-1]["step"] != self.global_step:
             record = {"step": self.global_step, "loss": loss, "ppl": ppl, "acc": acc}
             if self.val_mix is not None:  # each source's loss: the summary's table per stage and source

@@ -168,7 +168,29 @@ def build_strategy(train: TrainConfig) -> Any:
         raise RecipeError(f"train.expert_parallel = {train.expert_parallel} needs several processes; set "
                           f"train.devices (and train.strategy to ddp or fsdp), or train.expert_parallel=1.")
     check_ep_dispatch(train.ep_dispatch)
+    check_graphs(train)
     return STRATEGIES[train.strategy](train)
+
+
+def check_graphs(train: TrainConfig) -> None:
+    """train.compile = graphs (torch.compile's reduce-overhead mode: each compiled block
+    replayed as a CUDA graph) on what it is built and tested for: one process, one
+    micro-batch per step, no activation checkpointing. A graph's outputs live in memory
+    that its next replay overwrites: gradients accumulated over micro-batches and the
+    hooks of DDP and FSDP2 between blocks would read it after that."""
+    if train.compile != "graphs":
+        return
+    accum = max([train.grad_accum] + [st.grad_accum for st in train.stages if st.grad_accum is not None])
+    if train.strategy != "auto" or _processes(train) > 1:
+        why = f"train.strategy = {train.strategy}" if train.strategy != "auto" else f"{_processes(train)} processes"
+        raise RecipeError(f"train.compile = graphs runs on one process with train.strategy=auto, not with {why}; "
+                          f"set train.compile=true for several processes.")
+    if accum > 1:
+        raise RecipeError(f"train.compile = graphs needs one micro-batch per step, not train.grad_accum = {accum}; "
+                          f"set train.grad_accum=1 with a larger train.micro_batch_size, or train.compile=true.")
+    if train.activation_checkpointing:
+        raise RecipeError("train.compile = graphs is not built for train.activation_checkpointing=true; set one of "
+                          "them to false (or train.compile=true).")
 
 
 EP_DISPATCH = ("alltoall", "allgather")
@@ -238,7 +260,7 @@ def parallelize(model: nn.Module, train: TrainConfig, device_mesh=None) -> nn.Mo
     if train.activation_checkpointing:  # 2.
         for block in model.blocks():
             checkpoint_block(block)
-    if train.compile is True:  # 3. ("auto" is resolved before: lit_modules/runtime.py resolve_speed)
+    if train.compile in (True, "graphs"):  # 3. ("auto" is resolved before: lit_modules/runtime.py resolve_speed)
         shapes = stage_shapes(train)
         if len(shapes) > 1:
             # train.stages with several (micro-batch, seq_len) shapes: one static graph per
@@ -249,8 +271,11 @@ def parallelize(model: nn.Module, train: TrainConfig, device_mesh=None) -> nn.Mo
 
             cfg = torch._dynamo.config
             cfg.recompile_limit = max(cfg.recompile_limit, 2 * len(shapes) + 4)
+        options = {"dynamic": False} if len(shapes) > 1 else {}
+        if train.compile == "graphs":  # CUDA graphs: each step starts with cudagraph_mark_step_begin
+            options["mode"] = "reduce-overhead"
         for block in model.blocks():
-            block.compile(**({"dynamic": False} if len(shapes) > 1 else {}))
+            block.compile(**options)
     # 4. FSDP2 fully_shard per block, then the root (fsdp / model_parallel strategies)
     return model
 

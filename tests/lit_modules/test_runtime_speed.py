@@ -29,5 +29,13 @@ def test_explicit_values_are_kept():
 
 
 def test_bad_compile_value_is_one_sentence():
-    with pytest.raises(RecipeError, match="train.compile = 'sometimes' must be true, false or auto"):
+    with pytest.raises(RecipeError, match="train.compile = 'sometimes' must be true, false, auto .* or graphs"):
         resolve_speed(load_recipe("qwen3/0.6b", ["train.compile=sometimes"]), "cpu")
+
+
+def test_graphs_are_kept_on_cuda_and_refused_elsewhere():
+    assert resolve_speed(load_recipe("qwen3/0.6b", ["train.compile=graphs"]), "cuda").train.compile == "graphs"
+    with pytest.raises(RecipeError) as e:
+        resolve_speed(load_recipe("qwen3/0.6b", ["train.compile=graphs"]), "cpu")
+    msg = str(e.value)
+    assert "needs a CUDA device, not cpu" in msg and "train.compile=true" in msg and "\n" not in msg

@@ -34,3 +34,40 @@ def test_auto_devices_means_one_unless_parallel():
     assert resolve_devices(TrainConfig()) == 1
     assert resolve_devices(TrainConfig(strategy="ddp")) == "auto"
     assert resolve_devices(TrainConfig(devices=2)) == 2
+
+
+def test_graphs_run_where_they_are_built_for():
+    """train.compile = graphs: one process, one micro-batch per step, no activation
+    checkpointing; anything else is one sentence naming the setting before any work."""
+    from arch.config import StageConfig
+
+    assert build_strategy(TrainConfig(compile="graphs")) == "auto"
+    refused = {
+        "train.strategy = ddp": TrainConfig(compile="graphs", strategy="ddp"),
+        "train.strategy = fsdp": TrainConfig(compile="graphs", strategy="fsdp"),
+        "2 processes": TrainConfig(compile="graphs", devices=2),
+        "train.grad_accum = 2": TrainConfig(compile="graphs", grad_accum=2),
+        "train.grad_accum = 4": TrainConfig(compile="graphs", stages=[StageConfig(name="a", steps=2),
+                                                                      StageConfig(name="b", steps=2, grad_accum=4)]),
+        "activation_checkpointing": TrainConfig(compile="graphs", activation_checkpointing=True),
+    }
+    for what, cfg in refused.items():
+        with pytest.raises(RecipeError) as e:
+            build_strategy(cfg)
+        msg = str(e.value)
+        assert what in msg and "train.compile" in msg and "\n" not in msg, msg
+
+
+def test_graphs_compile_the_blocks_in_reduce_overhead_mode(monkeypatch):
+    """parallelize compiles every block with torch.compile's reduce-overhead mode (CUDA
+    graphs) under train.compile = graphs, and in the default mode under true."""
+    from arch import build_model, load_recipe
+    from lit_modules.train.strategy import parallelize
+
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))
+    recipe = load_recipe("proxies/qwen3_moe_tiny", ["model.n_layers=2"])
+    for compile, mode in ((True, None), ("graphs", "reduce-overhead")):
+        seen.clear()
+        parallelize(build_model(recipe.model, device="meta"), TrainConfig(compile=compile))
+        assert len(seen) == 2 and all(kw.get("mode") == mode for kw in seen), seen

@@ -1,0 +1,44 @@
+"""train.compile = graphs on a GPU: the compiled blocks replayed as CUDA graphs train
+the same losses as the compiled blocks launched kernel by kernel (the same kernels),
+validation included, and a resumed run goes on. CUDA only (elsewhere graphs are refused:
+tests/lit_modules/test_runtime_speed.py)."""
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lit_modules.train.run import train
+from conftest import RECIPE, overrides
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+GPU = ["train.accelerator=gpu", "train.precision=bf16-mixed", "train.max_steps=6", "train.log_every=1",
+       "train.val_every=3", "train.val_batches=2", "train.ckpt_every=3"]
+
+
+class Losses(Callback):
+    def __init__(self):
+        self.train = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.train[trainer.global_step] = pl_module.last_train["loss"]
+
+
+def run(cache, tmp_path, compile, *extra):
+    seen = Losses()
+    s = train(RECIPE, overrides(cache, tmp_path, *GPU, f"train.compile={compile}", f"train.run_name={compile}",
+                                *extra), callbacks=[seen])
+    return s, seen.train
+
+
+def test_graphs_train_what_compiled_blocks_train(cache, tmp_path):
+    plain, plain_losses = run(cache, tmp_path, "true")
+    graphs, graph_losses = run(cache, tmp_path, "graphs")
+    assert sorted(graph_losses) == [1, 2, 3, 4, 5, 6]
+    for step, loss in plain_losses.items():
+        assert graph_losses[step] == pytest.approx(loss, abs=2e-2), step
+    assert graphs["val_loss"] == pytest.approx(plain["val_loss"], abs=2e-2)
+    # resumed from step 3's checkpoint, the graphs are recorded again and training goes on
+    resumed, resumed_losses = run(cache, tmp_path / "again", "graphs",
+                                  f"train.resume={tmp_path / 'graphs' / 'checkpoints' / 'step00000003.ckpt'}")
+    assert sorted(resumed_losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed_losses[step] == pytest.approx(graph_losses[step], abs=2e-2), step
