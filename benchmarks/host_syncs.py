@@ -41,7 +41,8 @@ class SyncFinder(Callback):
         self.on, self._show = False, None
 
     def _record(self, message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" not in str(message):
+        # torch's warning for a synchronizing operation (not the one that calls the mode a prototype)
+        if "called a synchronizing CUDA operation" not in str(message):
             return self._show(message, category, filename, lineno, file, line)
         frames = [f for f in traceback.extract_stack()[:-1] if any(k in f.filename for k in FRAMES)
                   and "warnings" not in f.filename]
