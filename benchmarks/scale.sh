@@ -26,7 +26,7 @@
 #
 #   NGPU=4 SETS="single weak experts large" bash benchmarks/scale.sh [a.b=c ...]   # overrides go to every run
 #
-# Several invocations with the same RUNS add their rows to one table.
+# Several invocations with the same RUNS add their rows to one table (SETS="" prints it).
 #
 # The table (tokens/s per GPU, MFU against the dense bf16 datasheet peak, peak memory of
 # rank 0, the loss at the first logged step (step 5: the same in every layout up to
@@ -42,7 +42,7 @@ RUNS=${RUNS:-runs/scale-$(date +%Y%m%d-%H%M%S)}
 STEPS=${STEPS:-25}
 MICROS=${MICROS:-"8 2"}
 MANY=${MANY:-256}
-SETS=${SETS:-"single weak experts capacity large ckpt"}
+SETS=${SETS-"single weak experts capacity large ckpt"}  # SETS="": only print the table of $RUNS
 LIMIT=${LIMIT:-300}   # seconds per run
 W2=proxies/qwen3_moe_w2
 COMMON=("train.run_dir=$RUNS" "train.max_steps=$STEPS" "train.log_every=5" "train.val_every=0"
