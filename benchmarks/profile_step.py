@@ -40,16 +40,8 @@ def main(argv=None) -> None:
     B, T = recipe.train.micro_batch_size, recipe.train.seq_len
     batches = bench.make_batches(recipe.model.vocab_size, B, T, 2, recipe.train.seed, device)
     torch.manual_seed(recipe.train.seed)
-    model = bench.prepare_model(recipe, device, precision).train()
-    opt = bench.make_optimizer(model, recipe, device)
-
-    def step(i: int) -> None:
-        x, y = batches[i % 2]
-        opt.zero_grad(set_to_none=True)
-        with precision.autocast(device):
-            total, _ = bench.moelab_loss(model, x, y)
-        total.backward()
-        opt.step()
+    model = bench.prepare_model(recipe, device, precision)
+    step = bench.training_step(model, bench.moelab_loss, recipe, batches, precision, device)
 
     for i in range(args.warmup):
         step(i)

@@ -64,28 +64,16 @@ def measure(recipe_name, overrides, micro, mode, device, warmup, steps, profile_
     precision = bench.PRECISIONS["bf16-mixed" if cuda else "fp32"]
     batches = bench.make_batches(recipe.model.vocab_size, micro, recipe.train.seq_len, 2, recipe.train.seed, device)
     torch.manual_seed(recipe.train.seed)
-    model = bench.prepare_model(recipe, device, precision).train()
+    model = bench.prepare_model(recipe, device, precision)
     if mode not in ("default", "reduce-overhead"):
         for block in model.blocks():
             block.compile(mode=mode)
-    opt = bench.make_optimizer(model, recipe, device)
-    graphs = mode == "reduce-overhead"
+    step = bench.training_step(model, bench.moelab_loss, recipe, batches, precision, device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def step(i):
-        if graphs:  # a new iteration: the graphs' outputs of the last one may be reused
-            torch.compiler.cudagraph_mark_step_begin()
-        x, y = batches[i % 2]
-        opt.zero_grad(set_to_none=True)
-        with precision.autocast(device):
-            total, ce = bench.moelab_loss(model, x, y)
-        total.backward()
-        opt.step()
-        return ce.detach().clone()
 
     first = [step(i) for i in range(warmup)]
     sync()
-    losses = [round(float(v), 5) for v in first]
+    losses = [round(float(v[1]), 5) for v in first]  # the cross-entropy
     t0 = time.perf_counter()
     for i in range(steps):
         step(i)
@@ -103,7 +91,7 @@ def measure(recipe_name, overrides, micro, mode, device, warmup, steps, profile_
         kernels = sum(e.count for e in events) / 3
     profile = host_profile(step, profile_steps) if profile_steps else ""
     sync()
-    del model, opt
+    del model, step
     if cuda:
         torch.cuda.empty_cache()
     return losses, wall / steps * 1e3, host / steps * 1e3, kernel_ms, kernels, profile

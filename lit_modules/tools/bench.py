@@ -304,14 +304,14 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_training_steps(name: str, model: nn.Module, loss_fn: LossFn, recipe: Recipe,
-                       batches, precision: Precision, device: torch.device, warmup: int,
-                       steps: int, flops_per_token: float, peak_tflops: Optional[float],
-                       detail: str = "") -> Result:
-    """Time `warmup + steps` training steps of `model` on `batches` (one batch per step)."""
+def training_step(model: nn.Module, loss_fn: LossFn, recipe: Recipe, batches, precision: Precision,
+                  device: torch.device) -> Callable[[int], torch.Tensor]:
+    """`step(i)`: one training step of `model` on batches[i % len(batches)], as every
+    benchmark times it (zero_grad, forward and loss under the precision's autocast,
+    backward, AdamW from make_optimizer); returns the detached (total, cross-entropy)
+    losses. Puts `model` in training mode."""
     model.train()
     opt = make_optimizer(model, recipe, device)
-
     graphs = recipe.train.compile == "graphs"
 
     def step(i: int) -> torch.Tensor:
@@ -325,6 +325,15 @@ def run_training_steps(name: str, model: nn.Module, loss_fn: LossFn, recipe: Rec
         opt.step()
         return torch.stack([total.detach().float(), ce.detach().float()])
 
+    return step
+
+
+def run_training_steps(name: str, model: nn.Module, loss_fn: LossFn, recipe: Recipe,
+                       batches, precision: Precision, device: torch.device, warmup: int,
+                       steps: int, flops_per_token: float, peak_tflops: Optional[float],
+                       detail: str = "") -> Result:
+    """Time `warmup + steps` training steps of `model` on `batches` (one batch per step)."""
+    step = training_step(model, loss_fn, recipe, batches, precision, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
