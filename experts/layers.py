@@ -35,8 +35,24 @@ EXPERT_TENSORS = ("w_in", "w_out", "b_in", "b_out")
 
 
 def named_moe_layers(model: nn.Module) -> List[Tuple[str, MoE]]:
-    """(module path, layer) for every MoE layer of `model`, in module order."""
+    """(module path, layer) for every MoE layer of `model`, in module order. For a model
+    that `freeze_moe_layers` marked, the list found then, without walking its modules."""
+    frozen = model.__dict__.get(_FROZEN)
+    if frozen is not None:
+        return list(frozen)
     return [(path, m) for path, m in model.named_modules() if isinstance(m, MoE)]
+
+
+_FROZEN = "_moelab_moe_layers"
+
+
+def freeze_moe_layers(model: nn.Module) -> None:
+    """Remember `model`'s MoE layers for `named_moe_layers`, for a model whose modules no
+    longer change: the training loop's, once built, sharded and compiled. A walk over
+    every module costs about 0.2-0.4 ms of host time, and a training step made several
+    (bias updates, count clearing, router statistics), every step."""
+    model.__dict__.pop(_FROZEN, None)
+    model.__dict__[_FROZEN] = tuple(named_moe_layers(model))  # a plain attribute, not a submodule
 
 
 def moe_layers(model: nn.Module) -> List[MoE]:

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -143,9 +143,10 @@ class RouterStats(Callback):
         self.log_every = log_every
         self.image_every = image_every
         self.record_path = Path(record_path) if record_path is not None else None
-        # per layer, per step: float64 (E + 2,) = tokens per expert, dropped slots, entropy
-        # (float64: sums of many steps' counts stay exact)
-        self.history: Dict[int, List[torch.Tensor]] = {}
+        # per step: float64 (MoE layers, E + 2) = tokens per expert, dropped slots, entropy
+        # (float64: sums of many steps' counts stay exact), for the layers in self.layers
+        self.history: List[torch.Tensor] = []
+        self.layers: List[Union[int, str]] = []
         self.steps: List[int] = []  # the step of each history entry
         self.last_record = 0
 
@@ -168,29 +169,29 @@ class RouterStats(Callback):
                 path.write_text("".join(ln + "\n" for ln in keep))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from experts.layers import moe_layers
         from experts.stats import router_stats
 
-        if not trainer.is_global_zero or not moe_layers(pl_module.model):
+        if not trainer.is_global_zero:
             return
-
-        step = trainer.global_step
         stats = router_stats(pl_module.model)
+        if not stats:
+            return
+        # rank 0 alone does this every step, and the other ranks wait for it at the next
+        # collective: a few kernels for all layers together, no host read but at logging
+        # and image steps
+        step, per_layer = trainer.global_step, list(stats.values())
         if self.image_every > 0:
-            for i, s in stats.items():
-                h = self.history.setdefault(i, [])
-                h.append(torch.cat([s["tokens_per_expert"].double(), s["dropped_tokens"].double().reshape(1),
-                                    s["entropy"].double().reshape(1)]))
-                del h[:-self.image_every]
+            self.history.append(torch.cat([
+                torch.stack([st["tokens_per_expert"] for st in per_layer]).double(),
+                torch.stack([st["dropped_tokens"] for st in per_layer]).double().reshape(-1, 1),
+                torch.stack([st["entropy"] for st in per_layer]).double().reshape(-1, 1)], dim=1))
+            self.layers = list(stats)
             self.steps.append(step)
-            del self.steps[:-self.image_every]
+            del self.history[:-self.image_every], self.steps[:-self.image_every]
         if step % self.log_every == 0 or step >= trainer.max_steps:
-            metrics = {}
-            for i, s in stats.items():
-                for name, key in self.SCALARS.items():
-                    if key in s:
-                        metrics[f"router/layer{i}/{name}"] = float(s[key])
-            pl_module.log_scalars(metrics)
+            names = [(i, name, key) for i, st in stats.items() for name, key in self.SCALARS.items() if key in st]
+            values = torch.stack([stats[i][key].float().reshape(()) for i, _, key in names]).tolist()  # one read
+            pl_module.log_scalars({f"router/layer{i}/{name}": v for (i, name, _), v in zip(names, values)})
         if self.image_every <= 0 or not self.history:
             return
         image = step % self.image_every == 0
@@ -199,9 +200,9 @@ class RouterStats(Callback):
         if tb is None and not record:
             return
         # one host transfer for every layer: (layers, steps, E + 2)
-        table = torch.stack([torch.stack(h) for h in self.history.values()]).cpu().numpy()
+        table = torch.stack(self.history, dim=1).cpu().numpy()
         if tb is not None:
-            for i, t in zip(self.history, table):
+            for i, t in zip(self.layers, table):
                 tb.experiment.add_image(f"router/layer{i}/load", load_image(t[:, :-2].T.astype(np.float32)), step,
                                         dataformats="CHW")
         if record:
@@ -214,7 +215,7 @@ class RouterStats(Callback):
         window = table[:, len(self.steps) - n:]
         layers = {str(i): {"tokens_per_expert": [int(round(x)) for x in t[:, :-2].sum(0)],
                            "dropped": int(round(t[:, -2].sum())), "entropy": float(t[:, -1].mean())}
-                  for i, t in zip(self.history, window)}
+                  for i, t in zip(self.layers, window)}
         line = json.dumps({"step": step, "steps": n, "layers": layers}, separators=(",", ":"))
         with open(self.record_path, "a") as f:
             f.write(line + "\n")

@@ -39,7 +39,8 @@ from arch.config import Recipe
 from arch.documents import document_ids, document_positions
 from arch.registry import RecipeError
 from arch.stages import Stage, recipe_at_step, stage_after, stage_of_update, stage_plan
-from experts.layers import clear_global_counts, next_micro_batch, precompute_global_counts, update_router_biases
+from experts.layers import (clear_global_counts, freeze_moe_layers, next_micro_batch, precompute_global_counts,
+                            update_router_biases)
 from experts.parallel import all_reduce_sum
 
 from lit_modules.checkpoints.training import check_checkpoint_recipe
@@ -168,6 +169,7 @@ class CausalLM(L.LightningModule):
         self.scale_plan = shard_model(model, self.train_cfg, device, precision)
         # expert shards differ between ranks: DDP must neither broadcast nor average them
         self._ddp_params_and_buffers_to_ignore = [f"model.{n}" for n in self.scale_plan.expert_names]
+        freeze_moe_layers(model)  # the per-step helpers below find the layers without a module walk
         self.model = model
         if self.train_cfg.distill.teacher and self.train_cfg.distill.mode == "offline":
             self.teacher = self._cached_teacher(device)

@@ -169,10 +169,11 @@ def test_router_loads_record(tmp_path):
         layer.router.register_forward_hook(
             lambda m, a, r, i=i: chosen.setdefault(i, []).append(
                 (torch.bincount(r.ids_TK.flatten(), minlength=E), float(router_entropy(r.probs_TE)))))
-    pl_module = SimpleNamespace(model=model, log_scalars=lambda metrics: None)
+    logged = {}
     trainer = SimpleNamespace(is_global_zero=True, global_step=0, max_steps=7, loggers=[])
+    pl_module = SimpleNamespace(model=model, log_scalars=lambda metrics: logged.update({trainer.global_step: metrics}))
     path = tmp_path / "router_loads.jsonl"
-    cb = RouterStats(log_every=100, image_every=3, record_path=path)
+    cb = RouterStats(log_every=2, image_every=3, record_path=path)
     cb.on_train_start(trainer, pl_module)
     torch.manual_seed(1)
     dropped = {0: [], 1: []}
@@ -186,6 +187,14 @@ def test_router_loads_record(tmp_path):
     lines = [json.loads(ln) for ln in path.read_text().splitlines()]
     assert [(ln["step"], ln["steps"]) for ln in lines] == [(3, 3), (6, 3), (7, 1)]
     assert sum(dropped[0]) > 0
+    # the scalars of logging steps (every 2nd and the last): that step's numbers, per layer
+    assert sorted(logged) == [2, 4, 6, 7]
+    for step, metrics in logged.items():
+        for i in (0, 1):
+            assert metrics[f"router/layer{i}/dropped"] == dropped[i][step - 1]
+            assert metrics[f"router/layer{i}/entropy"] == pytest.approx(chosen[i][step - 1][1], rel=1e-6)
+            counts = chosen[i][step - 1][0].float()
+            assert metrics[f"router/layer{i}/max_over_mean_load"] == pytest.approx(float(counts.max() / counts.mean()))
     for ln, (a, b) in zip(lines, [(0, 3), (3, 6), (6, 7)]):
         for i in (0, 1):
             rec = ln["layers"][str(i)]
