@@ -301,6 +301,8 @@ class ScalePlan:
     expert_names: List[str] = field(default_factory=list)  # sharded parameters, relative to the model
     fsdp: bool = False
     mesh: Any = None  # the (data_parallel x expert) DeviceMesh; sharded checkpoints place expert shards on it
+    # clip's (model id, replicated parameters, expert shards): found once, not by two walks a step
+    _clip_groups: Any = field(default=None, repr=False, compare=False)
 
     def sync_grads(self, model: nn.Module, sync: bool) -> None:
         """Before a micro-batch's backward: FSDP2 reduce-scatters gradients only when
@@ -322,9 +324,12 @@ class ScalePlan:
         """The global gradient norm (every rank gets the same value) and, with
         max_norm > 0, clipping to it. Expert shards add their squared norms over the
         expert group; FSDP's sharded gradients (DTensors) are reduced by DTensor."""
-        names = set(self.expert_names)
-        params = [p for n, p in model.named_parameters() if p.grad is not None and n not in names]
-        experts = [p for n, p in model.named_parameters() if p.grad is not None and n in names]
+        if self._clip_groups is None or self._clip_groups[0] != id(model):
+            names = set(self.expert_names)
+            named = list(model.named_parameters())
+            self._clip_groups = (id(model), [p for n, p in named if n not in names], [p for n, p in named if n in names])
+        params = [p for p in self._clip_groups[1] if p.grad is not None]
+        experts = [p for p in self._clip_groups[2] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if hasattr(norm, "full_tensor"):  # DTensor
             norm = norm.full_tensor()

@@ -71,3 +71,30 @@ def test_graphs_compile_the_blocks_in_reduce_overhead_mode(monkeypatch):
         seen.clear()
         parallelize(build_model(recipe.model, device="meta"), TrainConfig(compile=compile))
         assert len(seen) == 2 and all(kw.get("mode") == mode for kw in seen), seen
+
+
+def test_clip_is_torchs_clip_every_step():
+    """ScalePlan.clip (one process) gives torch's clip_grad_norm_: the total norm and the
+    clipped gradients, also on later steps (its parameter lists are found once) and when
+    some parameters got no gradient."""
+    import copy
+
+    from lit_modules.train.strategy import ScalePlan
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    ref = copy.deepcopy(model)
+    plan = ScalePlan()
+    for step in range(3):
+        for m in (model, ref):
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(step)
+            out = m(torch.randn(5, 8)) if step != 2 else m[2](torch.randn(5, 8))  # step 2: layer 0 gets none
+            (out ** 2).sum().backward()
+        norm = plan.clip(model, 0.5)
+        want = torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.grad is not None], 0.5)
+        assert torch.allclose(norm, want), step
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert (p.grad is None) == (q.grad is None)
+            if p.grad is not None:
+                assert torch.allclose(p.grad, q.grad), step
