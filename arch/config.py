@@ -446,6 +446,11 @@ class TrainConfig:
     # backward (false: one all-gather per block and step instead of two, for the
     # memory of one block's full weights per block)
     reshard_after_forward: bool = True
+    # the dtype gradients cross the wire in, between data-parallel ranks: float32 (exact
+    # sums of float32 gradients) | bf16 (half the bytes: DDP's bf16 compression hook,
+    # FSDP2's reduce_dtype; the sum is rounded to bf16, then kept in float32 again).
+    # Expert shards under expert parallelism are averaged in float32 either way.
+    grad_reduce_dtype: str = "float32"
     num_nodes: int = 1  # hosts in a multi-node launch (torchrun / SLURM); devices is per host
     optim: OptimConfig = field(default_factory=OptimConfig)
     # stages of one run (Qwen3's 4K general -> knowledge -> 32K long context; Gemma 3's

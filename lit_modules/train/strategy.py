@@ -77,9 +77,36 @@ def _ddp(train: TrainConfig) -> Any:
                 return save_sharded(checkpoint, filepath)
             return super().save_checkpoint(checkpoint, filepath, storage_options)
 
+        def _register_ddp_hooks(self) -> None:
+            # in place of Lightning's, which registers a hook passed to it, on CUDA only
+            if train.grad_reduce_dtype == "bf16":
+                reduce_in_bf16(self.model)
+
     # Every parameter takes part in every step (stacked expert weights are passed
     # whole to the backend), so DDP need not search for unused ones.
     return MoelabDDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
+
+
+def reduce_in_bf16(ddp: nn.Module) -> None:
+    """train.grad_reduce_dtype = bf16 under DDP: each gradient bucket is cast to bf16,
+    divided by the world size, all-reduced and written back in float32 (what torch's
+    bf16_compress_hook does, which DDP accepts on CUDA and XPU only; this one runs on
+    any backend, so the CPU tests run it too): half the bytes on the wire, the averaged
+    gradient rounded to bf16."""
+    ddp.register_comm_hook(None, _bf16_all_reduce)
+
+
+def _bf16_all_reduce(group, bucket):  # no "-> Future[Tensor]": a string here, which DDP refuses
+    group = group if group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16).div_(dist.get_world_size(group))
+    work = dist.all_reduce(compressed, group=group, async_op=True)
+
+    def written_back(future) -> torch.Tensor:
+        buffer.copy_(future.value()[0])
+        return buffer
+
+    return work.get_future().then(written_back)
 
 
 def _fsdp(train: TrainConfig) -> Any:
@@ -168,6 +195,7 @@ def build_strategy(train: TrainConfig) -> Any:
         raise RecipeError(f"train.expert_parallel = {train.expert_parallel} needs several processes; set "
                           f"train.devices (and train.strategy to ddp or fsdp), or train.expert_parallel=1.")
     check_ep_dispatch(train.ep_dispatch)
+    check_grad_reduce(train.grad_reduce_dtype)
     check_graphs(train)
     return STRATEGIES[train.strategy](train)
 
@@ -200,9 +228,17 @@ def check_ep_dispatch(value: str) -> None:
     check_choice("train.ep_dispatch", value, EP_DISPATCH, "a dispatch")
 
 
+GRAD_REDUCE_DTYPES = ("float32", "bf16")
+
+
+def check_grad_reduce(value: str) -> None:
+    check_choice("train.grad_reduce_dtype", value, GRAD_REDUCE_DTYPES, "a dtype")
+
+
 def check_scale(recipe) -> None:
     """Recipe-level checks of expert parallelism, before any process starts."""
     check_ep_dispatch(recipe.train.ep_dispatch)
+    check_grad_reduce(recipe.train.grad_reduce_dtype)
     ep = recipe.train.expert_parallel
     if ep == 1:
         return
@@ -357,7 +393,8 @@ def shard_model(model: nn.Module, train: TrainConfig, device: torch.device,
 
     Under bf16-mixed, FSDP2 all-gathers the sharded weights in bf16 (the dtype the
     matmuls use under autocast anyway) and reduce-scatters gradients in float32 onto
-    the float32 master shards: half the all-gather traffic of float32 weights."""
+    the float32 master shards: half the all-gather traffic of float32 weights.
+    train.grad_reduce_dtype = bf16 reduce-scatters in bf16 (any precision)."""
     if not (dist.is_available() and dist.is_initialized()):
         return ScalePlan()
     world, ep = dist.get_world_size(), train.expert_parallel
@@ -380,8 +417,9 @@ def shard_model(model: nn.Module, train: TrainConfig, device: torch.device,
         # their rank (ignored), their gradients averaged by finish_grads
         world_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
         ignored = {p for n, p in model.named_parameters() if n in set(plan.expert_names)}
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if precision == "bf16-mixed" else MixedPrecisionPolicy())
+        reduce = torch.bfloat16 if train.grad_reduce_dtype == "bf16" else torch.float32
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce) if precision == "bf16-mixed"
+              else MixedPrecisionPolicy(reduce_dtype=torch.bfloat16 if reduce == torch.bfloat16 else None))
         for block in model.blocks():
             fully_shard(block, mesh=world_mesh, ignored_params=ignored or None, mp_policy=mp,
                         reshard_after_forward=train.reshard_after_forward)
