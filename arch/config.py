@@ -391,10 +391,11 @@ class TrainConfig:
     max_steps: Optional[int] = 1000
     grad_clip: float = 1.0
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
-    # torch.compile each block: true, false, auto (on with CUDA, where it is worth
-    # ~1.6x tokens/s; off on a CPU, where compiling costs more than it saves) or graphs
-    # (compiled and replayed as CUDA graphs: one GPU, one process, grad_accum 1; pays at
-    # small micro-batches, where launching kernels sets the pace)
+    # torch.compile each block: true, false, graphs (compiled and replayed as CUDA
+    # graphs: one GPU, one process, grad_accum 1, no activation checkpointing; pays at
+    # small micro-batches, where launching kernels sets the pace) or auto (on a CPU off,
+    # compiling costs more than it saves there; on CUDA graphs where they run, else true:
+    # lit_modules/runtime.py resolve_speed)
     compile: Any = "auto"
     activation_checkpointing: bool = False
     # packed sequences (documents each ended by the tokenizer's end-of-text token):

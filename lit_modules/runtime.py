@@ -118,12 +118,22 @@ def peak_flops_per_device(peak_tflops: Optional[float], precision: str) -> Optio
 AUTO_CE_CHUNK = 4096
 
 
+def graphs_fit(recipe: Recipe) -> bool:
+    """Whether train.compile = auto on CUDA picks graphs (resolve_speed)."""
+    from lit_modules.train.strategy import graphs_refusal
+
+    return recipe.model.moe.backend != "loop" and graphs_refusal(recipe.train) is None
+
+
 def resolve_speed(recipe: Recipe, device_type: str) -> Recipe:
     """Fill, in place, the speed switches a recipe leaves to auto (train.compile: auto,
     model.fused_ce_chunk / fused_ce_compile: null) with what is fastest on `device_type`:
     on CUDA compiled blocks and the compiled, chunked fused cross-entropy (what the
-    tuned GPU proxies set by hand), elsewhere eager blocks and the plain loss. Values a
-    recipe sets are kept. Returns the recipe."""
+    tuned GPU proxies set by hand), elsewhere eager blocks and the plain loss. Compiled
+    blocks are replayed as CUDA graphs (graphs) where graphs run: one process, one
+    micro-batch per step, no activation checkpointing (train/strategy.py
+    graphs_refusal), and an expert backend other than the loop reference (a host read
+    per layer). Values a recipe sets are kept. Returns the recipe."""
     t, m = recipe.train, recipe.model
     cuda = device_type == "cuda"
     if t.compile not in (True, False, "auto", "graphs"):
@@ -133,7 +143,7 @@ def resolve_speed(recipe: Recipe, device_type: str) -> Recipe:
         raise RecipeError(f"train.compile = graphs replays the compiled blocks as CUDA graphs and needs a CUDA "
                           f"device, not {device_type}; set train.compile=true or auto.")
     if t.compile == "auto":
-        t.compile = cuda
+        t.compile = cuda and ("graphs" if graphs_fit(recipe) else True)
     if m.fused_ce_chunk is None:  # fused_ce_compile: true asks for the fused loss anywhere
         m.fused_ce_chunk = AUTO_CE_CHUNK if cuda or m.fused_ce_compile else 0
     if m.fused_ce_compile is None:

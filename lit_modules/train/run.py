@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -338,6 +339,7 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
     from lit_modules.train.strategy import build_strategy, check_scale
 
     accelerator = resolve_accelerator(t)
+    asked_compile = t.compile  # auto is written back to recipe.yaml: it picks per machine
     resolve_speed(recipe, "cuda" if accelerator in ("gpu", "cuda") else accelerator)
     check_on_accelerator(recipe, accelerator)
     precision = resolve_precision(t, accelerator)
@@ -362,7 +364,7 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
 
             check_cache(recipe, dm)
         created = not run_dir.exists()
-        lock = open_run_dir(run_dir, recipe, dm.tokenizer_path)
+        lock = open_run_dir(run_dir, replace(recipe, train=replace(t, compile=asked_compile)), dm.tokenizer_path)
     try:
         with writing("the run log", run_dir / layout.LOG_FILE, RUN_FIX):
             runlog = _RunLog(run_dir / layout.LOG_FILE if rank0 else None)
@@ -543,6 +545,7 @@ def _summary(recipe, run_dir, module, trainer, throughput, ckpt, resume, wall) -
         "tokens_per_s": perf["tokens_per_s"],
         "mfu": perf["mfu"],
         "peak_memory_gib": perf["peak_memory_gib"],
+        "compile": recipe.train.compile,  # as run: false, true or graphs (auto resolved)
         # the step file written last; a run resumed at its end writes none
         "checkpoint": str(ckpt.saved_path or ckpt.last_path or resume or "") or None,
         "last_checkpoint": str(ckpt.last_path) if ckpt.last_path else None,

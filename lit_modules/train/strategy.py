@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -202,23 +202,33 @@ def build_strategy(train: TrainConfig) -> Any:
 
 def check_graphs(train: TrainConfig) -> None:
     """train.compile = graphs (torch.compile's reduce-overhead mode: each compiled block
-    replayed as a CUDA graph) on what it is built and tested for: one process, one
-    micro-batch per step, no activation checkpointing. A graph's outputs live in memory
-    that its next replay overwrites: gradients accumulated over micro-batches and the
-    hooks of DDP and FSDP2 between blocks would read it after that."""
-    if train.compile != "graphs":
-        return
+    replayed as a CUDA graph) on what it is built and tested for (graphs_refusal)."""
+    if train.compile == "graphs":
+        why = graphs_refusal(train)
+        if why is not None:
+            raise RecipeError(why)
+
+
+def graphs_refusal(train: TrainConfig) -> Optional[str]:
+    """Why train.compile = graphs cannot run with these settings (one sentence), or None
+    where it can: one process, one micro-batch per step, no activation checkpointing. A
+    graph's outputs live in memory that its next replay overwrites: gradients
+    accumulated over micro-batches and the hooks of DDP and FSDP2 between blocks would
+    read it after that. Also what train.compile = auto asks before it picks graphs
+    (lit_modules/runtime.py resolve_speed)."""
     accum = max([train.grad_accum] + [st.grad_accum for st in train.stages if st.grad_accum is not None])
-    if train.strategy != "auto" or _processes(train) > 1:
-        why = f"train.strategy = {train.strategy}" if train.strategy != "auto" else f"{_processes(train)} processes"
-        raise RecipeError(f"train.compile = graphs runs on one process with train.strategy=auto, not with {why}; "
-                          f"set train.compile=true for several processes.")
+    processes = _processes(train)
+    if train.strategy != "auto" or processes > 1:
+        why = f"train.strategy = {train.strategy}" if train.strategy != "auto" else f"{processes} processes"
+        return (f"train.compile = graphs runs on one process with train.strategy=auto, not with {why}; "
+                f"set train.compile=true for several processes.")
     if accum > 1:
-        raise RecipeError(f"train.compile = graphs needs one micro-batch per step, not train.grad_accum = {accum}; "
-                          f"set train.grad_accum=1 with a larger train.micro_batch_size, or train.compile=true.")
+        return (f"train.compile = graphs needs one micro-batch per step, not train.grad_accum = {accum}; "
+                f"set train.grad_accum=1 with a larger train.micro_batch_size, or train.compile=true.")
     if train.activation_checkpointing:
-        raise RecipeError("train.compile = graphs is not built for train.activation_checkpointing=true; set one of "
-                          "them to false (or train.compile=true).")
+        return ("train.compile = graphs is not built for train.activation_checkpointing=true; set one of "
+                "them to false (or train.compile=true).")
+    return None
 
 
 EP_DISPATCH = ("alltoall", "allgather")

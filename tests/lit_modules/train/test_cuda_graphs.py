@@ -42,3 +42,31 @@ def test_graphs_train_what_compiled_blocks_train(cache, tmp_path):
     assert sorted(resumed_losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed_losses[step] == pytest.approx(graph_losses[step], abs=2e-2), step
+
+
+# every kind of block the recipes build: MLA with group routing and a shared expert,
+# Gemma 3's local (flex attention) and global layers, gpt-oss's sinks and biased
+# experts, Qwen3-Next's linear attention, Gemma 4's MoE beside a dense FFN, a dense model
+ARCHITECTURES = ["proxies/deepseek_v3_tiny", "proxies/gemma3_tiny", "proxies/gpt_oss_tiny",
+                 "proxies/qwen3_next_tiny", "proxies/gemma4_moe_tiny", "proxies/dense_tiny"]
+SMALL = ["train.accelerator=gpu", "train.precision=bf16-mixed", "train.seq_len=128", "train.micro_batch_size=4",
+         "train.max_steps=4", "train.log_every=1", "train.val_every=4", "train.val_batches=2",
+         "train.ckpt_every=0", "data.max_chars=1000000"]
+
+
+@pytest.mark.parametrize("recipe", ARCHITECTURES)
+def test_graphs_train_every_architecture(recipe, cache, tmp_path):
+    """What train.compile = auto picks on one GPU (graphs) trains each architecture as
+    its compiled blocks launched kernel by kernel do, validation included."""
+    losses, summaries = {}, {}
+    for compile in ("true", "auto"):
+        seen = Losses()
+        summaries[compile] = train(recipe, SMALL + [f"data.cache_dir={cache}", f"train.run_dir={tmp_path}",
+                                                    f"train.compile={compile}", f"train.run_name={compile}"],
+                                   callbacks=[seen])
+        losses[compile] = seen.train
+    assert summaries["auto"]["compile"] == "graphs"
+    assert sorted(losses["auto"]) == [1, 2, 3, 4]
+    for step, loss in losses["true"].items():
+        assert losses["auto"][step] == pytest.approx(loss, abs=2e-2), (recipe, step)
+    assert summaries["auto"]["val_loss"] == pytest.approx(summaries["true"]["val_loss"], abs=2e-2)

@@ -311,3 +311,15 @@ def test_field_proxies_train(recipe, cache, tmp_path):
                        "train.val_batches=4", "data.max_chars=300000", "train.optim.lr=1e-2", "train.optim.warmup_steps=5"])
     first, last = s["val_history"][0], s["val_history"][-1]
     assert last["step"] == 40 and last["loss"] < first["loss"] - 1.0, s["val_history"]
+
+
+def test_recipe_yaml_keeps_compile_auto(cache, tmp_path):
+    """train.compile = auto picks per machine (lit_modules/runtime.py resolve_speed), so the
+    run's recipe.yaml keeps auto, and the summary says what this run picked: repeating
+    the run elsewhere picks again instead of inheriting, say, graphs on a CPU."""
+    from arch import load_recipe
+
+    summary = train(RECIPE, overrides(cache, tmp_path, "train.run_name=auto", "train.max_steps=1",
+                                      "train.val_every=0", "train.accelerator=cpu", "train.compile=auto"))
+    assert summary["compile"] is False
+    assert load_recipe(Path(summary["run_dir"]) / "recipe.yaml").train.compile == "auto"
