@@ -25,6 +25,7 @@
 #            with the grouped_mm and the triton expert backends, at each micro-batch of $MICROS
 #
 #   NGPU=4 SETS="single weak experts large" bash benchmarks/scale.sh [a.b=c ...]   # overrides go to every run
+#   TAG=_g NOTE=", CUDA graphs" SETS=ddp bash benchmarks/scale.sh train.compile=graphs   # tagged rows
 #
 # Several invocations with the same RUNS add their rows to one table (SETS="" prints it).
 #
@@ -44,6 +45,10 @@ MICROS=${MICROS:-"8 2"}
 MANY=${MANY:-256}
 SETS=${SETS-"single weak experts capacity large ckpt"}  # SETS="": only print the table of $RUNS
 LIMIT=${LIMIT:-300}   # seconds per run
+# runs with other overrides beside the plain ones in one table: TAG is added to the run
+# names, NOTE to the labels (TAG=_bf16 NOTE=", bf16 gradients" ... train.grad_reduce_dtype=bf16)
+TAG=${TAG:-}
+NOTE=${NOTE:-}
 W2=proxies/qwen3_moe_w2
 COMMON=("train.run_dir=$RUNS" "train.max_steps=$STEPS" "train.log_every=5" "train.val_every=0"
         "train.ckpt_every=-1" "train.compile=true" "train.seq_len=2048" "train.grad_accum=1"
@@ -53,7 +58,7 @@ mkdir -p "$RUNS"
 : >> "$RUNS/rows.tsv"
 
 run() {  # name, label, gpus, micro, recipe, extra overrides... (KEEP_CKPT=1: keep its checkpoints; NO_ROW=1: no table row)
-    local name=$1 label=$2 gpus=$3 micro=$4 recipe=$5; shift 5
+    local name=$1$TAG label=$2$NOTE gpus=$3 micro=$4 recipe=$5; shift 5
     echo "=== $name: moelab train $recipe micro $micro on $gpus GPU(s) $*"
     local t0=$SECONDS
     # -k: a rank stuck in a collective ignores SIGTERM; then the launcher's children go too

@@ -119,10 +119,13 @@ AUTO_CE_CHUNK = 4096
 
 
 def graphs_fit(recipe: Recipe) -> bool:
-    """Whether train.compile = auto on CUDA picks graphs (resolve_speed)."""
-    from lit_modules.train.strategy import graphs_refusal
+    """Whether train.compile = auto on CUDA picks graphs (resolve_speed): where they run,
+    on one process (under DDP they are a choice: train.compile=graphs)."""
+    from lit_modules.train.strategy import _processes, graphs_refusal
 
-    return recipe.model.moe.backend != "loop" and graphs_refusal(recipe.train) is None
+    t = recipe.train
+    return (recipe.model.moe.backend != "loop" and t.strategy == "auto" and _processes(t) == 1
+            and graphs_refusal(t) is None)
 
 
 def resolve_speed(recipe: Recipe, device_type: str) -> Recipe:

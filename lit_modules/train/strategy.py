@@ -211,17 +211,20 @@ def check_graphs(train: TrainConfig) -> None:
 
 def graphs_refusal(train: TrainConfig) -> Optional[str]:
     """Why train.compile = graphs cannot run with these settings (one sentence), or None
-    where it can: one process, one micro-batch per step, no activation checkpointing. A
-    graph's outputs live in memory that its next replay overwrites: gradients
-    accumulated over micro-batches and the hooks of DDP and FSDP2 between blocks would
-    read it after that. Also what train.compile = auto asks before it picks graphs
-    (lit_modules/runtime.py resolve_speed)."""
+    where it can: one process or DDP, one micro-batch per step, no activation
+    checkpointing, no expert parallelism. A graph's outputs live in memory that its next
+    replay overwrites: gradients accumulated over micro-batches would be overwritten,
+    and FSDP2's hooks between blocks free and gather the weights a graph reads. DDP's
+    hooks copy each gradient into their buckets as the block's backward returns it,
+    before any later replay. Also what train.compile = auto asks before it picks
+    graphs (lit_modules/runtime.py resolve_speed)."""
     accum = max([train.grad_accum] + [st.grad_accum for st in train.stages if st.grad_accum is not None])
-    processes = _processes(train)
-    if train.strategy != "auto" or processes > 1:
-        why = f"train.strategy = {train.strategy}" if train.strategy != "auto" else f"{processes} processes"
-        return (f"train.compile = graphs runs on one process with train.strategy=auto, not with {why}; "
-                f"set train.compile=true for several processes.")
+    if train.strategy not in ("auto", "ddp"):
+        return (f"train.compile = graphs runs on one process or under ddp, not with train.strategy = "
+                f"{train.strategy}; set train.compile=true for {train.strategy}.")
+    if train.expert_parallel > 1:
+        return (f"train.compile = graphs is not built for train.expert_parallel = {train.expert_parallel}; set "
+                f"train.compile=true for expert parallelism.")
     if accum > 1:
         return (f"train.compile = graphs needs one micro-batch per step, not train.grad_accum = {accum}; "
                 f"set train.grad_accum=1 with a larger train.micro_batch_size, or train.compile=true.")
