@@ -118,13 +118,42 @@ def peak_flops_per_device(peak_tflops: Optional[float], precision: str) -> Optio
 AUTO_CE_CHUNK = 4096
 
 
+def processes(train: TrainConfig) -> int:
+    """How many processes train.strategy=auto runs (auto devices: one)."""
+    devices = resolve_devices(train)
+    return (devices if isinstance(devices, int) else len(devices)) * train.num_nodes
+
+
+def graphs_refusal(train: TrainConfig) -> Optional[str]:
+    """Why train.compile = graphs cannot run with these settings (one sentence), or None
+    where it can: one process or DDP, one micro-batch per step, no activation
+    checkpointing, no expert parallelism. A graph's outputs live in memory that its next
+    replay overwrites: gradients accumulated over micro-batches would be overwritten,
+    and FSDP2's hooks between blocks free and gather the weights a graph reads. DDP's
+    hooks copy each gradient into their buckets as the block's backward returns it,
+    before any later replay. Also what train.compile = auto asks before it picks
+    graphs (resolve_speed)."""
+    accum = max([train.grad_accum] + [st.grad_accum for st in train.stages if st.grad_accum is not None])
+    if train.strategy not in ("auto", "ddp"):
+        return (f"train.compile = graphs runs on one process or under ddp, not with train.strategy = "
+                f"{train.strategy}; set train.compile=true for {train.strategy}.")
+    if train.expert_parallel > 1:
+        return (f"train.compile = graphs is not built for train.expert_parallel = {train.expert_parallel}; set "
+                f"train.compile=true for expert parallelism.")
+    if accum > 1:
+        return (f"train.compile = graphs needs one micro-batch per step, not train.grad_accum = {accum}; "
+                f"set train.grad_accum=1 with a larger train.micro_batch_size, or train.compile=true.")
+    if train.activation_checkpointing:
+        return ("train.compile = graphs is not built for train.activation_checkpointing=true; set one of "
+                "them to false (or train.compile=true).")
+    return None
+
+
 def graphs_fit(recipe: Recipe) -> bool:
     """Whether train.compile = auto on CUDA picks graphs (resolve_speed): where they run,
     on one process (under DDP they are a choice: train.compile=graphs)."""
-    from lit_modules.train.strategy import _processes, graphs_refusal
-
     t = recipe.train
-    return (recipe.model.moe.backend != "loop" and t.strategy == "auto" and _processes(t) == 1
+    return (recipe.model.moe.backend != "loop" and t.strategy == "auto" and processes(t) == 1
             and graphs_refusal(t) is None)
 
 
@@ -134,8 +163,8 @@ def resolve_speed(recipe: Recipe, device_type: str) -> Recipe:
     on CUDA compiled blocks and the compiled, chunked fused cross-entropy (what the
     tuned GPU proxies set by hand), elsewhere eager blocks and the plain loss. Compiled
     blocks are replayed as CUDA graphs (graphs) where graphs run: one process, one
-    micro-batch per step, no activation checkpointing (train/strategy.py
-    graphs_refusal), and an expert backend other than the loop reference (a host read
+    micro-batch per step, no activation checkpointing (graphs_refusal,
+    graphs_fit), and an expert backend other than the loop reference (a host read
     per layer). Values a recipe sets are kept. Returns the recipe."""
     t, m = recipe.train, recipe.model
     cuda = device_type == "cuda"

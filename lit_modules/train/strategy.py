@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from arch.config import TrainConfig
+from lit_modules.runtime import graphs_refusal, processes
 from arch.ranges import require_numbers
 from arch.registry import RecipeError, check_choice
 from experts.layers import check_expert_parallel
@@ -49,15 +50,7 @@ def _auto(train: TrainConfig) -> Any:
     train.num_nodes above 1): moelab's DDP, as train.strategy=ddp builds it. Lightning's
     auto would pick its plain DDP there, which writes a sharded checkpoint on rank 0
     alone while the others wait at the save's barrier: a deadlock."""
-    return _ddp(train) if _processes(train) > 1 else "auto"
-
-
-def _processes(train: TrainConfig) -> int:
-    """How many processes train.strategy=auto runs (auto devices: one)."""
-    from lit_modules.runtime import resolve_devices
-
-    devices = resolve_devices(train)
-    return (devices if isinstance(devices, int) else len(devices)) * train.num_nodes
+    return _ddp(train) if processes(train) > 1 else "auto"
 
 
 def _ddp(train: TrainConfig) -> Any:
@@ -191,7 +184,7 @@ STRATEGIES: Dict[str, Callable[[TrainConfig], Any]] = {
 def build_strategy(train: TrainConfig) -> Any:
     check_choice("train.strategy", train.strategy, STRATEGIES, "a strategy")
     require_numbers(train, "train")  # a TrainConfig built in code: expert_parallel >= 1, ...
-    if train.expert_parallel > 1 and train.strategy == "auto" and _processes(train) == 1:
+    if train.expert_parallel > 1 and train.strategy == "auto" and processes(train) == 1:
         raise RecipeError(f"train.expert_parallel = {train.expert_parallel} needs several processes; set "
                           f"train.devices (and train.strategy to ddp or fsdp), or train.expert_parallel=1.")
     check_ep_dispatch(train.ep_dispatch)
@@ -207,31 +200,6 @@ def check_graphs(train: TrainConfig) -> None:
         why = graphs_refusal(train)
         if why is not None:
             raise RecipeError(why)
-
-
-def graphs_refusal(train: TrainConfig) -> Optional[str]:
-    """Why train.compile = graphs cannot run with these settings (one sentence), or None
-    where it can: one process or DDP, one micro-batch per step, no activation
-    checkpointing, no expert parallelism. A graph's outputs live in memory that its next
-    replay overwrites: gradients accumulated over micro-batches would be overwritten,
-    and FSDP2's hooks between blocks free and gather the weights a graph reads. DDP's
-    hooks copy each gradient into their buckets as the block's backward returns it,
-    before any later replay. Also what train.compile = auto asks before it picks
-    graphs (lit_modules/runtime.py resolve_speed)."""
-    accum = max([train.grad_accum] + [st.grad_accum for st in train.stages if st.grad_accum is not None])
-    if train.strategy not in ("auto", "ddp"):
-        return (f"train.compile = graphs runs on one process or under ddp, not with train.strategy = "
-                f"{train.strategy}; set train.compile=true for {train.strategy}.")
-    if train.expert_parallel > 1:
-        return (f"train.compile = graphs is not built for train.expert_parallel = {train.expert_parallel}; set "
-                f"train.compile=true for expert parallelism.")
-    if accum > 1:
-        return (f"train.compile = graphs needs one micro-batch per step, not train.grad_accum = {accum}; "
-                f"set train.grad_accum=1 with a larger train.micro_batch_size, or train.compile=true.")
-    if train.activation_checkpointing:
-        return ("train.compile = graphs is not built for train.activation_checkpointing=true; set one of "
-                "them to false (or train.compile=true).")
-    return None
 
 
 EP_DISPATCH = ("alltoall", "allgather")

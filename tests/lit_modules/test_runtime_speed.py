@@ -45,7 +45,7 @@ def test_graphs_are_kept_on_cuda_and_refused_elsewhere():
 def test_auto_on_cuda_picks_graphs_where_they_run():
     """auto on CUDA: the compiled blocks replayed as CUDA graphs for one process with one
     micro-batch per step; compiled blocks launched kernel by kernel where graphs are
-    refused (lit_modules/train/strategy.py graphs_refusal) or the experts are the loop
+    refused (lit_modules/runtime.py graphs_refusal) or the experts are the loop
     reference (a host read per layer)."""
     picks = {
         (): "graphs",
