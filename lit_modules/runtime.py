@@ -126,20 +126,19 @@ def processes(train: TrainConfig) -> int:
 
 def graphs_refusal(train: TrainConfig) -> Optional[str]:
     """Why train.compile = graphs cannot run with these settings (one sentence), or None
-    where it can: one process or DDP, one micro-batch per step, no activation
-    checkpointing, no expert parallelism. A graph's outputs live in memory that its next
-    replay overwrites: gradients accumulated over micro-batches would be overwritten,
-    and FSDP2's hooks between blocks free and gather the weights a graph reads. DDP's
-    hooks copy each gradient into their buckets as the block's backward returns it,
-    before any later replay. Also what train.compile = auto asks before it picks
-    graphs (resolve_speed)."""
+    where it can: one process, one micro-batch per step, no activation checkpointing.
+    A graph's outputs live in memory that its next replay overwrites: gradients
+    accumulated over micro-batches would be overwritten, and FSDP2's hooks between
+    blocks free and gather the weights a graph reads. Under DDP the first replayed step
+    gave NaN gradients on 4 H100s (2026-11-27; DDP keeps the AccumulateGrad nodes of
+    the first step alive, on another stream than the graphs' backward). Also what
+    train.compile = auto asks before it picks graphs (resolve_speed)."""
     accum = max([train.grad_accum] + [st.grad_accum for st in train.stages if st.grad_accum is not None])
-    if train.strategy not in ("auto", "ddp"):
-        return (f"train.compile = graphs runs on one process or under ddp, not with train.strategy = "
-                f"{train.strategy}; set train.compile=true for {train.strategy}.")
-    if train.expert_parallel > 1:
-        return (f"train.compile = graphs is not built for train.expert_parallel = {train.expert_parallel}; set "
-                f"train.compile=true for expert parallelism.")
+    n = processes(train)
+    if train.strategy != "auto" or n > 1:
+        why = f"train.strategy = {train.strategy}" if train.strategy != "auto" else f"{n} processes"
+        return (f"train.compile = graphs runs on one process with train.strategy=auto, not with {why}; "
+                f"set train.compile=true for several processes.")
     if accum > 1:
         return (f"train.compile = graphs needs one micro-batch per step, not train.grad_accum = {accum}; "
                 f"set train.grad_accum=1 with a larger train.micro_batch_size, or train.compile=true.")
@@ -150,11 +149,8 @@ def graphs_refusal(train: TrainConfig) -> Optional[str]:
 
 
 def graphs_fit(recipe: Recipe) -> bool:
-    """Whether train.compile = auto on CUDA picks graphs (resolve_speed): where they run,
-    on one process (under DDP they are a choice: train.compile=graphs)."""
-    t = recipe.train
-    return (recipe.model.moe.backend != "loop" and t.strategy == "auto" and processes(t) == 1
-            and graphs_refusal(t) is None)
+    """Whether train.compile = auto on CUDA picks graphs (resolve_speed)."""
+    return recipe.model.moe.backend != "loop" and graphs_refusal(recipe.train) is None
 
 
 def resolve_speed(recipe: Recipe, device_type: str) -> Recipe:

@@ -37,18 +37,17 @@ def test_auto_devices_means_one_unless_parallel():
 
 
 def test_graphs_run_where_they_are_built_for():
-    """train.compile = graphs: one process or DDP, one micro-batch per step, no activation
-    checkpointing, no expert parallelism; anything else is one sentence naming the
-    setting before any work."""
+    """train.compile = graphs: one process, one micro-batch per step, no activation
+    checkpointing; anything else is one sentence naming the setting before any work
+    (under DDP, graphs gave NaN gradients on 4 H100s: lit_modules/runtime.py
+    graphs_refusal)."""
     from arch.config import StageConfig
 
     assert build_strategy(TrainConfig(compile="graphs")) == "auto"
-    for cfg in (TrainConfig(compile="graphs", strategy="ddp", devices=2), TrainConfig(compile="graphs", devices=2)):
-        assert type(build_strategy(cfg)).__name__ == "MoelabDDPStrategy"
     refused = {
+        "train.strategy = ddp": TrainConfig(compile="graphs", strategy="ddp"),
         "train.strategy = fsdp": TrainConfig(compile="graphs", strategy="fsdp"),
-        "train.strategy = model_parallel": TrainConfig(compile="graphs", strategy="model_parallel"),
-        "train.expert_parallel = 2": TrainConfig(compile="graphs", strategy="ddp", devices=2, expert_parallel=2),
+        "2 processes": TrainConfig(compile="graphs", devices=2),
         "train.grad_accum = 2": TrainConfig(compile="graphs", grad_accum=2),
         "train.grad_accum = 4": TrainConfig(compile="graphs", stages=[StageConfig(name="a", steps=2),
                                                                       StageConfig(name="b", steps=2, grad_accum=4)]),
