@@ -12,7 +12,10 @@
 #                                   # blocks compiled, on one GPU (defaults 600 300)
 #
 # RECIPE= trains another proxy (RECIPE=proxies/qwen3_moe_tiny ... gpu: the CPU run's model
-# in bf16-mixed on a GPU); EXTRA_OVERRIDES="a.b=c ..." adds overrides to every run.
+# in bf16-mixed on a GPU); EXTRA_OVERRIDES="a.b=c ..." adds overrides to every run;
+# QAT_OVERRIDES to the QAT runs alone, where {start} stands for the step-T checkpoint they
+# resume from (Gemma 3's recipe, distilled from the unquantized starting weights:
+# QAT_OVERRIDES="train.distill.teacher={start} train.distill.alpha=1.0").
 # SEEDS="1 2 3" runs the whole comparison once per train.seed (initialisation and data
 # order), side by side, in $WORK/seed<S>, then prints each column's mean and spread over
 # the seeds ($WORK/seeds.md).
@@ -59,9 +62,12 @@ one() {  # one() DIR [SEED]: the base run, a QAT run per format, and the table, 
                 train.max_steps=$((T + N)) train.keep_checkpoints=0 ${seed:+train.seed=$seed})
   mkdir -p "$dir"; [ "$dir" = "$WORK" ] || cp "$WORK/val.txt" "$dir/"
   moelab train $RECIPE "${common[@]}" train.run_name=base train.ckpt_every=$T
+  local start qat=()
+  start="$dir/base/checkpoints/$(printf 'step%08d.ckpt' "$T")"
+  read -r -a qat <<< "${QAT_OVERRIDES:-}"
   for f in $FORMATS; do
     moelab train $RECIPE "${common[@]}" train.run_name=qat_$f train.ckpt_every=0 \
-        train.resume="$dir/base/checkpoints/$(printf 'step%08d.ckpt' "$T")" train.qat.format=$f train.qat.start_step=$T
+        train.resume="$start" train.qat.format=$f train.qat.start_step=$T "${qat[@]//\{start\}/$start}"
   done
   # the table: each checkpoint loaded once, scored as `moelab eval [--quantize F]` scores it
   "$PY" benchmarks/qat_table.py "$dir" "$T" "$N" $FORMATS | tee "$dir/table.md"
