@@ -71,3 +71,45 @@ def test_graphs_train_every_architecture(recipe, cache, tmp_path):
         assert losses["auto"][step] == pytest.approx(loss, abs=2e-2), (recipe, step)
     assert summaries["auto"]["val_loss"] == pytest.approx(summaries["true"]["val_loss"], abs=2e-2)
 
+
+
+# what a one-GPU run may turn on beside graphs (auto picks graphs for it): QAT switching on
+# mid-run (a recompile, so new graphs), stages changing the shapes and the RoPE, document
+# masks (flex block masks per batch), an online distillation teacher
+FEATURES = {
+    "qat": ["train.qat.format=int4", "train.qat.start_step=2"],
+    "stages": ["model.max_seq_len=128", "train.max_steps=null",
+               "train.stages=[{name: a, steps: 3}, {name: b, steps: 3, seq_len: 128, micro_batch_size: 4,"
+               " rope: {global: {theta: 4e6, scaling: linear, factor: 2}}}]"],
+    "document_mask": ["train.document_mask=true", "train.document_positions=true"],
+    "distill": ["train.distill.kind=sampled", "train.distill.alpha=0.5"],
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_graphs_train_with_every_feature(feature, cache, tmp_path):
+    """train.compile = auto (graphs on one GPU) beside each feature trains what the
+    compiled blocks train, step by step and in validation."""
+    extra = list(FEATURES[feature])
+    if feature == "distill":
+        from arch import build_model, load_recipe
+        from lit_modules.checkpoints.model_dir import save_model_dir
+        from lit_modules.data.datamodule import TokenDataModule
+
+        recipe = load_recipe(RECIPE, overrides(cache, tmp_path))
+        torch.manual_seed(1)
+        save_model_dir(build_model(recipe.model, device="cpu"), recipe, tmp_path / "teacher",
+                       tokenizer_path=TokenDataModule(recipe, verbose=False).tokenizer_path)
+        extra.append(f"train.distill.teacher={tmp_path / 'teacher'}")
+    losses, summaries = {}, {}
+    for compile in ("true", "auto"):
+        seen = Losses()
+        summaries[compile] = train(RECIPE, overrides(cache, tmp_path, *GPU, f"train.compile={compile}",
+                                                     f"train.run_name={compile}", "train.ckpt_every=0", *extra),
+                                   callbacks=[seen])
+        losses[compile] = seen.train
+    assert summaries["auto"]["compile"] == "graphs"
+    assert sorted(losses["auto"]) == [1, 2, 3, 4, 5, 6]
+    for step, loss in losses["true"].items():
+        assert losses["auto"][step] == pytest.approx(loss, abs=2e-2), (feature, step)
+    assert summaries["auto"]["val_loss"] == pytest.approx(summaries["true"]["val_loss"], abs=2e-2)
