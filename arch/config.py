@@ -448,9 +448,10 @@ class TrainConfig:
     # memory of one block's full weights per block)
     reshard_after_forward: bool = True
     # the dtype gradients cross the wire in, between data-parallel ranks: float32 (exact
-    # sums of float32 gradients) | bf16 (half the bytes: DDP's bf16 compression hook,
-    # FSDP2's reduce_dtype; the sum is rounded to bf16, then kept in float32 again).
-    # Expert shards under expert parallelism are averaged in float32 either way.
+    # sums of float32 gradients) | bf16 (half the bytes: a bf16 all-reduce hook under
+    # DDP, FSDP2's reduce_dtype; the average is rounded to bf16, then kept in float32).
+    # Expert shards under expert parallelism are averaged in float32 either way. On one
+    # host with NVLink (4 H100s) bf16 gained nothing; it is for slower networks.
     grad_reduce_dtype: str = "float32"
     num_nodes: int = 1  # hosts in a multi-node launch (torchrun / SLURM); devices is per host
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -40,10 +40,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from arch.config import TrainConfig
-from lit_modules.runtime import graphs_refusal, processes
 from arch.ranges import require_numbers
 from arch.registry import RecipeError, check_choice
 from experts.layers import check_expert_parallel
+from lit_modules.runtime import graphs_refusal, processes
+
 
 def _auto(train: TrainConfig) -> Any:
     """One process: Lightning's own choice (one device). Several (train.devices or

@@ -81,7 +81,13 @@ def _reduce_worker(rank, path):
     for precision in ("bf16-mixed", "32-true"):
         model = tiny_model("qwen3_moe").train()
         shard_model(model, TrainConfig(strategy="fsdp", grad_reduce_dtype="bf16"), torch.device("cpu"), precision)
-        out[precision] = model.layers[0]._get_fsdp_state()._mp_policy.reduce_dtype
+        ids = torch.randint(0, 256, (2, 8))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            model(ids, targets=ids).loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        finite = all(bool(torch.isfinite(g.full_tensor() if hasattr(g, "full_tensor") else g).all()) for g in grads)
+        out[precision] = (model.layers[0]._get_fsdp_state()._mp_policy.reduce_dtype,
+                          {g.dtype for g in grads}, finite and len(grads) > 10)
     grads = {}
     for dtype in ("float32", "bf16"):
         model = DDP(tiny_model("qwen3_moe").train())  # the same weights on both ranks (seed 0)
@@ -99,7 +105,9 @@ def _reduce_worker(rank, path):
 def test_grad_reduce_dtype_bf16(tmp_path):
     spawn_gloo(_reduce_worker, 2, tmp_path / "out.pt")
     policies, grads = torch.load(tmp_path / "out.pt")
-    assert policies == {"bf16-mixed": torch.bfloat16, "32-true": torch.bfloat16}
+    for precision, (reduce, grad_dtypes, finite) in policies.items():  # reduced in bf16, kept in float32
+        assert reduce == torch.bfloat16 and grad_dtypes == {torch.float32} and finite, precision
+    assert set(policies) == {"bf16-mixed", "32-true"}
     exact, bf16 = grads["float32"], grads["bf16"]
     assert exact.keys() == bf16.keys() and len(exact) > 10
     worst = max(((bf16[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in exact.items())
