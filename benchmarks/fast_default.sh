@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Fast by default (lit_modules/runtime.py resolve_speed): a Qwen3-MoE proxy derived from
 # the reference recipe with proxy.* alone, timed by `moelab bench` three ways on one GPU:
-#   auto      the recipe's defaults (train.compile auto, fused cross-entropy auto)
+#   auto      the recipe's defaults (train.compile auto: on one GPU the compiled blocks
+#             replayed as CUDA graphs; fused cross-entropy auto)
 #   tuned     the tuned proxies' switches set by hand (compile, fused CE 4096, compiled chunks)
 #   off       the switches off (the defaults before auto)
-# "auto" must match "tuned"; "off" shows what auto saves. Also the tuned W2 recipe.
+# "auto" must match "tuned" or beat it; "off" shows what auto saves. Also the tuned W2 recipe.
 #
 #   DTYPE=bf16 ROWS="auto tuned off" bash benchmarks/fast_default.sh
 source "$(dirname "$0")/_common.sh"
