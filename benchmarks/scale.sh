@@ -8,7 +8,7 @@
 #            micro-batch per GPU as the 1-GPU row, so "vs 1 GPU" is weak-scaling
 #            efficiency; the 1-GPU micro-8 batch split over 4 GPUs is the micro-2 row
 #            (strong scaling: its total tokens/s over the 1-GPU micro-8 row).
-#   fsdp     the fsdp rows of `weak` alone (ddp: the ddp rows)
+#   fsdp     the fsdp rows of `weak` alone (ddp: the ddp rows; ep: the fsdp + EP rows)
 #   experts  W2 with $MANY experts of width 256 (top-8): fsdp against fsdp + EP=N
 #   large    proxies/qwen3_moe_4gpu (10.7B parameters, does not fit one H100): fsdp + EP=N
 #   ckpt     W2 fsdp + EP=N writing a full, then a sharded checkpoint at step 5, each resumed for a
@@ -97,6 +97,10 @@ for set in $SETS; do
         for m in $MICROS; do run "fsdp_m$m" "fsdp" "$N" "$m" $W2 train.strategy=fsdp "$@"; done ;;
     ddp)  # the ddp rows of `weak` alone
         for m in $MICROS; do run "ddp_m$m" "ddp" "$N" "$m" $W2 train.strategy=ddp "$@"; done ;;
+    ep)  # the fsdp + EP rows of `weak` alone
+        for m in $MICROS; do
+            run "fsdp_ep_m$m" "fsdp + EP=$N" "$N" "$m" $W2 train.strategy=fsdp "train.expert_parallel=$N" "$@"
+        done ;;
     experts)
         run "fsdp_e$MANY" "fsdp, $MANY experts" "$N" 2 $W2 train.strategy=fsdp "model.moe.n_experts=$MANY" "$@"
         run "fsdp_ep_e$MANY" "fsdp + EP=$N, $MANY experts" "$N" 2 $W2 train.strategy=fsdp \
