@@ -220,7 +220,6 @@ def check_grad_reduce(value: str) -> None:
 def check_scale(recipe) -> None:
     """Recipe-level checks of expert parallelism, before any process starts."""
     check_ep_dispatch(recipe.train.ep_dispatch)
-    check_grad_reduce(recipe.train.grad_reduce_dtype)
     ep = recipe.train.expert_parallel
     if ep == 1:
         return
