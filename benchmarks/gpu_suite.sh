@@ -7,6 +7,11 @@
 #   W2  whole-model training step, Qwen3-MoE proxy, moelab vs HF transformers
 #   W3  whole-model training step, Gemma 3 proxy, moelab vs HF transformers
 #   W2_dense  the dense twin of W2 (same active parameters), moelab only
+# and issue 18's rows, shapes no reference names: W2n, a Qwen3-MoE proxy with more,
+# narrower experts (128 of 128) and longer sequences (4 x 4096) than W2; W3h, a Gemma 3
+# proxy with head_dim 256 and a longer window (1024) and context (4 x 4096) than W3
+# (both pure bf16, vs HF); W1 at Qwen3-235B-A22B's shape; a proxy derived from the
+# reference recipe with proxy.* alone (auto switches against none); the expert backends.
 # W2 and W3 run in pure bf16 (the condition of the reference HF figures) and in
 # bf16-mixed (fp32 master weights, how `moelab train` runs on a GPU).
 #
@@ -28,6 +33,10 @@ mkdir -p "$OUT"
 W1=(qwen3/30b_a3b train.compile=true --layer --tokens 16384)
 W2=(proxies/qwen3_moe_w2)
 W3=(proxies/gemma3_w3)
+W1_235=(qwen3/235b_a22b train.compile=true --layer --tokens 16384)
+W2n=(proxies/qwen3_moe_w2 model.moe.n_experts=128 model.moe.d_expert=128 train.seq_len=4096 train.micro_batch_size=4)
+W3h=(proxies/gemma3_w3 model.attention.head_dim=256 model.attention.query_pre_attn_scalar=256
+     model.layer_kinds.local.window=1024 train.seq_len=4096 train.micro_batch_size=4)
 
 run() {  # run NAME LIMIT_S ARGS...: one timed `moelab bench`, its JSON in $OUT/NAME.json
     local name=$1 limit=$2; shift 2
@@ -47,7 +56,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,
 echo "=== warming the compile caches (untimed, in parallel)"
 t0=$SECONDS
 for args in "${W1[*]}" "${W2[*]} --dtype bf16" "${W2[*]} --dtype bf16-mixed" \
-            "${W3[*]} --dtype bf16" "${W3[*]} --dtype bf16-mixed"; do
+            "${W3[*]} --dtype bf16" "${W3[*]} --dtype bf16-mixed" "${W1_235[*]}" \
+            "${W2n[*]} --dtype bf16" "${W3h[*]} --dtype bf16"; do
     # shellcheck disable=SC2086  # word splitting of $args is wanted
     timeout "${WARM_LIMIT:-150}" "$PY" -m lit_modules.cli bench $args --warmup 1 --steps 1 \
         >/dev/null 2>>"$WARM_LOG" &
@@ -83,8 +93,10 @@ for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPB
 EOF
 run W2_dense 60 proxies/dense_w2 --dtype bf16-mixed
 
-# issue 18's rows: a proxy derived with proxy.* alone (auto switches against none), and
-# the expert backends at the W1 shapes (grouped_mm, triton; eager and compiled)
+# issue 18's rows
+run W2n_bf16 120 "${W2n[@]}" --vs-hf --dtype bf16
+run W3h_bf16 150 "${W3h[@]}" --vs-hf --dtype bf16
+run W1_235 120 "${W1_235[@]}"
 echo
 echo "=== fast by default: derived proxy, auto / off"
 DTYPE=bf16 ROWS="auto off" timeout 400 bash benchmarks/fast_default.sh || failed+=(fast_default)
