@@ -111,9 +111,17 @@ def flex_kernel_options(head_dim: int, dtype: torch.dtype, capability: Optional[
     return None
 
 
-@torch.compiler.assume_constant_result  # read at trace time inside a compiled block, no graph break
-def _capability(index: Optional[int]) -> Tuple[int, int]:
-    return torch.cuda.get_device_capability(index)  # None: the current device
+_CAPABILITY: dict = {}  # CUDA device index -> compute capability
+
+
+def cuda_capability(device: torch.device) -> Tuple[int, int]:
+    """The compute capability of a CUDA `device`, read once and remembered. Called outside
+    compiled code (Attention.block_mask, the eager flex path), so that compiled blocks
+    find it in _CAPABILITY: Dynamo reads a dict, it does not trace the CUDA query."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
 
 
 @functools.lru_cache(maxsize=1)
@@ -140,8 +148,9 @@ def flex_attn(q, k, v, scale: float, window: Optional[int], softcap: Optional[fl
     if block_mask is None:
         block_mask = _block_mask(q.shape[2], window, str(q.device))
     options = None
-    if q.is_cuda:
-        options = flex_kernel_options(max(q.shape[-1], v.shape[-1]), q.dtype, _capability(q.device.index), q.shape[2])
+    if q.is_cuda:  # compiling, a capability not yet read means Inductor's default tiles
+        capability = _CAPABILITY.get(q.device.index) if torch.compiler.is_compiling() else cuda_capability(q.device)
+        options = flex_kernel_options(max(q.shape[-1], v.shape[-1]), q.dtype, capability, q.shape[2])
     if sinks is None:
         return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True,
                   kernel_options=options)
@@ -266,7 +275,10 @@ class Attention(nn.Module):
         when the layer does not use flex. With `doc_ids` (B, T) (arch/documents.py): a
         flex block mask of the documents, or a boolean (B, 1, T, T) mask for the SDPA
         and eager paths."""
-        flex = self._impl(T, torch.device(device).type == "cuda", documents=doc_ids is not None) == "flex"
+        device = torch.device(device)
+        flex = self._impl(T, device.type == "cuda", documents=doc_ids is not None) == "flex"
+        if flex and device.type == "cuda":
+            cuda_capability(device)  # for flex_attn's tiles inside the compiled blocks
         if doc_ids is None:
             return _block_mask(T, self.window, str(device)) if flex else None
         return document_block_mask(doc_ids, self.window) if flex else document_mask(doc_ids, self.window)

@@ -44,10 +44,23 @@ def test_cpu_flex_takes_no_options(monkeypatch):
     """On a CPU flex_attention gets no kernel options at all (and no capability read)."""
     seen = []
     monkeypatch.setattr(attention, "flex_attention", lambda *a, **kw: seen.append(kw["kernel_options"]) or a[0])
-    monkeypatch.setattr(attention, "_capability", lambda index: pytest.fail("capability read on a CPU"))
+    monkeypatch.setattr(attention, "cuda_capability", lambda device: pytest.fail("capability read on a CPU"))
     q = torch.randn(1, 2, 128, 256)
     flex_attn(q, q, q, 0.0625, None, None)
     assert seen == [None]
+
+
+def test_capability_read_once_per_device(monkeypatch):
+    """cuda_capability asks CUDA once per device (the current one for a bare "cuda") and
+    remembers it where compiled blocks look (_CAPABILITY)."""
+    asked = []
+    monkeypatch.setattr(attention, "_CAPABILITY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for _ in range(3):
+        assert attention.cuda_capability(torch.device("cuda:0")) == (9, 0)
+    assert attention.cuda_capability(torch.device("cuda")) == (9, 0)
+    assert asked == [0, 1] and attention._CAPABILITY == {0: (9, 0), 1: (9, 0)}
 
 
 @pytest.mark.gpu
@@ -58,7 +71,7 @@ def test_cpu_flex_takes_no_options(monkeypatch):
 def test_tuned_flex_matches_eager_on_cuda(head_dim, window, compiled):
     """bf16 flex with the tiles this GPU gets (the tuned ones on an H100) against the
     eager path in float32: output and every input gradient, within bf16 rounding; inside
-    a compiled region too (fullgraph: reading the capability breaks no graph)."""
+    a compiled region too (fullgraph: taking the tiles breaks no graph)."""
     torch.manual_seed(0)
     B, H, KV, T = 2, 4, 2, 384
     q = torch.randn(B, H, T, head_dim, device="cuda")
@@ -66,6 +79,7 @@ def test_tuned_flex_matches_eager_on_cuda(head_dim, window, compiled):
     scale = head_dim ** -0.5
     q32, k32, v32 = (t.clone().requires_grad_() for t in (q, k, v))
     q16, k16, v16 = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    attention.cuda_capability(q.device)  # as Attention.block_mask does before the compiled blocks run
     fn = torch.compile(flex_attn, fullgraph=True, dynamic=False) if compiled else flex_attn
     out = fn(q16, k16, v16, scale, window, None)
     ref = eager_attention(q32, k32, v32, scale, window, None)
