@@ -86,8 +86,9 @@ def _block_mask(T: int, window: Optional[int], device: str):
 # largest head size they serve; torch's own defaults elsewhere. From a sweep of
 # Inductor's fwd_/bwd_ kernel options at Gemma 3 shapes on one H100 (torch 2.11,
 # benchmarks/results/flex_tiles_h100.md): at head_dim 256 the backward runs 23% faster
-# and the forward ~30%; at 128 the backward ~12%. Larger tiles fail for want of shared
-# memory, and float32 operands (twice the bytes) keep the defaults.
+# and the forward ~30% (a Gemma 3 proxy at head_dim 256 trains 10% faster:
+# issue18_rows_h100.md); at 128 the backward ~12% (W3 end to end: within noise). Larger
+# tiles fail for want of shared memory; float32 operands (twice the bytes) keep the defaults.
 FLEX_TILES_SM90 = (
     (128, dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=2,
                bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=64,
