@@ -188,8 +188,7 @@ def build_strategy(train: TrainConfig) -> Any:
     if train.expert_parallel > 1 and train.strategy == "auto" and processes(train) == 1:
         raise RecipeError(f"train.expert_parallel = {train.expert_parallel} needs several processes; set "
                           f"train.devices (and train.strategy to ddp or fsdp), or train.expert_parallel=1.")
-    check_ep_dispatch(train.ep_dispatch)
-    check_grad_reduce(train.grad_reduce_dtype)
+    check_grad_reduce(train.grad_reduce_dtype)  # train.ep_dispatch: check_scale, with the other EP checks
     check_graphs(train)
     return STRATEGIES[train.strategy](train)
 
