@@ -6,13 +6,16 @@ side, collective under data parallelism) drive it:
 
     one optimizer step, grad_accum > 1, aux_scope global, a bias rate:
 
-    precompute_global_counts(model, micro_batches)
+    precompute_global_counts(model, micro_batches[:-1], one_more=True)
         every layer: start_counting()     forwards now only count(counts_E, T)
-        no-grad forward of each micro-batch
+        no-grad forward of each micro-batch but the last
         every layer: stop_counting()      -> (counts_E, tokens) of this rank
         one all-reduce of all layers' rows over the data-parallel group
-        every layer: set_step_counts(...) f^G of the whole step
-    for each micro-batch: forward (loss from step_counts(...)) and backward;
+        every layer: set_other_counts(...) the step's other micro-batches
+    the last micro-batch first: its training forward sums its own counts over the
+        ranks (as with grad_accum = 1) and adds the others': f^G of the whole step
+    next_micro_batch(model)               every layer: that sum becomes the step counts
+    each other micro-batch: forward (loss from step_counts(...)) and backward;
         every training forward: record_selections(counts_E)
     update_router_biases(model)           every layer: take_loads() -> one all-reduce
                                           -> router.update_bias
@@ -82,11 +85,13 @@ class BalanceState:
         self.running = False  # global_counts: running (set by the layer from its config)
         self._before: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the step's closed micro-batches
         self._current: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # this micro-batch, all ranks
+        self._completing = False  # set_other_counts: the next training forward completes the step's counts
 
     def reset(self) -> None:
         """Forget every count (keeps `dp_group`)."""
         self._counted, self._counting, self._step, self._loads_E = None, False, None, None
         self._before = self._current = None
+        self._completing = False
 
     # ---------------------------------------------------- global-batch counts (f^G)
 
@@ -118,16 +123,34 @@ class BalanceState:
         micro-batches): f^G for the training forwards until `clear_step_counts`."""
         self._step = (counts_E, tokens)
 
+    def set_other_counts(self, counts_E: torch.Tensor, tokens: torch.Tensor) -> None:
+        """The selections and tokens of all the step's micro-batches but one (all ranks):
+        the next training forward sums its own over `dp_group` and adds these, which is
+        f^G of the whole step, and `next_micro_batch` keeps that sum as the step counts
+        for the other micro-batches' forwards. Exact, with one pre-pass forward fewer."""
+        self._step, self._current = None, None
+        self._before, self._completing = (counts_E, tokens), True
+
     def clear_step_counts(self) -> None:
         self._step = self._before = self._current = None
+        self._completing = False
+
+    @property
+    def _adds(self) -> bool:
+        """Whether a training forward's summed counts are added to the step's others
+        (`_before`): the running form, or the forward that completes set_other_counts."""
+        return self.running or self._completing
 
     def next_micro_batch(self) -> None:
-        """Running form: the micro-batch whose counts `step_counts` summed is done;
-        the next training forward adds its own to them."""
+        """The micro-batch whose counts `step_counts` summed is done. Running form: the
+        next training forward adds its own to them. After set_other_counts: the step's
+        counts are complete, and every later forward of the step uses them."""
         if self._current is not None:
             c = self._current
             self._before = c if self._before is None else (self._before[0] + c[0], self._before[1] + c[1])
             self._current = None
+            if self._completing:
+                self._step, self._completing = self._before, False
 
     def step_counts(self, counts_E: torch.Tensor, T: int, training: bool) -> Tuple[torch.Tensor, Tokens]:
         """(selection counts, tokens) over the optimizer-step batch, for f^G of the
@@ -150,12 +173,13 @@ class BalanceState:
         precomputed step counts, that is not activation checkpointing's re-run of a
         micro-batch the running form has already summed."""
         return (self._step is None and training and torch.is_grad_enabled()
-                and not (self.running and self._current is not None))
+                and not (self._adds and self._current is not None))
 
     def summed(self, row: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(counts, tokens) of the step from `row`, this forward's `count_row` summed
-        over `dp_group`; the running form adds the step's earlier micro-batches."""
-        if self.running:
+        over `dp_group`; the running form adds the step's earlier micro-batches, and the
+        forward after set_other_counts the step's other micro-batches."""
+        if self._adds:
             self._current = (row[:-1], row[-1])
             return self._running_sum()
         return row[:-1], row[-1]

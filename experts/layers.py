@@ -70,7 +70,7 @@ def set_dp_group(model: nn.Module, group) -> None:
 
 
 @torch.no_grad()
-def precompute_global_counts(model: nn.Module, micro_batches: Iterable, group=None) -> bool:
+def precompute_global_counts(model: nn.Module, micro_batches: Iterable, group=None, one_more: bool = False) -> bool:
     """Count expert selections over one optimizer step's micro-batches (input ids
     (B, T) each, on the model's device, or (input ids, targets) pairs: a model with
     multi-token prediction needs the targets to run its MTP layers; a third item: the
@@ -80,12 +80,17 @@ def precompute_global_counts(model: nn.Module, micro_batches: Iterable, group=No
     on the layers, whose training forwards then use them as f^G of the global-batch
     loss.
 
-    Cost: one extra no-grad forward over the step's tokens, paid only when some layer
+    Cost: one extra no-grad forward per micro-batch given, paid only when some layer
     has aux_scope global with aux_coef > 0 (otherwise this returns False at once, and
     it is not needed at all with grad_accum = 1). The counts are exact when the
     training forwards route as this one does: router jitter (or anything random
     before the routers) makes them an approximation. Clear them after the optimizer
-    step with `clear_global_counts`."""
+    step with `clear_global_counts`.
+
+    `one_more`: the step has one micro-batch more than `micro_batches`, whose training
+    forward runs first and completes the counts with its own (BalanceState
+    .set_other_counts; call `next_micro_batch` after it): the same f^G for one no-grad
+    forward fewer (half the pre-pass at grad_accum 2)."""
     layers = [m for m in moe_layers(model) if m.cfg.balance.aux_scope == "global" and m.cfg.balance.aux_coef > 0
               and m.cfg.balance.global_counts == "exact"]  # the running form needs no pre-pass
     if not layers:
@@ -107,7 +112,10 @@ def precompute_global_counts(model: nn.Module, micro_batches: Iterable, group=No
     rows = [count_row(c, n) for c, n in counted]
     table = all_reduce_sum(torch.stack(rows), group if group is not None else layers[0].balance.dp_group)
     for layer, row in zip(layers, table):
-        layer.balance.set_step_counts(row[:-1], row[-1])
+        if one_more:
+            layer.balance.set_other_counts(row[:-1], row[-1])
+        else:
+            layer.balance.set_step_counts(row[:-1], row[-1])
     return True
 
 

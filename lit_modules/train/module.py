@@ -5,8 +5,9 @@ accumulation, the global-batch balancing loss and the router-bias update sit in 
 place, `training_step`:
 
     batch (B = micro_batch_size x grad_accum, seq_len + 1) -> inputs / targets
-    [global aux scope: expert counts of all micro-batches, all ranks, precomputed
-     (global_counts exact) or summed as the micro-batches go (running)]
+    [global aux scope: expert counts of all micro-batches, all ranks: precomputed for
+     all but the last, which trains first and adds its own (global_counts exact), or
+     summed as the micro-batches go (running)]
     for each micro-batch: loss = CE + sum(weighted balancing losses)
                           (with train.distill: alpha * distill + (1 - alpha) * CE + ...)
                           backward(loss / grad_accum)   (DDP syncs on the last only)
@@ -253,20 +254,24 @@ class CausalLM(L.LightningModule):
             self.teacher.begin_step(self.global_step, batch)
         # Qwen's global-batch loss needs the expert frequencies of the whole step (all
         # micro-batches, all ranks) before the first micro-batch's backward; with one
-        # micro-batch the layers all-reduce them inside the forward. Returns at once
-        # when no layer has the global scope with exact counts (the running form sums
-        # them as the micro-batches go).
-        if n > 1:
-            precompute_global_counts(self.model, list(zip(xs, ys, docs)), group=None)
+        # micro-batch the layers all-reduce them inside the forward. A routing pre-pass
+        # counts all micro-batches but the last, which then trains first: its forward
+        # adds its own counts, and the others train with the complete ones. Returns at
+        # once when no layer has the global scope with exact counts (the running form
+        # sums them as the micro-batches go, in order).
+        order = list(range(n))
+        if n > 1 and precompute_global_counts(self.model, list(zip(xs, ys, docs))[:-1], group=None, one_more=True):
+            order = [n - 1] + order[:-1]
         sums: Dict[str, torch.Tensor] = {}
         try:
-            for i, (xi, yi) in enumerate(zip(xs, ys)):
-                if i > 0:  # the running form of the global counts (a no-op for the exact one)
+            for pos, i in enumerate(order):
+                xi, yi, last = xs[i], ys[i], pos == n - 1
+                if pos > 0:  # close the previous micro-batch's counts (a no-op without global counts)
                     next_micro_batch(self.model)
                 # gradients are all-reduced only in the last micro-batch's backward
                 if n > 1:  # one micro-batch: FSDP2's default (reduce every backward) is right
-                    self.scale_plan.sync_grads(self.model, i == n - 1)
-                with opt.toggle_model(sync_grad=(i == n - 1)):
+                    self.scale_plan.sync_grads(self.model, last)
+                with opt.toggle_model(sync_grad=last):
                     self.new_graph_step()
                     if self.teacher is None:
                         out = self.model(xi, targets=yi, return_logits=False, **docs[i])

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import spawn_gloo, tiny_model
-from experts.layers import clear_global_counts, precompute_global_counts, update_router_biases
+from experts.layers import clear_global_counts, next_micro_batch, precompute_global_counts, update_router_biases
 
 OVERRIDES = ("model.moe.balance.aux_scope=global", "model.moe.balance.aux_coef=0.1",
              "model.moe.router.bias_update_rate=0.01", "model.n_layers=2")
@@ -31,14 +31,23 @@ def step_loss(model, ids):
     return out.loss + sum(out.aux.values()), out.aux["aux_loss"]
 
 
-def run_accumulated(model, micro_batches):
-    """Gradient accumulation as a training loop does it: precompute the counts, then
-    backward the mean of the micro-batch losses. Returns the mean loss and aux loss."""
+def run_accumulated(model, micro_batches, one_more=False):
+    """Gradient accumulation: precompute the counts, then backward the mean of the
+    micro-batch losses. Returns the mean loss and aux loss. `one_more`: as the training
+    loop does it, the pre-pass counts all micro-batches but the last, which trains first
+    and completes the counts in its forward."""
     n = len(micro_batches)
-    precompute_global_counts(model, micro_batches)
+    order = list(range(n))
+    if one_more:
+        assert precompute_global_counts(model, micro_batches[:-1], one_more=True)
+        order = [n - 1] + order[:-1]
+    else:
+        precompute_global_counts(model, micro_batches)
     loss_sum = aux_sum = 0.0
-    for ids in micro_batches:
-        loss, aux = step_loss(model, ids)
+    for pos, i in enumerate(order):
+        if pos > 0:
+            next_micro_batch(model)
+        loss, aux = step_loss(model, micro_batches[i])
         (loss / n).backward()
         loss_sum, aux_sum = loss_sum + loss.detach() / n, aux_sum + aux.detach() / n
     clear_global_counts(model)
@@ -62,14 +71,14 @@ def assert_same(got, ref, what):
 def _worker(rank, world, path):
     ref = torch.load(path)
     local = ref["ids"].chunk(world)[rank]
-    for accum in (1, 2):
+    for accum, one_more in ((1, False), (2, False), (2, True)):
         model = make_model()
         model.load_state_dict(ref["state"])
         if accum == 1:  # counts all-reduced inside forward
             loss, aux = step_loss(model, local)
             loss.backward()
-        else:  # each rank: 2 micro-batches of 2 sequences, counts precomputed
-            loss, aux = run_accumulated(model, list(local.chunk(accum)))
+        else:  # each rank: 2 micro-batches of 2 sequences, counts precomputed (one_more: of one)
+            loss, aux = run_accumulated(model, list(local.chunk(accum)), one_more)
         # what DDP does: average gradients (and here the logged losses) over ranks
         for t in [loss, aux] + [p.grad for p in model.parameters()]:
             dist.all_reduce(t)
@@ -98,15 +107,17 @@ def test_global_batch_loss_is_split_invariant(tmp_path):
     ref["biases"] = biases(model)
     assert all(b.abs().sum() > 0 for b in ref["biases"])  # the update did something
 
-    # 4 accumulation steps of 2 sequences, counts precomputed
-    model = make_model()
-    model.load_state_dict(state)
-    loss4, aux4 = run_accumulated(model, list(ids.chunk(4)))
-    assert loss4.item() == pytest.approx(ref["loss"], rel=1e-5)
-    assert aux4.item() == pytest.approx(ref["aux"], rel=1e-5)
-    assert_same(grads(model), ref["grads"], "4 accumulation steps")
-    update_router_biases(model)
-    assert all(torch.equal(b, r) for b, r in zip(biases(model), ref["biases"]))
+    # 4 accumulation steps of 2 sequences, counts precomputed: of all 4, and of 3 (the
+    # training loop's way: the 4th completes them in its own forward)
+    for one_more in (False, True):
+        model = make_model()
+        model.load_state_dict(state)
+        loss4, aux4 = run_accumulated(model, list(ids.chunk(4)), one_more)
+        assert loss4.item() == pytest.approx(ref["loss"], rel=1e-5)
+        assert aux4.item() == pytest.approx(ref["aux"], rel=1e-5)
+        assert_same(grads(model), ref["grads"], f"4 accumulation steps, one_more={one_more}")
+        update_router_biases(model)
+        assert all(torch.equal(b, r) for b, r in zip(biases(model), ref["biases"]))
 
     # without the precompute each micro-batch would use its own counts: the test
     # above must be able to tell the difference
@@ -140,6 +151,30 @@ def test_running_counts_sum_the_micro_batches_so_far():
         b.clear_step_counts()
         c3, _ = b.step_counts(torch.tensor([1, 0, 0]), 1, training=True)
         assert c3.tolist() == [1, 0, 0]
+
+
+def test_other_counts_completed_by_the_next_forward():
+    """BalanceState.set_other_counts, by hand: the next training forward gets the others'
+    counts plus its own (and an activation-checkpointing re-run the same sum); after
+    next_micro_batch that sum is the step's, whatever the later forwards count."""
+    from experts.balance import BalanceState
+
+    b = BalanceState(3)
+    b.set_other_counts(torch.tensor([2, 0, 1]), torch.tensor(3))
+    with torch.enable_grad():
+        assert b.needs_sum(training=True)  # its own counts cross the ranks
+        c, n = b.step_counts(torch.tensor([1, 2, 3]), 6, training=True)
+        assert c.tolist() == [3, 2, 4] and int(n) == 9
+        assert not b.needs_sum(training=True)  # the re-run sums nothing again
+        again, _ = b.step_counts(torch.tensor([9, 9, 9]), 27, training=True)
+        assert again.tolist() == [3, 2, 4]
+        b.next_micro_batch()
+        for other in ([0, 0, 7], [5, 1, 0]):
+            c, n = b.step_counts(torch.tensor(other), 7, training=True)
+            assert c.tolist() == [3, 2, 4] and int(n) == 9
+        b.clear_step_counts()
+        c, _ = b.step_counts(torch.tensor([1, 0, 0]), 1, training=True)
+        assert c.tolist() == [1, 0, 0]
 
 
 @torch.no_grad()

@@ -80,11 +80,34 @@ def test_split_into_micro_batches_gpu_bf16(cache, tmp_path):
     assert max_rel_diff(g[4], g[1]) < 2e-2
 
 
-def test_activation_checkpointing_changes_nothing(cache, tmp_path):
-    plain = first_gradients(cache, tmp_path / "plain", "train.grad_accum=2", "train.micro_batch_size=4")
+@pytest.mark.parametrize("scope", ["micro", "global"])
+def test_activation_checkpointing_changes_nothing(cache, tmp_path, scope):
+    """Also with the global-batch loss, whose first-trained micro-batch completes the
+    pre-pass's counts in its forward (the re-run in its backward must not add them twice)."""
+    moe = [f"model.moe.balance.aux_scope={scope}", "model.moe.balance.aux_coef=0.5"]
+    plain = first_gradients(cache, tmp_path / "plain", "train.grad_accum=2", "train.micro_batch_size=4", *moe)
     ac = first_gradients(cache, tmp_path / "ac", "train.grad_accum=2", "train.micro_batch_size=4",
-                         "train.activation_checkpointing=true")
+                         "train.activation_checkpointing=true", *moe)
     assert max_rel_diff(ac, plain) < 1e-6
+
+
+def test_routing_pre_pass_counts_all_micro_batches_but_one(cache, tmp_path, monkeypatch):
+    """grad_accum 4 with the exact global counts: the pre-pass runs over 3 micro-batches
+    (the 4th, trained first, completes the counts in its own forward)."""
+    import lit_modules.train.module as module
+
+    seen = []
+    real = module.precompute_global_counts
+
+    def spy(model, micro_batches, group=None, one_more=False):
+        seen.append((len(micro_batches), one_more))
+        return real(model, micro_batches, group, one_more)
+
+    monkeypatch.setattr(module, "precompute_global_counts", spy)
+    moe = ["model.moe.balance.aux_scope=global", "model.moe.balance.aux_coef=0.5", "train.grad_accum=4",
+           "train.micro_batch_size=2"]
+    first_gradients(cache, tmp_path / "exact", *moe)
+    assert seen == [(3, True)]
 
 
 def test_router_bias_moves_before_the_step(cache, tmp_path):
