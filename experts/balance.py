@@ -85,13 +85,11 @@ class BalanceState:
         self.running = False  # global_counts: running (set by the layer from its config)
         self._before: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the step's closed micro-batches
         self._current: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # this micro-batch, all ranks
-        self._completing = False  # set_other_counts: the next training forward completes the step's counts
 
     def reset(self) -> None:
         """Forget every count (keeps `dp_group`)."""
         self._counted, self._counting, self._step, self._loads_E = None, False, None, None
         self._before = self._current = None
-        self._completing = False
 
     # ---------------------------------------------------- global-batch counts (f^G)
 
@@ -128,18 +126,17 @@ class BalanceState:
         the next training forward sums its own over `dp_group` and adds these, which is
         f^G of the whole step, and `next_micro_batch` keeps that sum as the step counts
         for the other micro-batches' forwards. Exact, with one pre-pass forward fewer."""
-        self._step, self._current = None, None
-        self._before, self._completing = (counts_E, tokens), True
+        self._step, self._current, self._before = None, None, (counts_E, tokens)
 
     def clear_step_counts(self) -> None:
         self._step = self._before = self._current = None
-        self._completing = False
 
     @property
     def _adds(self) -> bool:
         """Whether a training forward's summed counts are added to the step's others
-        (`_before`): the running form, or the forward that completes set_other_counts."""
-        return self.running or self._completing
+        (`_before`): the running form, or the forward that completes set_other_counts
+        (the exact form holds others' counts only until that forward's are added)."""
+        return self.running or (self._step is None and self._before is not None)
 
     def next_micro_batch(self) -> None:
         """The micro-batch whose counts `step_counts` summed is done. Running form: the
@@ -149,8 +146,8 @@ class BalanceState:
             c = self._current
             self._before = c if self._before is None else (self._before[0] + c[0], self._before[1] + c[1])
             self._current = None
-            if self._completing:
-                self._step, self._completing = self._before, False
+            if not self.running:  # set_other_counts' forward has completed the step's counts
+                self._step = self._before
 
     def step_counts(self, counts_E: torch.Tensor, T: int, training: bool) -> Tuple[torch.Tensor, Tokens]:
         """(selection counts, tokens) over the optimizer-step batch, for f^G of the
