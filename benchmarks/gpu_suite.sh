@@ -21,13 +21,23 @@
 # timed runs, most important first; each has a time limit, and one that fails is
 # reported while the rest still run. About 4-5 minutes on one H100.
 # Tables go to stdout; JSON per workload, and a kernel profile of W2, go to $OUT.
+# ROWS names the rows to run (default: all, in the order below); only their compiled
+# configurations are warmed. On a machine with several GPUs, two halves can run side by
+# side, one GPU each (each row still has its GPU to itself):
 #
 #   PYTHONPATH=/path/to/omegaconf:$PYTHONPATH bash benchmarks/gpu_suite.sh
+#   CUDA_VISIBLE_DEVICES=1 OUT=out_b ROWS="W2n_bf16 W3h_bf16 W1_235" bash benchmarks/gpu_suite.sh
 source "$(dirname "$0")/_common.sh"
 OUT=${OUT:-bench_out}
 WARM_LOG=${WARM_LOG:-/tmp/moelab_warm.log}
 STEPS=${STEPS:-10}    # timed steps per run (the median is reported)
 WARMUP=${WARMUP:-3}
+ALL_ROWS="W2_bf16 W3_bf16 W1 W2 W3 profile sdpa_gqa W2_dense W2n_bf16 W3h_bf16 W1_235 fast_default expert_kernels"
+ROWS=${ROWS:-$ALL_ROWS}
+for row in $ROWS; do
+    [[ " $ALL_ROWS " == *" $row "* ]] || { echo "gpu_suite.sh: unknown row '$row' in ROWS; rows: $ALL_ROWS"; exit 2; }
+done
+want() { [[ " $ROWS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 
 W1=(qwen3/30b_a3b train.compile=true --layer --tokens 16384)
@@ -40,6 +50,7 @@ W3h=(proxies/gemma3_w3 model.attention.head_dim=256 model.attention.query_pre_at
 
 run() {  # run NAME LIMIT_S ARGS...: one timed `moelab bench`, its JSON in $OUT/NAME.json
     local name=$1 limit=$2; shift 2
+    want "$name" || return 0
     echo
     echo "=== $name: moelab bench $*"
     local t0=$SECONDS
@@ -55,9 +66,16 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,
 
 echo "=== warming the compile caches (untimed, in parallel)"
 t0=$SECONDS
-for args in "${W1[*]}" "${W2[*]} --dtype bf16" "${W2[*]} --dtype bf16-mixed" \
-            "${W3[*]} --dtype bf16" "${W3[*]} --dtype bf16-mixed" "${W1_235[*]}" \
-            "${W2n[*]} --dtype bf16" "${W3h[*]} --dtype bf16"; do
+warm=()  # the compiled configurations of the rows asked for
+want W1 && warm+=("${W1[*]}")
+{ want W2_bf16 || want profile; } && warm+=("${W2[*]} --dtype bf16")
+want W2 && warm+=("${W2[*]} --dtype bf16-mixed")
+want W3_bf16 && warm+=("${W3[*]} --dtype bf16")
+want W3 && warm+=("${W3[*]} --dtype bf16-mixed")
+want W1_235 && warm+=("${W1_235[*]}")
+want W2n_bf16 && warm+=("${W2n[*]} --dtype bf16")
+want W3h_bf16 && warm+=("${W3h[*]} --dtype bf16")
+for args in "${warm[@]}"; do
     # shellcheck disable=SC2086  # word splitting of $args is wanted
     timeout "${WARM_LIMIT:-150}" "$PY" -m lit_modules.cli bench $args --warmup 1 --steps 1 \
         >/dev/null 2>>"$WARM_LOG" &
@@ -73,11 +91,13 @@ run W3_bf16 90 "${W3[@]}" --vs-hf --dtype bf16
 run W1 90 "${W1[@]}" --with-loop --measure-ceiling
 run W2 90 "${W2[@]}" --vs-hf --dtype bf16-mixed
 run W3 90 "${W3[@]}" --vs-hf --dtype bf16-mixed
-echo
-echo "=== W2 kernel profile (pure bf16)"
-timeout 60 "$PY" benchmarks/profile_step.py "${W2[@]}" --dtype bf16 >"$OUT/profile.txt" 2>&1 || failed+=(profile)
-head -40 "$OUT/profile.txt"
-echo "=== SDPA flash backend with enable_gqa (W2's attention shape)"
+if want profile; then
+    echo
+    echo "=== W2 kernel profile (pure bf16)"
+    timeout 60 "$PY" benchmarks/profile_step.py "${W2[@]}" --dtype bf16 >"$OUT/profile.txt" 2>&1 || failed+=(profile)
+    head -40 "$OUT/profile.txt"
+fi
+want sdpa_gqa && { echo "=== SDPA flash backend with enable_gqa (W2's attention shape)"
 timeout 30 "$PY" - <<'EOF' || failed+=(sdpa_gqa)
 import torch, torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -91,17 +111,22 @@ for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPB
     except RuntimeError as e:
         print(backend.name, "takes enable_gqa: no", str(e).splitlines()[0][:120])
 EOF
+}
 run W2_dense 60 proxies/dense_w2 --dtype bf16-mixed
 
 # issue 18's rows
 run W2n_bf16 120 "${W2n[@]}" --vs-hf --dtype bf16
 run W3h_bf16 150 "${W3h[@]}" --vs-hf --dtype bf16
 run W1_235 120 "${W1_235[@]}"
-echo
-echo "=== fast by default: derived proxy, auto / off"
-DTYPE=bf16 ROWS="auto off" timeout 400 bash benchmarks/fast_default.sh || failed+=(fast_default)
-echo "=== expert kernels at the W1 shapes"
-timeout 300 "$PY" benchmarks/expert_kernels.py --no-loop --compile 2>&1 | grep -v Warning || failed+=(expert_kernels)
+if want fast_default; then
+    echo
+    echo "=== fast by default: derived proxy, auto / off"
+    DTYPE=bf16 ROWS="auto off" timeout 400 bash benchmarks/fast_default.sh || failed+=(fast_default)
+fi
+if want expert_kernels; then
+    echo "=== expert kernels at the W1 shapes"
+    timeout 300 "$PY" benchmarks/expert_kernels.py --no-loop --compile 2>&1 | grep -v Warning || failed+=(expert_kernels)
+fi
 
 echo
 if [ ${#failed[@]} -gt 0 ]; then
