@@ -73,6 +73,31 @@ def check_expert_backend(model, device_type: str) -> None:
         raise RecipeError(problem)
 
 
+def check_compiled_experts(model, compile_: Any, compute_dtype: torch.dtype, precision_fix: str) -> None:
+    """Refuse, before any work, compiled blocks with grouped_mm experts in a dtype torch
+    cannot compile them in: its compiled grouped_mm takes bf16 only, even on a CPU whose
+    eager kernel runs float32 (probed on meta tensors, so a torch that lifts the limit
+    passes). `model`: a ModelConfig; `precision_fix`: how this command picks bf16."""
+    if (model.moe.n_experts <= 0 or model.moe.backend != "grouped_mm" or compile_ not in (True, "graphs")
+            or _grouped_mm_compiles(compute_dtype)):
+        return
+    raise RecipeError(f"train.compile = {str(compile_).lower()} with model.moe.backend = grouped_mm needs bf16 compute, not "
+                      f"{str(compute_dtype).replace('torch.', '')} (torch compiles grouped_mm for bf16 only); "
+                      f"{precision_fix}, or set train.compile=false or model.moe.backend=loop.")
+
+
+def _grouped_mm_compiles(dtype: torch.dtype) -> bool:
+    """Whether grouped_mm's meta rule, the one torch.compile traces with, takes `dtype`."""
+    from experts.backends import _grouped_mm
+
+    try:
+        _grouped_mm(torch.empty(8, 16, dtype=dtype, device="meta"), torch.empty(2, 8, 16, dtype=dtype,
+                    device="meta").transpose(-2, -1), offs=torch.empty(2, dtype=torch.int32, device="meta"))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

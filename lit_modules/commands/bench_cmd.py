@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
 
 def run_bench(args) -> int:
     from arch import load_recipe
-    from lit_modules.runtime import check_expert_backend, resolve_device, resolve_speed
+    from lit_modules.runtime import check_compiled_experts, check_expert_backend, resolve_device, resolve_speed
     from lit_modules.tools import bench
 
     device = resolve_device(args.device)
@@ -59,6 +59,8 @@ def run_bench(args) -> int:
     if args.vs_hf and args.layer:
         raise bench.BenchError("--vs-hf compares whole models; drop it or --layer.")
     precision = bench.resolve_precision(args.dtype, device, recipe.train.precision, layer=args.layer)
+    check_compiled_experts(recipe.model, recipe.train.compile, precision.autocast_dtype or precision.param_dtype,
+                           "pass --dtype bf16-mixed or bf16")
     peak, source = bench.resolve_peak(args.peak_tflops, recipe.train.peak_tflops, device)
     common = dict(device=device, precision=precision, warmup=args.warmup, steps=args.steps,
                   peak_tflops=peak, peak_source=source)

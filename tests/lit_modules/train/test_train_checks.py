@@ -176,3 +176,38 @@ def test_document_mask_needs_an_attention_kind_that_builds_masks(monkeypatch):
     ids = torch.randint(0, 64, (1, 8))
     with pytest.raises(ValueError, match="cannot stop at document boundaries"):
         model(ids, doc_ids=document_ids(ids, 3))
+
+
+def test_compiled_grouped_mm_in_float32_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """torch compiles grouped_mm for bf16 only (its meta rule refuses float32 even where
+    the CPU kernel runs it): `moelab train` and `moelab bench` with compiled blocks in
+    float32 say so in one sentence, with the ways out, before any data work, instead of
+    Dynamo's traceback at the first step. bf16 compute, eager blocks and the loop
+    backend pass; so would a torch whose rule took float32."""
+    import torch
+
+    import lit_modules.runtime as runtime
+    from lit_modules.cli import main
+
+    model = load_recipe(RECIPE, ["train.compile=true"]).model
+    with pytest.raises(RecipeError) as exc:
+        runtime.check_compiled_experts(model, True, torch.float32, "set train.precision=bf16-mixed")
+    says = str(exc.value)
+    assert "\n" not in says and says.startswith("train.compile = true with model.moe.backend = grouped_mm")
+    assert "not float32" in says and "train.precision=bf16-mixed" in says and "model.moe.backend=loop" in says
+    runtime.check_compiled_experts(model, True, torch.bfloat16, "-")
+    runtime.check_compiled_experts(model, False, torch.float32, "-")
+    runtime.check_compiled_experts(load_recipe(RECIPE, ["model.moe.backend=loop"]).model, True, torch.float32, "-")
+    runtime.check_compiled_experts(load_recipe("proxies/dense_tiny").model, True, torch.float32, "-")
+
+    if runtime._grouped_mm_compiles(torch.float32):
+        pytest.skip("this torch compiles grouped_mm in float32: nothing to refuse")
+    args = ["proxies/qwen3_moe_tiny", "train.compile=true", "train.accelerator=cpu", f"train.run_dir={tmp_path}"]
+    assert main(["train", *args]) != 0
+    err = capsys.readouterr().err
+    assert "needs bf16 compute, not float32" in err and "set train.precision=bf16-mixed" in err
+    assert not any(tmp_path.iterdir())  # refused before the run directory and the data
+    assert main(["bench", *args[:2], "--device", "cpu", "--steps", "1"]) != 0
+    assert "pass --dtype bf16-mixed or bf16" in capsys.readouterr().err
+    monkeypatch.setattr(runtime, "_grouped_mm_compiles", lambda dtype: True)
+    runtime.check_compiled_experts(model, True, torch.float32, "-")
