@@ -19,7 +19,8 @@
 # torch.compile's on-disk caches (FX graphs, Triton kernels), so that the timed runs,
 # one after the other, load their graphs instead of compiling each in turn. Then the
 # timed runs, most important first; each has a time limit, and one that fails is
-# reported while the rest still run. About 10 minutes on one GPU; as three parts on three GPUs (ROWS, below), 5.
+# reported while the rest still run. About 10 minutes on one GPU; 5 as three parts on
+# three GPUs (ROWS, below).
 # Tables go to stdout; JSON per workload, and a kernel profile of W2, go to $OUT.
 # ROWS names the rows to run (default: all, in the order below); only their compiled
 # configurations are warmed. On a machine with several GPUs, two halves can run side by
