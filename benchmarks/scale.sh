@@ -166,7 +166,10 @@ for name, label, gpus, micro in rows:
     peak = f"{s['peak_memory_gib']:.1f}" if s.get("peak_memory_gib") else "-"
     ck = f"{s['checkpoint_seconds']:.1f}" if s.get("checkpoint_seconds") else "-"
     ld = f"{s['checkpoint_load_seconds']:.1f}" if s.get("checkpoint_load_seconds") else "-"
-    out.append(f"| {label} | {gpus} | {micro} | {per_gpu:,.0f} | {vs} | {mfu} | {peak} | "
+    speed = f"{per_gpu:,.0f}"
+    if name.startswith("ckpt_"):  # a few steps with start-up: its seconds are its figures, not its speed
+        speed, vs, mfu = "(checkpoint run)", "-", "-"
+    out.append(f"| {label} | {gpus} | {micro} | {speed} | {vs} | {mfu} | {peak} | "
                f"{first if first is None else format(first, '.4f')} | {ck} | {ld} |")
 table = "\n".join(out)
 (runs / "scale.md").write_text(table + "\n")
