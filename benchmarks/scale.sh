@@ -32,7 +32,8 @@
 # The table (tokens/s per GPU, MFU against the dense bf16 datasheet peak, peak memory of
 # rank 0, the loss at the first logged step (step 5: the same in every layout up to
 # bf16 rounding), checkpoint save and load seconds) is printed last and written to
-# $RUNS/scale.md; each run's summary.json stays under $RUNS. Checkpoints are deleted after
+# $RUNS/scale.md, with each fsdp + EP row's speed over its fsdp twin's (issue 17's EP
+# target) under it; each run's summary.json stays under $RUNS. Checkpoints are deleted after
 # each run (W2 with AdamW: 5.9 GB).
 set -u
 source "$(dirname "$0")/_common.sh"
@@ -171,6 +172,13 @@ for name, label, gpus, micro in rows:
         speed, vs, mfu = "(checkpoint run)", "-", "-"
     out.append(f"| {label} | {gpus} | {micro} | {speed} | {vs} | {mfu} | {peak} | "
                f"{first if first is None else format(first, '.4f')} | {ck} | {ld} |")
+# issue 17's EP target is against fsdp on the same machine: each fsdp + EP row over its fsdp twin
+tokens = {name: s["tokens_per_s"] for name, s in summaries.items() if s and s.get("tokens_per_s")}
+twins = [f"{label}, micro {micro}: {tokens[name] / tokens[name.replace('fsdp_ep_', 'fsdp_', 1)]:.2f}x"
+         for name, label, _, micro in rows
+         if name.startswith("fsdp_ep_") and name in tokens and name.replace("fsdp_ep_", "fsdp_", 1) in tokens]
+if twins:
+    out += ["", "fsdp + EP against fsdp (same micro-batch and experts): " + "; ".join(twins)]
 table = "\n".join(out)
 (runs / "scale.md").write_text(table + "\n")
 print(table)
