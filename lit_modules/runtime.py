@@ -35,6 +35,11 @@ def resolve_precision(train: TrainConfig, accelerator: str) -> str:
     return train.precision
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the matmuls run in under a resolved precision (resolve_precision)."""
+    return torch.float32 if precision == "32-true" else torch.bfloat16
+
+
 def resolve_devices(train: TrainConfig) -> Any:
     """`auto` devices with the `auto` strategy is one device: Lightning's own `auto`
     would take every visible GPU and switch to DDP unasked. With a parallel strategy,

@@ -335,7 +335,8 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
     from lightning.pytorch.utilities import rank_zero_only
 
     from lit_modules.data.datamodule import TokenDataModule
-    from lit_modules.runtime import check_compiled_experts, resolve_accelerator, resolve_precision, resolve_speed
+    from lit_modules.runtime import (check_compiled_experts, compute_dtype, resolve_accelerator, resolve_precision,
+                                     resolve_speed)
     from lit_modules.train.strategy import build_strategy, check_scale
 
     accelerator = resolve_accelerator(t)
@@ -343,10 +344,7 @@ def train(recipe_name: str, overrides: Sequence[str] = (), callbacks: Sequence =
     resolve_speed(recipe, "cuda" if accelerator in ("gpu", "cuda") else accelerator)
     check_on_accelerator(recipe, accelerator)
     precision = resolve_precision(t, accelerator)
-    import torch
-
-    check_compiled_experts(recipe.model, t.compile, torch.float32 if precision == "32-true" else torch.bfloat16,
-                           "set train.precision=bf16-mixed")
+    check_compiled_experts(recipe.model, t.compile, compute_dtype(precision), "set train.precision=bf16-mixed")
     strategy = build_strategy(t)
     check_scale(recipe)
     run_dir, resume = resolve_run(recipe)
