@@ -131,16 +131,40 @@ class _GatherRows(torch.autograd.Function):
         (inverse,) = ctx.saved_tensors
         if ctx.copies == 1:
             return grad[inverse], None, None, None
-        if not ctx.fused:  # one gather, one reduction over the copies
-            return grad[inverse].view(ctx.n_src, ctx.copies, -1).sum(1), None, None, None
-        # `copies` gathered reads per output row, summed in float32: one pointwise
-        # kernel once compiled (gather + .sum(1) compiles to a slower reduction)
-        inverse_NC = inverse.view(ctx.n_src, ctx.copies)
-        acc_dtype = _accumulation_dtype(grad)
-        acc = grad[inverse_NC[:, 0]].to(acc_dtype)
-        for j in range(1, ctx.copies):
-            acc = acc + grad[inverse_NC[:, j]].to(acc_dtype)
-        return acc.to(grad.dtype), None, None, None
+        return _sum_copies(grad, inverse.view(ctx.n_src, ctx.copies), ctx.fused).to(grad.dtype), None, None, None
+
+
+def _sum_copies(rows: torch.Tensor, inverse_NC: torch.Tensor, fused: bool) -> torch.Tensor:
+    """out[n] = sum_j rows[inverse_NC[n, j]], summed in float32 (returned in float32,
+    or float64 for float64 rows, when `fused`; the caller casts). Compiled (`fused`): C
+    gathered reads per output row, one pointwise kernel (gather + .sum(1) compiles to
+    a slower reduction). Eager: one gather and one reduction over the copies, cheaper
+    than C separate passes."""
+    n, copies = inverse_NC.shape
+    if not fused:
+        return rows[inverse_NC.reshape(-1)].view(n, copies, -1).sum(1)
+    acc_dtype = _accumulation_dtype(rows)
+    acc = rows[inverse_NC[:, 0]].to(acc_dtype)
+    for j in range(1, copies):
+        acc = acc + rows[inverse_NC[:, j]].to(acc_dtype)
+    return acc
+
+
+class _SumCopies(torch.autograd.Function):
+    """The adjoint of _GatherRows: out[n] = sum_j rows[inverse[n * copies + j]], the
+    `copies` rows of each output row summed (float32 accumulation, returned in the
+    rows' dtype); its backward is the gather grad[index], index[r] being the output
+    row that row r is summed into. Deterministic, no scatter-add."""
+
+    @staticmethod
+    def forward(ctx, rows, inverse, index, copies: int):
+        ctx.save_for_backward(index)
+        return _cast(_sum_copies(rows, inverse.view(-1, copies), _fused_form()), rows.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad[index], None, None, None
 
 
 class _GatherPadded(torch.autograd.Function):
@@ -224,6 +248,35 @@ class _WeightedCombine(torch.autograd.Function):
         g = grad_TD.to(acc_dtype)
         grad_w = torch.stack([(g * rows_SD[slot_row_TK[:, k]].to(acc_dtype)).sum(-1) for k in range(K)], dim=1)
         return grad_rows, grad_w.to(weights_TK.dtype), None, None
+
+
+def row_weights(weights_TK: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """The routing weight of each sorted row (S,), differentiable; dropped rows get 0
+    (where, so that whatever gradient a backend computes for them goes nowhere)."""
+    w_S = _GatherRows.apply(weights_TK.reshape(-1, 1), d.order_S, d.inverse_S, 1).view(-1)
+    return w_S if d.keep_S is None else torch.where(d.keep_S, w_S, 0.0)
+
+
+def sum_token_rows(y_SD: torch.Tensor, d: Dispatch, n_tokens: int) -> torch.Tensor:
+    """y_t = sum_k y_(t,k): the combine of rows the backend already scaled by their
+    routing weights (`routed_experts`), returned in the rows' dtype. Its backward is
+    one gather, and it keeps no rows for the backward (the weighted combine keeps
+    all S of them to form the weights' gradient)."""
+    if d.keep_S is not None:  # where, not a multiply: dropped rows may hold NaN
+        y_SD = torch.where(d.keep_S[:, None], y_SD, 0.0)
+    return _SumCopies.apply(y_SD, d.inverse_S, d.token_S, d.order_S.numel() // n_tokens)
+
+
+def routed_experts(backend, x_TD: torch.Tensor, weights_TK: torch.Tensor, d: Dispatch, w_in, w_out, kind: str,
+                   *biases: torch.Tensor) -> torch.Tensor:
+    """y_t = sum_k w_tk * expert_(t,k)(x_t) through a row backend (experts/backends.py):
+    permute -> backend -> sum. The backend scales each row's activation by its routing
+    weight before the down projection (`scale_S`), which is the same function (the
+    projection is linear; its bias is scaled too), so the weights' gradient is a sum
+    over d_expert channels inside the backend's own kernels rather than over d_model
+    channels of rows the combine would have to keep."""
+    y_SD = backend(permute(x_TD, d), d.counts_E, w_in, w_out, kind, *biases, scale_S=row_weights(weights_TK, d))
+    return sum_token_rows(y_SD, d, x_TD.shape[0])
 
 
 def combine(y_SD: torch.Tensor, weights_TK: torch.Tensor, d: Dispatch, n_tokens: int) -> torch.Tensor:

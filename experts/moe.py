@@ -32,7 +32,7 @@ from arch.quant import read_weight
 from arch.registry import EXPERT_BACKEND, FFN, MOE, ROUTER
 
 from .balance import BalanceState, count_row, sum_rows
-from .dispatch import Dispatch, combine, dispatch, expert_capacity, permute
+from .dispatch import Dispatch, dispatch, expert_capacity, routed_experts
 from .losses import router_entropy, switch_loss, z_loss
 from .router import Routing
 
@@ -122,8 +122,8 @@ class MoE(nn.Module):
         if fused is not None:  # the backend gathers the token rows and combines them itself
             y_TD = fused(x_TD, r.weights_TK, d, w_in, w_out, self.cfg.expert_ffn, *biases).to(x.dtype)
         else:
-            y_SD = self.backend(permute(x_TD, d), d.counts_E, w_in, w_out, self.cfg.expert_ffn, *biases)
-            y_TD = combine(y_SD, r.weights_TK, d, T).to(x.dtype)
+            y_TD = routed_experts(self.backend, x_TD, r.weights_TK, d, w_in, w_out, self.cfg.expert_ffn,
+                                  *biases).to(x.dtype)
         if self.shared is not None:
             s_TD = self.shared(x_TD)
             if self.shared_gate is not None:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .dispatch import (Dispatch, _GatherPadded, _SumPadded, _WeightedCombine, combine, dispatch_local,
-                       expert_capacity, permute)
+                       expert_capacity, permute, routed_experts)
 
 
 def is_distributed() -> bool:
@@ -194,8 +194,7 @@ def expert_parallel_gather(backend: Callable, x_TD: torch.Tensor, weights_TK: to
     if fused is not None:
         y_all = fused(x_all, w_all, dl, w_in_LID, w_out_LDF, kind, *biases)
     else:
-        y_all = combine(backend(permute(x_all, dl), dl.counts_E, w_in_LID, w_out_LDF, kind, *biases), w_all, dl,
-                        ep * T)
+        y_all = routed_experts(backend, x_all, w_all, dl, w_in_LID, w_out_LDF, kind, *biases)
     # partial outputs to their tokens' ranks in the rows' dtype (the backends return the
     # compute dtype: sending them as float32 would double the largest exchange for the
     # same values), summed in float32 (a reduce-scatter)

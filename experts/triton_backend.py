@@ -377,16 +377,18 @@ class TritonBackend:
     """The `triton` backend. Called with the backend interface (rows already sorted:
     the expert-parallel exchange does that), it gathers nothing and combines with
     weight 1; the MoE layer calls `fused` instead, which gathers the token rows
-    itself and combines them, so the layer runs no permute and no combine of its own."""
+    itself and combines them, so the layer runs no permute and no combine of its own.
+    A `scale_S` (per-row weights) is its combine weight."""
 
     unavailable = staticmethod(unavailable)
     unsupported_kind = staticmethod(unsupported_kind)
 
-    def __call__(self, x_SD, counts_E, w_in_EID, w_out_EDF, kind: str, b_in_EI=None, b_out_ED=None) -> Tensor:
+    def __call__(self, x_SD, counts_E, w_in_EID, w_out_EDF, kind: str, b_in_EI=None, b_out_ED=None,
+                 scale_S=None) -> Tensor:
         S = x_SD.shape[0]
         rows = torch.arange(S, device=x_SD.device)
-        ones = torch.ones(S, 1, dtype=torch.float32, device=x_SD.device)
-        return triton_moe(x_SD, ones, rows, rows, rows, counts_E, w_in_EID, w_out_EDF, kind, b_in_EI, b_out_ED)
+        w_S1 = torch.ones(S, 1, dtype=torch.float32, device=x_SD.device) if scale_S is None else scale_S[:, None]
+        return triton_moe(x_SD, w_S1, rows, rows, rows, counts_E, w_in_EID, w_out_EDF, kind, b_in_EI, b_out_ED)
 
     @staticmethod
     def fused(x_TD, weights_TK, d, w_in_EID, w_out_EDF, kind: str, b_in_EI=None, b_out_ED=None) -> Tensor:

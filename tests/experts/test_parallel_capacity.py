@@ -96,13 +96,15 @@ def test_static_exchange_matches_the_exact_one():
     assert any(out[(r, False)][1] > 0 for r in range(WORLD))  # capacity dropped rows somewhere
 
 
-def _any_rows_backend(x_SD, counts_E, w_in_LID, w_out_LDF, kind):
+def _any_rows_backend(x_SD, counts_E, w_in_LID, w_out_LDF, kind, scale_S=None):
     """A backend for any rows per expert without a host read: each row's expert found
-    from the counts, its weights gathered (tiny sizes only)."""
+    from the counts, its weights gathered (tiny sizes only); the backend interface's
+    per-row scale (the routing weights, from the all-gather dispatch) included."""
     L = w_in_LID.shape[0]
     e_S = torch.bucketize(torch.arange(x_SD.shape[0]), counts_E.cumsum(0), right=True).clamp(max=L - 1)
     gate, up = torch.einsum("sd,sfd->sf", x_SD, w_in_LID[e_S]).chunk(2, dim=-1)
-    return torch.einsum("sf,sdf->sd", torch.nn.functional.silu(gate) * up, w_out_LDF[e_S])
+    y = torch.einsum("sf,sdf->sd", torch.nn.functional.silu(gate) * up, w_out_LDF[e_S])
+    return y if scale_S is None else y * scale_S[:, None]
 
 
 def _gather_worker(rank, out):
