@@ -25,6 +25,22 @@ class Routing(NamedTuple):
     logits_TE: torch.Tensor  # float32 raw router logits (for the z-loss)
 
 
+# Up to this many experts, top-k is taken from a sort of each row: inside a compiled
+# block on an H200 that saved ~95 us per layer at 16K tokens x 128 experts (W2n: 43.18
+# -> 42.42 ms a step), where torch.topk's radix selection is a kernel of its own. From
+# 256 experts on, topk was faster (212 against 308 us at 256 experts, alone).
+SORT_TOP_K_MAX_EXPERTS = 128
+
+
+def top_k_ids(select_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids of each row's k largest entries, largest first. Up to
+    SORT_TOP_K_MAX_EXPERTS experts from a stable sort (ties: the lower id first),
+    else torch.topk; the same experts either way, up to the order of ties."""
+    if select_TE.shape[-1] <= SORT_TOP_K_MAX_EXPERTS:
+        return select_TE.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    return select_TE.topk(k, dim=-1).indices
+
+
 def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for bf16 operands, accumulated and returned in float32: one
     tensor-core matmul on CUDA; elsewhere (no such kernel) a float32 matmul of the
@@ -129,7 +145,7 @@ class TopKRouter(nn.Module):
             select_TE = scores_TE.detach() + self.expert_bias.float()
             if self.n_group > 1:
                 select_TE = self.limit_to_groups(select_TE)
-            ids_TK = select_TE.topk(self.top_k, dim=-1).indices
+            ids_TK = top_k_ids(select_TE, self.top_k)
             weights_TK = self.weights(scores_TE, ids_TK)
             if self.renormalize:
                 weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)

@@ -122,3 +122,21 @@ def test_group_limited_routing_matches_transformers_deepseek_v3(bias_update_rate
     # the groups really limit the choice: unlimited top-3 picks differ for some token
     layer.router.n_group = 1
     assert not torch.equal(layer.router(x).ids_TK.sort(-1).values, r.ids_TK.sort(-1).values)
+
+
+@pytest.mark.parametrize("n_experts", [8, 128, 129, 256])
+@pytest.mark.parametrize("k", [1, 8])
+def test_top_k_ids_pick_what_torch_topk_picks(n_experts, k):
+    """Both forms of top_k_ids (a row sort up to SORT_TOP_K_MAX_EXPERTS experts, topk
+    above) give torch.topk's values in the same order, and ties go to the lower id
+    on the sort path."""
+    from experts.router import SORT_TOP_K_MAX_EXPERTS, top_k_ids
+
+    torch.manual_seed(n_experts + k)
+    scores = torch.randn(64, n_experts).softmax(-1)
+    ids = top_k_ids(scores, k)
+    assert ids.shape == (64, k)
+    assert torch.equal(scores.gather(-1, ids), scores.topk(k, dim=-1).values)
+    if n_experts <= SORT_TOP_K_MAX_EXPERTS:
+        tied = torch.zeros(3, n_experts)
+        assert top_k_ids(tied, k).tolist() == [list(range(k))] * 3
