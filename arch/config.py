@@ -421,6 +421,11 @@ class TrainConfig:
     # > 0: torch.profiler records this many optimizer steps after 5 warm-up steps;
     # per-rank kernel tables and rank 0's trace go to <run>/profile/
     profile_steps: int = 0
+    # Python's garbage collector during fit: automatic collection off, a generation-1
+    # collection every this many optimizer steps, at the same step on every rank (an
+    # automatic one falls at a different moment on each rank, and the others wait for it
+    # at the next collective; torchtitan's gc_freq). 0: automatic collection, as Python does
+    gc_every: int = 50
     run_dir: str = "runs"
     run_name: Optional[str] = None
     # a checkpoint path or run directory; "auto": the newest run of this recipe under

@@ -131,6 +131,7 @@ RANGES: Dict[str, Tuple[str, str]] = {
     "train.keep_checkpoints": (f"[0, {MAX_STEPS}]", "the periodic checkpoints kept (0: all)"),
     "train.expert_image_every": (f"[0, {MAX_STEPS}]", "the steps between expert-load images (0: none)"),
     "train.profile_steps": ("[0, 1000]", "the steps torch.profiler records (0: none)"),
+    "train.gc_every": (f"[0, {MAX_STEPS}]", "the steps between garbage collections (0: Python's automatic gc)"),
     "train.peak_tflops": ("(0, inf)", "the device's peak TFLOP/s (null: looked up)"),
     "train.expert_parallel": (f"[1, {MAX_EXPERTS}]", "the expert-parallel group size"),
     "train.num_nodes": (f"[1, {MAX_NODES}]", "the number of hosts"),

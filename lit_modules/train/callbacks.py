@@ -1,10 +1,12 @@
 """Callbacks of `moelab train`: checkpoints, throughput/MFU, router statistics, the
-progress bar, Ctrl-C; and the checkpoint writer that never leaves a half-written file.
+progress bar, Ctrl-C, garbage collection; and the checkpoint writer that never leaves a
+half-written file.
 
 Every scalar is written at the optimizer step (trainer.global_step) it belongs to.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import signal
@@ -315,6 +317,49 @@ class StepProfiler(Callback):
 
                 (self.dirpath / "overlap.md").write_text(format_summary(summarize_file(trace)) + "\n")
         log.info("profile of %d steps written to %s", self.steps, self.dirpath)
+
+
+class SyncedGC(Callback):
+    """Python's garbage collector on a schedule during fit (train.gc_every; torchtitan's
+    gc_freq): automatic collection off, a generation-1 collection every `every`
+    optimizer steps. An automatic collection (~1.3 ms of host time on an H200 machine)
+    falls at a different moment on each rank, and under DDP / FSDP every rank waits for
+    the slowest at the next collective; here all ranks collect at the same step.
+    Generation 1 frees what the steps left behind; a full collection takes far longer.
+    The collector's previous state comes back when training ends or fails."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self._was_enabled: Optional[bool] = None  # None: the collector is not ours now
+        self._collected_at = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._was_enabled = gc.isenabled()
+        gc.disable()
+        gc.collect(1)
+        self._collected_at = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        # once per optimizer step: moelab's module takes a whole step per batch, but under
+        # Lightning's own accumulation this hook runs per micro-batch at one global_step
+        if step % self.every == 0 and step != self._collected_at:
+            self._collected_at = step
+            gc.collect(1)
+
+    def _restore(self) -> None:
+        if self._was_enabled:
+            gc.enable()
+        self._was_enabled = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self._restore()
 
 
 # ------------------------------------------------------------------ Ctrl-C

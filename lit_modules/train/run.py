@@ -406,7 +406,7 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
 
     from lit_modules.checkpoints.training import AtomicCheckpointIO, Checkpointing
     from lit_modules.runtime import peak_flops_per_device, resolve_devices
-    from lit_modules.train.callbacks import (RouterStats, StepProfiler, StepProgressBar, StopOnInterrupt,
+    from lit_modules.train.callbacks import (RouterStats, StepProfiler, StepProgressBar, StopOnInterrupt, SyncedGC,
                                              Throughput, TrainingInterrupted)
     from lit_modules.train.module import CausalLM
 
@@ -434,7 +434,8 @@ def _fit(recipe: Recipe, run_dir: Path, resume: Optional[Path], resume_step: int
                                  **tb_kwargs),
         callbacks=[throughput, router_stats, ckpt, stop,
                    StepProgressBar(refresh_rate=t.log_every),
-                   *([StepProfiler(run_dir / "profile", t.profile_steps)] if t.profile_steps else []), *callbacks],
+                   *([StepProfiler(run_dir / "profile", t.profile_steps)] if t.profile_steps else []),
+                   *([SyncedGC(t.gc_every)] if t.gc_every else []), *callbacks],
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=t.log_every,
         use_distributed_sampler=False,  # the DataModule shards by rank itself
