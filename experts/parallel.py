@@ -28,7 +28,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from .dispatch import (Dispatch, _GatherPadded, _SumPadded, _WeightedCombine, combine, dispatch_local,
+from .dispatch import (Dispatch, _GatherPadded, _SumPadded, combine, dispatch_local,
                        expert_capacity, permute, routed_experts)
 
 
@@ -99,8 +99,9 @@ def expert_parallel(backend: Callable, x_TD: torch.Tensor, weights_TK: torch.Ten
     average instead of sending 8 rows; rows travel in autocast's dtype.
 
         tokens -> (token, rank) pairs, rank-major -> all-to-all -> pairs from every
-        source -> K slots each, sorted by local expert -> backend -> weighted sum per
-        pair (float32) -> all-to-all back -> sum over the token's ranks (float32)
+        source -> K slots each, sorted by local expert -> backend (rows scaled by their
+        routing weights) -> sum per pair (float32) -> all-to-all back -> sum over the
+        token's ranks (float32)
 
     Host syncs: one per call, for the split sizes (Python ints that the all-to-all
     needs) and the number of rows this rank computes, all read in one transfer; a
@@ -146,13 +147,13 @@ def expert_parallel(backend: Callable, x_TD: torch.Tensor, weights_TK: torch.Ten
     row_of[slot_R] = torch.arange(n_rows, device=dev)
     rows_MK = row_of.view(M, K)  # (pair, slot) -> its row, n_rows where empty
     counts_L = recv_table[:, 1:].sum(0)
-    y_R = backend(_GatherPadded.apply(x_M, slot_R // K, rows_MK), counts_L, w_in_LID, w_out_LDF, kind, *biases)
-    # each pair's weighted sum. Empty slots read a zero row appended to the rows; it
-    # belongs to the slots of an appended pair of zero weights, dropped afterwards
-    y_pad = torch.cat([y_R, y_R.new_zeros(1, y_R.shape[1])])
-    w_pad = torch.cat([w_MK, w_MK.new_zeros(1, K)])
-    rows_pad = torch.cat([rows_MK, rows_MK.new_full((1, K), n_rows)])
-    y_M = _WeightedCombine.apply(y_pad, w_pad, rows_pad, torch.cat([slot_R, slot_R.new_full((1,), M * K)]))[:M]
+    pair_R = slot_R // K
+    # each row scaled by its routing weight inside the backend (before the down
+    # projection, as in the layer: experts.dispatch.routed_experts), then each pair's
+    # rows summed; empty slots (row n_rows) add nothing
+    y_R = backend(_GatherPadded.apply(x_M, pair_R, rows_MK), counts_L, w_in_LID, w_out_LDF, kind, *biases,
+                  scale_S=_GatherPadded.apply(w_MK.reshape(-1, 1), slot_R, rows_MK.reshape(-1, 1)).view(-1))
+    y_M = _SumPadded.apply(y_R, rows_MK, pair_R)
     y_N = all_to_all(y_M, send, recv, group)
     return _SumPadded.apply(y_N, pairs_TR, token_N)
 
