@@ -415,6 +415,33 @@ def test_compiled_combine_gets_the_eager_gradients(dtype):
         assert c.abs().sum() > 0 and rel_err(c.float(), e.float()) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_sum_of_token_rows_gets_the_eager_gradients(dtype):
+    """The same pin for the combine of rows scaled by their routing weights: the rows'
+    sum (_SumCopies) and the weights' gather (row_weights), traced by Dynamo, give the
+    eager gradients of the rows and of the weights, in float32 (where the sum's cast
+    changes nothing) and in bf16."""
+    from experts.dispatch import row_weights, sum_token_rows
+
+    torch.manual_seed(0)
+    d = dispatch(torch.rand(6, 4).argsort(-1)[:, :2], 4, 2)  # capacity 2: a dropped row too
+    assert d.keep_S is not None and not bool(d.keep_S.all())
+    rows, w, g = torch.randn(12, 8, dtype=dtype), torch.rand(6, 2), torch.randn(6, 8, dtype=dtype)
+
+    def grads(fn):
+        r, ww = rows.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        (fn(r, ww).float() * g.float()).sum().backward()
+        return r.grad, ww.grad
+
+    def combine_(r, ww):
+        return sum_token_rows(r * row_weights(ww, d).to(r.dtype)[:, None], d, 6)
+
+    torch._dynamo.reset()
+    eager, compiled = grads(combine_), grads(torch.compile(combine_, backend="aot_eager", fullgraph=True))
+    for e, c in zip(eager, compiled):
+        assert c.abs().sum() > 0 and rel_err(c.float(), e.float()) < 1e-6
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
 def test_expert_biases_and_clamped_swiglu_match_a_per_token_reference(capacity_factor):
     """Biased experts with gpt-oss's clamped SwiGLU: grouped_mm against a plain
