@@ -9,9 +9,10 @@ Shape convention (suffixes on tensor names, used in every module here):
 
     MoE.forward:  x_TD -> router -> (weights_TK, ids_TK, scores_TE)     router.py
                   -> dispatch: permute to x_SD, sorted by expert        dispatch.py
-                  -> backend (loop | grouped_mm) -> y_SD                backends.py
+                  -> backend (loop | grouped_mm) -> y_SD, each row      backends.py
+                     scaled by its routing weight before the down projection
                   (triton: gather, experts and combine fused)           triton_backend.py
-                  -> combine: unpermute, weight, sum over k -> y_TD     dispatch.py
+                  -> combine: unpermute, sum over k -> y_TD             dispatch.py
                   (+ shared experts)                                    moe.py
 
 Losses: losses.py (formulas), moe.py (scopes); the counts a layer keeps between
