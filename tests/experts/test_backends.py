@@ -389,6 +389,20 @@ def test_compile_takes_the_fused_form_and_matches_eager():
         assert rel_err(grads_c[name], grads_e[name]) < 1e-5, name
 
 
+def _compiled_grads_match_eager(combine_, rows, w, g):
+    """The gradients of the rows and the weights through `combine_(rows, w)` (loss
+    sum(y * g)), eager and traced by Dynamo (aot_eager, one graph): equal and nonzero."""
+    def grads(fn):
+        r, ww = rows.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        (fn(r, ww).float() * g.float()).sum().backward()
+        return r.grad, ww.grad
+
+    torch._dynamo.reset()
+    eager, compiled = grads(combine_), grads(torch.compile(combine_, backend="aot_eager", fullgraph=True))
+    for e, c in zip(eager, compiled):
+        assert c.abs().sum() > 0 and rel_err(c.float(), e.float()) < 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_combine_gets_the_eager_gradients(dtype):
     """The cause of issue 21, pinned on every torch: traced by Dynamo, a custom
@@ -401,18 +415,10 @@ def test_compiled_combine_gets_the_eager_gradients(dtype):
     d = dispatch(torch.rand(6, 4).argsort(-1)[:, :2], 4)
     rows, w, g = torch.randn(12, 8, dtype=dtype), torch.rand(6, 2), torch.randn(6, 8, dtype=dtype)
 
-    def grads(fn):
-        r, ww = rows.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        (fn(r, ww).float() * g.float()).sum().backward()
-        return r.grad, ww.grad
-
     def combine_(r, ww):
         return _WeightedCombine.apply(r, ww, d.inverse_S.view(6, 2), d.order_S)
 
-    torch._dynamo.reset()
-    eager, compiled = grads(combine_), grads(torch.compile(combine_, backend="aot_eager", fullgraph=True))
-    for e, c in zip(eager, compiled):
-        assert c.abs().sum() > 0 and rel_err(c.float(), e.float()) < 1e-6
+    _compiled_grads_match_eager(combine_, rows, w, g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -428,18 +434,10 @@ def test_compiled_sum_of_token_rows_gets_the_eager_gradients(dtype):
     assert d.keep_S is not None and not bool(d.keep_S.all())
     rows, w, g = torch.randn(12, 8, dtype=dtype), torch.rand(6, 2), torch.randn(6, 8, dtype=dtype)
 
-    def grads(fn):
-        r, ww = rows.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        (fn(r, ww).float() * g.float()).sum().backward()
-        return r.grad, ww.grad
-
     def combine_(r, ww):
         return sum_token_rows(r * row_weights(ww, d).to(r.dtype)[:, None], d, 6)
 
-    torch._dynamo.reset()
-    eager, compiled = grads(combine_), grads(torch.compile(combine_, backend="aot_eager", fullgraph=True))
-    for e, c in zip(eager, compiled):
-        assert c.abs().sum() > 0 and rel_err(c.float(), e.float()) < 1e-6
+    _compiled_grads_match_eager(combine_, rows, w, g)
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
