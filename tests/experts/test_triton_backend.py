@@ -286,6 +286,89 @@ class TestCuda:
             err_t, err_g = rel_err(grads_t[name], grads_ref[name]), rel_err(grads_g[name], grads_ref[name])
             assert err_t < max(1.5 * err_g, 2e-2), (name, err_t, err_g)
 
+    @pytest.mark.parametrize("kind, bias", [("swiglu", False), ("swiglu_clamped", True)])
+    def test_each_config_of_each_kernel_matches_torch(self, kind, bias):
+        """Every launch config the autotuner may pick, forced one at a time, against
+        torch in float32 on the same bf16 operands. The autotuner picks by timing, so a
+        config that miscompiles fails a layer test only on the machines that pick it:
+        Triton 3.6 on an H200 got glu_bwd's dot wrong under one config when the output
+        bias's dot product was summed inside its loop (10-12% off, different at every
+        call), and the layer test failed or passed with the pick."""
+        import experts.triton_backend as tb
+        from arch.ffn import swiglu_clamped
+
+        gen = torch.Generator(device="cuda").manual_seed(3)
+        E, D, F, T, K = 8, 256, 192, 1024, 4
+        bf = torch.bfloat16
+
+        def rnd(*shape, std=1.0):
+            return (torch.randn(*shape, device="cuda", generator=gen) * std).to(bf)
+
+        counts_E = torch.tensor([700, 0, 129, 1, 1000, 256, 333, 1400], device="cuda")  # S = 3819 of T K = 4096
+        S = T * K
+        n_kept = int(counts_E.sum())
+        e_S = torch.repeat_interleave(torch.arange(E, device="cuda"), counts_E)
+        src = torch.randint(0, T, (S,), device="cuda", generator=gen)
+        x, dy = rnd(T, D), rnd(T, D)
+        w_in, w_out = rnd(E, 2 * F, D, std=D ** -0.5), rnd(E, D, F, std=F ** -0.5)
+        b_in, b_out = (rnd(E, 2 * F), rnd(E, D)) if bias else (None, None)
+        w_S = torch.rand(S, device="cuda", generator=gen)
+        glu = (lambda g, u: torch.nn.functional.silu(g) * u) if kind == "swiglu" else swiglu_clamped
+
+        def per_expert(a_rows, w_E, transpose):  # float32 (n_kept, N): a_rows[r] @ W[e(r)] (W.T if transpose)
+            out = []
+            for e in range(E):
+                w = w_E[e].float()
+                out.append(a_rows[e_S == e].float() @ (w.T if transpose else w))
+            return torch.cat(out)
+
+        # references, float32 on the bf16 operands
+        gu_ref = per_expert(x[src[:n_kept]], w_in, True) + (b_in.float()[e_S] if bias else 0)
+        gu = gu_ref.to(bf)  # what glu_fwd saves: the backward's input
+        g, u = gu.float().split(F, 1)
+        h_ref = glu(g, u)
+        c_ref = per_expert(h_ref.to(bf), w_out, True) + (b_out.float()[e_S] if bias else 0)
+        G = per_expert(dy[src[:n_kept]], w_out, False)
+        g_, u_ = g.clone().requires_grad_(True), u.clone().requires_grad_(True)
+        dg, du = torch.autograd.grad((glu(g_, u_) * G * w_S[:n_kept, None]).sum(), (g_, u_))
+        dgu_ref = torch.cat([dg, du], 1)
+        dw_ref = (G * h_ref).sum(1) + ((dy[src[:n_kept]].float() * b_out.float()[e_S]).sum(1) if bias else 0)
+        dwin_ref = torch.stack([dgu_ref.to(bf)[e_S == e].float().T @ x[src[:n_kept]][e_S == e].float()
+                                for e in range(E)])
+
+        gu_S = torch.cat([gu, torch.full((S - n_kept, 2 * F), float("nan"), dtype=bf, device="cuda")])
+        checked = 0
+        for bn, bk, warps, stages in tb._ROW_SHAPES["glu"]:
+            rows = tb._Rows(counts_E, S, bf, config=(tb.BM_CUDA, bn, bk, warps, stages))
+            gu_t = torch.empty(S, 2 * F, dtype=bf, device="cuda")
+            h_t = rows.glu_fwd(x, src, w_in, b_in, gu_t, tb.KINDS[kind], True)
+            assert rel_err(gu_t[:n_kept].float(), gu_ref) < 1e-2, ("glu_fwd gu", bn, bk, warps, stages)
+            assert rel_err(h_t[:n_kept].float(), h_ref) < 2e-2, ("glu_fwd h", bn, bk, warps, stages)
+            for _ in range(2):  # the miscompiled config gave a different wrong answer at each call
+                dgu, dw_S, hs = rows.glu_bwd(dy, src, w_out, gu_S, w_S, b_out, tb.KINDS[kind])
+                assert rel_err(dgu[:n_kept].float(), dgu_ref) < 2e-2, ("glu_bwd dgu", bn, bk, warps, stages)
+                assert rel_err(dw_S[:n_kept], dw_ref) < 1e-2, ("glu_bwd dw", bn, bk, warps, stages)
+                assert rel_err(hs[:n_kept].float(), h_ref * w_S[:n_kept, None]) < 2e-2, ("glu_bwd hs", bn, bk)
+            checked += 1
+        h_in = h_ref.to(bf)
+        h_S = torch.cat([h_in, torch.zeros(S - n_kept, F, dtype=bf, device="cuda")])
+        for bn, bk, warps, stages in tb._ROW_SHAPES["mm"]:
+            rows = tb._Rows(counts_E, S, bf, config=(tb.BM_CUDA, bn, bk, warps, stages))
+            c = rows.mm(h_S, w_out, b_out, w_out.stride(2), w_out.stride(1), D)
+            assert rel_err(c[:n_kept].float(), c_ref) < 1e-2, ("grouped_mm", bn, bk, warps, stages)
+            checked += 1
+        dgu_S = torch.cat([dgu_ref.to(bf), torch.zeros(S - n_kept, 2 * F, dtype=bf, device="cuda")])
+        for bm, bn, bk, warps, stages in tb._WGRAD_SHAPES:
+            rows = tb._Rows(counts_E, S, bf, config=(bm, bn, bk, warps, stages))
+            out = torch.empty_like(w_in)
+            db = torch.empty(E, 2 * F, dtype=bf, device="cuda")
+            rows.wgrad(out, db, dgu_S, None, x, src)
+            assert rel_err(out.float(), dwin_ref) < 1e-2, ("wgrad", bm, bn, bk, warps, stages)
+            db_ref = torch.stack([dgu_ref.to(bf)[e_S == e].float().sum(0) for e in range(E)])
+            assert rel_err(db.float(), db_ref) < 1e-2, ("wgrad dbias", bm, bn, bk, warps, stages)
+            checked += 1
+        assert checked == sum(map(len, (tb._ROW_SHAPES["glu"], tb._ROW_SHAPES["mm"], tb._WGRAD_SHAPES)))
+
     def test_inductor_compile_fullgraph_matches_eager_and_has_no_sync(self):
         layer = clone_with(self._layers(capacity_factor=1.25), backend="triton").cuda()
         x, g = torch.randn(4096, 256, device="cuda"), torch.randn(4096, 256, device="cuda")
