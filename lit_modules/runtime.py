@@ -156,19 +156,26 @@ def processes(train: TrainConfig) -> int:
 
 def graphs_refusal(train: TrainConfig) -> Optional[str]:
     """Why train.compile = graphs cannot run with these settings (one sentence), or None
-    where it can: one process, one micro-batch per step, no activation checkpointing.
-    A graph's outputs live in memory that its next replay overwrites: gradients
-    accumulated over micro-batches would be overwritten, and FSDP2's hooks between
-    blocks free and gather the weights a graph reads. Under DDP the first replayed step
-    gave NaN gradients on 4 H100s (2026-11-27; DDP keeps the AccumulateGrad nodes of
-    the first step alive, on another stream than the graphs' backward). Also what
-    train.compile = auto asks before it picks graphs (resolve_speed)."""
+    where it can: one process or DDP, one micro-batch per step, no activation
+    checkpointing, no expert parallelism. A graph's outputs live in memory that its next
+    replay overwrites: gradients accumulated over micro-batches would be overwritten,
+    and FSDP2's hooks between blocks free and gather the weights a graph reads. Under
+    DDP the gradients are averaged after the backward (train.grad_sync = step): DDP's
+    own hooks beside the graphs gave NaN gradients in the first replayed step on 4
+    H100s (2026-11-27; DDP keeps the AccumulateGrad nodes of the first step alive, on
+    another stream than the graphs' backward)."""
     accum = max([train.grad_accum] + [st.grad_accum for st in train.stages if st.grad_accum is not None])
-    n = processes(train)
-    if train.strategy != "auto" or n > 1:
-        why = f"train.strategy = {train.strategy}" if train.strategy != "auto" else f"{n} processes"
-        return (f"train.compile = graphs runs on one process with train.strategy=auto, not with {why}; "
-                f"set train.compile=true for several processes.")
+    if train.strategy in ("fsdp", "model_parallel"):
+        return (f"train.compile = graphs runs on one process or under DDP, not with train.strategy = "
+                f"{train.strategy} (FSDP2 frees and gathers the weights a graph reads); set train.compile=true, "
+                f"or train.strategy=ddp.")
+    if train.expert_parallel > 1:
+        return (f"train.compile = graphs is not built for train.expert_parallel = {train.expert_parallel} (the "
+                f"token exchange between ranks inside the blocks); set train.compile=true.")
+    if train.grad_sync == "hooks" and (train.strategy == "ddp" or processes(train) > 1):
+        return ("train.compile = graphs under DDP averages gradients after the backward, not in DDP's hooks "
+                "(beside the graphs they gave NaN gradients); set train.grad_sync=auto (or step), or "
+                "train.compile=true.")
     if accum > 1:
         return (f"train.compile = graphs needs one micro-batch per step, not train.grad_accum = {accum}; "
                 f"set train.grad_accum=1 with a larger train.micro_batch_size, or train.compile=true.")
@@ -179,8 +186,13 @@ def graphs_refusal(train: TrainConfig) -> Optional[str]:
 
 
 def graphs_fit(recipe: Recipe) -> bool:
-    """Whether train.compile = auto on CUDA picks graphs (resolve_speed)."""
-    return recipe.model.moe.backend != "loop" and graphs_refusal(recipe.train) is None
+    """Whether train.compile = auto on CUDA picks graphs (resolve_speed): wherever they
+    run (graphs_refusal) on one host. Under DDP on 4 H200s they made W2 1.88x faster at
+    micro-batch 2 and 1.09x at 8 (benchmarks/results/ddp_graphs_4xh200.md); across
+    hosts, where the gradients' all-reduce after the backward crosses a slower network
+    than DDP's overlapped one, not measured, so not picked."""
+    t = recipe.train
+    return recipe.model.moe.backend != "loop" and t.num_nodes == 1 and graphs_refusal(t) is None
 
 
 def resolve_speed(recipe: Recipe, device_type: str) -> Recipe:

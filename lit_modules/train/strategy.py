@@ -2,7 +2,9 @@
 
 Strategies (`train.strategy`; `STRATEGIES` maps each to what `Trainer(strategy=)` takes):
   auto            one device; several (train.devices or num_nodes above 1): ddp.
-  ddp             Lightning's DDPStrategy: weights replicated, gradients all-reduced.
+  ddp             Lightning's DDPStrategy: weights replicated, gradients all-reduced
+                  (train.grad_sync: by DDP's hooks, or, under CUDA graphs, with no DDP
+                  wrapper by GradAverager).
   fsdp            FSDP2 (`fully_shard`) through Lightning's ModelParallelStrategy: every
                   block, then the root, sharded over all ranks.
   model_parallel  the same strategy as fsdp (the name Lightning uses).
@@ -71,6 +73,18 @@ def _ddp(train: TrainConfig) -> Any:
                 return save_sharded(checkpoint, filepath)
             return super().save_checkpoint(checkpoint, filepath, storage_options)
 
+        def configure_ddp(self) -> None:
+            if grad_sync(train) == "hooks":
+                return super().configure_ddp()
+            # no DDP wrapper: the ranks start from rank 0's weights, as DDP would make
+            # them, and ScalePlan.finish_grads averages the gradients after the backward
+            import logging
+
+            broadcast_replicated(self.model)
+            if self.global_rank == 0:
+                logging.getLogger("moelab.train").info(
+                    "train.grad_sync = step: no DDP wrapper; gradients averaged after each step's backward")
+
         def _register_ddp_hooks(self) -> None:
             # in place of Lightning's, which registers a hook passed to it, on CUDA only
             if train.grad_reduce_dtype == "bf16":
@@ -79,6 +93,17 @@ def _ddp(train: TrainConfig) -> Any:
     # Every parameter takes part in every step (stacked expert weights are passed
     # whole to the backend), so DDP need not search for unused ones.
     return MoelabDDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
+
+
+@torch.no_grad()
+def broadcast_replicated(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers to every rank, as DDP does when it wraps a module,
+    except those DDP is told to ignore (`_ddp_params_and_buffers_to_ignore`: expert
+    shards, which differ between ranks)."""
+    ignore = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if name not in ignore:
+            dist.broadcast(t.data, src=0)
 
 
 def reduce_in_bf16(ddp: nn.Module) -> None:
@@ -190,7 +215,17 @@ def build_strategy(train: TrainConfig) -> Any:
                           f"train.devices (and train.strategy to ddp or fsdp), or train.expert_parallel=1.")
     check_grad_reduce(train.grad_reduce_dtype)  # train.ep_dispatch: check_scale, with the other EP checks
     check_graphs(train)
+    check_grad_sync(train)
     return STRATEGIES[train.strategy](train)
+
+
+def check_grad_sync(train: TrainConfig) -> None:
+    """train.grad_sync: a known way, and `step` only where DDP would sync (FSDP2 reduces
+    in its own hooks)."""
+    if grad_sync(train) == "step" and train.grad_sync != "auto" and train.strategy in ("fsdp", "model_parallel"):
+        raise RecipeError(f"train.grad_sync = step replaces DDP's gradient hooks and has no meaning under "
+                          f"train.strategy = {train.strategy} (FSDP2 reduce-scatters in its own); set "
+                          f"train.grad_sync=auto or train.strategy=ddp.")
 
 
 def check_graphs(train: TrainConfig) -> None:
@@ -214,6 +249,112 @@ GRAD_REDUCE_DTYPES = ("float32", "bf16")
 
 def check_grad_reduce(value: str) -> None:
     check_choice("train.grad_reduce_dtype", value, GRAD_REDUCE_DTYPES, "a dtype")
+
+
+GRAD_SYNCS = ("auto", "hooks", "step")
+
+
+def grad_sync(train: TrainConfig) -> str:
+    """How DDP's ranks average gradients (train.grad_sync, auto resolved): `hooks`, DDP's
+    reducer (buckets all-reduced as backward produces them), or `step`, no DDP wrapper
+    and the gradients averaged by GradAverager (started during the step's last
+    backward, finished after it). Auto: step under CUDA graphs (DDP's hooks beside the
+    blocks' graphs gave NaN gradients), else hooks."""
+    check_choice("train.grad_sync", train.grad_sync, GRAD_SYNCS, "a way")
+    if train.grad_sync != "auto":
+        return train.grad_sync
+    return "step" if train.compile == "graphs" else "hooks"
+
+
+# gradients averaged by GradAverager go in flat buckets of at most this many elements
+# (256 MiB of float32)
+GRAD_BUCKET_ELEMENTS = 1 << 26
+
+
+class GradAverager:
+    """train.grad_sync = step: each replicated parameter's gradient becomes its mean over
+    the `world` ranks of `group`, without DDP's wrapper (which CUDA graphs cannot live
+    beside). The parameters are cut into flat buckets (one dtype each, at most
+    GRAD_BUCKET_ELEMENTS, in reverse order: the order backward produces them). During
+    the step's last backward a gradient hook counts each bucket's parameters as their
+    gradients land; a complete bucket is packed, divided by the world size and
+    all-reduced at once (in `wire_dtype` when given: bf16, half the bytes), beside the
+    rest of the backward. `finish` starts what is left (parameters that got no
+    gradient: skipped, alike on every rank, as the model is), waits, and gives each
+    parameter its averaged gradient (the bucket's view, or a copy when the wire dtype
+    differs). Every rank runs the same backward, so the buckets start in the same order
+    everywhere, which the collectives need. Cost: one more copy of the gradients while
+    they travel."""
+
+    def __init__(self, params: List[torch.Tensor], world: int, group=None, wire_dtype=None, overlap: bool = True):
+        self.world, self.group, self.wire_dtype = world, group, wire_dtype
+        self.buckets: List[List[torch.Tensor]] = []
+        size = 0
+        for p in reversed([p for p in params if p.requires_grad]):
+            b = self.buckets[-1] if self.buckets else None
+            if b is None or size + p.numel() > GRAD_BUCKET_ELEMENTS or p.dtype != b[0].dtype:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel()
+        self.sync = True  # False: a micro-batch before the step's last (gradients accumulate locally)
+        self._reset()
+        if overlap:
+            where = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+            for p in params:
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(lambda p, i=where[id(p)]: self._landed(i))
+
+    def _reset(self) -> None:
+        self._waiting = [len(b) for b in self.buckets]
+        self._sent: Dict[int, tuple] = {}
+
+    def _landed(self, i: int) -> None:
+        if not self.sync:
+            return
+        self._waiting[i] -= 1
+        if self._waiting[i] == 0:
+            self._send(i)
+
+    def _send(self, i: int) -> None:
+        grads = [p.grad for p in self.buckets[i] if p.grad is not None]
+        if not grads:
+            self._sent[i] = None
+            return
+        with torch.no_grad():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            if self.wire_dtype is not None and flat.dtype != self.wire_dtype:
+                flat = flat.to(self.wire_dtype)
+            flat.div_(self.world)
+        self._sent[i] = (flat, dist.all_reduce(flat, group=self.group, async_op=True))
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """After the step's last backward: every bucket averaged, into the gradients."""
+        try:
+            for i in range(len(self.buckets)):
+                if i not in self._sent:
+                    self._send(i)
+            for i, sent in self._sent.items():
+                if sent is None:
+                    continue
+                flat, work = sent
+                work.wait()
+                params = [p for p in self.buckets[i] if p.grad is not None]
+                for p, v in zip(params, flat.split([p.numel() for p in params])):
+                    if v.dtype == p.grad.dtype:
+                        p.grad = v.view_as(p)  # the averaged bucket itself: no copy back
+                    else:
+                        p.grad.copy_(v.view_as(p))
+        finally:
+            self._reset()
+            self.sync = True
+
+
+def average_grads(params: List[torch.Tensor], world: int, group=None, wire_dtype=None) -> None:
+    """Each gradient of `params` becomes its mean over the ranks, now (GradAverager
+    without its hooks: every bucket sent at once)."""
+    GradAverager(params, world, group, wire_dtype, overlap=False).finish()
 
 
 def check_scale(recipe) -> None:
@@ -316,9 +457,20 @@ class ScalePlan:
     edp_group: Any = None  # the ranks that hold the same expert shard (None: only this one)
     expert_names: List[str] = field(default_factory=list)  # sharded parameters, relative to the model
     fsdp: bool = False
+    # train.grad_sync = step under DDP (no DDP wrapper): the replicated weights'
+    # gradients are averaged by this, started during backward, finished by finish_grads
+    averager: Any = None
     mesh: Any = None  # the (data_parallel x expert) DeviceMesh; sharded checkpoints place expert shards on it
-    # clip's (model id, replicated parameters, expert shards): found once, not by two walks a step
-    _clip_groups: Any = field(default=None, repr=False, compare=False)
+    # (model id, replicated parameters, expert shards): found once, not by walks every step
+    _groups: Any = field(default=None, repr=False, compare=False)
+
+    def param_groups(self, model: nn.Module):
+        """(replicated parameters, expert shards) of `model`, found once."""
+        if self._groups is None or self._groups[0] != id(model):
+            names = set(self.expert_names)
+            named = list(model.named_parameters())
+            self._groups = (id(model), [p for n, p in named if n not in names], [p for n, p in named if n in names])
+        return self._groups[1], self._groups[2]
 
     def sync_grads(self, model: nn.Module, sync: bool) -> None:
         """Before a micro-batch's backward: FSDP2 reduce-scatters gradients only when
@@ -327,10 +479,15 @@ class ScalePlan:
         instead of one per micro-batch). DDP's no_sync is Lightning's toggle_model."""
         if self.fsdp and hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(sync)
+        if self.averager is not None:
+            self.averager.sync = sync
 
     def finish_grads(self, model: nn.Module) -> None:
         """After the last backward of a step: average the expert shards' gradients (DDP
-        and FSDP average everything else)."""
+        and FSDP average everything else), and with `average_replicated` (no DDP
+        wrapper) the replicated weights' too (GradAverager)."""
+        if self.averager is not None:
+            self.averager.finish()
         if self.ep > 1:
             from experts.layers import reduce_expert_grads
 
@@ -340,12 +497,9 @@ class ScalePlan:
         """The global gradient norm (every rank gets the same value) and, with
         max_norm > 0, clipping to it. Expert shards add their squared norms over the
         expert group; FSDP's sharded gradients (DTensors) are reduced by DTensor."""
-        if self._clip_groups is None or self._clip_groups[0] != id(model):
-            names = set(self.expert_names)
-            named = list(model.named_parameters())
-            self._clip_groups = (id(model), [p for n, p in named if n not in names], [p for n, p in named if n in names])
-        params = [p for p in self._clip_groups[1] if p.grad is not None]
-        experts = [p for p in self._clip_groups[2] if p.grad is not None]
+        replicated, shards = self.param_groups(model)
+        params = [p for p in replicated if p.grad is not None]
+        experts = [p for p in shards if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if hasattr(norm, "full_tensor"):  # DTensor
             norm = norm.full_tensor()
@@ -404,4 +558,7 @@ def shard_model(model: nn.Module, train: TrainConfig, device: torch.device,
             fully_shard(block, mesh=world_mesh, ignored_params=ignored or None, mp_policy=mp,
                         reshard_after_forward=train.reshard_after_forward)
         fully_shard(model, mesh=world_mesh, ignored_params=ignored or None, mp_policy=mp)
+    elif grad_sync(train) == "step":
+        plan.averager = GradAverager(plan.param_groups(model)[0], world,
+                                     wire_dtype=torch.bfloat16 if train.grad_reduce_dtype == "bf16" else None)
     return plan

@@ -43,15 +43,18 @@ def test_graphs_are_kept_on_cuda_and_refused_elsewhere():
 
 
 def test_auto_on_cuda_picks_graphs_where_they_run():
-    """auto on CUDA: the compiled blocks replayed as CUDA graphs for one process with one
-    micro-batch per step; compiled blocks launched kernel by kernel where graphs are
-    refused (lit_modules/runtime.py graphs_refusal) or the experts are the loop
-    reference (a host read per layer)."""
+    """auto on CUDA: the compiled blocks replayed as CUDA graphs for one process or DDP on
+    one host, with one micro-batch per step; compiled blocks launched kernel by kernel
+    where graphs are refused (lit_modules/runtime.py graphs_refusal), across hosts, or
+    where the experts are the loop reference (a host read per layer)."""
     picks = {
         (): "graphs",
         ("train.grad_accum=2",): True,
-        ("train.strategy=ddp", "train.devices=2"): True,
-        ("train.devices=2",): True,
+        ("train.strategy=ddp", "train.devices=2"): "graphs",
+        ("train.devices=2",): "graphs",
+        ("train.strategy=ddp", "train.devices=2", "train.grad_sync=hooks"): True,
+        ("train.strategy=ddp", "train.devices=2", "train.num_nodes=2"): True,
+        ("train.strategy=ddp", "train.devices=2", "train.expert_parallel=2"): True,
         ("train.strategy=fsdp",): True,
         ("train.activation_checkpointing=true",): True,
         ("model.moe.backend=loop",): True,

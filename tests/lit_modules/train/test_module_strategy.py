@@ -37,17 +37,22 @@ def test_auto_devices_means_one_unless_parallel():
 
 
 def test_graphs_run_where_they_are_built_for():
-    """train.compile = graphs: one process, one micro-batch per step, no activation
-    checkpointing; anything else is one sentence naming the setting before any work
-    (under DDP, graphs gave NaN gradients on 4 H100s: lit_modules/runtime.py
+    """train.compile = graphs: one process or DDP (gradients averaged after the backward),
+    one micro-batch per step, no activation checkpointing, no expert parallelism;
+    anything else is one sentence naming the setting before any work (DDP's own hooks
+    beside the graphs gave NaN gradients on 4 H100s: lit_modules/runtime.py
     graphs_refusal)."""
     from arch.config import StageConfig
+    from lit_modules.train.strategy import grad_sync
 
     assert build_strategy(TrainConfig(compile="graphs")) == "auto"
+    for cfg in (TrainConfig(compile="graphs", strategy="ddp"), TrainConfig(compile="graphs", devices=2),
+                TrainConfig(compile="graphs", strategy="ddp", grad_sync="step")):
+        assert build_strategy(cfg) != "auto" and grad_sync(cfg) == "step"
     refused = {
-        "train.strategy = ddp": TrainConfig(compile="graphs", strategy="ddp"),
         "train.strategy = fsdp": TrainConfig(compile="graphs", strategy="fsdp"),
-        "2 processes": TrainConfig(compile="graphs", devices=2),
+        "train.expert_parallel = 2": TrainConfig(compile="graphs", strategy="ddp", devices=2, expert_parallel=2),
+        "train.grad_sync=auto": TrainConfig(compile="graphs", strategy="ddp", grad_sync="hooks"),
         "train.grad_accum = 2": TrainConfig(compile="graphs", grad_accum=2),
         "train.grad_accum = 4": TrainConfig(compile="graphs", stages=[StageConfig(name="a", steps=2),
                                                                       StageConfig(name="b", steps=2, grad_accum=4)]),
@@ -58,6 +63,23 @@ def test_graphs_run_where_they_are_built_for():
             build_strategy(cfg)
         msg = str(e.value)
         assert what in msg and "train.compile" in msg and "\n" not in msg, msg
+
+
+def test_grad_sync_resolves_and_refuses():
+    """train.grad_sync: auto is step under graphs and hooks otherwise; step has no
+    meaning under FSDP2; an unknown value is one sentence."""
+    from lit_modules.train.strategy import grad_sync
+
+    assert grad_sync(TrainConfig(strategy="ddp")) == "hooks"
+    assert grad_sync(TrainConfig(strategy="ddp", compile="graphs")) == "step"
+    assert grad_sync(TrainConfig(strategy="ddp", grad_sync="step")) == "step"
+    build_strategy(TrainConfig(strategy="ddp", grad_sync="step"))
+    build_strategy(TrainConfig(strategy="fsdp"))  # auto: nothing to refuse
+    for cfg, what in ((TrainConfig(strategy="fsdp", grad_sync="step"), "train.strategy = fsdp"),
+                      (TrainConfig(strategy="ddp", grad_sync="after"), "train.grad_sync")):
+        with pytest.raises(RecipeError) as e:
+            build_strategy(cfg)
+        assert what in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_graphs_compile_the_blocks_in_reduce_overhead_mode(monkeypatch):

@@ -66,10 +66,15 @@ def test_ddp_and_ep2_match_one_process_and_resume_across_ep(tmp_path):
     # and the static all-gather dispatch (ddp above: the token all-to-all)
     fsdp_ep2 = losses(run(tmp_path, "fsdp_ep2", 3, *TWO, "train.strategy=fsdp", "train.expert_parallel=2",
                           "train.optim.fused=true", "train.ep_dispatch=allgather"))
-    assert sorted(one) == [1, 2, 3, 4] and sorted(ep2) == sorted(fsdp_ep2) == [1, 2, 3]
+    # no DDP wrapper (train.grad_sync = step): rank 0's weights broadcast but not its expert
+    # shards, the replicated gradients averaged after the backward, the shards' over their group
+    ep2_step = losses(run(tmp_path, "ep2_step", 3, *TWO, "train.strategy=ddp", "train.expert_parallel=2",
+                          "train.grad_sync=step"))
+    assert sorted(one) == [1, 2, 3, 4] and sorted(ep2) == sorted(fsdp_ep2) == sorted(ep2_step) == [1, 2, 3]
     for step in (1, 2, 3):
         assert ep2[step] == pytest.approx(one[step], abs=1e-5), (step, ep2, one)
         assert fsdp_ep2[step] == pytest.approx(one[step], abs=1e-5), (step, fsdp_ep2, one)
+        assert ep2_step[step] == pytest.approx(one[step], abs=1e-5), (step, ep2_step, one)
     assert len({round(v, 4) for v in one.values()}) > 1  # the steps differ: the comparison can fail
 
     # the EP=2 checkpoint holds whole experts (and whole AdamW moments)

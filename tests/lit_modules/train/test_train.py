@@ -214,7 +214,9 @@ def test_sigkill_then_resume_matches_uninterrupted(cache, tmp_path, short_run):
 def test_ddp_two_ranks_match_one(cache, tmp_path, short_run):
     """The same 3 steps of 8 sequences on one process (1 x 8) and on two gloo ranks
     (each 2 micro-batches of 2, DDP syncing on the last only), with the global-batch
-    balancing loss and the bias update: the same loss and the same weights."""
+    balancing loss and the bias update: the same loss and the same weights. Twice on
+    two ranks: DDP's hooks, and train.grad_sync = step (no DDP wrapper, gradients
+    averaged after the backward: what CUDA graphs use under DDP)."""
     # both on the CPU, so float32 (precision auto): what makes 1e-5 true. With CUDA
     # present the one-process run would otherwise take the GPU and bf16-mixed
     # (8.26770 against 8.26785, issue 21).
@@ -222,17 +224,22 @@ def test_ddp_two_ranks_match_one(cache, tmp_path, short_run):
                        "model.moe.balance.aux_coef=0.5", "model.moe.router.bias_update_rate=0.01")
     runs = {"one": ["train.micro_batch_size=8"],
             "two": ["train.micro_batch_size=2", "train.grad_accum=2", "train.strategy=ddp", "train.devices=2"]}
+    runs["step"] = runs["two"] + ["train.grad_sync=step"]
     for name, extra in runs.items():  # a subprocess: Lightning's launcher re-runs the command per rank
         cmd = [sys.executable, "-m", "lit_modules.cli", "train", RECIPE, *common, f"train.run_name={name}", *extra]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-    one, two = (json.loads((tmp_path / n / "summary.json").read_text()) for n in runs)
-    assert two["tokens"] == one["tokens"] == 3 * 8 * 64
-    assert two["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
-    a, b = (torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"] for n in runs)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    bias = "model.layers.0.ffn.router.expert_bias"
-    assert a[bias].abs().max() > 0 and torch.equal(a[bias], b[bias])
+        assert ("no DDP wrapper" in (tmp_path / name / "train.log").read_text()) == (name == "step"), name
+    summary = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in runs}
+    state = {n: torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"] for n in runs}
+    a, bias = state["one"], "model.layers.0.ffn.router.expert_bias"
+    assert a[bias].abs().max() > 0
+    for name in ("two", "step"):
+        assert summary[name]["tokens"] == summary["one"]["tokens"] == 3 * 8 * 64
+        assert summary[name]["train_loss"] == pytest.approx(summary["one"]["train_loss"], abs=1e-5), name
+        b = state[name]
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, name
+        assert torch.equal(a[bias], b[bias]), name
 
 
 def test_progress_bar_loss_is_read_at_logging_steps_only(cache, tmp_path):
