@@ -8,7 +8,7 @@
 #            micro-batch per GPU as the 1-GPU row, so "vs 1 GPU" is weak-scaling
 #            efficiency; the 1-GPU micro-8 batch split over 4 GPUs is the micro-2 row
 #            (strong scaling: its total tokens/s over the 1-GPU micro-8 row).
-#   fsdp     the fsdp rows of `weak` alone (ddp: the ddp rows; ep: the fsdp + EP rows)
+#   fsdp     the fsdp rows of `weak` alone (ep: the fsdp + EP rows)
 #   experts  W2 with $MANY experts of width 256 (top-8): fsdp against fsdp + EP=N
 #   large    proxies/qwen3_moe_4gpu (10.7B parameters, does not fit one H100): fsdp + EP=N
 #   ckpt     W2 fsdp + EP=N writing a full, then a sharded checkpoint at step 5, each resumed for a
@@ -17,6 +17,7 @@
 #            steps 6-7 (operator tables per rank and rank 0's trace in
 #            $RUNS/profile_fsdp/profile and $RUNS/profile_ep/profile; no table rows)
 #
+#   ddp      the ddp rows of `weak` alone (GRAPHS=1: each also under train.compile=graphs)
 #   single   the 1-GPU rows of `weak`, one per micro-batch size, side by side on GPUs 0, 1, ...
 #            (or on the GPUs listed in SINGLE_GPUS); GRAPHS=1 adds each under train.compile=graphs
 #            (the compiled blocks replayed as CUDA graphs) on the next GPU
@@ -96,8 +97,13 @@ for set in $SETS; do
         done ;;
     fsdp)  # the fsdp rows of `weak` alone (a same-machine baseline for other sets)
         for m in $MICROS; do run "fsdp_m$m" "fsdp" "$N" "$m" $W2 train.strategy=fsdp "$@"; done ;;
-    ddp)  # the ddp rows of `weak` alone
-        for m in $MICROS; do run "ddp_m$m" "ddp" "$N" "$m" $W2 train.strategy=ddp "$@"; done ;;
+    ddp)  # the ddp rows of `weak` alone; GRAPHS=1 adds each under train.compile=graphs (no DDP
+          # wrapper: train.grad_sync=step), compared with the 1-GPU graphs row of `single`
+        for m in $MICROS; do
+            run "ddp_m$m" "ddp" "$N" "$m" $W2 train.strategy=ddp "$@"
+            [ -z "${GRAPHS:-}" ] || run "ddpg_m$m" "ddp, CUDA graphs" "$N" "$m" $W2 train.strategy=ddp \
+                train.compile=graphs "$@"
+        done ;;
     ep)  # the fsdp + EP rows of `weak` alone
         for m in $MICROS; do
             run "fsdp_ep_m$m" "fsdp + EP=$N" "$N" "$m" $W2 train.strategy=fsdp "train.expert_parallel=$N" "$@"
@@ -157,7 +163,8 @@ for name, label, gpus, micro in rows:
         out.append(f"| {label} | {gpus} | {micro} | failed (see {name}.log) | | | | | | |")
         continue
     per_gpu = s["tokens_per_s"] / int(gpus)
-    base = summaries.get(f"gpu1_m{micro}")
+    # a CUDA-graphs row against the 1-GPU graphs row when there is one
+    base = (summaries.get(f"gpu1g_m{micro}") if "CUDA graphs" in label else None) or summaries.get(f"gpu1_m{micro}")
     vs = f"{per_gpu / base['tokens_per_s']:.2f}x" if base and base.get("tokens_per_s") and int(gpus) > 1 else "-"
     acc = EventAccumulator(str(runs / name / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
