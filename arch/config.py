@@ -459,10 +459,11 @@ class TrainConfig:
     # host with NVLink (4 H100s) bf16 gained nothing; it is for slower networks.
     grad_reduce_dtype: str = "float32"
     # how DDP's ranks average gradients: hooks (DDP's reducer: buckets all-reduced during
-    # backward, overlapped with it) | step (no DDP wrapper: every gradient averaged after
-    # the step's last backward, in a few flat buckets; what CUDA graphs need, since DDP's
-    # hooks and the blocks' graphs gave NaN gradients) | auto (step under
-    # train.compile=graphs, else hooks). lit_modules/train/strategy.py
+    # backward, overlapped with it) | step (no DDP wrapper: flat buckets of gradients
+    # all-reduced from gradient hooks during the step's last backward, handed back after
+    # it; what CUDA graphs need, since DDP's hooks and the blocks' graphs gave NaN
+    # gradients) | auto (step under train.compile=graphs, else hooks).
+    # lit_modules/train/strategy.py GradAverager
     grad_sync: str = "auto"
     num_nodes: int = 1  # hosts in a multi-node launch (torchrun / SLURM); devices is per host
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -224,7 +224,7 @@ def glu_bwd_kernel(dy_ptr, src_ptr, w_ptr, gu_ptr, wrow_ptr, bout_ptr, dgu_ptr, 
     # on an H200 computed the dot itself wrong under one config (BN 128, BK 64, 8 warps,
     # 3 stages: d[gate; up] 10-12% off, different at every call; the other configs and
     # the biasless kernel right); in this form every config agrees with torch to 2e-3
-    # (tests/experts/test_triton_backend.py, TestCuda.test_glu_bwd_each_config)
+    # (tests/experts/test_triton_backend.py, TestCuda.test_each_config_of_each_kernel_matches_torch)
     bias_dot = tl.zeros((BM,), tl.float32)
     if HAS_BIAS:
         if pid_n == 0:

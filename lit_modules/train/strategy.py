@@ -77,13 +77,13 @@ def _ddp(train: TrainConfig) -> Any:
             if grad_sync(train) == "hooks":
                 return super().configure_ddp()
             # no DDP wrapper: the ranks start from rank 0's weights, as DDP would make
-            # them, and ScalePlan.finish_grads averages the gradients after the backward
+            # them, and the plan's GradAverager averages the gradients (shard_model)
             import logging
 
             broadcast_replicated(self.model)
             if self.global_rank == 0:
                 logging.getLogger("moelab.train").info(
-                    "train.grad_sync = step: no DDP wrapper; gradients averaged after each step's backward")
+                    "train.grad_sync = step: no DDP wrapper; gradients averaged in buckets during each step's backward")
 
         def _register_ddp_hooks(self) -> None:
             # in place of Lightning's, which registers a hook passed to it, on CUDA only
@@ -222,7 +222,8 @@ def build_strategy(train: TrainConfig) -> Any:
 def check_grad_sync(train: TrainConfig) -> None:
     """train.grad_sync: a known way, and `step` only where DDP would sync (FSDP2 reduces
     in its own hooks)."""
-    if grad_sync(train) == "step" and train.grad_sync != "auto" and train.strategy in ("fsdp", "model_parallel"):
+    grad_sync(train)  # a known value
+    if train.grad_sync == "step" and train.strategy in ("fsdp", "model_parallel"):
         raise RecipeError(f"train.grad_sync = step replaces DDP's gradient hooks and has no meaning under "
                           f"train.strategy = {train.strategy} (FSDP2 reduce-scatters in its own); set "
                           f"train.grad_sync=auto or train.strategy=ddp.")
@@ -297,13 +298,10 @@ class GradAverager:
                 size = 0
             self.buckets[-1].append(p)
             size += p.numel()
+            if overlap:
+                p.register_post_accumulate_grad_hook(lambda p, i=len(self.buckets) - 1: self._landed(i))
         self.sync = True  # False: a micro-batch before the step's last (gradients accumulate locally)
         self._reset()
-        if overlap:
-            where = {id(p): i for i, b in enumerate(self.buckets) for p in b}
-            for p in params:
-                if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(lambda p, i=where[id(p)]: self._landed(i))
 
     def _reset(self) -> None:
         self._waiting = [len(b) for b in self.buckets]
@@ -349,12 +347,6 @@ class GradAverager:
         finally:
             self._reset()
             self.sync = True
-
-
-def average_grads(params: List[torch.Tensor], world: int, group=None, wire_dtype=None) -> None:
-    """Each gradient of `params` becomes its mean over the ranks, now (GradAverager
-    without its hooks: every bucket sent at once)."""
-    GradAverager(params, world, group, wire_dtype, overlap=False).finish()
 
 
 def check_scale(recipe) -> None:
@@ -484,8 +476,8 @@ class ScalePlan:
 
     def finish_grads(self, model: nn.Module) -> None:
         """After the last backward of a step: average the expert shards' gradients (DDP
-        and FSDP average everything else), and with `average_replicated` (no DDP
-        wrapper) the replicated weights' too (GradAverager)."""
+        and FSDP average everything else), and with an `averager` (train.grad_sync =
+        step: no DDP wrapper) the replicated weights' too."""
         if self.averager is not None:
             self.averager.finish()
         if self.ep > 1:

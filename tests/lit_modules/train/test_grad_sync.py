@@ -1,4 +1,4 @@
-"""train.grad_sync = step: `average_grads` makes every gradient its mean over the ranks
+"""train.grad_sync = step: `GradAverager` makes every gradient its mean over the ranks
 (2 gloo processes), packing gradients of each dtype into flat buckets, several of them
 in flight, in float32 or over a bf16 wire; parameters without a gradient stay without.
 Training under it equals one process: tests/lit_modules/train/test_train.py
@@ -27,7 +27,8 @@ def _average_worker(rank: int, bucket: int, wire: str):
 
     strategy.GRAD_BUCKET_ELEMENTS = bucket
     params = _grads(rank)
-    strategy.average_grads(params, 2, wire_dtype=torch.bfloat16 if wire == "bf16" else None)
+    # without its hooks: every bucket sent by finish
+    strategy.GradAverager(params, 2, wire_dtype=torch.bfloat16 if wire == "bf16" else None, overlap=False).finish()
     want = [None if a.grad is None else ((a.grad.double() + b.grad.double()) / 2) for a, b in zip(_grads(0), _grads(1))]
     before = _grads(rank)
     for i, (p, w) in enumerate(zip(params, want)):
